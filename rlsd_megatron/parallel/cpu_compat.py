@@ -1,0 +1,130 @@
+"""The one place where megatron-core's CUDA assumptions are met on a machine without a GPU.
+
+megatron-core is written for GPUs. Its model, tensor-parallel layers, pipeline schedule and
+distributed optimizer run unchanged on CPU over gloo once these assumptions hold:
+
+1. `torch.cuda.current_device()` is called to pick a device (rotary embedding, DDP buffers,
+   p2p shapes); `torch.cuda.synchronize()` is called in the p2p pipeline communication.
+   Without a driver both raise. We make `current_device()` return 0 and `synchronize()` a
+   no-op, and a `TorchFunctionMode` maps every CUDA device argument (`device="cuda"`,
+   `device=0`, `.cuda()`, `.to("cuda")`) to the CPU, which covers the tensor factories in the
+   schedules and buffers generically instead of per call site.
+2. The RNG-states tracker (`tensor_parallel.random`) stores and swaps CUDA generator states.
+   `CpuRNGStatesTracker` keeps the same add/fork/get_states/set_states interface over the CPU
+   generator, and the module-level CUDA state getters/setters it and activation
+   recomputation use are pointed at the CPU generator.
+
+`install()` is a no-op when CUDA is available: GPU runs use megatron-core untouched.
+`tests/parallel/test_cpu_compat.py` runs the model, pipeline schedule and optimizer with the
+shims in place and fails when a megatron-core upgrade adds a CUDA call on these paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_installed = False
+
+
+def _is_cuda_device(device: object) -> bool:
+    if isinstance(device, int) and not isinstance(device, bool):
+        return True  # a bare int device index means a CUDA device
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments of any torch call to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class CpuRNGStatesTracker:
+    """Megatron's RNG-states tracker interface (add / fork / get_states / set_states / reset)
+    over the CPU default generator, so tensor-parallel regions get their own seeded streams."""
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {name: state.clone() for name, state in self.states_.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = {name: state.clone() for name, state in states.items()}
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise RuntimeError(f"RNG seed {seed} already exists in the tracker")
+        if name in self.states_:
+            raise RuntimeError(f"RNG state {name!r} already exists in the tracker")
+        self.seeds_.add(seed)
+        original = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(original)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"RNG state {name!r} was never added to the tracker")
+        original = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(original)
+
+
+def install() -> bool:
+    """Install the CPU shims when CUDA is absent; returns whether they are active."""
+    global _installed
+    if torch.cuda.is_available():
+        return False
+    if _installed:
+        return True
+    # With sglang installed, `import flash_mla` raises OSError (no driver) where megatron's
+    # attention module only catches ImportError; a None entry makes it an ImportError.
+    sys.modules.setdefault("flash_mla", None)
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda device=None: None
+
+    mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+    mcore_random.initialize_rng_tracker(force_reset=True)
+
+    CudaToCpuMode().__enter__()  # stays on this thread's mode stack for the process lifetime
+    _installed = True
+    return True
+
+
+def is_installed() -> bool:
+    return _installed

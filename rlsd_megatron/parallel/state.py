@@ -1,0 +1,122 @@
+"""Process groups: torch.distributed start-up and megatron-core's model-parallel layout.
+
+All groups live in `megatron.core.parallel_state`; the rest of the project asks it for them
+and never creates its own. The backend is chosen once here: NCCL on GPUs, gloo on CPU (with
+the shims of `cpu_compat`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from rlsd_megatron.parallel import cpu_compat
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A model-parallel layout: sizes of tensor, pipeline (+ virtual), context and data parallelism."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    vpp: int | None = None
+
+    def dp(self, world_size: int) -> int:
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*pp*cp = {self.tp}*{self.pp}*{self.cp}"
+                f" = {model_parallel}; change the parallel layout or the number of processes"
+            )
+        return world_size // model_parallel
+
+
+def _env_from_slurm() -> None:
+    """Fill torch's env:// variables from SLURM's when launched by `srun` without torchrun."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        raise RuntimeError(
+            "launched by SLURM without MASTER_ADDR: export MASTER_ADDR (the first node of "
+            "$SLURM_JOB_NODELIST) and MASTER_PORT before srun, as slurm/common.sh does"
+        )
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> str:
+    """Initialise torch.distributed from env:// (torchrun or SLURM variables); return the backend.
+
+    With no backend given, NCCL is used when CUDA is available and gloo otherwise; on CPU the
+    megatron-core compatibility shims are installed. A single process with no launcher
+    variables becomes a world of one.
+    """
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        cpu_compat.install()
+    if dist.is_initialized():
+        return dist.get_backend()
+    _env_from_slurm()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        from rlsd_megatron.parallel.local_pool import free_port
+
+        if os.environ["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT is not set for a multi-process launch; use torchrun or export it")
+        os.environ["MASTER_PORT"] = str(free_port())
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return backend
+
+
+def initialize_model_parallel(layout: Layout, seed: int = 1234) -> None:
+    """Create megatron-core's TP/PP/CP/DP groups for `layout` and seed every RNG per rank.
+
+    Seeds follow Megatron: the default generators get `seed + 100 * pp_rank` (identical across
+    TP ranks so that non-parallel regions agree), the tensor-parallel tracker state differs per
+    TP rank (`model_parallel_cuda_manual_seed`).
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    layout.dp(dist.get_world_size())  # validates divisibility with a clear message
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+    )
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+
+
+@contextlib.contextmanager
+def model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None, seed: int = 1234):
+    """Context manager: megatron-core groups for one layout over the current world, torn down after.
+
+    Lets one long-lived set of processes (see `local_pool`) run cases with different layouts.
+    """
+    initialize_model_parallel(Layout(tp=tp, pp=pp, cp=cp, vpp=vpp), seed=seed)
+    try:
+        yield
+    finally:
+        destroy_model_parallel()
