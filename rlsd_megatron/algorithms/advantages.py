@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from rlsd_megatron.algorithms._tensors import at_least_float32, bool_mask
+
 __all__ = [
     "RLSDTokenWeights",
     "group_advantages",
@@ -19,13 +21,6 @@ __all__ = [
     "rlsd_token_advantages",
     "rlsd_token_weights",
 ]
-
-
-def _as_bool_mask(mask: torch.Tensor, like: torch.Tensor, name: str = "mask") -> torch.Tensor:
-    if mask.shape != like.shape:
-        raise ValueError(f"{name} has shape {tuple(mask.shape)} but the log-probs have shape "
-                         f"{tuple(like.shape)}; pass one [B, T] mask per response token.")
-    return mask if mask.dtype == torch.bool else mask != 0
 
 
 def _check_seq_adv(seq_adv: torch.Tensor, token_tensor: torch.Tensor) -> None:
@@ -51,9 +46,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, normalize_std: b
     if rewards.numel() % group_size != 0:
         raise ValueError(f"{rewards.numel()} rewards are not divisible into groups of "
                          f"{group_size}; the batch must hold whole groups, group-contiguous.")
-    grouped = rewards.detach().float().view(-1, group_size)
+    grouped = at_least_float32(rewards.detach()).reshape(-1, group_size)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
-    adv = centered / (grouped.std(dim=1, unbiased=True, keepdim=True) + eps) if normalize_std else centered
+    adv = centered / (grouped.std(dim=1, correction=1, keepdim=True) + eps) if normalize_std else centered
     all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
     return torch.where(all_equal, torch.zeros_like(adv), adv).reshape(-1)
 
@@ -104,10 +99,10 @@ def rlsd_token_weights(seq_adv: torch.Tensor, teacher_logp: torch.Tensor, studen
                          f"{tuple(student_logp.shape)} must both be [B, T].")
     if clip_eps < 0:
         raise ValueError(f"clip_eps={clip_eps} must be >= 0.")
-    valid = _as_bool_mask(mask, teacher_logp)
-    diff = teacher_logp.detach().float() - student_logp.detach().float()
+    valid = bool_mask(mask, teacher_logp)
+    diff = at_least_float32(teacher_logp.detach()) - at_least_float32(student_logp.detach())
     delta = torch.where(valid, diff, torch.zeros_like(diff))
-    sign = torch.sign(seq_adv.detach().float()).unsqueeze(1)
+    sign = torch.sign(at_least_float32(seq_adv.detach())).unsqueeze(1)
     weight = torch.where(valid, torch.exp(sign * delta), torch.ones_like(delta))
     clipped = weight.clamp(1.0 - clip_eps, 1.0 + clip_eps)
     return RLSDTokenWeights(delta=delta, weight=weight, clipped=clipped)
@@ -124,8 +119,8 @@ def rlsd_token_advantages(seq_adv: torch.Tensor, teacher_logp: torch.Tensor, stu
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam={lam} is outside [0, 1]; compute it with rlsd_lambda(step).")
     weights = rlsd_token_weights(seq_adv, teacher_logp, student_logp, mask, clip_eps=clip_eps)
-    valid = _as_bool_mask(mask, teacher_logp)
-    adv = seq_adv.detach().float().unsqueeze(1) * ((1.0 - lam) + lam * weights.clipped)
+    valid = bool_mask(mask, teacher_logp)
+    adv = at_least_float32(seq_adv.detach()).unsqueeze(1) * ((1.0 - lam) + lam * weights.clipped)
     return torch.where(valid, adv, torch.zeros_like(adv))
 
 
@@ -142,12 +137,12 @@ def opd_token_advantages(teacher_logp: torch.Tensor, student_logp: torch.Tensor,
     if teacher_logp.shape != student_logp.shape or teacher_logp.dim() != 2:
         raise ValueError(f"teacher_logp {tuple(teacher_logp.shape)} and student_logp "
                          f"{tuple(student_logp.shape)} must both be [B, T].")
-    valid = _as_bool_mask(mask, teacher_logp)
-    adv = teacher_logp.detach().float() - student_logp.detach().float()
+    valid = bool_mask(mask, teacher_logp)
+    adv = at_least_float32(teacher_logp.detach()) - at_least_float32(student_logp.detach())
     if reward_weight != 0.0:
         if seq_adv is None:
             raise ValueError(f"reward_weight={reward_weight} needs seq_adv (the [B] verifiable-"
                              "reward advantage); pass seq_adv or set reward_weight=0.")
         _check_seq_adv(seq_adv, teacher_logp)
-        adv = adv + reward_weight * seq_adv.detach().float().unsqueeze(1)
+        adv = adv + reward_weight * at_least_float32(seq_adv.detach()).unsqueeze(1)
     return torch.where(valid, adv, torch.zeros_like(adv))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from rlsd_megatron.algorithms._tensors import at_least_float32, bool_mask
+
 __all__ = ["LOSS_AGGREGATIONS", "aggregate_loss", "kl_penalty", "loss_normalisers", "policy_loss"]
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -22,15 +24,15 @@ KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
 
 
 def _valid(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if mask.shape != like.shape or like.dim() != 2:
-        raise ValueError(f"mask {tuple(mask.shape)} and per-token values {tuple(like.shape)} "
-                         "must both be [B, T].")
-    return mask if mask.dtype == torch.bool else mask != 0
+    if like.dim() != 2:
+        raise ValueError(f"per-token values must be [B, T]; got shape {tuple(like.shape)}.")
+    return bool_mask(mask, like)
 
 
 def _positive(value, name: str):
-    if value is not None and float(value) <= 0:
-        raise ValueError(f"{name}={float(value)} must be > 0; it counts the whole step's batch "
+    # Tensors are not checked: reading one back would stall the device every micro-batch.
+    if value is not None and not isinstance(value, torch.Tensor) and value <= 0:
+        raise ValueError(f"{name}={value} must be > 0; it counts the whole step's batch "
                          "(sum of loss_normalisers over micro-batches and data-parallel ranks).")
     return value
 
@@ -39,12 +41,13 @@ def loss_normalisers(mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Local normaliser counts of one micro-batch, to be summed into the global ones.
 
     Returns ``{"global_token_count": Σ mask, "global_seq_count": #rows with ≥ 1 token}`` as
-    float32 0-dim tensors on ``mask``'s device (``mask`` is ``[B, T]``). Rows without tokens
-    (padding rows added to even out micro-batches) do not count as sequences.
+    int64 0-dim tensors (exact under any all-reduce) on ``mask``'s device (``mask`` is
+    ``[B, T]``). Rows without tokens (padding rows added to even out micro-batches) do not count
+    as sequences.
     """
     valid = mask if mask.dtype == torch.bool else mask != 0
     tokens = valid.sum(dim=-1)
-    return {"global_token_count": tokens.sum().float(), "global_seq_count": (tokens > 0).sum().float()}
+    return {"global_token_count": tokens.sum(), "global_seq_count": (tokens > 0).sum()}
 
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, *, agg: str = "token-mean",
@@ -108,8 +111,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, token_adv: torch.Ten
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip={dual_clip} must be > 1 (it caps the loss of Â < 0 tokens "
                          "at −Â·dual_clip); use None to disable it.")
-    adv = token_adv.detach().float()
-    log_ratio = (logp.float() - old_logp.detach().float()).clamp(-ratio_log_clamp, ratio_log_clamp)
+    # Zero padded positions before any arithmetic: garbage there (inf, nan) would otherwise
+    # reach the backward pass as 0 * nan even though the aggregation masks it out.
+    adv = at_least_float32(token_adv.detach())
+    adv = torch.where(valid, adv, torch.zeros_like(adv))
+    log_ratio = at_least_float32(logp) - at_least_float32(old_logp.detach())
+    log_ratio = torch.where(valid, log_ratio, torch.zeros_like(log_ratio)).clamp(-ratio_log_clamp, ratio_log_clamp)
     ratio = torch.exp(log_ratio)
     clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(-adv * ratio, -adv * clipped_ratio)
@@ -118,7 +125,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, token_adv: torch.Ten
     if is_weights is not None:
         if is_weights.shape != logp.shape:
             raise ValueError(f"is_weights {tuple(is_weights.shape)} must be [B, T] like logp.")
-        per_token = per_token * is_weights.detach().float()
+        per_token = per_token * at_least_float32(is_weights.detach())
     loss = aggregate_loss(per_token, valid, agg=agg, global_token_count=global_token_count,
                           global_seq_count=global_seq_count, norm_constant=norm_constant)
     with torch.no_grad():
@@ -144,7 +151,8 @@ def _surrogate_metrics(ratio, log_ratio, adv, valid, clip_low, clip_high, dual_c
     if dual_clip is None:
         dual_hit = zero
     else:
-        dual_hit = ((adv < 0) & (torch.maximum(ratio, ratio.clamp(1.0 - clip_low, 1.0 + clip_high)) > dual_clip)).float()
+        effective_ratio = torch.maximum(ratio, ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+        dual_hit = ((adv < 0) & (effective_ratio > dual_clip)).float()
     return {
         "clip_frac": mean(clip_high_hit + clip_low_hit),
         "clip_frac_low": mean(clip_low_hit),
@@ -171,7 +179,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.T
         raise ValueError(f"kind={kind!r} is not one of {KL_KINDS}.")
     if logp.shape != ref_logp.shape:
         raise ValueError(f"logp {tuple(logp.shape)} and ref_logp {tuple(ref_logp.shape)} differ in shape.")
-    p, q = logp.float(), ref_logp.detach().float()
+    p, q = at_least_float32(logp), at_least_float32(ref_logp.detach())
     if kind == "k1":
         return p - q
     if kind == "k2":

@@ -10,13 +10,9 @@ import math
 
 import torch
 
+from rlsd_megatron.algorithms._tensors import at_least_float32, bool_mask
+
 __all__ = ["dynamic_sampling_keep_mask", "logprob_mismatch", "soft_overlong_penalty", "tis_weights"]
-
-
-def _valid(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if mask.shape != like.shape:
-        raise ValueError(f"mask {tuple(mask.shape)} must have the log-probs' shape {tuple(like.shape)}.")
-    return mask if mask.dtype == torch.bool else mask != 0
 
 
 def dynamic_sampling_keep_mask(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -30,7 +26,7 @@ def dynamic_sampling_keep_mask(rewards: torch.Tensor, group_size: int) -> torch.
     if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"rewards must be flat [P * group_size]; got shape {tuple(rewards.shape)} "
                          f"with group_size={group_size}.")
-    grouped = rewards.view(-1, group_size)
+    grouped = rewards.reshape(-1, group_size)
     return ~(grouped == grouped[:, :1]).all(dim=1)
 
 
@@ -48,7 +44,7 @@ def soft_overlong_penalty(response_lengths: torch.Tensor, *, max_length: int, bu
         raise ValueError(f"buffer={buffer} must be in (0, max_length={max_length}].")
     if factor < 0:
         raise ValueError(f"factor={factor} must be >= 0; the penalty is -factor at its worst.")
-    lengths = response_lengths.float()
+    lengths = at_least_float32(response_lengths)
     expected = float(max_length - buffer)
     ramp = ((expected - lengths) / buffer).clamp(min=-1.0, max=0.0)
     return factor * ramp
@@ -66,8 +62,8 @@ def tis_weights(train_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torc
     """
     if cap <= 0:
         raise ValueError(f"cap={cap} must be > 0 (typical: 2).")
-    valid = _valid(mask, train_logp)
-    diff = train_logp.detach().float() - rollout_logp.detach().float()
+    valid = bool_mask(mask, train_logp)
+    diff = at_least_float32(train_logp.detach()) - at_least_float32(rollout_logp.detach())
     # Clamp before exp so a huge gap gives `cap`, never inf * 0 = nan.
     weights = torch.exp(diff.clamp(max=math.log(cap))).clamp(max=cap)
     return torch.where(valid, weights, torch.zeros_like(weights))
@@ -80,8 +76,8 @@ def logprob_mismatch(train_logp: torch.Tensor, rollout_logp: torch.Tensor,
     ``[B, T]`` inputs; returns ``{"mean_abs_diff", "max_abs_diff", "num_tokens"}`` as detached
     float32 0-dim tensors (0 when there are no tokens).
     """
-    valid = _valid(mask, train_logp)
-    diff = (train_logp.detach().float() - rollout_logp.detach().float()).abs()
+    valid = bool_mask(mask, train_logp)
+    diff = (at_least_float32(train_logp.detach()) - at_least_float32(rollout_logp.detach())).abs()
     diff = torch.where(valid, diff, torch.zeros_like(diff))
     n = valid.sum().float()
     return {"mean_abs_diff": diff.sum() / n.clamp(min=1), "max_abs_diff": diff.amax() if diff.numel() else n * 0,

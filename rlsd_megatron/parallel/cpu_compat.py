@@ -4,11 +4,14 @@ megatron-core is written for GPUs. Its model, tensor-parallel layers, pipeline s
 distributed optimizer run unchanged on CPU over gloo once these assumptions hold:
 
 1. `torch.cuda.current_device()` is called to pick a device (rotary embedding, DDP buffers,
-   p2p shapes); `torch.cuda.synchronize()` is called in the p2p pipeline communication.
-   Without a driver both raise. We make `current_device()` return 0 and `synchronize()` a
-   no-op, and a `TorchFunctionMode` maps every CUDA device argument (`device="cuda"`,
+   p2p shapes); streams, events and `synchronize()` order DDP's gradient reduction and the
+   pipeline's p2p communication. Without a driver all of these raise. We make
+   `current_device()` return 0 and point the stream/event API at `torch.cpu`'s no-op
+   equivalents, and a `TorchFunctionMode` maps every CUDA device argument (`device="cuda"`,
    `device=0`, `.cuda()`, `.to("cuda")`) to the CPU, which covers the tensor factories in the
-   schedules and buffers generically instead of per call site.
+   schedules and buffers generically instead of per call site. The same mode makes
+   `tensor.type()` report `torch.cuda.*` names, which the optimizer and grad clipping
+   assert on.
 2. The RNG-states tracker (`tensor_parallel.random`) stores and swaps CUDA generator states.
    `CpuRNGStatesTracker` keeps the same add/fork/get_states/set_states interface over the CPU
    generator, and the module-level CUDA state getters/setters it and activation
@@ -47,6 +50,9 @@ class CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron's optimizer and grad clipping compare type strings with "torch.cuda.*".
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": "cpu"}
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
@@ -114,7 +120,14 @@ def install() -> bool:
     from megatron.core.tensor_parallel import random as mcore_random
 
     torch.cuda.current_device = lambda: 0
-    torch.cuda.synchronize = lambda device=None: None
+    # Streams and events only order work on a GPU; torch.cpu has no-op stand-ins with the same
+    # interface (used by DDP's grad-sync and the p2p/pipeline code).
+    torch.cuda.synchronize = torch.cpu.synchronize
+    torch.cuda.current_stream = torch.cpu.current_stream
+    torch.cuda.default_stream = torch.cpu.current_stream
+    torch.cuda.Stream = torch.cpu.Stream
+    torch.cuda.stream = torch.cpu.stream
+    torch.cuda.Event = torch.cpu.Event
 
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()

@@ -1,0 +1,273 @@
+"""The self-teacher's context (spec §2): question + privileged hint in the user turn, then the
+student's own rollout tokens, scored by teacher forcing.
+
+A :class:`TeacherContextBuilder` needs only a *prompt renderer*: ``render(user_text) -> ids``,
+the token ids of a one-user-turn conversation up to and including the start of the assistant
+turn (the generation prompt). :func:`hf_chat_renderer` makes one from a Hugging Face tokenizer's
+chat template; a task without a chat template (the CPU demo) passes its own callable. The
+student's prompt must come from the same renderer, so that student and teacher differ only in
+the user text. The rollout is spliced in as *token ids*, never re-tokenised text, so the teacher
+scores exactly the tokens the student sampled.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = [
+    "RLSD_TEACHER_TEMPLATE",
+    "SDPO_TEACHER_TEMPLATE",
+    "TeacherBatch",
+    "TeacherContextBuilder",
+    "TeacherSequence",
+    "collate_teacher_sequences",
+    "hf_chat_renderer",
+    "hf_text_truncator",
+    "remove_thinking",
+    "select_sdpo_demonstrations",
+]
+
+PromptRenderer = Callable[[str], Sequence[int]]
+TextTruncator = Callable[[str, int], str]
+
+# The reference recipe's teacher template (teacher_hint_self_distill.jinja), spec §2.
+RLSD_TEACHER_TEMPLATE = (
+    "{question}\n\n"
+    "Here is a reference solution:\n"
+    "{answer}\n\n"
+    "After understanding the reference solution, please try to solve this problem using your own "
+    "approach below. You FIRST think about the reasoning process as an internal monologue enclosed "
+    "within <thought> </thought> tags. The final answer MUST be enclosed within <answer> </answer> tags."
+)
+# Official SDPO (lasgroup/SDPO actor.yaml) reprompt_template + solution_template, without feedback.
+SDPO_TEACHER_TEMPLATE = "{question}\nCorrect solution:\n\n{solution}\n\nCorrectly solve the original question."
+
+
+def _template_fields(template: str, allowed: set[str], required: str, name: str) -> None:
+    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    if required not in fields or not fields <= allowed:
+        raise ValueError(f"{name} has placeholders {sorted(fields)}; it must use {{{required}}} and only "
+                         f"{sorted('{' + a + '}' for a in allowed)} (write literal braces as {{{{ }}}}).")
+
+
+@dataclass(frozen=True)
+class TeacherSequence:
+    """One teacher input: ``input_ids = prompt_ids + response_ids``.
+
+    The rollout token ``j`` sits at ``response_start + j``; the teacher's logits at position
+    ``response_start + j − 1`` predict it (see :attr:`logit_positions`). ``has_teacher`` is False
+    for an SDPO sample without a successful sibling: its distillation weight must be 0.
+    """
+
+    input_ids: list[int]
+    response_start: int
+    response_length: int
+    has_teacher: bool = True
+
+    @property
+    def logit_positions(self) -> list[int]:
+        return list(range(self.response_start - 1, self.response_start - 1 + self.response_length))
+
+
+def hf_chat_renderer(tokenizer: Any, *, system_prompt: str | None = None,
+                     chat_template_kwargs: dict[str, Any] | None = None) -> PromptRenderer:
+    """Renderer from a HF tokenizer's chat template: ``[system?, user]`` + generation prompt, as ids.
+
+    Renders to text and encodes with ``add_special_tokens=False`` (the template already holds
+    BOS/role tokens), as the reference recipe does. ``chat_template_kwargs`` (e.g.
+    ``enable_thinking``) must match the student prompt's.
+    """
+    kwargs = dict(chat_template_kwargs or {})
+    prefix = [{"role": "system", "content": system_prompt}] if system_prompt else []
+
+    def render(user_text: str) -> list[int]:
+        messages = prefix + [{"role": "user", "content": user_text}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    return render
+
+
+def hf_text_truncator(tokenizer: Any) -> TextTruncator:
+    """``truncate(text, max_tokens)``: keep the first ``max_tokens`` tokens (decoded, stripped)."""
+
+    def truncate(text: str, max_tokens: int) -> str:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) <= max_tokens:
+            return text
+        return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).strip()
+
+    return truncate
+
+
+def remove_thinking(text: str, tag: str = "think") -> str:
+    """Drop ``<tag>…</tag>`` spans (and the whitespace after them) from a demonstration.
+
+    SDPO's ``remove_thinking_from_demonstration`` (default on) shows the teacher only the
+    sibling's final answer part; the RLSD recipe's format uses ``tag="thought"``.
+    """
+    return re.sub(rf"<{re.escape(tag)}>.*?</{re.escape(tag)}>\s*", "", text, flags=re.DOTALL)
+
+
+class TeacherContextBuilder:
+    """Builds teacher sequences for RLSD/OPSD (dataset hint) and SDPO (sibling hint).
+
+    ``render_prompt(user_text) -> ids`` renders the user turn through the assistant-turn
+    start, so the hint always sits in the user turn, before the assistant turn. A hint longer
+    than ``max_reference_tokens`` is cut with ``truncate_text(text, max_tokens)`` (recipe:
+    12,000); pass ``max_reference_tokens=None`` when the task has no truncator. ``template``
+    uses ``{question}``/``{answer}``, ``sdpo_template`` ``{question}``/``{solution}``.
+    """
+
+    def __init__(self, render_prompt: PromptRenderer, *, truncate_text: TextTruncator | None = None,
+                 max_reference_tokens: int | None = 12_000, template: str = RLSD_TEACHER_TEMPLATE,
+                 sdpo_template: str = SDPO_TEACHER_TEMPLATE) -> None:
+        if max_reference_tokens is not None and (truncate_text is None or max_reference_tokens <= 0):
+            raise ValueError(f"max_reference_tokens={max_reference_tokens} needs a truncate_text "
+                             "callable and a positive limit; pass max_reference_tokens=None to disable.")
+        _template_fields(template, {"question", "answer"}, "answer", "template")
+        _template_fields(sdpo_template, {"question", "solution"}, "solution", "sdpo_template")
+        self.render_prompt = render_prompt
+        self.truncate_text = truncate_text
+        self.max_reference_tokens = max_reference_tokens
+        self.template = template
+        self.sdpo_template = sdpo_template
+
+    @classmethod
+    def from_hf_tokenizer(cls, tokenizer: Any, *, system_prompt: str | None = None,
+                          chat_template_kwargs: dict[str, Any] | None = None, **kwargs) -> "TeacherContextBuilder":
+        """Builder on a HF tokenizer's chat template, truncating hints by its tokens."""
+        render = hf_chat_renderer(tokenizer, system_prompt=system_prompt, chat_template_kwargs=chat_template_kwargs)
+        return cls(render, truncate_text=hf_text_truncator(tokenizer), **kwargs)
+
+    def _limit(self, text: str) -> str:
+        if self.max_reference_tokens is None:
+            return text
+        return self.truncate_text(text, self.max_reference_tokens)
+
+    def hint_text(self, question: str, answer: str, reference_solution: str | None = None) -> str:
+        """The teacher's user text: the template filled with the raw question and the hint.
+
+        The hint is ``reference_solution`` when given and non-blank, else ``answer`` (the
+        recipe's fallback), truncated to ``max_reference_tokens``; both are stripped.
+        """
+        hint = reference_solution if reference_solution and reference_solution.strip() else answer
+        return self.template.format(question=question.strip(), answer=self._limit(str(hint)).strip())
+
+    def build(self, question: str, answer: str, response_ids: Sequence[int] | torch.Tensor, *,
+              reference_solution: str | None = None) -> TeacherSequence:
+        """Teacher sequence for RLSD / OPSD: rendered hint prompt + the rollout's ids.
+
+        ``question`` is the raw problem text (not the student's formatted prompt), ``answer`` the
+        dataset answer, ``response_ids`` the rollout's unpadded token ids.
+        """
+        return self._splice(self.render_prompt(self.hint_text(question, answer, reference_solution)),
+                            response_ids, has_teacher=True)
+
+    def build_sdpo(self, question: str, response_ids: Sequence[int] | torch.Tensor, *,
+                   solution: str | None, fallback_answer: str | None = None) -> TeacherSequence:
+        """Teacher sequence for SDPO: the prompt plus a successful sibling's ``solution`` text.
+
+        ``question`` is whatever text the SDPO prompt starts from (official SDPO uses the
+        student's formatted prompt text). With no successful sibling (``solution`` None or blank)
+        the default follows official SDPO: the teacher sees the prompt with no hint (no
+        privileged signal to distil) and ``has_teacher=False`` tells the loss to give the sample
+        weight 0. Passing
+        ``fallback_answer`` instead uses the dataset answer with the RLSD ``template`` (an
+        OPSD-style teacher; this mixes methods, so it is opt-in).
+        """
+        if solution is not None and solution.strip():
+            text = self.sdpo_template.format(question=question.strip(), solution=self._limit(solution).strip())
+            return self._splice(self.render_prompt(text), response_ids, has_teacher=True)
+        if fallback_answer is not None:
+            return self.build(question, fallback_answer, response_ids)
+        return self._splice(self.render_prompt(question.strip()), response_ids, has_teacher=False)
+
+    @staticmethod
+    def _splice(prompt_ids: Sequence[int], response_ids: Sequence[int] | torch.Tensor, *,
+                has_teacher: bool) -> TeacherSequence:
+        prompt = [int(t) for t in prompt_ids]
+        response = response_ids.tolist() if isinstance(response_ids, torch.Tensor) else [int(t) for t in response_ids]
+        if not prompt:
+            raise ValueError("render_prompt returned no tokens; the teacher needs a prompt before the rollout.")
+        return TeacherSequence(prompt + response, response_start=len(prompt), response_length=len(response),
+                               has_teacher=has_teacher)
+
+
+def select_sdpo_demonstrations(rewards: torch.Tensor, group_size: int, *, success_threshold: float = 0.5,
+                               exclude_self: bool = True,
+                               lengths: torch.Tensor | None = None) -> list[int | None]:
+    """For each rollout, the flat index of the sibling whose text the SDPO teacher sees, or None.
+
+    ``rewards`` is flat ``[B]``, group-contiguous. A sibling qualifies when its reward is
+    ``>= success_threshold`` (official SDPO: 0.5) and, with ``exclude_self`` (official
+    ``dont_reprompt_on_self_success``), it is not the rollout itself. Picks the first qualifying
+    sibling (official SDPO; rollouts are i.i.d. so that is a random one), or the shortest when
+    ``lengths`` ``[B]`` is given (the RLSD paper's SDPO run).
+    """
+    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards must be flat [P * group_size]; got shape {tuple(rewards.shape)} "
+                         f"with group_size={group_size}.")
+    ok = (rewards >= success_threshold).tolist()
+    lens = lengths.tolist() if lengths is not None else None
+    picks: list[int | None] = []
+    for i in range(rewards.numel()):
+        start = i - i % group_size
+        candidates = [j for j in range(start, start + group_size) if ok[j] and not (exclude_self and j == i)]
+        if not candidates:
+            picks.append(None)
+        else:
+            picks.append(min(candidates, key=lambda j: (lens[j], j)) if lens is not None else candidates[0])
+    return picks
+
+
+@dataclass
+class TeacherBatch:
+    """Right-padded teacher inputs for a batch, and where the rollout tokens are.
+
+    ``input_ids`` ``[B, S]`` long, ``attention_mask`` ``[B, S]`` bool, ``logit_index`` ``[B, T]``
+    long: the position whose logits predict rollout token ``j`` (0 on padding, safe to gather),
+    ``response_mask`` ``[B, T]`` bool, ``has_teacher`` ``[B]`` bool. Teacher log-probs of the
+    rollout are ``log_softmax(logits)[b, logit_index[b, j], response_ids[b, j]]``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    logit_index: torch.Tensor
+    response_mask: torch.Tensor
+    has_teacher: torch.Tensor
+
+
+def collate_teacher_sequences(sequences: Sequence[TeacherSequence], *, pad_id: int,
+                              response_width: int | None = None,
+                              device: torch.device | str | None = None) -> TeacherBatch:
+    """Pad :class:`TeacherSequence` s into a :class:`TeacherBatch`.
+
+    ``response_width`` (T) should be the student's padded response width, so the teacher's
+    ``[B, T]`` outputs line up with the student's; default: the longest rollout.
+    """
+    if not sequences:
+        raise ValueError("collate_teacher_sequences got no sequences.")
+    longest = max(s.response_length for s in sequences)
+    width = longest if response_width is None else response_width
+    if width < longest:
+        raise ValueError(f"response_width={width} is shorter than the longest rollout ({longest} tokens).")
+    seq_len = max(len(s.input_ids) for s in sequences)
+    batch = len(sequences)
+    input_ids = torch.full((batch, seq_len), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, seq_len), dtype=torch.bool)
+    logit_index = torch.zeros((batch, width), dtype=torch.long)
+    response_mask = torch.zeros((batch, width), dtype=torch.bool)
+    for b, s in enumerate(sequences):
+        input_ids[b, : len(s.input_ids)] = torch.tensor(s.input_ids, dtype=torch.long)
+        attention_mask[b, : len(s.input_ids)] = True
+        logit_index[b, : s.response_length] = torch.tensor(s.logit_positions, dtype=torch.long)
+        response_mask[b, : s.response_length] = True
+    has_teacher = torch.tensor([s.has_teacher for s in sequences], dtype=torch.bool)
+    tensors = (input_ids, attention_mask, logit_index, response_mask, has_teacher)
+    return TeacherBatch(*(t.to(device) if device is not None else t for t in tensors))

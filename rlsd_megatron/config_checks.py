@@ -1,0 +1,142 @@
+"""Checks of a `Config` against the world it will run in, done before any process group starts.
+
+Every problem found is reported at once, each with the values seen and a way to fix it.
+"""
+
+from __future__ import annotations
+
+from rlsd_megatron.config import Config, ConfigError
+
+
+def transformer_engine_available() -> bool:
+    """Whether Transformer Engine's PyTorch binding imports (it needs torch imported first)."""
+    try:
+        import torch  # noqa: F401  (TE's binding needs torch's libraries loaded first)
+        import transformer_engine.pytorch  # noqa: F401
+    except (ImportError, OSError, FileNotFoundError):
+        return False
+    return True
+
+
+def resolve_transformer_impl(cfg: Config, *, cuda_available: bool, te_available: bool) -> str:
+    """`local` or `transformer_engine`: what `precision.transformer_impl=auto` means here."""
+    impl = cfg.precision.transformer_impl
+    if impl == "auto":
+        return "transformer_engine" if cuda_available and te_available else "local"
+    return impl
+
+
+def layout_problems(cfg: Config, world_size: int) -> list[str]:
+    """Divisibility problems of the parallel layout for this model and world size."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    problems = []
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % p.tp:
+        problems.append(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}; "
+            f"pick a tp that divides it"
+        )
+    if m.num_attention_heads % groups:
+        problems.append(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"model.num_query_groups={groups}"
+        )
+    if groups % p.tp:
+        problems.append(
+            f"model.num_query_groups={groups} is not divisible by parallel.tp={p.tp}; "
+            f"use tp <= {groups} that divides it (Megatron does not replicate KV heads)"
+        )
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        problems.append(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+            f"{m.num_attention_heads}; set model.kv_channels (the head dim) explicitly"
+        )
+    if m.ffn_hidden_size % p.tp:
+        problems.append(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}")
+    stages = p.pp * (p.vpp or 1)
+    if m.num_layers % stages:
+        what = f"parallel.pp*parallel.vpp={p.pp}*{p.vpp}" if p.vpp else f"parallel.pp={p.pp}"
+        problems.append(f"model.num_layers={m.num_layers} is not divisible by {what}; change pp/vpp")
+    if p.vpp is not None and p.pp < 2:
+        problems.append(f"parallel.vpp={p.vpp} needs parallel.pp >= 2 (interleaved pipeline); unset vpp")
+    if p.cp > 1 and t.max_seq_length % (2 * p.cp):
+        problems.append(
+            f"train.max_seq_length={t.max_seq_length} is not divisible by 2*parallel.cp={2 * p.cp} "
+            f"(context parallelism splits each sequence into 2*cp load-balanced chunks)"
+        )
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        problems.append(
+            f"world size {world_size} is not divisible by tp*pp*cp={p.tp}*{p.pp}*{p.cp}={model_parallel}; "
+            f"launch a multiple of {model_parallel} processes or change the layout"
+        )
+    else:
+        dp = world_size // model_parallel
+        if p.dp is not None and p.dp != dp:
+            problems.append(
+                f"parallel.dp={p.dp} but world size {world_size} = tp*pp*cp*dp gives dp={dp}; "
+                f"unset parallel.dp or launch {model_parallel * p.dp} processes"
+            )
+        sequences = t.prompts_per_step * cfg.rollout.n
+        per_update = dp * t.optimizer_steps_per_batch
+        if sequences % per_update:
+            problems.append(
+                f"train.prompts_per_step*rollout.n={t.prompts_per_step}*{cfg.rollout.n}={sequences} sequences "
+                f"cannot be split evenly over dp={dp} ranks x train.optimizer_steps_per_batch="
+                f"{t.optimizer_steps_per_batch}"
+            )
+        elif t.max_tokens_per_micro_batch is None and (sequences // per_update) % t.micro_batch_size:
+            problems.append(
+                f"{sequences // per_update} sequences per rank and optimizer step are not a multiple of "
+                f"train.micro_batch_size={t.micro_batch_size}"
+            )
+    if p.sequence_parallel and p.tp == 1:
+        problems.append("parallel.sequence_parallel=true needs parallel.tp > 1")
+    return problems
+
+
+def hardware_problems(cfg: Config, *, cuda_available: bool, te_available: bool) -> list[str]:
+    """Precision and kernel choices that this machine cannot run."""
+    problems = []
+    prec = cfg.precision
+    impl = resolve_transformer_impl(cfg, cuda_available=cuda_available, te_available=te_available)
+    if impl == "transformer_engine" and not (cuda_available and te_available):
+        problems.append(
+            "precision.transformer_impl=transformer_engine needs a CUDA GPU and Transformer Engine "
+            f"(cuda available: {cuda_available}, TE importable: {te_available}); install .[gpu] on a GPU "
+            "machine or use precision.transformer_impl=local"
+        )
+    if prec.fp8 != "none" and impl != "transformer_engine":
+        problems.append(
+            f"precision.fp8={prec.fp8} needs Transformer Engine layers on a GPU (resolved transformer_impl="
+            f"{impl}); set precision.fp8=none on CPU"
+        )
+    if prec.fp8 != "none" and prec.params_dtype == "fp32":
+        problems.append("precision.fp8 needs precision.params_dtype=bf16 (FP8 GEMMs with bf16 master compute)")
+    if cfg.parallel.cp > 1 and impl != "transformer_engine":
+        problems.append(
+            f"parallel.cp={cfg.parallel.cp} needs Transformer Engine attention on GPUs (megatron-core's "
+            "context-parallel attention is TE-only); use parallel.cp=1 here"
+        )
+    if prec.recompute_granularity == "full" and prec.recompute_method is None:
+        problems.append(
+            "precision.recompute_granularity=full needs precision.recompute_method (uniform or block) "
+            "and precision.recompute_num_layers"
+        )
+    return problems
+
+
+def validate_config(cfg: Config, world_size: int, *, cuda_available: bool | None = None,
+                    te_available: bool | None = None) -> None:
+    """Raise one ConfigError listing every layout, batch and hardware problem of `cfg`."""
+    import torch
+
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if te_available is None:
+        te_available = cuda_available and transformer_engine_available()
+    problems = layout_problems(cfg, world_size) + hardware_problems(
+        cfg, cuda_available=cuda_available, te_available=te_available
+    )
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -1,0 +1,73 @@
+"""Built-in verifiable task: reversed 3-digit addition (measured in shared/notes/cpu-demo.md).
+
+Prompt `123+456=`, answer the sum zero-padded to 4 digits written least-significant digit first
+(`9750`), then end-of-sequence; reward 1 for an exact match. Reversing lets a small causal model
+carry left to right, so a model trained from scratch on 2 CPU cores learns it in minutes.
+The privileged hint for the self-teacher is the reference answer placed before the response
+framing: `123+456|9750=` followed by the student's rollout.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+TOKENS = ["<pad>", "<eos>", *"0123456789", "+", "=", "|", "<bos>"]
+
+
+class CharTokenizer:
+    """One token per character of the task alphabet (16 ids, no merges)."""
+
+    def __init__(self) -> None:
+        self.ids = {token: i for i, token in enumerate(TOKENS)}
+        self.pad_id = self.ids["<pad>"]
+        self.eos_id = self.ids["<eos>"]
+        self.bos_id = self.ids["<bos>"]
+        self.vocab_size = len(TOKENS)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.ids[ch] for ch in text]
+        except KeyError as exc:
+            raise ValueError(f"character {exc.args[0]!r} is not in the task alphabet {TOKENS}") from None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(TOKENS[i] for i in ids if i not in (self.pad_id, self.bos_id, self.eos_id))
+
+
+@dataclass(frozen=True)
+class AdditionProblem:
+    a: int
+    b: int
+
+    @property
+    def question(self) -> str:
+        return f"{self.a:03d}+{self.b:03d}"
+
+    @property
+    def answer(self) -> str:
+        """The sum, zero-padded to 4 digits, least-significant digit first."""
+        return f"{self.a + self.b:04d}"[::-1]
+
+
+def sample_problems(count: int, seed: int) -> list[AdditionProblem]:
+    rng = random.Random(seed)
+    return [AdditionProblem(rng.randrange(1000), rng.randrange(1000)) for _ in range(count)]
+
+
+def student_prompt(tokenizer: CharTokenizer, problem: AdditionProblem) -> list[int]:
+    return [tokenizer.bos_id, *tokenizer.encode(problem.question + "=")]
+
+
+def teacher_prompt(tokenizer: CharTokenizer, problem: AdditionProblem, hint: str) -> list[int]:
+    """The student's prompt with the privileged hint before the response framing."""
+    return [tokenizer.bos_id, *tokenizer.encode(f"{problem.question}|{hint}=")]
+
+
+def answer_ids(tokenizer: CharTokenizer, problem: AdditionProblem) -> list[int]:
+    return [*tokenizer.encode(problem.answer), tokenizer.eos_id]
+
+
+def exact_match_reward(tokenizer: CharTokenizer, problem: AdditionProblem, response: list[int]) -> float:
+    """1.0 when the response is the reversed sum followed by end-of-sequence, else 0.0."""
+    return float(list(response) == answer_ids(tokenizer, problem))

@@ -1,0 +1,220 @@
+"""The learner: megatron-core GPT chunks under DDP with Megatron's optimizer and schedules.
+
+`Learner.forward(micro_batches, per_token_fn)` runs a forward-only pass and returns what
+`per_token_fn(logits, micro_batch)` computed on the last pipeline stage; `Learner.train_step
+(micro_batches, loss_fn)` runs forward/backward through `get_forward_backward_func` (any PP /
+VPP schedule), reduces gradients over data (and context) parallel ranks with Megatron's
+`DistributedDataParallel`, clips, steps the optimizer and the LR schedule.
+
+Logits handed to the callbacks are vocabulary-parallel ([B, S, V/TP] on each TP rank) and
+never gathered. Loss normalisation belongs to the caller: gradients are *summed* over
+micro-batches and data-parallel ranks (Megatron's per-token-loss mode with the final division
+by a token count switched off), so a loss of `sum(per_token) / global_token_count` yields
+exactly the full-batch token-mean gradient however the batch is split.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+from rlsd_megatron.config import Config
+from rlsd_megatron.learner.batch import MicroBatch, cp_merge, cp_split
+from rlsd_megatron.models.provider import build_model_chunks
+from rlsd_megatron.models.sharding import gather_full_state, load_full_state
+
+PerTokenFn = Callable[[torch.Tensor, MicroBatch], dict[str, torch.Tensor]]
+LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _finalize_grads_without_token_scaling(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
+    """Megatron's finalize (DP/CP reduce, tied-embedding and layer-norm sync) minus the division
+    by the token count: our losses arrive globally normalised."""
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+
+
+class Learner:
+    """A trainable policy model on this rank, with its optimizer and LR schedule."""
+
+    def __init__(self, cfg: Config, *, impl: str = "local"):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.cfg = cfg
+        self.impl = impl
+        self.cp_size = parallel_state.get_context_parallel_world_size()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        chunks = build_model_chunks(cfg, impl=impl)
+        self.config = chunks[0].config
+        distributed = cfg.parallel.use_distributed_optimizer and parallel_state.get_data_parallel_world_size(
+            with_context_parallel=True
+        ) > 1
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            overlap_param_gather=cfg.parallel.overlap_param_gather,
+            use_distributed_optimizer=distributed,
+        )
+        self.model = [
+            DistributedDataParallel(
+                config=self.config,
+                ddp_config=ddp_config,
+                module=chunk,
+                # Bucket 0 of the first chunk: Megatron's convention for overlapping param gather.
+                disable_bucketing=index > 0,
+            )
+            for index, chunk in enumerate(chunks)
+        ]
+        self.config.no_sync_func = [m.no_sync for m in self.model]
+        if len(self.model) == 1:
+            self.config.no_sync_func = self.config.no_sync_func[0]
+        self.config.finalize_model_grads_func = _finalize_grads_without_token_scaling
+
+        opt = cfg.optimizer
+        dtype = _DTYPES[cfg.precision.params_dtype]
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=opt.lr,
+                min_lr=opt.min_lr,
+                weight_decay=opt.weight_decay,
+                adam_beta1=opt.adam_beta1,
+                adam_beta2=opt.adam_beta2,
+                adam_eps=opt.adam_eps,
+                clip_grad=opt.clip_grad,
+                bf16=dtype is torch.bfloat16,
+                params_dtype=dtype,
+                use_distributed_optimizer=distributed,
+                overlap_param_gather=cfg.parallel.overlap_param_gather and distributed,
+            ),
+            self.model,
+        )
+        decay_steps = opt.lr_decay_steps or cfg.train.steps
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if opt.lr_warmup_steps else opt.lr,
+            max_lr=opt.lr,
+            min_lr=opt.min_lr,
+            lr_warmup_steps=opt.lr_warmup_steps,
+            lr_decay_steps=max(decay_steps, opt.lr_warmup_steps + 1),
+            lr_decay_style=opt.lr_decay_style,
+            start_wd=opt.weight_decay,
+            end_wd=opt.weight_decay,
+            wd_incr_steps=max(decay_steps, 1),
+            wd_incr_style="constant",
+        )
+
+    @property
+    def is_last_stage(self) -> bool:
+        from megatron.core import parallel_state
+
+        return parallel_state.is_pipeline_last_stage()
+
+    # ------------------------------------------------------------------------------------------
+    def _run(self, micro_batches: list[MicroBatch], fn, *, forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        local = [cp_split(mb, self.cp_size, self.cp_rank) for mb in micro_batches]
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            output = model(
+                mb.tokens,
+                mb.position_ids,
+                attention_mask=None,
+                packed_seq_params=mb.packed_seq_params,
+            )
+            return output, functools.partial(fn, mb)
+
+        iterators = [iter(local) for _ in self.model] if len(self.model) > 1 else iter(local)
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators,
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=len(local),
+            seq_length=max(mb.tokens.shape[1] for mb in local),
+            micro_batch_size=max(mb.tokens.shape[0] for mb in local),
+            forward_only=forward_only,
+        )
+
+    def forward(self, micro_batches: list[MicroBatch], per_token_fn: PerTokenFn) -> list[dict] | None:
+        """Forward-only pass; per micro-batch, the dict `per_token_fn(logits, mb)` returned
+        (with CP shards merged back to full length), on the last PP stage; None elsewhere."""
+        def collect(mb: MicroBatch, logits: torch.Tensor):
+            values = per_token_fn(logits, mb)
+            return logits.new_zeros(()), torch.zeros((), dtype=torch.int), {k: v.detach() for k, v in values.items()}
+
+        for m in self.model:
+            m.eval()
+        with torch.no_grad():
+            outputs = self._run(micro_batches, collect, forward_only=True)
+        if not self.is_last_stage:
+            return None
+        return [self._merge_cp(out, mb) for out, mb in zip(outputs, micro_batches)]
+
+    def _merge_cp(self, values: dict[str, torch.Tensor], mb: MicroBatch) -> dict[str, torch.Tensor]:
+        if self.cp_size == 1:
+            return values
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_context_parallel_group()
+        merged = {}
+        for name, local in values.items():
+            shards = [torch.empty_like(local) for _ in range(self.cp_size)]
+            dist.all_gather(shards, local.contiguous(), group=group)
+            indices = [cp_split(mb, self.cp_size, r).cp_index for r in range(self.cp_size)]
+            merged[name] = cp_merge(shards, indices, mb.tokens.shape[1])
+        return merged
+
+    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step over `micro_batches`; returns grad norm, lr, and, on the last
+        stage, `loss` and each metric `loss_fn` reported, summed over micro-batches (this
+        rank's share when the loss is globally normalised)."""
+        def loss_with_count(mb: MicroBatch, logits: torch.Tensor):
+            loss, metrics = loss_fn(logits, mb)
+            reported = {"loss": loss.detach(), **{k: torch.as_tensor(v).detach().float() for k, v in metrics.items()}}
+            return loss, torch.zeros((), dtype=torch.int), reported
+
+        for m in self.model:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run(micro_batches, loss_with_count, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=1)
+        stats = {
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "update_skipped": float(not update_ok),
+        }
+        if outputs:
+            for key in outputs[0]:
+                stats[key] = float(torch.stack([o[key].float() for o in outputs]).sum())
+        return stats
+
+    def load_full_state(self, full_state: dict[str, torch.Tensor]) -> None:
+        """Load canonical (TP=1, PP=1, unpadded) Megatron tensors into this rank's shards."""
+        load_full_state(self.model, full_state)
+        self.optimizer.reload_model_params()
+
+    def full_state(self, *, grads: bool = False) -> dict[str, torch.Tensor]:
+        """Canonical full tensors (or gradients) on every rank; for tests and small models."""
+        return gather_full_state(self.model, self.cfg.model.vocab_size, grads=grads)
+
+    def named_parameters(self):
+        """(name, parameter) of this rank's unwrapped model chunks; names as in GPTModel,
+        prefixed with the chunk index when there are several virtual stages."""
+        for index, chunk in enumerate(self.model):
+            prefix = f"chunk{index}." if len(self.model) > 1 else ""
+            for name, param in chunk.module.named_parameters():
+                yield prefix + name, param

@@ -1,0 +1,59 @@
+"""Metrics to tensorboard event files and a console progress line with ETA.
+
+One rank logs (the caller picks it, usually the last pipeline stage where losses live); the
+others construct a disabled logger so the call sites stay unconditional.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+from pathlib import Path
+
+from rlsd_megatron.config import LoggingConfig
+
+# Shown on the console, in this order, when present; everything goes to tensorboard.
+_CONSOLE_KEYS = ("train/loss", "reward/mean", "val/accuracy", "val/hinted_accuracy", "val/reward",
+                 "train/grad_norm", "train/lr", "perf/step_seconds")
+
+
+class MetricsLogger:
+    def __init__(self, cfg: LoggingConfig, *, total_steps: int, enabled: bool, start_step: int = 0):
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self._start_time = time.monotonic()
+        self._start_step = start_step
+        self._writer = None
+        if enabled and cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            Path(cfg.dir).mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=cfg.dir)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Write `metrics` at `step` to tensorboard; print a progress line every log_interval."""
+        if not self.enabled:
+            return
+        if self._writer is not None:
+            for key, value in metrics.items():
+                self._writer.add_scalar(key, value, step)
+        if self.cfg.progress_bar and (step % self.cfg.log_interval == 0 or "val/accuracy" in metrics):
+            print(self._progress_line(step, metrics), file=sys.stderr, flush=True)
+
+    def _progress_line(self, step: int, metrics: dict[str, float]) -> str:
+        done = step - self._start_step
+        elapsed = time.monotonic() - self._start_time
+        per_step = elapsed / max(done, 1)
+        eta = datetime.timedelta(seconds=round(per_step * (self.total_steps - step)))
+        shown = " ".join(f"{key.split('/', 1)[1]}={metrics[key]:.4g}" for key in _CONSOLE_KEYS if key in metrics)
+        return f"[step {step}/{self.total_steps} {100 * step / self.total_steps:3.0f}% ETA {eta}] {shown}"
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

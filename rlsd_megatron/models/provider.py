@@ -1,0 +1,135 @@
+"""Builds megatron-core `GPTModel` chunks for Llama / Qwen2 / Qwen3-style configs.
+
+Why `GPTModel` and not `HybridModel`: megatron-core 0.19 marks `GPTModel` deprecated (critical
+fixes only), but it is the dense-decoder model every Megatron RL framework (slime, veRL,
+NeMo-RL) and Megatron-Bridge build on, its parameter names are the ones checkpoint tooling
+knows, and `HybridModel` adds nothing for a dense Llama/Qwen decoder. Only this module names
+the model class, so a later switch touches one file.
+
+The TE/local choice is made once, here, from the resolved `transformer_impl`: Transformer
+Engine layers (required for FP8 and context parallelism) on GPUs, megatron-core's local layers
+otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from rlsd_megatron.config import Config, ConfigError, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def padded_vocab_size(model: ModelConfig, tp: int) -> int:
+    """Vocabulary rows Megatron allocates: rounded up to a multiple of divisible_by * tp."""
+    multiple = model.make_vocab_size_divisible_by * tp
+    return -(-model.vocab_size // multiple) * multiple
+
+
+def transformer_config(cfg: Config, *, impl: str):
+    """The megatron-core `TransformerConfig` for `cfg` (model, layout, precision)."""
+    from megatron.core.transformer import TransformerConfig
+
+    m, p, prec = cfg.model, cfg.parallel, cfg.precision
+    dtype = _DTYPES[prec.params_dtype]
+    recompute = prec.recompute_granularity if prec.recompute_granularity != "none" else None
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias,
+        qk_layernorm=m.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        context_parallel_size=p.cp,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        # Weights are initialised whole on CPU and then split, so any TP/PP layout of the same
+        # seed holds the same model (what the parity tests and resharding rely on).
+        use_cpu_initialization=True,
+        # The loss functions normalise by global counts themselves; see learner.step.
+        calculate_per_token_loss=True,
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # unused (dense); "allgather" rejects variable lengths
+        recompute_granularity=recompute,
+        recompute_method=prec.recompute_method,
+        recompute_num_layers=prec.recompute_num_layers,
+        fp8=None if prec.fp8 == "none" else prec.fp8,
+        fp8_recipe=prec.fp8_recipe,
+        fp8_amax_history_len=prec.fp8_amax_history_len,
+        fp8_amax_compute_algo="max",
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=impl == "transformer_engine",
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+        deallocate_pipeline_outputs=True,
+    )
+
+
+def layer_spec(cfg: Config, *, impl: str):
+    """The decoder-layer `ModuleSpec`: Transformer Engine or megatron-core local modules."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if impl == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
+    if impl == "local":
+        return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=cfg.model.qk_layernorm, normalization="RMSNorm")
+    raise ConfigError(f"transformer_impl must be local or transformer_engine, got {impl!r}")
+
+
+def build_model_chunks(cfg: Config, *, impl: str) -> list[torch.nn.Module]:
+    """This rank's `GPTModel` chunk(s): one per virtual pipeline stage (one without VPP).
+
+    Must be called inside an initialised megatron-core parallel state. Outputs are
+    vocabulary-parallel logits (`parallel_output=True`), never gathered.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    m = cfg.model
+    config = transformer_config(cfg, impl=impl)
+    spec = layer_spec(cfg, impl=impl)
+    vocab = padded_vocab_size(m, cfg.parallel.tp)
+    chunks = []
+    stages = cfg.parallel.vpp or 1
+    for vp_stage in range(stages):
+        vp = vp_stage if cfg.parallel.vpp else None
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab,
+            max_sequence_length=m.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            parallel_output=True,
+            share_embeddings_and_output_weights=m.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(m.rope_theta),
+            rope_scaling=m.rope_scaling_factor is not None,
+            rope_scaling_factor=m.rope_scaling_factor or 8.0,
+            vp_stage=vp,
+        )
+        chunks.append(chunk)
+    return chunks

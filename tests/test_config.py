@@ -1,0 +1,165 @@
+"""Config loading, overrides, HF config resolution and layout validation (each documented error)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlsd_megatron.config import Config, ConfigError, ModelConfig, ParallelConfig, load_config
+from rlsd_megatron.config_checks import validate_config
+
+
+def write_yaml(tmp_path, text: str):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = write_yaml(tmp_path, "parallel:\n  tp: 2\noptimizer:\n  lr: 1.0e-5\n")
+    cfg = load_config(path, ["parallel.pp=2", "optimizer.lr=3e-6", "algorithm.dual_clip=null",
+                             "data.train_files=[a.jsonl, b.jsonl]"])
+    assert (cfg.parallel.tp, cfg.parallel.pp) == (2, 2)
+    assert cfg.optimizer.lr == 3e-6
+    assert cfg.algorithm.dual_clip is None
+    assert cfg.data.train_files == ["a.jsonl", "b.jsonl"]
+
+
+def test_int_accepted_for_float_fields():
+    cfg = load_config(None, ["optimizer.clip_grad=2"])
+    assert cfg.optimizer.clip_grad == 2.0 and isinstance(cfg.optimizer.clip_grad, float)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("parallel.tpp=2", r"unknown key\(s\) parallel\.tpp; valid keys of parallel: .*tp"),
+        ("nosuchsection.x=1", r"unknown key\(s\) nosuchsection"),
+        ("parallel.tp=two", r"parallel\.tp: expected int, got 'two'"),
+        ("parallel.tp=true", r"parallel\.tp: expected int, got True"),
+        ("algorithm.method=ppo", r"algorithm\.method: 'ppo' is not one of \['rlsd', 'grpo'"),
+        ("parallel.tp", r"must look like section\.key=value"),
+    ],
+)
+def test_bad_keys_and_values_are_rejected(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_hf_config_resolution_and_conflicts(tmp_path):
+    hf = {
+        "architectures": ["Qwen3ForCausalLM"], "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True, "max_position_embeddings": 512,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg = load_config(None, [f"model.hf_config={tmp_path}"])
+    m = cfg.model
+    assert (m.family, m.num_query_groups, m.kv_channels, m.qk_layernorm, m.qkv_bias) == ("qwen3", 2, 32, True, False)
+    assert (m.rope_theta, m.tie_word_embeddings, m.vocab_size) == (1e6, True, 1000)
+    with pytest.raises(ConfigError, match=r"model\.hidden_size=32 but the HF config says 64"):
+        load_config(None, [f"model.hf_config={tmp_path}", "model.hidden_size=32"])
+
+
+def test_unsupported_hf_features_are_rejected(tmp_path):
+    from rlsd_megatron.models.hf_config import model_fields_from_hf
+
+    base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2}
+    with pytest.raises(ConfigError, match="rope scaling type 'yarn'"):
+        model_fields_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ConfigError, match="low_freq_factor=2.0 is not supported"):
+        model_fields_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}})
+    with pytest.raises(ConfigError, match="not supported"):
+        model_fields_from_hf({**base, "architectures": ["MistralForCausalLM"], "model_type": "mistral"})
+    fields = model_fields_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 32.0,
+                                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                            "original_max_position_embeddings": 8192}})
+    assert fields["rope_scaling_factor"] == 32.0
+
+
+def test_hf_config_round_trip():
+    from rlsd_megatron.models.hf_config import hf_config_from_model, model_fields_from_hf
+
+    for model in (
+        ModelConfig(family="llama", num_query_groups=2, rope_scaling_factor=8.0),
+        ModelConfig(family="qwen2", qkv_bias=True, tie_word_embeddings=True),
+        ModelConfig(family="qwen3", qk_layernorm=True, kv_channels=32, num_query_groups=2),
+    ):
+        fields = model_fields_from_hf(hf_config_from_model(model))
+        assert ModelConfig(**{**vars(model), **fields}) == model
+
+
+def layout_config(**parallel) -> Config:
+    cfg = Config(model=ModelConfig(num_layers=4, num_attention_heads=8, num_query_groups=4, hidden_size=64,
+                                   ffn_hidden_size=128))
+    cfg.parallel = ParallelConfig(**parallel)
+    cfg.train.prompts_per_step = 4
+    cfg.rollout.n = 4
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "parallel, world, message",
+    [
+        (dict(tp=3), 3, r"num_attention_heads=8 is not divisible by parallel\.tp=3"),
+        (dict(tp=8), 8, r"num_query_groups=4 is not divisible by parallel\.tp=8"),
+        (dict(pp=3), 3, r"num_layers=4 is not divisible by parallel\.pp=3"),
+        (dict(pp=2, vpp=4), 2, r"num_layers=4 is not divisible by parallel\.pp\*parallel\.vpp=2\*4"),
+        (dict(vpp=2), 1, r"parallel\.vpp=2 needs parallel\.pp >= 2"),
+        (dict(tp=2), 3, r"world size 3 is not divisible by tp\*pp\*cp=2\*1\*1=2"),
+        (dict(tp=2, dp=2), 2, r"parallel\.dp=2 but world size 2 = tp\*pp\*cp\*dp gives dp=1"),
+        (dict(sequence_parallel=True), 1, r"sequence_parallel=true needs parallel\.tp > 1"),
+        (dict(cp=2), 2, r"parallel\.cp=2 needs Transformer Engine attention"),
+    ],
+)
+def test_layout_errors(parallel, world, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(layout_config(**parallel), world, cuda_available=False, te_available=False)
+
+
+def test_sequence_length_must_split_into_2cp_chunks():
+    cfg = layout_config(cp=2)
+    cfg.train.max_seq_length = 1002
+    with pytest.raises(ConfigError, match=r"max_seq_length=1002 is not divisible by 2\*parallel\.cp=4"):
+        validate_config(cfg, 2, cuda_available=True, te_available=True)
+
+
+def test_batch_arithmetic_errors():
+    cfg = layout_config()
+    cfg.train.prompts_per_step, cfg.rollout.n = 3, 3  # 9 sequences over dp=2
+    with pytest.raises(ConfigError, match=r"9 sequences cannot be split evenly over dp=2"):
+        validate_config(cfg, 2, cuda_available=False, te_available=False)
+    cfg = layout_config()
+    cfg.train.micro_batch_size = 3  # 16 sequences, dp=2: 8 per rank
+    with pytest.raises(ConfigError, match=r"8 sequences per rank .* not a multiple of train\.micro_batch_size=3"):
+        validate_config(cfg, 2, cuda_available=False, te_available=False)
+
+
+def test_fp8_and_te_need_a_gpu():
+    cfg = layout_config()
+    cfg.precision.fp8 = "hybrid"
+    cfg.precision.params_dtype = "bf16"
+    with pytest.raises(ConfigError, match=r"precision\.fp8=hybrid needs Transformer Engine layers on a GPU"):
+        validate_config(cfg, 1, cuda_available=False, te_available=False)
+    cfg.precision.transformer_impl = "transformer_engine"
+    with pytest.raises(ConfigError, match=r"transformer_impl=transformer_engine needs a CUDA GPU"):
+        validate_config(cfg, 1, cuda_available=False, te_available=False)
+    validate_config(cfg, 1, cuda_available=True, te_available=True)  # fine on an H100 with TE
+
+
+def test_all_problems_reported_together():
+    with pytest.raises(ConfigError) as info:
+        validate_config(layout_config(tp=3, pp=3), 9, cuda_available=False, te_available=False)
+    text = str(info.value)
+    assert "parallel.tp=3" in text and "parallel.pp=3" in text
+
+
+def test_valid_layout_passes():
+    validate_config(layout_config(tp=2, pp=2), 8, cuda_available=False, te_available=False)
