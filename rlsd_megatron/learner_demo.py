@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hint-fraction", type=float, default=0.5,
                         help="fraction of training examples that carry the privileged hint")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. parallel.tp=2")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from rlsd_megatron.logging.quiet import quiet_known_noise
 

@@ -41,3 +41,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def gpu_pool():
+    """`gpu_pool(world_size)` → a pool of NCCL ranks, one GPU each (GPU tests only)."""
+    from rlsd_megatron.parallel.local_pool import LocalProcessPool
+
+    pools: dict[int, LocalProcessPool] = {}
+
+    def get(world_size: int) -> LocalProcessPool:
+        import torch
+
+        if torch.cuda.device_count() < world_size:
+            pytest.skip(f"needs {world_size} GPUs, found {torch.cuda.device_count()}")
+        if world_size not in pools or pools[world_size].broken:
+            pools[world_size] = LocalProcessPool(world_size, backend="nccl")
+        return pools[world_size]
+
+    yield get
+    for pool in pools.values():
+        pool.close()

@@ -1,10 +1,14 @@
-"""Built-in verifiable task: reversed 3-digit addition (measured in shared/notes/cpu-demo.md).
+"""Built-in verifiable task: reversed 3-digit addition (after shared/notes/cpu-demo.md).
 
-Prompt `123+456=`, answer the sum zero-padded to 4 digits written least-significant digit first
-(`9750`), then end-of-sequence; reward 1 for an exact match. Reversing lets a small causal model
-carry left to right, so a model trained from scratch on 2 CPU cores learns it in minutes.
+Every number is written least-significant digit first: 123 + 456 = 579 is the prompt `321+654=`
+and the answer `9750` (the sum zero-padded to 4 digits, reversed), then end-of-sequence; reward 1
+for an exact match. Reversed digits let a causal model carry left to right. Reversing the
+operands too (the notes' prototype kept them in normal order) puts the digits an answer token
+needs at the same relative offsets for every answer position, which a RoPE (Llama) model learns
+in a few hundred steps; with normal-order operands the same model was still at ~0% after 2,500
+(measured with both our learner and HF's Llama, 2026-11-25).
 The privileged hint for the self-teacher is the reference answer placed before the response
-framing: `123+456|9750=` followed by the student's rollout.
+framing: `321+654|9750=` followed by the student's rollout.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ class AdditionProblem:
 
     @property
     def question(self) -> str:
-        return f"{self.a:03d}+{self.b:03d}"
+        """Both operands zero-padded to 3 digits, least-significant digit first."""
+        return f"{self.a:03d}"[::-1] + "+" + f"{self.b:03d}"[::-1]
 
     @property
     def answer(self) -> str:

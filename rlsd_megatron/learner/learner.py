@@ -16,12 +16,13 @@ exactly the full-batch token-mean gradient however the batch is split.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import torch
 
 from rlsd_megatron.config import Config
-from rlsd_megatron.learner.batch import MicroBatch, cp_merge, cp_split
+from rlsd_megatron.learner.batch import MicroBatch, cp_merge, cp_split, packed_micro_batch, padded_micro_batch
 from rlsd_megatron.models.provider import build_model_chunks
 from rlsd_megatron.models.sharding import gather_full_state, load_full_state
 
@@ -111,6 +112,18 @@ class Learner:
             wd_incr_steps=max(decay_steps, 1),
             wd_incr_style="constant",
         )
+
+    def micro_batch(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]] | None = None) -> MicroBatch:
+        """A micro-batch in the layout this learner's layers want: packed THD for Transformer
+        Engine (no compute on padding), right-padded [B, S] for the local layers. Sequences are
+        padded to a multiple of 2·CP (context-parallel chunks) and of 16 under FP8 (TE's FP8
+        GEMMs need it)."""
+        multiple = 2 * self.cp_size if self.cp_size > 1 else 1
+        if self.cfg.precision.fp8 != "none":
+            multiple = math.lcm(multiple, 16)
+        if self.impl == "transformer_engine":
+            return packed_micro_batch(sequences, fields, pad_to_multiple=multiple)
+        return padded_micro_batch(sequences, fields, pad_to_multiple=multiple)
 
     @property
     def is_last_stage(self) -> bool:

@@ -3,8 +3,8 @@
 Starting a Python process and importing megatron-core costs ~10 s on a small CPU machine, so
 tests and CPU benchmarks do not spawn a world per case: they keep one `LocalProcessPool` of
 N ranks alive and send it functions to run on every rank. Each worker has initialised
-`torch.distributed` (gloo, env:// rendezvous on a free localhost port) and installed the CPU
-compatibility shims once; Megatron's model-parallel layout is set per call (see
+`torch.distributed` (gloo by default, NCCL for GPU tests; env:// rendezvous on a free localhost
+port) and, on CPU, installed the compatibility shims once; Megatron's model-parallel layout is set per call (see
 `rlsd_megatron.parallel.state.model_parallel`).
 
 A failure on any rank is re-raised in the caller with that rank's traceback. Because the other
@@ -33,7 +33,7 @@ class RankFailure(RuntimeError):
     """A function raised on one or more ranks of a `LocalProcessPool`."""
 
 
-def _worker_main(rank: int, world_size: int, port: int, threads: int, tasks, results) -> None:
+def _worker_main(rank: int, world_size: int, port: int, threads: int, backend, tasks, results) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -47,7 +47,7 @@ def _worker_main(rank: int, world_size: int, port: int, threads: int, tasks, res
         torch.set_num_threads(threads)
         from rlsd_megatron.parallel.state import init_distributed
 
-        init_distributed(backend="gloo")
+        init_distributed(backend=backend)
         results.put((rank, "ready", None))
     except BaseException:  # report start-up failures instead of hanging the parent
         results.put((rank, "error", traceback.format_exc()))
@@ -74,7 +74,8 @@ class LocalProcessPool:
     return value picklable. Results come back as a list indexed by rank.
     """
 
-    def __init__(self, world_size: int, *, threads_per_rank: int = 1, start_timeout: float = 180.0):
+    def __init__(self, world_size: int, *, threads_per_rank: int = 1, backend: str = "gloo",
+                 start_timeout: float = 180.0):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
@@ -86,7 +87,7 @@ class LocalProcessPool:
         self._procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(rank, world_size, port, threads_per_rank, self._tasks[rank], self._results),
+                args=(rank, world_size, port, threads_per_rank, backend, self._tasks[rank], self._results),
                 daemon=True,
                 name=f"rlsd-rank{rank}",
             )
