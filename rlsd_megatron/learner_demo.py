@@ -6,8 +6,10 @@ starts from.
     torchrun --nproc-per-node 2 -m rlsd_megatron.learner_demo --config examples/configs/learner_demo.yaml
     torchrun --nproc-per-node 2 -m rlsd_megatron.learner_demo --config ... parallel.tp=2
 
-Half of the training examples carry the privileged hint (`123+456|9750=`), so the model also
-learns to use one (the RLSD self-teacher needs that). Validation accuracy is exact-match greedy
+A fifth of the training examples carry the privileged hint (`321+654|9750=`), so the model also
+learns to use one (the RLSD self-teacher needs that). Measured here: with half of the examples
+hinted the model learns to copy within ~100 steps but is still at ~0% without the hint after
+1,500 steps; with a fifth, both are learned (unhinted 0.95 by step ~650). Validation accuracy is exact-match greedy
 decoding, computed exactly by teacher forcing: a greedy decode reproduces the answer iff the
 argmax at every answer position is the answer token.
 """
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="examples/configs/learner_demo.yaml")
     parser.add_argument("--target-accuracy", type=float, default=0.95,
                         help="stop once unhinted greedy validation accuracy reaches this")
-    parser.add_argument("--hint-fraction", type=float, default=0.5,
+    parser.add_argument("--hint-fraction", type=float, default=0.2,
                         help="fraction of training examples that carry the privileged hint")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. parallel.tp=2")
     args = parser.parse_intermixed_args(argv)

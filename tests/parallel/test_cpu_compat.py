@@ -91,3 +91,39 @@ def test_pipeline_ddp_and_recompute_run_without_cuda(dist_pool):
         assert norm_recompute == pytest.approx(norm_plain, rel=1e-6)
         for name, tensor in weights_plain.items():
             torch.testing.assert_close(weights_recompute[name], tensor, rtol=0, atol=1e-6)
+
+
+def _bf16_case() -> dict:
+    """bf16 params with fp32 main weights (Megatron's Float16 optimizer) vs fp32, TP=2, on CPU."""
+    from rlsd_megatron.config import Config, ModelConfig, ParallelConfig, PrecisionConfig
+    from rlsd_megatron.learner.learner import Learner
+    from rlsd_megatron.parallel.state import model_parallel
+
+    losses = {}
+    for dtype in ("fp32", "bf16"):
+        cfg = Config(
+            model=ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64),
+            parallel=ParallelConfig(tp=2),
+            precision=PrecisionConfig(params_dtype=dtype),
+        )
+        cfg.optimizer.lr = 1e-3
+        with model_parallel(tp=2, seed=5):
+            learner = Learner(cfg)
+            gen = torch.Generator().manual_seed(3)
+            mb = learner.micro_batch([torch.randint(0, 64, (n,), generator=gen) for n in (6, 9)])
+
+            def loss_fn(logits, mb):
+                from rlsd_megatron.ops import token_log_probs
+
+                return -(token_log_probs(logits, mb.targets, vocab_size=64) * mb.target_mask).sum() / 13.0, {}
+
+            losses[dtype] = [learner.train_step([mb], loss_fn)["loss"] for _ in range(3)]
+            assert next(learner.model[0].parameters()).dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
+    return losses
+
+
+def test_bf16_training_runs_on_cpu_and_tracks_fp32(dist_pool):
+    losses = dist_pool(2).run(_bf16_case)[0]
+    for lo32, lo16 in zip(losses["fp32"], losses["bf16"]):
+        assert lo16 == pytest.approx(lo32, rel=2e-2)
+    assert losses["bf16"][-1] < losses["bf16"][0]
