@@ -15,6 +15,7 @@ exactly the full-batch token-mean gradient however the batch is split.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Callable
@@ -22,7 +23,14 @@ from typing import Callable
 import torch
 
 from rlsd_megatron.config import Config
-from rlsd_megatron.learner.batch import MicroBatch, cp_merge, cp_split, packed_micro_batch, padded_micro_batch
+from rlsd_megatron.learner.batch import (
+    MicroBatch,
+    cp_merge,
+    cp_split,
+    packed_micro_batch,
+    padded_micro_batch,
+    plan_micro_batches,
+)
 from rlsd_megatron.models.provider import build_model_chunks
 from rlsd_megatron.models.sharding import gather_full_state, load_full_state
 
@@ -125,6 +133,55 @@ class Learner:
             return packed_micro_batch(sequences, fields, pad_to_multiple=multiple)
         return padded_micro_batch(sequences, fields, pad_to_multiple=multiple)
 
+    def micro_batches(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]] | None = None
+                      ) -> tuple[list[MicroBatch], list[list[int]]]:
+        """Split sequences into micro-batches per `train.micro_batch_size` or, when set,
+        `train.max_tokens_per_micro_batch`; returns them and the sequence indices of each."""
+        train = self.cfg.train
+        plan = plan_micro_batches(
+            [len(s) for s in sequences],
+            micro_batch_size=None if train.max_tokens_per_micro_batch else train.micro_batch_size,
+            max_tokens=train.max_tokens_per_micro_batch,
+        )
+        fields = fields or {}
+        batches = [
+            self.micro_batch([sequences[i] for i in idx], {k: [v[i] for i in idx] for k, v in fields.items()})
+            for idx in plan
+        ]
+        return batches, plan
+
+    def forward_sequences(self, sequences: list[torch.Tensor], per_token_fn: PerTokenFn) -> dict[str, list[torch.Tensor]]:
+        """Forward-only over whole sequences: for each output of `per_token_fn` ([B, S] per
+        micro-batch), one tensor per sequence aligned with its tokens (`MicroBatch.to_sequences`),
+        in the input order, on every rank (broadcast from the last pipeline stage)."""
+        from megatron.core import parallel_state
+
+        batches, plan = self.micro_batches(sequences)
+        outputs = self.forward(batches, per_token_fn)
+        lengths = [len(s) for s in sequences]
+        names = sorted(outputs[0]) if outputs is not None else None
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            holder = [names]
+            torch.distributed.broadcast_object_list(
+                holder, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group())
+            names = holder[0]
+        device = next(self.model[0].parameters()).device  # NCCL broadcasts need GPU tensors
+        result = {}
+        for name in names:
+            flat = torch.zeros(sum(lengths), device=device)
+            if outputs is not None:
+                per_sequence: list[torch.Tensor] = [None] * len(sequences)  # type: ignore[list-item]
+                for out, mb, idx in zip(outputs, batches, plan):
+                    for i, values in zip(idx, mb.to_sequences(out[name])):
+                        per_sequence[i] = values.float()
+                flat = torch.cat(per_sequence).to(device)
+            if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+                torch.distributed.broadcast(flat, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                            group=parallel_state.get_pipeline_model_parallel_group())
+            result[name] = list(torch.split(flat.cpu(), lengths))
+        return result
+
     @property
     def is_last_stage(self) -> bool:
         from megatron.core import parallel_state
@@ -190,8 +247,8 @@ class Learner:
 
     def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step over `micro_batches`; returns grad norm, lr, and, on the last
-        stage, `loss` and each metric `loss_fn` reported, summed over micro-batches (this
-        rank's share when the loss is globally normalised)."""
+        stage, `loss` summed over micro-batches (this rank's share of a globally normalised
+        loss) and each metric `loss_fn` reported, averaged over micro-batches."""
         def loss_with_count(mb: MicroBatch, logits: torch.Tensor):
             loss, metrics = loss_fn(logits, mb)
             reported = {"loss": loss.detach(), **{k: torch.as_tensor(v).detach().float() for k, v in metrics.items()}}
@@ -212,7 +269,8 @@ class Learner:
         }
         if outputs:
             for key in outputs[0]:
-                stats[key] = float(torch.stack([o[key].float() for o in outputs]).sum())
+                values = torch.stack([o[key].float() for o in outputs])
+                stats[key] = float(values.sum() if key == "loss" else values.mean())
         return stats
 
     def load_full_state(self, full_state: dict[str, torch.Tensor]) -> None:
@@ -223,6 +281,31 @@ class Learner:
     def full_state(self, *, grads: bool = False) -> dict[str, torch.Tensor]:
         """Canonical full tensors (or gradients) on every rank; for tests and small models."""
         return gather_full_state(self.model, self.cfg.model.vocab_size, grads=grads)
+
+    def local_weights(self) -> dict[str, torch.Tensor]:
+        """This rank's parameter shards by local name (live views, detached)."""
+        return {name: param.detach() for name, param in self.named_parameters()}
+
+    @contextlib.contextmanager
+    def use_weights(self, weights: dict[str, torch.Tensor]):
+        """Run the model with other weights of the same layout (a frozen or EMA teacher copy)
+        for forward-only passes, without copying: parameters point at `weights` inside the
+        block and back at their own storage after it."""
+        params = dict(self.named_parameters())
+        if set(weights) != set(params):
+            raise ValueError(f"weights do not match the model: missing {sorted(set(params) - set(weights))[:3]}, "
+                             f"unexpected {sorted(set(weights) - set(params))[:3]}")
+        own = {name: param.data for name, param in params.items()}
+        try:
+            for name, param in params.items():
+                replacement = weights[name]
+                if replacement.shape != param.shape:
+                    raise ValueError(f"{name}: shape {tuple(replacement.shape)} != {tuple(param.shape)}")
+                param.data = replacement.to(device=param.device, dtype=param.dtype)
+            yield
+        finally:
+            for name, param in params.items():
+                param.data = own[name]
 
     def named_parameters(self):
         """(name, parameter) of this rank's unwrapped model chunks; names as in GPTModel,

@@ -1,0 +1,214 @@
+"""Memory planner: per-GPU bytes of a configuration, checked before anything is launched.
+
+    python -m rlsd_megatron.plan --config examples/configs/rlsd_70b.yaml --world-size 64
+
+Counts, for the most loaded pipeline stage (the first: embedding + in-flight activations; or the
+last: output layer + logits):
+- weights (bf16/fp32 `params_dtype`), fp32 gradient buffers (Megatron DDP reduces in fp32), and
+  the optimizer (fp32 main weights + Adam moments = 12 bytes per parameter, sharded over DP×CP by
+  the distributed optimizer). These reproduce Megatron's published per-parameter figures:
+  18 bytes without the distributed optimizer, 6 + 12/d with it (bf16 weights, fp32 grads).
+- activations per micro-batch token and layer for a SwiGLU/GQA decoder with fused (flash)
+  attention, divided by TP where the tensor is split (all of it with sequence parallelism);
+  ×PP micro-batches in flight on the first stage under 1F1B (×(1 + (PP−1)/(PP·VPP)) interleaved);
+  full recomputation keeps only each layer's input. Tokens per micro-batch are divided by CP.
+- the last stage's logits in fp32 for one micro-batch ([tokens, V/TP]) plus one chunk of the
+  vocabulary-parallel ops' workspace.
+- a frozen / EMA teacher copy (weights, fp32 for EMA), when the teacher policy holds one.
+- the colocated rollout engine while it is awake: `mem_fraction_static` of the GPU (SGLang's
+  weights + KV-cache pool). The engine sleeps (memory released) while the learner trains, so the
+  two phases peak separately: rollout = learner state + engine; training = learner state +
+  activations + teacher copy.
+Each phase must fit in `gpu_memory_gb` minus a reserve for the CUDA context, NCCL buffers and
+fragmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+from dataclasses import dataclass
+
+from rlsd_megatron.config import Config, ConfigError, load_config
+from rlsd_megatron.models.hf_config import head_dim
+from rlsd_megatron.models.provider import padded_vocab_size
+
+GiB = 2**30
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpu_memory_gb: float = 80.0  # H100 SXM
+    reserve_gb: float = 6.0  # CUDA context, NCCL buffers, allocator fragmentation
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per GPU of the most loaded pipeline stage, by component."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    logits: int
+    teacher_copy: int
+    engine: int
+    layout: str
+    hardware: Hardware
+
+    @property
+    def learner_state(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def training_peak(self) -> int:
+        return self.learner_state + self.activations + self.logits + self.teacher_copy
+
+    @property
+    def rollout_peak(self) -> int:
+        return self.learner_state + self.teacher_copy + self.engine
+
+    @property
+    def budget(self) -> int:
+        return int((self.hardware.gpu_memory_gb - self.hardware.reserve_gb) * GiB)
+
+    @property
+    def fits(self) -> bool:
+        return max(self.training_peak, self.rollout_peak) <= self.budget
+
+    def table(self) -> str:
+        rows = [
+            ("weights", self.params), ("gradients (fp32)", self.grads), ("optimizer (fp32 main + Adam)", self.optimizer),
+            ("activations (in flight)", self.activations), ("logits + ops workspace", self.logits),
+            ("teacher copy", self.teacher_copy), ("rollout engine (awake)", self.engine),
+            ("training phase peak", self.training_peak), ("rollout phase peak", self.rollout_peak),
+            ("budget", self.budget),
+        ]
+        lines = [f"layout: {self.layout}", f"{'component':32s} {'GiB/GPU':>10s}"]
+        lines += [f"{name:32s} {value / GiB:10.2f}" for name, value in rows]
+        lines.append("fits" if self.fits else "DOES NOT FIT")
+        return "\n".join(lines)
+
+
+def layer_params(cfg: Config) -> int:
+    """Parameters of one decoder layer (QKV, output projection, SwiGLU MLP, norms, biases)."""
+    m = cfg.model
+    dim = head_dim(m)
+    q, kv = m.num_attention_heads * dim, (m.num_query_groups or m.num_attention_heads) * dim
+    attention = m.hidden_size * (q + 2 * kv) + q * m.hidden_size + (q + 2 * kv if m.qkv_bias else 0)
+    mlp = 3 * m.hidden_size * m.ffn_hidden_size
+    norms = 2 * m.hidden_size + (2 * dim if m.qk_layernorm else 0)
+    return attention + mlp + norms
+
+
+def stage_params(cfg: Config, *, first: bool, last: bool) -> int:
+    """Parameters held by one GPU of a pipeline stage (TP-split tensors divided by TP)."""
+    m, p = cfg.model, cfg.parallel
+    vocab_rows = padded_vocab_size(m, p.tp) // p.tp
+    layers = m.num_layers // p.pp
+    count = layers * layer_params(cfg) // p.tp
+    if first:
+        count += vocab_rows * m.hidden_size
+    if last:
+        count += m.hidden_size  # final norm
+        if not m.tie_word_embeddings or p.pp > 1:
+            count += vocab_rows * m.hidden_size
+    return count
+
+
+def activation_bytes_per_token_layer(cfg: Config) -> float:
+    """bf16 activations one decoder layer keeps for backward, per token, on one GPU."""
+    m, p = cfg.model, cfg.parallel
+    h, f, t = m.hidden_size, m.ffn_hidden_size, p.tp
+    dim = head_dim(m)
+    q, kv = m.num_attention_heads * dim, (m.num_query_groups or m.num_attention_heads) * dim
+    replicated = 4 * h  # norm inputs/outputs on the residual stream (split by TP only with SP)
+    split = (q + 2 * kv) + 2 * q + 2 * f + 2 * f  # QKV, attention out + proj input, fc1 out, SwiGLU parts
+    bytes_per_element = 2 if cfg.precision.params_dtype == "bf16" else 4
+    return bytes_per_element * (replicated / (t if p.sequence_parallel else 1) + split / t)
+
+
+def micro_batch_tokens(cfg: Config) -> int:
+    t = cfg.train
+    if t.max_tokens_per_micro_batch:
+        return t.max_tokens_per_micro_batch
+    return t.micro_batch_size * t.max_seq_length
+
+
+def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
+    """Per-GPU memory of `cfg` on `hardware` (see the module docstring for what is counted)."""
+    p, prec = cfg.parallel, cfg.precision
+    dtype_bytes = _DTYPE_BYTES[prec.params_dtype]
+    first = stage_params(cfg, first=True, last=p.pp == 1)
+    last = stage_params(cfg, first=p.pp == 1, last=True)
+    params = max(first, last)
+    dp_cp = (p.dp or 1) * p.cp
+    optimizer_shards = dp_cp if p.use_distributed_optimizer else 1
+    tokens = math.ceil(micro_batch_tokens(cfg) / p.cp)
+    layers = cfg.model.num_layers // p.pp
+    full_layer = activation_bytes_per_token_layer(cfg)
+    in_flight = p.pp * (1 + (p.pp - 1) / (p.pp * p.vpp)) if p.vpp else p.pp
+    if prec.recompute_granularity == "full":
+        # Each layer keeps its input; one layer's activations are rebuilt at a time in backward.
+        layer_input = cfg.model.hidden_size * dtype_bytes / (p.tp if p.sequence_parallel else 1)
+        activations = tokens * (layers * layer_input * in_flight + full_layer)
+    else:
+        activations = tokens * layers * full_layer * in_flight
+    vocab_local = padded_vocab_size(cfg.model, p.tp) // p.tp
+    logits = tokens * vocab_local * 4 + min(tokens, 4096) * vocab_local * 4
+    holds_copy = cfg.algorithm.teacher_weights in ("frozen_sync", "ema")
+    teacher_bytes = 4 if cfg.algorithm.teacher_weights == "ema" else dtype_bytes
+    engine = int(cfg.rollout.mem_fraction_static * hardware.gpu_memory_gb * GiB) if cfg.rollout.backend != "embedded" else 0
+    return MemoryPlan(
+        params=params * dtype_bytes,
+        grads=params * 4,
+        optimizer=params * 12 // optimizer_shards,
+        activations=int(activations),
+        logits=int(logits),
+        teacher_copy=params * teacher_bytes if holds_copy else 0,
+        engine=engine,
+        layout=f"tp={p.tp} pp={p.pp}{f' vpp={p.vpp}' if p.vpp else ''} cp={p.cp} dp={p.dp or 1}"
+               f"{' sp' if p.sequence_parallel else ''}{' distopt' if p.use_distributed_optimizer else ''}"
+               f" recompute={prec.recompute_granularity}",
+        hardware=hardware,
+    )
+
+
+def check_fits(cfg: Config, world_size: int, hardware: Hardware = Hardware()) -> MemoryPlan:
+    """Plan for `world_size` GPUs; raise ConfigError with the table when it does not fit."""
+    model_parallel = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
+    cfg = copy.deepcopy(cfg)
+    cfg.parallel.dp = cfg.parallel.dp or max(world_size // model_parallel, 1)
+    plan = plan_memory(cfg, hardware)
+    if not plan.fits:
+        raise ConfigError(
+            "the layout does not fit in GPU memory:\n" + plan.table()
+            + "\nraise parallel.pp/tp, enable parallel.use_distributed_optimizer with more data parallelism, "
+              "set precision.recompute_granularity=full, lower train.max_tokens_per_micro_batch or "
+              "rollout.mem_fraction_static"
+        )
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Per-GPU memory plan of a configuration")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--world-size", type=int, required=True, help="number of GPUs")
+    parser.add_argument("--gpu-memory-gb", type=float, default=Hardware.gpu_memory_gb)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    try:
+        plan = check_fits(cfg, args.world_size, Hardware(gpu_memory_gb=args.gpu_memory_gb))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(plan.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

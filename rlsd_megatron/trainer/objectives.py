@@ -1,0 +1,111 @@
+"""Per-method glue between the algorithm math and the learner: token advantages and the loss.
+
+Every method runs the same step; the config decides
+- which sequence advantage (`group_advantages`, with or without std: GRPO / Dr.GRPO),
+- which token advantage: the sequence advantage broadcast (grpo, dapo, drgrpo, grpo_opsd),
+  RLSD's teacher-weighted one (rlsd), OPD's teacher − student log-ratio (opd), none (opsd, sdpo:
+  distillation only),
+- and the loss: the clipped surrogate (`policy_loss`) plus optional KL and entropy terms, all
+  normalised by global counts so micro-batching and data parallelism do not change the gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlsd_megatron import algorithms as alg
+from rlsd_megatron.config import AlgorithmConfig, Config
+
+POLICY_GRADIENT_METHODS = ("rlsd", "grpo", "dapo", "drgrpo", "opd", "grpo_opsd")
+TEACHER_METHODS = ("rlsd", "opd", "opsd", "sdpo", "grpo_opsd")
+
+
+def uses_teacher(cfg: AlgorithmConfig) -> bool:
+    """Whether the step scores rollouts with a teacher (self-teacher or separate model)."""
+    return cfg.method in TEACHER_METHODS
+
+
+@dataclass
+class TokenAdvantages:
+    values: torch.Tensor  # [B, T] response-aligned, 0 on masked positions
+    metrics: dict[str, float]
+
+
+def token_advantages(cfg: AlgorithmConfig, step: int, seq_adv: torch.Tensor, mask: torch.Tensor,
+                     student_logp: torch.Tensor | None = None, teacher_logp: torch.Tensor | None = None
+                     ) -> TokenAdvantages:
+    """Per-token advantages for one batch of responses ([B, T] tensors, `mask` 1 on response
+    tokens) at update `step` (from 1)."""
+    mask = mask.bool()
+    metrics: dict[str, float] = {}
+    if cfg.method == "rlsd":
+        lam = alg.rlsd_lambda(step, lam0=cfg.lam0, decay_steps=cfg.lam_decay_steps)
+        weights = alg.rlsd_token_weights(seq_adv, teacher_logp, student_logp, mask, clip_eps=cfg.weight_clip_eps)
+        values = alg.rlsd_token_advantages(seq_adv, teacher_logp, student_logp, mask, lam=lam,
+                                           clip_eps=cfg.weight_clip_eps)
+        n = mask.sum().clamp_min(1)
+        success = (seq_adv > 0)[:, None] & mask
+        failure = (seq_adv < 0)[:, None] & mask
+        metrics.update({
+            "rlsd/lambda": lam,
+            "rlsd/delta_mean": float((weights.delta * mask).sum() / n),
+            "rlsd/delta_success": float((weights.delta * success).sum() / success.sum().clamp_min(1)),
+            "rlsd/delta_failure": float((weights.delta * failure).sum() / failure.sum().clamp_min(1)),
+            "rlsd/weight_mean": float((weights.clipped * mask).sum() / n),
+            "rlsd/weight_clipped_frac": float(((weights.weight != weights.clipped) & mask).sum() / n),
+        })
+    elif cfg.method == "opd":
+        values = alg.opd_token_advantages(teacher_logp, student_logp, mask, seq_adv=seq_adv,
+                                          reward_weight=cfg.opd_reward_weight)
+    elif cfg.method in ("grpo", "dapo", "drgrpo", "grpo_opsd"):
+        values = seq_adv[:, None].float() * mask
+    else:  # opsd, sdpo: the distillation loss carries the signal
+        values = torch.zeros(mask.shape)
+    return TokenAdvantages(values.detach(), metrics)
+
+
+def sequence_advantages(cfg: Config, rewards: torch.Tensor) -> torch.Tensor:
+    """GRPO's group-normalised advantage (std division off for Dr.GRPO)."""
+    return alg.group_advantages(rewards, cfg.rollout.n, normalize_std=cfg.algorithm.normalize_adv_std)
+
+
+def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor]):
+    """The learner's loss for policy-gradient methods. Micro-batch fields (shifted, aligned with
+    the logits): `old_logp`, `advantages`, `loss_mask`, optional `ref_logp` (KL) and
+    `tis_weight`. `normalisers` are the *global* counts (`loss_normalisers` summed over all
+    micro-batches and data-parallel ranks)."""
+    from rlsd_megatron.ops import token_log_probs
+
+    a = cfg.algorithm
+    norm_constant = float(cfg.rollout.max_new_tokens) if a.loss_agg == "seq-mean-token-sum-norm" else None
+    aggregation = dict(agg=a.loss_agg, norm_constant=norm_constant, **normalisers)
+
+    def loss_fn(logits: torch.Tensor, mb) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        fields = mb.fields
+        mask = fields["loss_mask"].to(logits.device)
+        logp, entropy = token_log_probs(logits, mb.targets.to(logits.device), temperature=cfg.rollout.temperature,
+                                        vocab_size=cfg.model.vocab_size, return_entropy=True)
+        loss, metrics = alg.policy_loss(
+            logp, fields["old_logp"].to(logp), fields["advantages"].to(logp), mask,
+            clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
+            is_weights=fields["tis_weight"].to(logp) if "tis_weight" in fields else None,
+            **aggregation,
+        )
+        if a.kl_coef:
+            kl = alg.kl_penalty(logp, fields["ref_logp"].to(logp), a.kl_kind)
+            loss = loss + a.kl_coef * alg.aggregate_loss(kl, mask, **aggregation)
+            metrics["kl"] = _masked_mean(kl, mask)
+        if a.entropy_coef:
+            loss = loss - a.entropy_coef * alg.aggregate_loss(entropy, mask, **aggregation)
+        metrics["entropy"] = _masked_mean(entropy, mask)
+        return loss, metrics
+
+    return loss_fn
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """This micro-batch's mean over masked tokens (for logging; the learner averages these)."""
+    mask = mask.to(values.dtype)
+    return (values.detach() * mask).sum() / mask.sum().clamp_min(1)

@@ -1,0 +1,72 @@
+"""Memory planner against published figures (Megatron's bytes per parameter, Llama-70B size)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlsd_megatron.config import Config, ConfigError, ModelConfig
+from rlsd_megatron.plan import check_fits, plan_memory, stage_params
+
+# Llama-3-70B: 80 layers, d 8192, 64 heads / 8 KV groups, SwiGLU 28672, vocab 128256, untied.
+LLAMA_70B = ModelConfig(family="llama", vocab_size=128256, hidden_size=8192, num_layers=80, num_attention_heads=64,
+                        num_query_groups=8, ffn_hidden_size=28672, max_position_embeddings=8192,
+                        rope_theta=500000.0)
+
+
+def config(**parallel) -> Config:
+    cfg = Config(model=LLAMA_70B)
+    cfg.precision.params_dtype = "bf16"
+    for key, value in parallel.items():
+        setattr(cfg.parallel, key, value)
+    return cfg
+
+
+def test_llama_70b_parameter_count():
+    total = stage_params(config(), first=True, last=True)
+    assert total == pytest.approx(70.55e9, rel=0.002)  # Meta reports 70.6B
+
+
+@pytest.mark.parametrize("distributed, dp, bytes_per_param", [(False, 1, 18), (True, 1, 18), (True, 4, 6 + 12 / 4),
+                                                              (True, 8, 6 + 12 / 8)])
+def test_static_bytes_per_parameter_match_megatron(distributed, dp, bytes_per_param):
+    # Megatron-LM docs (distributed optimizer): bf16 params + fp32 grads: 18 bytes/param, or
+    # 6 + 12/d with the distributed optimizer over d data-parallel ranks.
+    cfg = config(tp=8, pp=4, dp=dp, use_distributed_optimizer=distributed)
+    plan = plan_memory(cfg)
+    params = plan.params / 2  # bf16 weights
+    assert plan.learner_state / params == pytest.approx(bytes_per_param, rel=1e-6)
+
+
+def test_70b_does_not_fit_on_one_node_and_fits_on_eight():
+    cfg = config(tp=8, pp=1)
+    cfg.train.micro_batch_size, cfg.train.max_seq_length = 1, 8192
+    with pytest.raises(ConfigError, match="does not fit"):
+        check_fits(cfg, world_size=8)
+    cfg = config(tp=8, pp=4, sequence_parallel=True, use_distributed_optimizer=True)
+    cfg.precision.recompute_granularity, cfg.precision.recompute_method = "full", "uniform"
+    cfg.train.micro_batch_size, cfg.train.max_seq_length = 1, 8192
+    cfg.rollout.mem_fraction_static = 0.4
+    plan = check_fits(cfg, world_size=64)  # 8 nodes: tp 8 x pp 4 x dp 2
+    assert plan.fits and "dp=2" in plan.layout
+
+
+def test_recomputation_and_sequence_parallel_shrink_activations():
+    base = config(tp=8, pp=4, dp=2)
+    base.train.max_seq_length = 8192
+    sp = config(tp=8, pp=4, dp=2, sequence_parallel=True)
+    sp.train.max_seq_length = 8192
+    full = config(tp=8, pp=4, dp=2, sequence_parallel=True)
+    full.train.max_seq_length = 8192
+    full.precision.recompute_granularity = "full"
+    a, b, c = (plan_memory(cfg).activations for cfg in (base, sp, full))
+    assert a > b > c
+
+
+def test_teacher_copy_and_engine_are_counted_in_their_phases():
+    cfg = config(tp=8, pp=4, dp=2)
+    live = plan_memory(cfg)
+    cfg.algorithm.teacher_weights = "frozen_sync"
+    frozen = plan_memory(cfg)
+    assert frozen.teacher_copy == live.params and live.teacher_copy == 0
+    assert frozen.training_peak - live.training_peak == frozen.teacher_copy
+    assert live.rollout_peak - live.learner_state == live.engine > 0
