@@ -138,31 +138,44 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """The RL objective. Presets in examples/configs/ set these per method."""
+    """The RL objective. One preset per method in examples/configs/ sets the recipe values."""
 
     method: Literal["rlsd", "grpo", "dapo", "drgrpo", "opd", "opsd", "sdpo", "grpo_opsd"] = "rlsd"
-    normalize_adv_std: bool = True  # False for Dr. GRPO
-    lam0: float = 0.5  # RLSD λ0
-    lam_decay_steps: int = 60  # RLSD D (recipe script; the paper gives none)
-    weight_clip_eps: float = 0.2  # RLSD ε_w
+    normalize_adv_std: bool = True  # False: Dr. GRPO's A = R - mean(R)
+    # RLSD (spec §3): λ_s = lam0·max(0, 1 - s/D); ŵ clipped to [1-ε_w, 1+ε_w].
+    lam0: float = 0.5
+    lam_decay_steps: int | None = 60  # recipe script's D (the paper gives none); None: no decay
+    weight_clip_eps: float = 0.2
+    # Surrogate (spec §4): clip-higher 0.2/0.28, dual clip 3.0, token-mean over the global batch.
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip: float | None = 3.0
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    kl_coef: float = 0.0
-    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    loss_norm_constant: int | None = None  # Dr. GRPO's constant normaliser; None: rollout.max_new_tokens
+    kl_coef: float = 0.0  # KL to a reference model (textbook GRPO); 0: none, as in the recipe
+    kl_kind: Literal["k1", "k2", "k3", "low_var_kl"] = "k3"
     entropy_coef: float = 0.0
-    teacher_weights: Literal["live", "frozen_sync", "ema", "separate"] = "live"  # recipe: frozen_sync
+    # Which weights score the teacher (spec §2). Library default live; the RLSD recipe uses
+    # frozen_sync every 20 steps; OPSD a frozen initial model; SDPO an EMA (rate 0.05);
+    # OPD a separate, larger model (teacher_model).
+    teacher_weights: Literal["live", "frozen", "frozen_sync", "ema", "separate"] = "live"
     teacher_sync_interval: int = 20
     teacher_ema_rate: float = 0.05
-    teacher_model: str | None = None  # OPD: a separate, larger teacher checkpoint
+    teacher_model: str | None = None
+    teacher_template: str | None = None  # None: the spec's §2 wording
+    # Distillation (OPSD, SDPO, GRPO+OPSD): generalised JSD_β, over the full vocabulary, a top-k
+    # support (SDPO: the student's top-100 plus a tail bucket) or the sampled token only.
     distill_loss: Literal["none", "jsd", "topk", "sampled"] = "none"
     distill_coef: float = 1.0
     distill_beta: float = 0.5
     distill_topk: int = 100
-    opd_reward_weight: float = 0.0
-    dynamic_sampling: bool = False  # DAPO
-    tis_cap: float | None = None  # truncated importance sampling cap (rollout vs learner log-probs)
+    distill_support: Literal["teacher", "student"] = "teacher"
+    distill_tail_bucket: bool = True
+    sdpo_success_threshold: float = 0.5  # a sibling counts as a demonstration at this reward
+    opd_reward_weight: float = 0.0  # OPD: mix in c·A of the verifiable reward
+    dynamic_sampling: bool = False  # DAPO: drop all-equal groups and re-sample to fill the batch
+    dynamic_sampling_max_rounds: int = 4
+    tis_cap: float | None = None  # truncated importance sampling (rollout vs learner log-probs)
 
 
 @dataclass

@@ -95,6 +95,33 @@ def layout_problems(cfg: Config, world_size: int) -> list[str]:
     return problems
 
 
+def algorithm_problems(cfg: Config) -> list[str]:
+    """Method settings that contradict each other."""
+    a, problems = cfg.algorithm, []
+    if a.method == "opd" and (a.teacher_weights != "separate" or not a.teacher_model):
+        problems.append(
+            "algorithm.method=opd scores rollouts with a separate teacher: set algorithm.teacher_weights=separate "
+            f"and algorithm.teacher_model=<checkpoint> (got teacher_weights={a.teacher_weights}, "
+            f"teacher_model={a.teacher_model})"
+        )
+    if a.teacher_weights == "separate" and a.method != "opd":
+        problems.append(f"algorithm.teacher_weights=separate is only for method opd, not {a.method}")
+    if a.method in ("opsd", "sdpo", "grpo_opsd") and a.distill_loss == "none":
+        problems.append(f"algorithm.method={a.method} trains with a distillation loss: set algorithm.distill_loss "
+                        "(jsd, topk or sampled)")
+    if a.method not in ("opsd", "sdpo", "grpo_opsd") and a.distill_loss != "none":
+        problems.append(f"algorithm.distill_loss={a.distill_loss} has no effect with method {a.method}; "
+                        "use method opsd, sdpo or grpo_opsd, or set distill_loss=none")
+    uses_group_baseline = a.method not in ("opsd", "sdpo") and not (a.method == "opd" and a.opd_reward_weight == 0)
+    if uses_group_baseline and cfg.rollout.n < 2:
+        problems.append(f"algorithm.method={a.method} needs rollout.n >= 2 (a group baseline), got {cfg.rollout.n}")
+    if a.distill_loss == "topk" and a.distill_topk > cfg.model.vocab_size:
+        problems.append(f"algorithm.distill_topk={a.distill_topk} exceeds model.vocab_size={cfg.model.vocab_size}")
+    if not 0.0 <= a.lam0 <= 1.0:
+        problems.append(f"algorithm.lam0={a.lam0} must be in [0, 1]")
+    return problems
+
+
 def hardware_problems(cfg: Config, *, cuda_available: bool, te_available: bool) -> list[str]:
     """Precision and kernel choices that this machine cannot run."""
     problems = []
@@ -135,7 +162,7 @@ def validate_config(cfg: Config, world_size: int, *, cuda_available: bool | None
         cuda_available = torch.cuda.is_available()
     if te_available is None:
         te_available = cuda_available and transformer_engine_available()
-    problems = layout_problems(cfg, world_size) + hardware_problems(
+    problems = layout_problems(cfg, world_size) + algorithm_problems(cfg) + hardware_problems(
         cfg, cuda_available=cuda_available, te_available=te_available
     )
     if problems:

@@ -163,3 +163,41 @@ def test_all_problems_reported_together():
 
 def test_valid_layout_passes():
     validate_config(layout_config(tp=2, pp=2), 8, cuda_available=False, te_available=False)
+
+
+PRESETS = ("rlsd", "grpo", "dapo", "drgrpo", "opd", "opsd", "sdpo", "grpo_opsd")
+
+
+@pytest.mark.parametrize("method", PRESETS)
+def test_method_presets_load_with_recipe_values(method):
+    overrides = ["algorithm.teacher_model=/ckpt/teacher"] if method == "opd" else []
+    cfg = load_config(f"examples/configs/{method}.yaml", overrides)
+    assert cfg.algorithm.method == method
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.optimizer.clip_grad) == (1e-6, 0.01, 1.0)
+    assert (cfg.train.prompts_per_step, cfg.rollout.n, cfg.rollout.max_new_tokens) == (256, 8, 4096)
+    cfg.model = ModelConfig(vocab_size=1000)
+    cfg.train.micro_batch_size = 1
+    validate_config(cfg, 8, cuda_available=True, te_available=True)
+
+
+def test_rlsd_preset_is_the_recipe():
+    a = load_config("examples/configs/rlsd.yaml").algorithm
+    assert (a.lam0, a.lam_decay_steps, a.weight_clip_eps) == (0.5, 60, 0.2)
+    assert (a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, a.kl_coef) == (0.2, 0.28, 3.0, "token-mean", 0.0)
+    assert (a.teacher_weights, a.teacher_sync_interval) == ("frozen_sync", 20)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algorithm.method=opd"], r"method=opd scores rollouts with a separate teacher"),
+        (["algorithm.teacher_weights=separate"], r"teacher_weights=separate is only for method opd"),
+        (["algorithm.method=opsd"], r"method=opsd trains with a distillation loss"),
+        (["algorithm.distill_loss=jsd"], r"distill_loss=jsd has no effect with method rlsd"),
+        (["rollout.n=1", "train.prompts_per_step=8"], r"method=rlsd needs rollout.n >= 2"),
+    ],
+)
+def test_algorithm_contradictions(overrides, message):
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg, 1, cuda_available=False, te_available=False)

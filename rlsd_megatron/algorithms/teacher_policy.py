@@ -19,7 +19,7 @@ import torch
 
 __all__ = ["TEACHER_MODES", "TeacherWeightPolicy"]
 
-TEACHER_MODES = ("live", "frozen_sync", "ema", "separate")
+TEACHER_MODES = ("live", "frozen", "frozen_sync", "ema", "separate")
 
 Params = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
@@ -32,6 +32,7 @@ class TeacherWeightPolicy:
     """Holds (and updates) the teacher's copy of the policy weights.
 
     - ``live``: the current policy weights; no copy (library default, no extra memory).
+    - ``frozen``: a copy of the initial policy, never updated (the official OPSD teacher).
     - ``frozen_sync``: a copy of the initial policy, re-synced after every update whose step
       is a multiple of ``sync_interval`` (recipe: 20; the reference syncs after the update, so
       updates 21..40 are scored by the policy as it was after update 20).
@@ -61,7 +62,7 @@ class TeacherWeightPolicy:
 
     @property
     def source(self) -> str:
-        """``"student"`` (live), ``"copy"`` (frozen_sync, ema) or ``"separate"``."""
+        """``"student"`` (live), ``"copy"`` (frozen, frozen_sync, ema) or ``"separate"``."""
         return {"live": "student", "separate": "separate"}.get(self.mode, "copy")
 
     @property
@@ -91,6 +92,8 @@ class TeacherWeightPolicy:
                                "training, or load_state_dict(...) when resuming.")
         student = _as_dict(student_params)
         self._check_names(student)
+        if self.mode == "frozen":
+            return False
         if self.mode == "frozen_sync":
             if step % self.sync_interval != 0:
                 return False

@@ -79,7 +79,9 @@ def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor]):
     from rlsd_megatron.ops import token_log_probs
 
     a = cfg.algorithm
-    norm_constant = float(cfg.rollout.max_new_tokens) if a.loss_agg == "seq-mean-token-sum-norm" else None
+    norm_constant = None
+    if a.loss_agg == "seq-mean-token-sum-norm":
+        norm_constant = float(a.loss_norm_constant or cfg.rollout.max_new_tokens)
     aggregation = dict(agg=a.loss_agg, norm_constant=norm_constant, **normalisers)
 
     def loss_fn(logits: torch.Tensor, mb) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

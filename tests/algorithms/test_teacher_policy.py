@@ -100,3 +100,11 @@ def test_state_dict_round_trip_and_errors():
         TeacherWeightPolicy("frozen_sync").on_step(1, _params(0.0))
     with pytest.raises(ValueError, match="not one of"):
         TeacherWeightPolicy("stale")
+
+
+def test_frozen_never_changes():
+    policy = TeacherWeightPolicy("frozen")
+    policy.initialize(_params(1.0))
+    for step in range(1, 50):
+        assert not policy.on_step(step, _params(float(step)))
+    assert all(torch.equal(t, _params(1.0)[n]) for n, t in policy.teacher_state().items())
