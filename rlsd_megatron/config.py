@@ -116,6 +116,24 @@ class TrainConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    """Optional supervised warm start before RL, on the dataset's (prompt, answer) pairs: for
+    models trained from scratch (the built-in CPU demo). Phase 1 trains on plain prompts until
+    greedy validation accuracy reaches `stop_accuracy` (measured, not a step count: learning
+    has a sharp phase transition); phase 2 mixes in `hint_fraction` hinted prompts until the
+    model uses the hint (`hinted_stop_accuracy`), which the self-teacher needs. `max_steps`
+    bounds both; 0 disables the warm start."""
+
+    max_steps: int = 0
+    stop_accuracy: float = 0.25
+    hinted_stop_accuracy: float = 0.9
+    lr: float = 1e-3
+    prompts_per_step: int = 64
+    hint_fraction: float = 0.5
+    eval_interval: int = 10
+
+
+@dataclass
 class RolloutConfig:
     """Generation. `backend=auto` uses SGLang on GPU and the embedded HF engine on CPU."""
 
@@ -234,6 +252,7 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

@@ -15,9 +15,10 @@ from rlsd_megatron.algorithms.teacher_context import TeacherContextBuilder
 from rlsd_megatron.data import reversed_addition as task
 from rlsd_megatron.data.prompts import PromptDataset, PromptRow
 
-__all__ = ["ADDITION_TEACHER_TEMPLATE", "ReversedAdditionPrompts"]
+__all__ = ["ADDITION_SDPO_TEMPLATE", "ADDITION_TEACHER_TEMPLATE", "ReversedAdditionPrompts"]
 
 ADDITION_TEACHER_TEMPLATE = "{question}|{answer}"
+ADDITION_SDPO_TEMPLATE = "{question}|{solution}"  # SDPO: a successful sibling's response as the hint
 _OPERANDS = 1000  # operands are 0..999
 
 
@@ -39,7 +40,8 @@ class ReversedAdditionPrompts(PromptDataset):
         self.pad_id, self.eos_id = self.tokenizer.pad_id, self.tokenizer.eos_id
         self._val = task.sample_problems(val_size, seed=val_seed) if split == "val" else None
         self.teacher_context = TeacherContextBuilder(self.render_prompt, max_reference_tokens=None,
-                                                     template=ADDITION_TEACHER_TEMPLATE)
+                                                     template=ADDITION_TEACHER_TEMPLATE,
+                                                     sdpo_template=ADDITION_SDPO_TEMPLATE)
         self.stats = {"rows": len(self)}
 
     def render_prompt(self, user_text: str) -> list[int]:

@@ -1,7 +1,8 @@
 """Micro-batches of variable-length sequences for the learner, and their inverse.
 
-Convention: callers give, per sequence, 1-D tensors aligned with its tokens (`fields`, e.g. a
-loss mask that is 1 on response tokens, old log-probs, advantages). The learner predicts token
+Convention: callers give, per sequence, tensors aligned with its tokens along dim 0 (`fields`,
+e.g. a loss mask that is 1 on response tokens, old log-probs, advantages, or [L, V/TP] teacher
+logits). The learner predicts token
 t from the logits at position t-1, so a `MicroBatch` stores everything *shifted*: at position t
 it holds `targets[t] = token[t+1]` and `fields[k][t] = field_k[t+1]`. `MicroBatch.to_sequences`
 undoes the shift, returning per-token outputs aligned with tokens again (token 0 has no
@@ -31,7 +32,7 @@ class MicroBatch:
     position_ids: torch.Tensor  # [B, S]
     targets: torch.Tensor  # [B, S] id of the next token (0 where there is none)
     target_mask: torch.Tensor  # [B, S] bool: a real next token exists at this position
-    fields: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, S] shifted caller fields
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, S, ...] shifted caller fields
     lengths: list[int] = field(default_factory=list)  # original sequence lengths
     packed_seq_params: Any = None  # PackedSeqParams for THD, None for padded
     # THD only: for each sequence, where its positions start in the packed row.
@@ -52,13 +53,13 @@ class MicroBatch:
         for i, length in enumerate(self.lengths):
             row, start = (0, self.offsets[i]) if self.packed_seq_params is not None else (i, 0)
             values = per_position[row, start:start + length - 1]
-            out.append(torch.cat([values.new_zeros(1), values]))
+            out.append(torch.cat([values.new_zeros(1, *values.shape[1:]), values]))
         return out
 
 
 def _shift(values: torch.Tensor) -> torch.Tensor:
     """x[t] ← x[t+1], last position 0."""
-    return torch.cat([values[1:], values.new_zeros(1)])
+    return torch.cat([values[1:], values.new_zeros(1, *values.shape[1:])])
 
 
 def _check_sequences(sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]]) -> None:
@@ -71,7 +72,7 @@ def _check_sequences(sequences: list[torch.Tensor], fields: dict[str, list[torch
         if len(values) != len(sequences):
             raise ValueError(f"field {name!r} has {len(values)} entries for {len(sequences)} sequences")
         for i, (value, seq) in enumerate(zip(values, sequences)):
-            if value.shape != seq.shape:
+            if value.dim() < 1 or value.shape[0] != seq.shape[0]:
                 raise ValueError(
                     f"field {name!r} of sequence {i} has shape {tuple(value.shape)}, tokens {tuple(seq.shape)}"
                 )
@@ -96,7 +97,7 @@ def padded_micro_batch(
     tokens = torch.zeros(batch, width, dtype=torch.long)
     targets = torch.zeros(batch, width, dtype=torch.long)
     target_mask = torch.zeros(batch, width, dtype=torch.bool)
-    shifted = {name: torch.zeros(batch, width, dtype=vals[0].dtype) for name, vals in fields.items()}
+    shifted = {name: vals[0].new_zeros(batch, width, *vals[0].shape[1:]) for name, vals in fields.items()}
     for i, (seq, length) in enumerate(zip(sequences, lengths)):
         tokens[i, :length] = seq
         targets[i, :length] = _shift(seq)
@@ -129,7 +130,7 @@ def packed_micro_batch(
     targets = torch.zeros(1, total, dtype=torch.long)
     target_mask = torch.zeros(1, total, dtype=torch.bool)
     position_ids = torch.zeros(1, total, dtype=torch.long)
-    shifted = {name: torch.zeros(1, total, dtype=vals[0].dtype) for name, vals in fields.items()}
+    shifted = {name: vals[0].new_zeros(1, total, *vals[0].shape[1:]) for name, vals in fields.items()}
     for i, (seq, length, start, width) in enumerate(zip(sequences, lengths, offsets, padded)):
         tokens[0, start:start + length] = seq
         targets[0, start:start + length] = _shift(seq)

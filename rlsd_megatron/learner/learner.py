@@ -151,36 +151,30 @@ class Learner:
         return batches, plan
 
     def forward_sequences(self, sequences: list[torch.Tensor], per_token_fn: PerTokenFn) -> dict[str, list[torch.Tensor]]:
-        """Forward-only over whole sequences: for each output of `per_token_fn` ([B, S] per
-        micro-batch), one tensor per sequence aligned with its tokens (`MicroBatch.to_sequences`),
-        in the input order, on every rank (broadcast from the last pipeline stage)."""
+        """Forward-only over whole sequences: for each output of `per_token_fn` ([B, S, ...] per
+        micro-batch), one tensor per sequence aligned with its tokens along dim 0
+        (`MicroBatch.to_sequences`), in the input order, on every rank (broadcast from the last
+        pipeline stage; TP ranks keep their own vocabulary shards of vocab-sized outputs)."""
         from megatron.core import parallel_state
 
         batches, plan = self.micro_batches(sequences)
         outputs = self.forward(batches, per_token_fn)
         lengths = [len(s) for s in sequences]
-        names = sorted(outputs[0]) if outputs is not None else None
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            holder = [names]
-            torch.distributed.broadcast_object_list(
-                holder, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                group=parallel_state.get_pipeline_model_parallel_group())
-            names = holder[0]
-        device = next(self.model[0].parameters()).device  # NCCL broadcasts need GPU tensors
-        result = {}
-        for name in names:
-            flat = torch.zeros(sum(lengths), device=device)
-            if outputs is not None:
+        concatenated: dict[str, torch.Tensor] = {}
+        if outputs is not None:
+            for name in outputs[0]:
                 per_sequence: list[torch.Tensor] = [None] * len(sequences)  # type: ignore[list-item]
                 for out, mb, idx in zip(outputs, batches, plan):
                     for i, values in zip(idx, mb.to_sequences(out[name])):
-                        per_sequence[i] = values.float()
-                flat = torch.cat(per_sequence).to(device)
-            if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-                torch.distributed.broadcast(flat, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                            group=parallel_state.get_pipeline_model_parallel_group())
-            result[name] = list(torch.split(flat.cpu(), lengths))
-        return result
+                        per_sequence[i] = values
+                concatenated[name] = torch.cat(per_sequence)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            concatenated = _broadcast_from_last_stage(concatenated, self.device)
+        return {name: list(torch.split(values.cpu(), lengths)) for name, values in concatenated.items()}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model[0].parameters()).device
 
     @property
     def is_last_stage(self) -> bool:
@@ -314,3 +308,20 @@ class Learner:
             prefix = f"chunk{index}." if len(self.model) > 1 else ""
             for name, param in chunk.module.named_parameters():
                 yield prefix + name, param
+
+
+def _broadcast_from_last_stage(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The last pipeline stage's named tensors on every stage of its pipeline group (shapes and
+    dtypes first, then the data; NCCL needs device tensors)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_pipeline_model_parallel_group()
+    src = parallel_state.get_pipeline_model_parallel_last_rank()
+    meta = [{name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}]
+    torch.distributed.broadcast_object_list(meta, src=src, group=group)
+    out = {}
+    for name, (shape, dtype) in sorted(meta[0].items()):
+        buffer = tensors[name].to(device) if name in tensors else torch.empty(shape, dtype=dtype, device=device)
+        torch.distributed.broadcast(buffer, src=src, group=group)
+        out[name] = buffer
+    return out

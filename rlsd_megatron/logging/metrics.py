@@ -14,8 +14,8 @@ from pathlib import Path
 from rlsd_megatron.config import LoggingConfig
 
 # Shown on the console, in this order, when present; everything goes to tensorboard.
-_CONSOLE_KEYS = ("train/loss", "reward/mean", "val/accuracy", "val/hinted_accuracy", "val/reward",
-                 "train/grad_norm", "train/lr", "perf/step_seconds")
+_CONSOLE_KEYS = ("reward/mean", "val/reward", "train/loss", "rlsd/lambda", "train/entropy", "train/grad_norm",
+                 "rollout/response_length", "perf/tokens_per_s")
 
 
 class MetricsLogger:
@@ -39,7 +39,7 @@ class MetricsLogger:
         if self._writer is not None:
             for key, value in metrics.items():
                 self._writer.add_scalar(key, value, step)
-        if self.cfg.progress_bar and (step % self.cfg.log_interval == 0 or "val/accuracy" in metrics):
+        if self.cfg.progress_bar and (step % self.cfg.log_interval == 0 or "val/reward" in metrics):
             print(self._progress_line(step, metrics), file=sys.stderr, flush=True)
 
     def _progress_line(self, step: int, metrics: dict[str, float]) -> str:
@@ -47,7 +47,7 @@ class MetricsLogger:
         elapsed = time.monotonic() - self._start_time
         per_step = elapsed / max(done, 1)
         eta = datetime.timedelta(seconds=round(per_step * (self.total_steps - step)))
-        shown = " ".join(f"{key.split('/', 1)[1]}={metrics[key]:.4g}" for key in _CONSOLE_KEYS if key in metrics)
+        shown = " ".join(f"{key}={metrics[key]:.4g}" for key in _CONSOLE_KEYS if key in metrics)
         return f"[step {step}/{self.total_steps} {100 * step / self.total_steps:3.0f}% ETA {eta}] {shown}"
 
     def message(self, text: str) -> None:

@@ -19,12 +19,11 @@ _WARNINGS = (
     # Pipeline schedules probe `.grad` of activation tensors; harmless.
     r"The \.grad attribute of a Tensor that is not a leaf Tensor",
     r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
+    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
     r"`torch\.distributed\._all_gather_base` is a private function",
     r"No CUDA runtime is found",
 )
-_LOG_MESSAGES = re.compile(
-    r"GPTModel IS DEPRECATED|full_param_layout not provided|No CUDA runtime is found"
-)
+_LOG_MESSAGES = re.compile(r"GPTModel IS DEPRECATED|full_param_layout not provided")
 
 
 class _DropKnown(logging.Filter):
@@ -40,3 +39,5 @@ def quiet_known_noise() -> None:
     for handler in [*logging.getLogger().handlers, logging.lastResort]:
         if handler is not None:
             handler.addFilter(_DropKnown())
+    # torch logs this at import through its own handler; it only says the CPU build has no CUDA.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

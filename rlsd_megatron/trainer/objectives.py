@@ -18,13 +18,16 @@ import torch
 from rlsd_megatron import algorithms as alg
 from rlsd_megatron.config import AlgorithmConfig, Config
 
-POLICY_GRADIENT_METHODS = ("rlsd", "grpo", "dapo", "drgrpo", "opd", "grpo_opsd")
-TEACHER_METHODS = ("rlsd", "opd", "opsd", "sdpo", "grpo_opsd")
+TEACHER_LOGPROB_METHODS = ("rlsd", "opd")  # the teacher's log-prob of each sampled token
+DISTILL_METHODS = ("opsd", "sdpo", "grpo_opsd")  # the teacher's distribution at each token
 
 
-def uses_teacher(cfg: AlgorithmConfig) -> bool:
-    """Whether the step scores rollouts with a teacher (self-teacher or separate model)."""
-    return cfg.method in TEACHER_METHODS
+def uses_teacher_log_probs(cfg: AlgorithmConfig) -> bool:
+    return cfg.method in TEACHER_LOGPROB_METHODS
+
+
+def uses_distillation(cfg: AlgorithmConfig) -> bool:
+    return cfg.method in DISTILL_METHODS
 
 
 @dataclass
@@ -71,14 +74,38 @@ def sequence_advantages(cfg: Config, rewards: torch.Tensor) -> torch.Tensor:
     return alg.group_advantages(rewards, cfg.rollout.n, normalize_std=cfg.algorithm.normalize_adv_std)
 
 
+def distillation_per_token(cfg: Config, logits: torch.Tensor, teacher_logits: torch.Tensor,
+                           targets: torch.Tensor) -> torch.Tensor:
+    """Per-token distillation divergence toward the (detached) teacher, by `algorithm.distill_loss`:
+    full-vocabulary JSD_β (OPSD), a top-k support (SDPO: the student's top-k + tail bucket), or
+    the sampled token only (KL estimate log π_S(y) − log π_T(y))."""
+    from rlsd_megatron import ops
+
+    a = cfg.algorithm
+    common = dict(temperature=cfg.rollout.temperature, vocab_size=cfg.model.vocab_size)
+    teacher_logits = teacher_logits.detach().to(logits.dtype)
+    if a.distill_loss == "jsd":
+        return ops.generalized_jsd(logits, teacher_logits, beta=a.distill_beta, **common)
+    if a.distill_loss == "topk":
+        return ops.topk_distillation_loss(logits, teacher_logits, a.distill_topk, support=a.distill_support,
+                                          divergence="jsd", beta=a.distill_beta, tail_bucket=a.distill_tail_bucket,
+                                          **common)
+    student = ops.token_log_probs(logits, targets, **common)
+    teacher = ops.token_log_probs(teacher_logits, targets, **common)
+    return student - teacher.detach()
+
+
 def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor]):
-    """The learner's loss for policy-gradient methods. Micro-batch fields (shifted, aligned with
-    the logits): `old_logp`, `advantages`, `loss_mask`, optional `ref_logp` (KL) and
-    `tis_weight`. `normalisers` are the *global* counts (`loss_normalisers` summed over all
-    micro-batches and data-parallel ranks)."""
+    """The learner's loss. Micro-batch fields (shifted, aligned with the logits): `old_logp`,
+    `advantages`, `loss_mask`, optional `ref_logp` (KL), `tis_weight`, and for distillation
+    methods `teacher_logits` ([B, S, V/TP]) with `distill_mask`. The clipped surrogate is used
+    by every method but OPSD and SDPO; distillation methods add `distill_coef` × the
+    aggregated divergence. `normalisers` are the *global* counts (`loss_normalisers` summed
+    over all micro-batches and data-parallel ranks)."""
     from rlsd_megatron.ops import token_log_probs
 
     a = cfg.algorithm
+    use_surrogate = a.method not in ("opsd", "sdpo")
     norm_constant = None
     if a.loss_agg == "seq-mean-token-sum-norm":
         norm_constant = float(a.loss_norm_constant or cfg.rollout.max_new_tokens)
@@ -89,12 +116,21 @@ def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor]):
         mask = fields["loss_mask"].to(logits.device)
         logp, entropy = token_log_probs(logits, mb.targets.to(logits.device), temperature=cfg.rollout.temperature,
                                         vocab_size=cfg.model.vocab_size, return_entropy=True)
-        loss, metrics = alg.policy_loss(
-            logp, fields["old_logp"].to(logp), fields["advantages"].to(logp), mask,
-            clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
-            is_weights=fields["tis_weight"].to(logp) if "tis_weight" in fields else None,
-            **aggregation,
-        )
+        if use_surrogate:
+            loss, metrics = alg.policy_loss(
+                logp, fields["old_logp"].to(logp), fields["advantages"].to(logp), mask,
+                clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
+                is_weights=fields["tis_weight"].to(logp) if "tis_weight" in fields else None,
+                **aggregation,
+            )
+        else:
+            loss, metrics = logp.new_zeros(()), {}
+        if "teacher_logits" in fields:
+            distill_mask = fields["distill_mask"].to(logp)
+            divergence = distillation_per_token(cfg, logits, fields["teacher_logits"].to(logits.device),
+                                                mb.targets.to(logits.device))
+            loss = loss + a.distill_coef * alg.aggregate_loss(divergence * distill_mask, mask, **aggregation)
+            metrics["distill"] = _masked_mean(divergence, distill_mask)
         if a.kl_coef:
             kl = alg.kl_penalty(logp, fields["ref_logp"].to(logp), a.kl_kind)
             loss = loss + a.kl_coef * alg.aggregate_loss(kl, mask, **aggregation)

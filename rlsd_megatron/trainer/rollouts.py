@@ -1,0 +1,106 @@
+"""Rollouts of one step on one data-parallel rank: generation, rewards, and the tensors the
+learner needs.
+
+The engine lives on the first rank of each model-parallel (TP×PP) group; that rank generates
+its group's prompts and scores them, then broadcasts the results to the rest of the group, so
+every rank of a data-parallel replica holds the same `Rollouts`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from rlsd_megatron.data.prompts import PromptDataset, PromptRow
+from rlsd_megatron.rollout.engine import Generation, RolloutEngine, SamplingParams
+
+
+@dataclass
+class Rollouts:
+    """G responses for each of P prompts, group-contiguous (prompt-major)."""
+
+    rows: list[PromptRow]  # [P]
+    responses: list[list[int]]  # [P·G] token ids, end-of-sequence included when sampled
+    engine_log_probs: list[list[float]]  # [P·G] the engine's log-prob of each response token
+    finish_reasons: list[str]
+    rewards: torch.Tensor  # [P·G]
+    reward_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def group_size(self) -> int:
+        return len(self.responses) // max(len(self.rows), 1)
+
+    def row_of(self, i: int) -> PromptRow:
+        return self.rows[i // self.group_size]
+
+    def sequences(self) -> list[torch.Tensor]:
+        """Student sequences: prompt ids + response ids."""
+        return [torch.tensor(self.row_of(i).prompt_ids + r) for i, r in enumerate(self.responses)]
+
+    def response_mask(self) -> list[torch.Tensor]:
+        """1 on response tokens of each student sequence (aligned with `sequences()`)."""
+        return [torch.cat([torch.zeros(len(self.row_of(i).prompt_ids)), torch.ones(len(r))])
+                for i, r in enumerate(self.responses)]
+
+    def select_groups(self, keep: torch.Tensor) -> "Rollouts":
+        """The prompts (and their G responses) where `keep` [P] is True."""
+        g = self.group_size
+        idx = [p * g + j for p in range(len(self.rows)) if keep[p] for j in range(g)]
+        return Rollouts(
+            rows=[row for row, k in zip(self.rows, keep) if k],
+            responses=[self.responses[i] for i in idx],
+            engine_log_probs=[self.engine_log_probs[i] for i in idx],
+            finish_reasons=[self.finish_reasons[i] for i in idx],
+            rewards=self.rewards[idx] if idx else torch.zeros(0),
+            reward_metrics=self.reward_metrics,
+        )
+
+    @staticmethod
+    def concat(parts: list["Rollouts"]) -> "Rollouts":
+        return Rollouts(
+            rows=[r for p in parts for r in p.rows],
+            responses=[r for p in parts for r in p.responses],
+            engine_log_probs=[r for p in parts for r in p.engine_log_probs],
+            finish_reasons=[r for p in parts for r in p.finish_reasons],
+            rewards=torch.cat([p.rewards for p in parts]) if parts else torch.zeros(0),
+            reward_metrics=parts[0].reward_metrics if parts else {},  # the unfiltered first draw
+        )
+
+
+def response_tensors(values: list[list[float]] | list[torch.Tensor], width: int | None = None) -> torch.Tensor:
+    """Right-padded [B, T] float tensor of per-response values."""
+    width = width if width is not None else max((len(v) for v in values), default=0)
+    out = torch.zeros(len(values), width)
+    for i, v in enumerate(values):
+        out[i, : len(v)] = torch.as_tensor(v, dtype=torch.float32)
+    return out
+
+
+def generate_and_score(rows: list[PromptRow], dataset: PromptDataset, engine: RolloutEngine | None,
+                       sampling: SamplingParams, scorer, *, group: dist.ProcessGroup | None,
+                       prompt_offset: int) -> Rollouts:
+    """Generate `sampling.n` responses per row on the engine-hosting rank, score them, and
+    broadcast the result over `group` (the model-parallel group)."""
+    from rlsd_megatron.rewards import RewardSample
+
+    payload = None
+    if engine is not None:
+        generations: list[Generation] = engine.generate([row.prompt_ids for row in rows], sampling,
+                                                        prompt_offset=prompt_offset)
+        g = sampling.n
+        samples = [
+            RewardSample(response=dataset.decode(gen.token_ids), ground_truth=rows[i // g].answer,
+                         response_length=len(gen.token_ids), response_ids=gen.token_ids,
+                         question=rows[i // g].question)
+            for i, gen in enumerate(generations)
+        ]
+        result = scorer.score(samples)
+        payload = Rollouts(rows, [gen.token_ids for gen in generations], [gen.log_probs for gen in generations],
+                           [gen.finish_reason for gen in generations], result.rewards, result.metrics())
+    if group is not None and dist.get_world_size(group) > 1:
+        holder = [payload]
+        dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0), group=group)
+        payload = holder[0]
+    return payload

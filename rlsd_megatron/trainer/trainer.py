@@ -1,0 +1,275 @@
+"""The RL loop: data → rollouts → rewards → log-probs (student, self-teacher) → update → sync.
+
+`Trainer(cfg).run()` on every rank of an initialised world. One step, top to bottom:
+
+1. draw this data-parallel rank's prompts; the engine (first rank of each model-parallel group)
+   generates G responses per prompt and scores them; DAPO's dynamic sampling drops all-equal
+   groups and draws again until the batch is full;
+2. the learner recomputes the student's log-probs of the rollout tokens (the ratio's "old"
+   log-probs: with one optimizer step per rollout batch they are the current policy's, so the
+   first ratio is exactly 1) and, for teacher methods, the teacher's log-probs of the same tokens
+   in the privileged context, with the teacher-weight policy's weights;
+3. sequence advantages (group-normalised rewards) → token advantages per method;
+4. one or more optimizer steps through Megatron's schedules, loss normalised by global counts;
+5. the teacher policy updates its copy; weights are pushed to the engines; metrics are logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+import torch.distributed as dist
+
+from rlsd_megatron import algorithms as alg
+from rlsd_megatron.config import Config
+from rlsd_megatron.trainer import objectives
+from rlsd_megatron.trainer.rollouts import Rollouts, generate_and_score, response_tensors
+
+
+class PhaseTimer:
+    """Wall time per named phase of a step."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class Trainer:
+    """Owns the learner, the engine, data, rewards, the teacher policy and logging of one run."""
+
+    def __init__(self, cfg: Config, *, impl: str = "local"):
+        from megatron.core import parallel_state
+
+        from rlsd_megatron.data.build import build_prompt_dataset
+        from rlsd_megatron.data.loader import PromptLoader, validation_rows
+        from rlsd_megatron.learner.learner import Learner
+        from rlsd_megatron.logging.metrics import MetricsLogger
+        from rlsd_megatron.rewards import RewardScorer
+        from rlsd_megatron.rollout.mismatch import MismatchMonitor
+        from rlsd_megatron.rollout.provider import create_engine
+
+        self.cfg = cfg
+        self.learner = Learner(cfg, impl=impl)
+        self.mp_group = parallel_state.get_model_parallel_group()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.dp_rank, self.dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        self.hosts_engine = dist.get_rank(self.mp_group) == 0
+        self.engine = create_engine(cfg) if self.hosts_engine else None
+        self.dataset = build_prompt_dataset(cfg.data, "train")
+        self.loader = PromptLoader(self.dataset, global_batch_size=cfg.train.prompts_per_step, dp_rank=self.dp_rank,
+                                   dp_size=self.dp_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        val_dataset = build_prompt_dataset(cfg.data, "val")
+        self.val_rows = validation_rows(val_dataset, dp_rank=self.dp_rank, dp_size=self.dp_size) if val_dataset else []
+        self.scorer = RewardScorer(cfg.reward, task=cfg.data.task) if self.hosts_engine else None
+        self.teacher = alg.TeacherWeightPolicy(
+            cfg.algorithm.teacher_weights if cfg.algorithm.teacher_weights != "separate" else "live",
+            sync_interval=cfg.algorithm.teacher_sync_interval, ema_rate=cfg.algorithm.teacher_ema_rate)
+        self.teacher.initialize(self.learner.local_weights())
+        self.mismatch = MismatchMonitor(cfg.rollout.max_logprob_mismatch)
+        self.logger = MetricsLogger(cfg.logging, total_steps=cfg.train.steps, enabled=dist.get_rank() == dist.get_world_size() - 1)
+        self.step = 0
+        self._draws = 0  # prompt batches drawn (numbers the sampling seeds)
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        if self.step == 0 and self.cfg.warm_start.max_steps > 0:
+            self.warm_start()
+        self.sync_weights()
+        while self.step < self.cfg.train.steps:
+            self.step += 1
+            metrics = self.train_step()
+            if self.step % self.cfg.train.eval_interval == 0 or self.step == self.cfg.train.steps:
+                metrics.update(self.validate())
+            self.logger.log(self.step, metrics)
+        self.close()
+
+    def warm_start(self) -> None:
+        """Supervised warm start (`warm_start` config), then RL starts from its weights."""
+        from rlsd_megatron.data.loader import PromptLoader
+        from rlsd_megatron.trainer.warm_start import run_warm_start
+
+        loader = PromptLoader(self.dataset, global_batch_size=self.cfg.warm_start.prompts_per_step,
+                              dp_rank=self.dp_rank, dp_size=self.dp_size, seed=self.cfg.train.seed + 1)
+        full = run_warm_start(self.cfg, self.dataset, self.val_rows, loader, self.logger, impl=self.learner.impl)
+        self.learner.load_full_state(full)
+        self.teacher.initialize(self.learner.local_weights())
+
+    def train_step(self) -> dict[str, float]:
+        cfg, timer = self.cfg, PhaseTimer()
+        with timer("generate"):
+            rollouts = self.collect_rollouts()
+        with timer("score"):
+            sequences, masks = rollouts.sequences(), rollouts.response_mask()
+            student = self.log_probs(sequences)
+            prompt_lengths = [len(rollouts.row_of(i).prompt_ids) for i in range(len(sequences))]
+            student_resp = [lp[n:] for lp, n in zip(student, prompt_lengths)]
+            resp_mask = response_tensors([[1.0] * len(r) for r in rollouts.responses]).bool()
+            contexts = self.teacher_contexts(rollouts) if objectives.uses_teacher_log_probs(cfg.algorithm) or \
+                objectives.uses_distillation(cfg.algorithm) else None
+            teacher_resp = self.teacher_outputs(contexts, self._log_prob_fn)["logp"] \
+                if objectives.uses_teacher_log_probs(cfg.algorithm) else None
+            seq_adv = objectives.sequence_advantages(cfg, rollouts.rewards)
+            advantages = objectives.token_advantages(
+                cfg.algorithm, self.step, seq_adv, resp_mask, response_tensors(student_resp, resp_mask.shape[1]),
+                response_tensors(teacher_resp, resp_mask.shape[1]) if teacher_resp is not None else None)
+            mismatch = self.mismatch.check(response_tensors(student_resp), response_tensors(rollouts.engine_log_probs),
+                                           resp_mask, group=self.dp_group, version=self.step - 1)
+        with timer("train"):
+            fields = {
+                "old_logp": student,
+                "loss_mask": masks,
+                "advantages": [torch.cat([torch.zeros(n), adv[: len(r)]])
+                               for n, adv, r in zip(prompt_lengths, advantages.values, rollouts.responses)],
+            }
+            if cfg.algorithm.tis_cap:
+                tis = alg.tis_weights(response_tensors(student_resp), response_tensors(rollouts.engine_log_probs),
+                                      resp_mask, cap=cfg.algorithm.tis_cap)
+                fields["tis_weight"] = [torch.cat([torch.zeros(n), w[: len(r)]])
+                                        for n, w, r in zip(prompt_lengths, tis, rollouts.responses)]
+            if objectives.uses_distillation(cfg.algorithm):
+                teacher_logits = self.teacher_outputs(contexts, lambda logits, mb: {"logits": logits.detach()})["logits"]
+                fields["teacher_logits"] = [torch.cat([lg.new_zeros(n, lg.shape[-1]), lg])
+                                            for n, lg in zip(prompt_lengths, teacher_logits)]
+                fields["distill_mask"] = [m * float(c.has_teacher) for m, c in zip(masks, contexts)]
+            train_stats = self.update(sequences, fields)
+            self.teacher.on_step(self.step, self.learner.local_weights())
+        with timer("sync"):
+            sync = self.sync_weights()
+        tokens = sum(len(s) for s in sequences)
+        metrics = {
+            **rollouts.reward_metrics,
+            "rollout/response_length": float(sum(len(r) for r in rollouts.responses) / max(len(rollouts.responses), 1)),
+            "rollout/truncated_frac": sum(f == "length" for f in rollouts.finish_reasons) / max(len(rollouts.responses), 1),
+            **mismatch.metrics(),
+            **advantages.metrics,
+            **{f"train/{k}": v for k, v in train_stats.items()},
+            **sync.metrics(),
+            **{f"perf/{k}_seconds": v for k, v in timer.seconds.items()},
+            "perf/tokens_per_s": tokens / max(sum(timer.seconds.values()), 1e-9),
+        }
+        return self.reduce_over_data_parallel(metrics)
+
+    # ------------------------------------------------------------------------------------------
+    def collect_rollouts(self) -> Rollouts:
+        """This rank's G responses for each of its prompts (refilled under dynamic sampling)."""
+        from rlsd_megatron.rollout.provider import sampling_params
+
+        cfg = self.cfg
+        want = cfg.train.prompts_per_step // self.dp_size
+        parts: list[Rollouts] = []
+        kept = 0
+        rounds = cfg.algorithm.dynamic_sampling_max_rounds if cfg.algorithm.dynamic_sampling else 1
+        for _ in range(rounds):
+            rows = self.loader.next_batch()
+            sampling = sampling_params(cfg.rollout, stop_token_ids=[self.dataset.eos_id],
+                                       seed=cfg.train.seed * 1_000_003 + self._draws)
+            self._draws += 1
+            batch = generate_and_score(rows, self.dataset, self.engine, sampling, self.scorer,
+                                       group=self.mp_group, prompt_offset=self.dp_rank * len(rows))
+            if cfg.algorithm.dynamic_sampling:
+                batch = batch.select_groups(alg.dynamic_sampling_keep_mask(batch.rewards, cfg.rollout.n))
+            parts.append(batch)
+            kept += len(batch.rows)
+            if kept >= want:
+                break
+        rollouts = Rollouts.concat(parts)
+        if cfg.algorithm.dynamic_sampling:
+            keep = torch.arange(len(rollouts.rows)) < want
+            rollouts = rollouts.select_groups(keep)
+            rollouts.reward_metrics = {**rollouts.reward_metrics, "rollout/kept_prompt_frac": kept / (want * len(parts))}
+        return rollouts
+
+    def _log_prob_fn(self, logits: torch.Tensor, mb) -> dict[str, torch.Tensor]:
+        from rlsd_megatron.ops import token_log_probs
+
+        return {"logp": token_log_probs(logits, mb.targets.to(logits.device), temperature=self.cfg.rollout.temperature,
+                                        vocab_size=self.cfg.model.vocab_size)}
+
+    def log_probs(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-token log-probs under the learner's current weights (aligned with tokens)."""
+        return self.learner.forward_sequences(sequences, self._log_prob_fn)["logp"]
+
+    def teacher_contexts(self, rollouts: Rollouts) -> list:
+        """The teacher's input for each response: the privileged hint (dataset answer or
+        reference solution) in the user turn, or for SDPO a successful sibling's response."""
+        a = self.cfg.algorithm
+        if a.method == "sdpo":
+            demos = alg.select_sdpo_demonstrations(rollouts.rewards, rollouts.group_size,
+                                                   success_threshold=a.sdpo_success_threshold)
+            return [self.dataset.teacher_context.build_sdpo(
+                        rollouts.row_of(i).question, response,
+                        solution=self.dataset.decode(rollouts.responses[d]) if d is not None else None)
+                    for i, (response, d) in enumerate(zip(rollouts.responses, demos))]
+        return [self.dataset.teacher_context.build(rollouts.row_of(i).question, rollouts.row_of(i).answer, response,
+                                                   reference_solution=rollouts.row_of(i).reference_solution)
+                for i, response in enumerate(rollouts.responses)]
+
+    def teacher_outputs(self, contexts: list, per_token) -> dict[str, list[torch.Tensor]]:
+        """`per_token` outputs on the teacher contexts, with the teacher policy's weights,
+        restricted to the response tokens."""
+        weights = self.teacher.teacher_state()
+        scope = self.learner.use_weights(weights) if weights is not None else contextlib.nullcontext()
+        with scope:
+            full = self.learner.forward_sequences([torch.tensor(c.input_ids) for c in contexts], per_token)
+        return {name: [v[c.response_start: c.response_start + c.response_length] for v, c in zip(values, contexts)]
+                for name, values in full.items()}
+
+    def update(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        """`ppo_epochs` × `optimizer_steps_per_batch` optimizer steps over this rank's rollouts."""
+        cfg = self.cfg
+        steps = cfg.train.optimizer_steps_per_batch
+        stats: dict[str, float] = {}
+        for _ in range(cfg.train.ppo_epochs):
+            for part in range(steps):
+                idx = list(range(part, len(sequences), steps))
+                masks = [fields["loss_mask"][i] for i in idx]
+                normalisers = alg.loss_normalisers(response_tensors(masks))
+                for value in normalisers.values():
+                    dist.all_reduce(value, group=self.dp_group)
+                batches, _ = self.learner.micro_batches([sequences[i] for i in idx],
+                                                        {k: [v[i] for i in idx] for k, v in fields.items()})
+                stats = self.learner.train_step(batches, objectives.policy_loss_fn(cfg, normalisers))
+        return stats
+
+    def sync_weights(self):
+        from rlsd_megatron.rollout.weight_sync import sync_weights
+
+        return sync_weights(self.learner.model, self.cfg.model, self.engine, version=self.step,
+                            bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 2**20)
+
+    def validate(self) -> dict[str, float]:
+        """Mean validation reward (and accuracy) with the validation sampling settings."""
+        from rlsd_megatron.rollout.provider import sampling_params
+
+        if not self.val_rows:
+            return {}
+        sampling = sampling_params(self.cfg.rollout, validation=True, stop_token_ids=[self.dataset.eos_id],
+                                   seed=self.cfg.train.seed)
+        batch = generate_and_score(self.val_rows, self.dataset, self.engine, sampling, self.scorer,
+                                   group=self.mp_group, prompt_offset=self.dp_rank)
+        totals = torch.tensor([float(batch.rewards.sum()), float(len(batch.rewards))], dtype=torch.float64)
+        dist.all_reduce(totals, group=self.dp_group)
+        return {"val/reward": float(totals[0] / totals[1])}
+
+    def reduce_over_data_parallel(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Means over data-parallel ranks (the loss is summed: each rank holds its share)."""
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values, group=self.dp_group)
+        return {k: float(v) if k == "train/loss" else float(v) / self.dp_size for k, v in zip(keys, values)}
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+        if self.engine is not None:
+            self.engine.shutdown()
+        self.logger.close()
