@@ -230,11 +230,13 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str | None = None
-    save_interval: int = 50
-    keep_last: int = 2
-    resume: str | None = None  # "auto", a checkpoint path, or None
-    load_hf: str | None = None  # initial weights from a converted Megatron checkpoint
+    """Training-state checkpoints (model, optimizer, scheduler, RNG, data position, teacher)."""
+
+    dir: str | None = None  # None: no checkpoints
+    save_interval: int = 50  # steps; SIGTERM / SIGUSR1 also save (slurm pre-emption)
+    keep_last: int = 2  # older iteration directories are deleted
+    resume: str | None = None  # "auto" (latest complete one in dir, if any), a checkpoint path, or None
+    init_from: str | None = None  # initial weights: a Megatron checkpoint (tools/convert_hf_to_megatron.py)
 
 
 @dataclass

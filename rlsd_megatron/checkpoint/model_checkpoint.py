@@ -61,18 +61,18 @@ def _with_extra(model_state: dict, extra: ExtraSharded, common: Mapping[str, Any
 
 
 def _prepare_megatron_save() -> None:
-    """megatron-core 0.19's synchronous torch_dist save collects write results through a
-    multiprocessing Manager queue (a child process), which daemonic processes (the workers of
-    `parallel.local_pool`) may not start; in a synchronous save results are produced and
-    consumed in this process, so a thread-safe queue does. (Its psutil use is covered by our
-    dependency on psutil.)
+    """megatron-core 0.19's torch_dist save collects write results through a multiprocessing
+    Manager queue, i.e. a long-lived child process: daemonic processes (the workers of
+    `parallel.local_pool`) may not start one, and it outlives a trainer killed by SIGKILL,
+    holding the launcher's output pipes open. Our saves are synchronous, so results are produced
+    and consumed in this process and a thread-safe in-process queue does the same job.
+    (Its psutil use is covered by our dependency on psutil.)
     """
-    import multiprocessing
     import queue
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if multiprocessing.current_process().daemon and filesystem_async._results_queue is None:
+    if filesystem_async._results_queue is None:
         filesystem_async._results_queue = queue.Queue()
 
 

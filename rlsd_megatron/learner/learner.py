@@ -276,6 +276,28 @@ class Learner:
         """Canonical full tensors (or gradients) on every rank; for tests and small models."""
         return gather_full_state(self.model, self.cfg.model.vocab_size, grads=grads)
 
+    def init_optimizer_state(self, step: int | None = None) -> None:
+        """Give every parameter of a torch-Adam optimizer its state (zero moments, step 0),
+        or set the per-parameter step count to `step` (after loading a checkpoint).
+
+        megatron-core assumes a fused Adam (apex / Transformer Engine) that keeps the step count
+        in the parameter groups; with the torch AdamW fallback (CPU) a fresh optimizer has no
+        per-parameter `step` (the distributed optimizer's `state_dict` then asserts) and loading
+        a checkpoint leaves it at 0. No-op for fused optimizers.
+        """
+        optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for wrapper in optimizers:
+            inner = wrapper.optimizer
+            if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+                continue
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    state = inner.state[param]
+                    state.setdefault("exp_avg", torch.zeros_like(param))
+                    state.setdefault("exp_avg_sq", torch.zeros_like(param))
+                    if step is not None or "step" not in state:
+                        state["step"] = torch.tensor(float(step or 0), dtype=torch.float32)
+
     def local_weights(self) -> dict[str, torch.Tensor]:
         """This rank's parameter shards by local name (live views, detached)."""
         return {name: param.detach() for name, param in self.named_parameters()}

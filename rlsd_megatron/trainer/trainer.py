@@ -17,6 +17,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 
 import torch
@@ -26,6 +28,29 @@ from rlsd_megatron import algorithms as alg
 from rlsd_megatron.config import Config
 from rlsd_megatron.trainer import objectives
 from rlsd_megatron.trainer.rollouts import Rollouts, generate_and_score, response_tensors
+from rlsd_megatron.trainer.state import load_training_state, prune_checkpoints, resolve_resume, save_training_state
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: "Trainer"):
+    """SIGTERM and SIGUSR1 (slurm pre-emption warnings) ask the loop to checkpoint and stop
+    after the current step, instead of killing it mid-step."""
+    def request_stop(signum, frame):
+        trainer.stop_requested = True
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _fault_injection_point(step: int) -> None:
+    """Test hook: `RLSD_KILL_AT_STEP=N` SIGKILLs this process after step N's update and before
+    its checkpoint (what a node failure mid-step does), for the exact-resume test."""
+    if os.environ.get("RLSD_KILL_AT_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class PhaseTimer:
@@ -78,19 +103,54 @@ class Trainer:
         self.logger = MetricsLogger(cfg.logging, total_steps=cfg.train.steps, enabled=dist.get_rank() == dist.get_world_size() - 1)
         self.step = 0
         self._draws = 0  # prompt batches drawn (numbers the sampling seeds)
+        self.stop_requested = False
+        resume = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
+        if resume is not None:
+            load_training_state(self, resume)
+            self.logger.message(f"resumed from {resume} at step {self.step}")
+        elif cfg.checkpoint.init_from:
+            from rlsd_megatron.checkpoint import load_checkpoint
+
+            load_checkpoint(cfg.checkpoint.init_from, self.learner.model, model=cfg.model)
+            self.learner.optimizer.reload_model_params()
+            self.teacher.initialize(self.learner.local_weights())
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> None:
         if self.step == 0 and self.cfg.warm_start.max_steps > 0:
             self.warm_start()
         self.sync_weights()
-        while self.step < self.cfg.train.steps:
-            self.step += 1
-            metrics = self.train_step()
-            if self.step % self.cfg.train.eval_interval == 0 or self.step == self.cfg.train.steps:
-                metrics.update(self.validate())
-            self.logger.log(self.step, metrics)
+        with stop_on_signals(self):
+            while self.step < self.cfg.train.steps and not self._agreed_stop():
+                self.step += 1
+                metrics = self.train_step()
+                if self.step % self.cfg.train.eval_interval == 0 or self.step == self.cfg.train.steps:
+                    metrics.update(self.validate())
+                self.logger.log(self.step, metrics)
+                _fault_injection_point(self.step)
+                if self.step % self.cfg.checkpoint.save_interval == 0 or self.step == self.cfg.train.steps:
+                    self.save()
+            if self.stop_requested:
+                self.save()
+                self.logger.message(f"stopped by a signal after step {self.step}; checkpoint saved")
         self.close()
+
+    def save(self) -> None:
+        """A training-state checkpoint of this step under `checkpoint.dir` (if set)."""
+        ckpt = self.cfg.checkpoint
+        if ckpt.dir is None:
+            return
+        path = save_training_state(self, ckpt.dir)
+        if dist.get_rank() == 0:
+            prune_checkpoints(ckpt.dir, keep_last=ckpt.keep_last)
+        self.logger.message(f"saved {path}")
+
+    def _agreed_stop(self) -> bool:
+        """Every rank stops together when any rank got SIGTERM / SIGUSR1."""
+        flag = torch.tensor([float(self.stop_requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.stop_requested = bool(flag.item())
+        return self.stop_requested
 
     def warm_start(self) -> None:
         """Supervised warm start (`warm_start` config), then RL starts from its weights."""

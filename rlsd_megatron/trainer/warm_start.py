@@ -112,9 +112,11 @@ def run_warm_start(cfg: Config, dataset: PromptDataset, val_rows: list[PromptRow
         batches, _ = learner.micro_batches(sequences, {"mask": masks})
         stats = learner.train_step(batches, loss_fn)
         if step % ws.eval_interval == 0 or step == ws.max_steps:
+            loss = torch.tensor([stats.get("loss", 0.0)])
+            dist.all_reduce(loss, group=dp_group)  # each data-parallel rank holds its share
             accuracy = greedy_accuracy(learner, cfg, dataset, val_rows, hinted=False, group=dp_group)
             hinted_accuracy = greedy_accuracy(learner, cfg, dataset, val_rows, hinted=True, group=dp_group)
-            logger.message(f"[warm start {step}/{ws.max_steps}, {phase}] loss={stats.get('loss', float('nan')):.4g} "
+            logger.message(f"[warm start {step}/{ws.max_steps}, {phase}] loss={float(loss):.4g} "
                            f"greedy accuracy={accuracy:.3f} with hint={hinted_accuracy:.3f}")
             if phase == "task" and accuracy >= ws.stop_accuracy:
                 phase = "hint"

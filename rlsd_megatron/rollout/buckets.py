@@ -1,0 +1,189 @@
+"""Size-bounded buckets of full HF tensors: the unit of every weight push to a rollout engine.
+
+A `FlatBucket` packs tensors of one dtype back to back, with no gaps, in one uint8 buffer — the
+layout of SGLang's `FlattenedTensorBucket`, which the engine also rebuilds on its own from
+names / dtypes / shapes when it receives a bucket by NCCL broadcast. `plan_buckets` fixes every
+bucket's contents from the shapes before any data moves: at most `bucket_bytes` each, except a
+single tensor larger than the bound, which gets a bucket of its own.
+
+Lifetime: each bucket is a fresh buffer, filled once, handed to the consumer, and never written
+again; the consumer drops it (`del bucket`) once the engine has acknowledged it, before asking for
+the next, so at most one bucket is alive. On CPU a dropped bucket's buffer is recycled for the
+next bucket of the same stream, but only if no tensor still views it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from rlsd_megatron.models.hf_mapping import MappingError
+
+DEFAULT_BUCKET_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one HF tensor lives in a bucket's byte buffer: bytes [start, end)."""
+
+    name: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+class FlatBucket:
+    """Full HF tensors of one dtype packed back to back in one uint8 buffer.
+
+    Filled in plan order with `put` (one tensor, or its tensor-parallel pieces). `named_tensors()`
+    gives views into the buffer: consumers copy out of them, and a view kept keeps the memory (a
+    kept view is never recycled). `FlatBucket.live_bytes` counts the bytes of buckets not yet
+    dropped and `FlatBucket.peak_bytes` its high-water mark: how the tests hold the one-bucket
+    memory bound to account.
+    """
+
+    live_bytes = 0
+    peak_bytes = 0
+
+    def __init__(self, slots: list[TensorSlot], dtype: torch.dtype, device: torch.device | str,
+                 pool: "BufferPool | None" = None):
+        self.slots = slots
+        self.dtype = dtype
+        self.nbytes = slots[-1].end
+        base = pool.take(self.nbytes) if pool is not None else torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        self.buffer = base[:self.nbytes]
+        self._next = 0  # index of the next slot to fill
+        FlatBucket.live_bytes += self.nbytes
+        FlatBucket.peak_bytes = max(FlatBucket.peak_bytes, FlatBucket.live_bytes)
+        weakref.finalize(self, FlatBucket._release, self.nbytes, pool, base)
+
+    @staticmethod
+    def _release(nbytes: int, pool: "BufferPool | None", base: torch.Tensor) -> None:
+        FlatBucket.live_bytes -= nbytes
+        if pool is not None:
+            pool.give(base)
+
+    @classmethod
+    def reset_peak(cls) -> None:
+        cls.peak_bytes = cls.live_bytes
+
+    def view(self, slot: TensorSlot) -> torch.Tensor:
+        return self.buffer[slot.start:slot.end].view(self.dtype).view(slot.shape)
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(HF name, view of the buffer) for every tensor, in order."""
+        return [(slot.name, self.view(slot)) for slot in self.slots]
+
+    def put(self, name: str, pieces: torch.Tensor | Sequence[torch.Tensor], dim: int = 0, *,
+            truncate: bool = False) -> None:
+        """Copy the next planned tensor in (`write_pieces`); the name must be the plan's."""
+        slot = self.slots[self._next]
+        if name != slot.name:
+            raise MappingError(f"resharding produced {name!r} where the plan expected {slot.name!r}: "
+                               f"the Megatron parameters do not match the model config")
+        write_pieces(self.view(slot), name, pieces, dim, truncate=truncate)
+        self._next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self.slots)
+
+
+def write_pieces(target: torch.Tensor, name: str, pieces: torch.Tensor | Sequence[torch.Tensor], dim: int = 0, *,
+                 truncate: bool = False) -> None:
+    """Copy `pieces` concatenated along `dim` into `target` (tensor-parallel shards written straight
+    to their place, never concatenated first). With `truncate`, rows past `target`'s size along
+    `dim` are dropped (vocabulary padding). Raises MappingError naming `name` on a shape mismatch."""
+    pieces = [pieces] if isinstance(pieces, torch.Tensor) else list(pieces)
+    rows = sum(p.shape[dim] for p in pieces)
+    want = tuple(target.shape[:dim]) + tuple(target.shape[dim + 1:])
+    fits = rows == target.shape[dim] or (truncate and rows > target.shape[dim])
+    if not fits or any(tuple(p.shape[:dim]) + tuple(p.shape[dim + 1:]) != want for p in pieces):
+        got = list(pieces[0].shape)
+        got[dim] = rows
+        raise MappingError(f"resharding produced {name!r} with shape {tuple(got)}, its destination has shape "
+                           f"{tuple(target.shape)}: the Megatron parameters do not match the model config")
+    offset = 0
+    for piece in pieces:
+        n = min(piece.shape[dim], target.shape[dim] - offset)
+        if n <= 0:
+            break
+        target.narrow(dim, offset, n).copy_(piece.narrow(dim, 0, n))
+        offset += n
+
+
+class BufferPool:
+    """Recycles the byte buffers of dropped CPU buckets within one stream.
+
+    A fresh CPU allocation of bucket size is mmap'ed, and its first-touch page faults (the kernel
+    zeroing every page) make filling it 3-5x slower than a memcpy (measured here). A returned
+    buffer is reused only if no tensor still views it (storage use count). GPU buckets are not
+    pooled: the CUDA caching allocator reuses blocks, and CUDA IPC keeps a shared block out of it
+    until the engine has let go of it.
+    """
+
+    def __init__(self, capacity: int = 0):
+        self.capacity = capacity  # bytes to allocate at least: the stream's largest bucket
+        self.free: list[torch.Tensor] = []
+        self.returned: list[torch.Tensor] = []  # from dropped buckets, not yet checked for views
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        self.free.extend(base for base in self.returned if _unshared(base))
+        self.returned.clear()
+        for i, base in enumerate(self.free):
+            if base.numel() >= nbytes:
+                return self.free.pop(i)
+        return torch.empty(max(nbytes, self.capacity), dtype=torch.uint8)
+
+    def give(self, base: torch.Tensor) -> None:
+        # Checked at the next take(): while a bucket is being finalised its own view still exists.
+        self.returned.append(base)
+
+
+def _unshared(base: torch.Tensor) -> bool:
+    """No tensor but `base` uses its storage (2 = `base` + the temporary storage object)."""
+    try:
+        return torch._C._storage_Use_Count(base.untyped_storage()._cdata) <= 2
+    except AttributeError:  # private API gone: never recycle
+        return False
+
+
+def plan_buckets(tensors: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+                 bucket_bytes: int) -> list[tuple[torch.dtype, list[TensorSlot]]]:
+    """Split (name, shape, dtype) in stream order into buckets of one dtype and at most
+    `bucket_bytes` (a larger tensor alone in its bucket), tightly packed."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    buckets: list[tuple[torch.dtype, list[TensorSlot]]] = []
+    slots: list[TensorSlot] = []
+    dtype, used = None, 0
+    for name, shape, tensor_dtype in tensors:
+        size = torch.Size(shape).numel() * tensor_dtype.itemsize
+        if slots and (tensor_dtype != dtype or used + size > bucket_bytes):
+            buckets.append((dtype, slots))
+            slots, used = [], 0
+        dtype = tensor_dtype
+        slots.append(TensorSlot(name, tuple(shape), used, used + size))
+        used += size
+    if slots:
+        buckets.append((dtype, slots))
+    return buckets
+
+
+def pack_buckets(named_tensors: list[tuple[str, torch.Tensor]], *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 device: torch.device | str | None = None) -> Iterator[FlatBucket]:
+    """Buckets of already-full HF tensors (e.g. a checkpoint's state dict for an engine's first
+    load, or tests), planned and released like the resharding stream's."""
+    tensors = dict(named_tensors)
+    plan = plan_buckets(((n, tuple(t.shape), t.dtype) for n, t in named_tensors), bucket_bytes)
+    pool = BufferPool(max(slots[-1].end for _, slots in plan) if plan else 0)
+    for dtype, slots in plan:
+        where = torch.device(device if device is not None else tensors[slots[0].name].device)
+        bucket = FlatBucket(slots, dtype, where, pool if where.type == "cpu" else None)
+        for slot in slots:
+            bucket.put(slot.name, tensors[slot.name])
+        yield bucket
+        del bucket

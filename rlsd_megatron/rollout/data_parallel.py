@@ -1,0 +1,78 @@
+"""Several rollout engines in one process, driven as one (data-parallel fan-out)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterable, Sequence
+
+from rlsd_megatron.rollout.engine import EngineHealth, Generation, RolloutEngine, SamplingParams
+
+
+class DataParallelEngines(RolloutEngine):
+    """Several engines in this process as one: prompts split in contiguous shares, generated
+    concurrently (one thread per engine), results concatenated in prompt order; every other call
+    goes to all of them."""
+
+    backend = "data-parallel"
+
+    def __init__(self, engines: Sequence[RolloutEngine]):
+        if not engines:
+            raise ValueError("DataParallelEngines needs at least one engine")
+        self.engines = list(engines)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
+                 prompt_offset: int = 0) -> list[Generation]:
+        shares = _split(len(prompts), len(self.engines))
+        results: list = [None] * len(self.engines)
+        errors: list = []
+
+        def run(k: int, start: int, stop: int) -> None:
+            try:
+                results[k] = self.engines[k].generate(prompts[start:stop], sampling, prompt_offset=prompt_offset + start)
+            except BaseException as exc:  # re-raised in the caller
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(k, a, b)) for k, (a, b) in enumerate(shares) if b > a]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return [g for out in results if out for g in out]
+
+    def update_weights(self, buckets: Iterable, version: int) -> None:
+        raise NotImplementedError("sync each engine from its own resharding stream (one stream per engine group)")
+
+    def sleep(self) -> None:
+        for engine in self.engines:
+            engine.sleep()
+
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        for engine in self.engines:
+            engine.wake(tags)
+
+    def flush_cache(self) -> None:
+        for engine in self.engines:
+            engine.flush_cache()
+
+    def health(self) -> EngineHealth:
+        healths = [engine.health() for engine in self.engines]
+        versions = {h.weight_version for h in healths}
+        return EngineHealth(self.backend, ok=all(h.ok for h in healths) and len(versions) == 1,
+                            weight_version=versions.pop() if len(versions) == 1 else None,
+                            asleep=any(h.asleep for h in healths), detail={"engines": len(healths)})
+
+    def shutdown(self) -> None:
+        for engine in self.engines:
+            engine.shutdown()
+
+
+def _split(total: int, parts: int) -> list[tuple[int, int]]:
+    base, extra = divmod(total, parts)
+    bounds, start = [], 0
+    for k in range(parts):
+        stop = start + base + (k < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds

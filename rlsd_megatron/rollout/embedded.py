@@ -1,0 +1,241 @@
+"""The embedded rollout engine: a Hugging Face `transformers` causal LM in this process (CPU).
+
+The default engine where there is no GPU. It is a real Llama / Qwen2 / Qwen3 model built from
+our `ModelConfig` (`models.hf_config.hf_config_from_model`, no hub access) that receives the very
+same HF-named tensors as SGLang from `rollout.resharding` — written straight into its parameters
+when it lives in the learner's process (`writable_weights`), or as buckets — so a CPU run
+exercises the whole weight path. Generation batches prompts, prefills each prompt once and repeats its KV cache for
+the n samples, decodes with the KV cache and drops finished rows from the batch.
+
+Sampling (per step, in fp32): logits z of the real vocabulary; greedy when temperature = 0;
+otherwise p = softmax(z / T), then top-k and top-p truncation (SGLang's rule: a token is dropped
+when the mass of the more likely tokens before it already exceeds top_p), renormalised, drawn by
+inverse CDF with one uniform per row from that sample's own `torch.Generator` (seeded by
+`engine.sample_seed`, so a sample does not depend on what else is in the batch). The reported
+log-prob is log_softmax(z / T)[y] before truncation — see `rollout.engine`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterable, Sequence
+
+import torch
+
+from rlsd_megatron.config import ModelConfig
+from rlsd_megatron.models.hf_mapping import MappingError
+from rlsd_megatron.rollout.engine import EngineHealth, Generation, RolloutEngine, SamplingParams, sample_seed
+
+
+_THREADS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None):
+    """Run with `count` intra-op threads (None: unchanged), restored after; one at a time, since
+    the setting is process-wide."""
+    if count is None:
+        yield
+        return
+    with _THREADS_LOCK:
+        before = torch.get_num_threads()
+        torch.set_num_threads(count)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+def build_hf_model(model: ModelConfig, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """A randomly initialised `transformers` causal LM with the architecture of `model`."""
+    import transformers
+
+    from rlsd_megatron.models.hf_config import hf_config_from_model
+
+    config_dict = hf_config_from_model(model)
+    config_cls = type(transformers.AutoConfig.for_model(config_dict["model_type"]))
+    config = config_cls(**config_dict)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    return hf.eval()
+
+
+def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampling step. logits [B, V] (any float dtype), uniforms [B] in [0, 1) → (token ids
+    [B] int64, log-probs [B] fp32 of those tokens under log_softmax(logits / T))."""
+    z = logits.float()
+    if sampling.greedy:
+        tokens = z.argmax(-1)
+        return tokens, torch.log_softmax(z, -1).gather(1, tokens[:, None]).squeeze(1)
+    log_p = torch.log_softmax(z / sampling.temperature, -1)
+    probs = log_p.exp()
+    vocab = probs.shape[-1]
+    truncate_k = 0 < sampling.top_k < vocab
+    if truncate_k or sampling.top_p < 1.0:
+        probs, order = probs.sort(-1, descending=True)
+        drop = torch.zeros_like(probs, dtype=torch.bool)
+        if truncate_k:
+            drop[:, sampling.top_k:] = True
+        if sampling.top_p < 1.0:
+            drop |= (probs.cumsum(-1) - probs) > sampling.top_p
+        probs = probs.masked_fill(drop, 0.0)
+    else:
+        order = None
+    cdf = probs.cumsum(-1)
+    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)
+    # Guard against landing on a zero-probability entry through rounding at the top of the cdf.
+    picked = torch.where(probs.gather(1, picked) > 0, picked, (probs > 0).cumsum(-1).argmax(-1, keepdim=True))
+    tokens = (order.gather(1, picked) if order is not None else picked).squeeze(1)
+    return tokens, log_p.gather(1, tokens[:, None]).squeeze(1)
+
+
+class EmbeddedEngine(RolloutEngine):
+    """`RolloutEngine` backed by an in-process `transformers` model (see the module docstring).
+
+    `max_batch_size` bounds the rows (prompts × samples) decoded together; `dtype` is the
+    engine's compute dtype (fp32 for parity tests; incoming tensors are cast on copy).
+    `num_threads` is the intra-op thread count while generating (None: the process's): one by
+    default, because a tiny model's matmuls gain nothing from more, and on a busy host OpenMP's
+    spin-waiting threads made a 16×8-sample test 25x slower with two (measured here).
+    """
+
+    backend = "embedded"
+
+    def __init__(self, model: ModelConfig, *, dtype: torch.dtype = torch.float32, max_batch_size: int = 256,
+                 attn_implementation: str = "sdpa", num_threads: int | None = 1):
+        self.model_config = model
+        self.num_threads = num_threads
+        self.model = build_hf_model(model, dtype=dtype, attn_implementation=attn_implementation)
+        self.max_batch_size = max_batch_size
+        self.weight_version: int | None = None
+        self.asleep = False
+        self._params = dict(self.model.named_parameters())  # tied lm_head appears once, as embed_tokens
+
+    # -- weights ---------------------------------------------------------------------------
+    def update_weights(self, buckets: Iterable, version: int) -> None:
+        """Copy every HF tensor of the stream into the model; every parameter must arrive."""
+        received: set[str] = set()
+        with torch.no_grad():
+            for bucket in buckets:
+                for name, tensor in bucket.named_tensors():
+                    param = self._params.get(name)
+                    if param is None:
+                        raise MappingError(
+                            f"weight sync sent {name!r}, which the embedded {self.model_config.family} model "
+                            f"does not have (it has e.g. {sorted(self._params)[:3]})"
+                        )
+                    if param.shape != tensor.shape:
+                        raise MappingError(
+                            f"weight sync sent {name!r} with shape {tuple(tensor.shape)}, "
+                            f"the embedded model's parameter is {tuple(param.shape)}"
+                        )
+                    param.copy_(tensor)
+                    received.add(name)
+                del bucket, tensor  # no view left: the producer may recycle the buffer
+        self.weights_written(received, version)
+
+    def writable_weights(self) -> dict[str, torch.Tensor]:
+        """Parameters by HF name: in-process, the sync writes into them directly."""
+        return {name: param.data for name, param in self._params.items()}
+
+    def weights_written(self, names: set[str], version: int) -> None:
+        missing = sorted(set(self._params) - set(names))
+        if missing:
+            raise MappingError(f"weight sync (version {version}) left parameters unset: {missing[:5]}"
+                               f"{' …' if len(missing) > 5 else ''}; the engine holds mixed weights now")
+        self.weight_version = version
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
+                 prompt_offset: int = 0) -> list[Generation]:
+        if self.asleep:
+            raise RuntimeError("the embedded engine is asleep; call wake() before generate()")
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        per_call = max(1, self.max_batch_size // sampling.n)
+        out: list[Generation] = []
+        with _torch_threads(self.num_threads):
+            for start in range(0, len(prompts), per_call):
+                out.extend(self._generate_batch(prompts[start:start + per_call], prompt_offset + start, sampling))
+        return out
+
+    def _row_generators(self, first_prompt: int, num_prompts: int, sampling: SamplingParams) -> list[torch.Generator]:
+        gens = []
+        for i in range(first_prompt, first_prompt + num_prompts):
+            for j in range(sampling.n):
+                seed = sample_seed(sampling.seed, i, j) if sampling.seed is not None else int(
+                    torch.randint(0, 2**62, ()).item())
+                gens.append(torch.Generator().manual_seed(seed))
+        return gens
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: Sequence[Sequence[int]], first_prompt: int,
+                        sampling: SamplingParams) -> list[Generation]:
+        n, num_prompts = sampling.n, len(prompts)
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(num_prompts, width, dtype=torch.long)
+        mask = torch.zeros(num_prompts, width, dtype=torch.long)
+        for i, prompt in enumerate(prompts):  # left padding: every row's next token is at the end
+            ids[i, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+            mask[i, width - len(prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache = result.past_key_values
+        cache.batch_repeat_interleave(n)
+        logits = result.logits[:, -1].repeat_interleave(n, 0)
+        mask = mask.repeat_interleave(n, 0)
+        next_position = positions[:, -1:].repeat_interleave(n, 0) + 1
+
+        rows = num_prompts * n
+        gens = self._row_generators(first_prompt, num_prompts, sampling)
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        log_probs: list[list[float]] = [[] for _ in range(rows)]
+        finish: list[str] = ["length"] * rows
+        stop = set(sampling.stop_token_ids)
+        active = list(range(rows))  # batch row -> sample row
+        for step in range(sampling.max_new_tokens):
+            uniforms = torch.stack([torch.rand((), generator=gens[r]) for r in active])
+            new, new_lp = sample_tokens(logits, sampling, uniforms)
+            keep = []
+            for b, r in enumerate(active):
+                token = int(new[b])
+                tokens[r].append(token)
+                log_probs[r].append(float(new_lp[b]))
+                if token in stop:
+                    finish[r] = "stop"
+                else:
+                    keep.append(b)
+            if not keep or step + 1 == sampling.max_new_tokens:
+                break
+            if len(keep) < len(active):
+                index = torch.tensor(keep)
+                cache.batch_select_indices(index)
+                mask, next_position, new = mask[index], next_position[index], new[index]
+                active = [active[b] for b in keep]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            result = self.model(input_ids=new[:, None], attention_mask=mask, position_ids=next_position,
+                                past_key_values=cache, use_cache=True)
+            cache = result.past_key_values
+            logits = result.logits[:, -1]
+            next_position = next_position + 1
+        return [
+            Generation(first_prompt + r // n, r % n, tokens[r], log_probs[r], finish[r], self.weight_version)
+            for r in range(rows)
+        ]
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def sleep(self) -> None:
+        self.asleep = True
+
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        self.asleep = False
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(self.backend, ok=self.model is not None, weight_version=self.weight_version,
+                            asleep=self.asleep, detail={"family": self.model_config.family})
+
+    def shutdown(self) -> None:
+        self.model = None
+        self._params = {}

@@ -1,0 +1,351 @@
+"""SGLang rollout engines (GPU): colocated with the learner, weights synced in memory.
+
+Pinned to sglang==0.5.23 (`pip install -e .[gpu]`); `tests/rollout/test_sglang_contract.py`
+checks every method, argument and request field used here against that release's source.
+
+Layout. One `sglang.Engine` per rollout-TP group of GPUs (`engine_tp` GPUs starting at
+`base_gpu_id`), created by the first rank of `group` — the learner ranks whose GPUs the engine
+shares (colocated) — with `enable_memory_saver` so it can hand its memory to the learner
+(`sleep`) and take it back (`wake`). Engine TP is independent of learner TP. Several engines in
+one process are driven together by `rollout.data_parallel.DataParallelEngines`; across
+processes each engine's host rank generates its own share (`prompt_offset` keeps the seeds).
+
+Weight sync (colocated, `transport="ipc"`). Every rank of the group runs the resharding stream
+(`rollout.resharding`) and so holds each bucket, full HF tensors on its own GPU. Per bucket:
+each rank serialises its `{"flattened_tensor", "metadata"}` (a CUDA IPC handle, not the data)
+with SGLang's `MultiprocessingSerializer`; the host gathers one payload per engine TP rank and
+calls `update_weights_from_tensor(payloads, load_format="flattened_bucket", flush_cache=False)`;
+its return (every engine TP rank has run `load_weights`) is the acknowledgement, broadcast to
+the group; only then does each rank drop its bucket. A bucket is never written again after it
+was shared — each one is a fresh allocation — and dropping it is safe because torch's CUDA IPC
+reference counting keeps the block out of the caching allocator until the engine process has
+released its handle, which it does only after synchronising its stream (torch
+`StorageSharing.cpp`); `torch.cuda.ipc_collect()` returns those blocks at the end. Around the
+buckets: pause generation (`TokenizerManager.pause_generation`; `Engine` has no such method),
+`begin_weight_update` … `end_weight_update` (0.5.23 rejects tensor updates outside that
+session), one `flush_cache`, continue generation.
+
+Non-colocated (`transport="nccl"`): the host rank joins an NCCL group with the engine's ranks
+(`init_weights_update_group`, rank 0 = us) and broadcasts each bucket's flat buffer while the
+engine receives it with `update_weights_from_distributed(..., load_format="flattened_bucket")`
+into a buffer it rebuilds from names/dtypes/shapes — hence buckets are tightly packed, one dtype
+each.
+
+Log-probs: SGLang returns log_softmax(z / T) of the sampled token before top-k/top-p (greedy:
+T = 1), the convention of `rollout.engine`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from rlsd_megatron.config import ModelConfig
+from rlsd_megatron.models.hf_mapping import MappingError, expected_hf_shapes
+from rlsd_megatron.rollout.engine import EngineHealth, Generation, RolloutEngine, SamplingParams, sample_seed
+
+SGLANG_VERSION = "0.5.23"
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def import_sglang():
+    """The `sglang` module, or an ImportError that says how to get it."""
+    try:
+        import sglang
+        from sglang.srt.entrypoints.engine import Engine  # noqa: F401  (fails early if the runtime is broken)
+    except ImportError as exc:
+        raise ImportError(
+            f"the SGLang rollout backend needs the GPU extra: pip install -e .[gpu] (sglang=={SGLANG_VERSION}); "
+            f"without a GPU use rollout.backend=embedded ({exc})"
+        ) from exc
+    if sglang.__version__ != SGLANG_VERSION:
+        warnings.warn(f"sglang {sglang.__version__} is installed; rlsd_megatron is tested against {SGLANG_VERSION}")
+    return sglang
+
+
+# -- pure translation (tested on CPU) ----------------------------------------------------------
+def sampling_requests(prompts: Sequence[Sequence[int]], sampling: SamplingParams,
+                      prompt_offset: int = 0) -> tuple[list[list[int]], list[dict]]:
+    """One SGLang request per sample, prompt-major: (input_ids, sampling_params dicts)."""
+    input_ids, params = [], []
+    for i, prompt in enumerate(prompts):
+        for j in range(sampling.n):
+            request = {
+                "max_new_tokens": sampling.max_new_tokens,
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "top_k": sampling.top_k if sampling.top_k > 0 else -1,
+                "stop_token_ids": list(sampling.stop_token_ids) or None,
+                "skip_special_tokens": False,
+                "no_stop_trim": True,
+            }
+            if sampling.seed is not None:
+                request["sampling_seed"] = sample_seed(sampling.seed, prompt_offset + i, j)
+            input_ids.append([int(t) for t in prompt])
+            params.append(request)
+    return input_ids, params
+
+
+def parse_generations(outputs: list[dict], n: int, version: int | None, prompt_offset: int = 0) -> list[Generation]:
+    """SGLang `generate` outputs (one per request, prompt-major) → `Generation`s."""
+    generations = []
+    for index, out in enumerate(outputs):
+        meta = out["meta_info"]
+        token_ids = [int(t) for t in out["output_ids"]]
+        logprob_entries = meta["output_token_logprobs"]
+        if [int(e[1]) for e in logprob_entries] != token_ids:
+            raise RuntimeError(f"SGLang returned log-probs for other tokens than it generated (request {index})")
+        reason = meta["finish_reason"]
+        kind = reason.get("type") if isinstance(reason, dict) else reason
+        generations.append(Generation(prompt_offset + index // n, index % n, token_ids,
+                                      [float(e[0]) for e in logprob_entries], _FINISH.get(kind, "abort"), version))
+    return generations
+
+
+def check_hf_config(model_path: str | Path, model: ModelConfig) -> None:
+    """Raise MappingError if the engine's config.json describes other tensors than `model`."""
+    from rlsd_megatron.models.hf_config import model_fields_from_hf
+
+    theirs = ModelConfig(**model_fields_from_hf(str(model_path)))
+    ours, other = expected_hf_shapes(model), expected_hf_shapes(theirs)
+    diff = sorted(n for n in set(ours) | set(other) if ours.get(n) != other.get(n))
+    if diff:
+        raise MappingError(
+            f"the engine model at {model_path} does not match the learner's model config: "
+            + ", ".join(f"{n}: engine {other.get(n)} vs learner {ours.get(n)}" for n in diff[:5])
+        )
+
+
+def write_hf_config_dir(model: ModelConfig, dtype: str) -> str:
+    """A temporary model directory holding only config.json (the engine starts with
+    `load_format="dummy"` and gets its weights from the first sync)."""
+    from rlsd_megatron.models.hf_config import hf_config_from_model
+
+    path = Path(tempfile.mkdtemp(prefix="rlsd_sglang_model_"))
+    (path / "config.json").write_text(json.dumps(hf_config_from_model(model, torch_dtype=dtype), indent=1))
+    return str(path)
+
+
+def flattened_payload(bucket) -> dict:
+    """A `FlatBucket` as SGLang's flattened-bucket request payload (no data copied)."""
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+
+    metadata = [
+        FlattenedTensorMetadata(name=s.name, shape=torch.Size(s.shape), dtype=bucket.dtype, start_idx=s.start,
+                                end_idx=s.end, numel=s.end - s.start)
+        for s in bucket.slots
+    ]
+    return {"flattened_tensor": bucket.buffer, "metadata": metadata}
+
+
+# -- the engine --------------------------------------------------------------------------------
+class SGLangEngine(RolloutEngine):
+    """One SGLang engine shared by the ranks of `group` (see the module docstring).
+
+    Construct it on every rank of `group` (a gloo group of the learner ranks on the engine's
+    GPUs, in GPU order: group rank i feeds engine TP rank i; host = its first rank). With
+    group=None this process feeds every engine TP rank from its own GPU (CUDA IPC across devices). `model_path`: an HF model directory
+    whose config.json must match `model`; None writes one and starts from dummy weights.
+    `server_args` adds or overrides `sglang.Engine` keyword arguments. `pause_mode` is SGLang's
+    pause mode around a sync: "abort" (default; the colocated loop has nothing in flight then)
+    or "retract" for partial rollouts (requests resume on the new weights; SGLang refuses the
+    cache flush while they wait, which is logged).
+    """
+
+    backend = "sglang"
+
+    def __init__(self, model: ModelConfig, *, model_path: str | None = None, engine_tp: int = 1,
+                 mem_fraction_static: float = 0.5, base_gpu_id: int = 0, group=None, dtype: str = "bfloat16",
+                 transport: str = "ipc", pause_mode: str = "abort", seed: int | None = None,
+                 server_args: dict[str, Any] | None = None):
+        if transport not in ("ipc", "nccl"):
+            raise ValueError(f"transport must be 'ipc' (colocated) or 'nccl' (separate GPUs), got {transport!r}")
+        self.model_config = model
+        self.engine_tp = engine_tp
+        self.group = group
+        self.transport = transport
+        self.pause_mode = pause_mode
+        self.weight_version: int | None = None
+        self.released: set[str] = set()  # memory handed to the learner: weights / kv_cache / cuda_graph
+        self.is_host = group is None or dist.get_rank(group) == 0
+        self._nccl_group = None
+        self.server_args: dict[str, Any] = {}
+        self.engine = None
+        if not self.is_host:
+            return
+        import_sglang()
+        from sglang.srt.entrypoints.engine import Engine
+
+        if model_path is None:
+            model_path, load_format = write_hf_config_dir(model, dtype), "dummy"
+        else:
+            check_hf_config(model_path, model)
+            load_format = "auto"
+        self.server_args = dict(
+            model_path=model_path, tp_size=engine_tp, base_gpu_id=base_gpu_id,
+            mem_fraction_static=mem_fraction_static, enable_memory_saver=True, load_format=load_format,
+            skip_tokenizer_init=True, dtype=dtype, random_seed=seed if seed is not None else 1234,
+            log_level="error",
+        )
+        self.server_args.update(server_args or {})
+        self.engine = Engine(**self.server_args)
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
+                 prompt_offset: int = 0) -> list[Generation]:
+        if not self.is_host:
+            raise RuntimeError("generate() runs on the engine's host rank (the first rank of its group)")
+        if self.asleep:
+            raise RuntimeError("the SGLang engine is asleep; call wake() before generate()")
+        truncating = sampling.top_p < 1 or sampling.top_k > 0
+        if sampling.seed is not None and truncating and self.server_args.get("sampling_backend") != "pytorch":
+            raise ValueError("seeded sampling with top-k/top-p needs SGLang's pytorch sampler (flashinfer rejects "
+                             "sampling_seed): pass server_args={'sampling_backend': 'pytorch'} or drop the seed")
+        input_ids, params = sampling_requests(prompts, sampling, prompt_offset)
+        outputs = self.engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True)
+        return parse_generations(outputs, sampling.n, self.weight_version, prompt_offset)
+
+    # -- weights ---------------------------------------------------------------------------
+    def update_weights(self, buckets: Iterable, version: int) -> None:
+        """Collective over `group`: push every bucket, then finalise (see the module docstring)."""
+        if self.is_host:
+            self._pause()
+            self._check(self.engine.begin_weight_update(), "begin_weight_update")
+        failure = None
+        try:
+            for bucket in buckets:
+                if failure is None:
+                    failure = self._push(bucket)
+                del bucket  # acknowledged (or failed): safe to free, see the module docstring
+        finally:
+            if self.is_host:
+                self._check(self.engine.end_weight_update(), "end_weight_update")
+                flushed = self.engine.flush_cache()
+                if not getattr(flushed, "success", True):
+                    warnings.warn(f"SGLang kept its prefix cache after the weight update: {flushed}")
+                self._continue()
+            if torch.cuda.is_available():
+                torch.cuda.ipc_collect()
+        if failure:
+            raise RuntimeError(f"SGLang rejected weight version {version}: {failure}")
+        self.weight_version = version
+
+    def _push(self, bucket) -> str | None:
+        """Send one bucket; returns None on success or the engine's message, on every rank."""
+        if self.transport == "nccl":
+            return self._push_nccl(bucket) if self.is_host else None
+        from sglang.srt.utils.common import MultiprocessingSerializer
+
+        if bucket.buffer.is_cuda:
+            torch.cuda.current_stream(bucket.buffer.device).synchronize()
+        payload = MultiprocessingSerializer.serialize(flattened_payload(bucket))
+        if self.group is None:
+            payloads = [payload] + [MultiprocessingSerializer.serialize(flattened_payload(bucket))
+                                    for _ in range(self.engine_tp - 1)]
+        else:
+            gathered = [None] * dist.get_world_size(self.group) if self.is_host else None
+            dist.gather_object(payload, gathered, dst=dist.get_global_rank(self.group, 0), group=self.group)
+            payloads = gathered
+        status = [None]
+        if self.is_host:
+            ok, message = self.engine.update_weights_from_tensor(payloads, load_format="flattened_bucket",
+                                                                 flush_cache=False)
+            status = [None if ok else str(message)]
+        if self.group is not None:
+            dist.broadcast_object_list(status, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return status[0]
+
+    def connect_nccl(self, master_address: str, master_port: int, group_name: str = "rlsd_weight_sync") -> None:
+        """Non-colocated layout: join an NCCL group with the engine's ranks (host rank only)."""
+        from sglang.srt.utils.common import init_custom_process_group
+
+        world = 1 + self.engine_tp
+        joined: dict = {}
+        engine_side = threading.Thread(target=lambda: joined.update(result=self.engine.init_weights_update_group(
+            master_address, master_port, 1, world, group_name, backend="nccl")))
+        engine_side.start()
+        self._nccl_group = init_custom_process_group(backend="nccl", init_method=f"tcp://{master_address}:{master_port}",
+                                                     world_size=world, rank=0, group_name=group_name)
+        engine_side.join()
+        self._check(joined["result"], "init_weights_update_group")
+        self._nccl_group_name = group_name
+
+    def _push_nccl(self, bucket) -> str | None:
+        if self._nccl_group is None:
+            raise RuntimeError("transport='nccl' needs connect_nccl(master_address, master_port) first")
+        result: dict = {}
+        receiver = threading.Thread(target=lambda: result.update(r=self.engine.update_weights_from_distributed(
+            names=[s.name for s in bucket.slots], dtypes=[str(bucket.dtype).removeprefix("torch.")] * len(bucket.slots),
+            shapes=[list(s.shape) for s in bucket.slots], group_name=self._nccl_group_name, flush_cache=False,
+            load_format="flattened_bucket")))
+        receiver.start()
+        dist.broadcast(bucket.buffer, group=self._nccl_group, group_src=0)
+        receiver.join()
+        ok, message = result["r"]
+        return None if ok else str(message)
+
+    def _pause(self) -> None:
+        from sglang.srt.managers.io_struct import PauseGenerationReqInput
+
+        manager = self.engine.tokenizer_manager
+        self.engine.loop.run_until_complete(manager.pause_generation(PauseGenerationReqInput(mode=self.pause_mode)))
+
+    def _continue(self) -> None:
+        from sglang.srt.managers.io_struct import ContinueGenerationReqInput
+
+        manager = self.engine.tokenizer_manager
+        self.engine.loop.run_until_complete(manager.continue_generation(ContinueGenerationReqInput()))
+
+    @staticmethod
+    def _check(result, what: str) -> None:
+        ok, message = result if isinstance(result, tuple) else (getattr(result, "success", True), result)
+        if not ok:
+            raise RuntimeError(f"SGLang {what} failed: {message}")
+
+    # -- memory and lifecycle --------------------------------------------------------------
+    @property
+    def asleep(self) -> bool:
+        return bool(self.released & {"weights", "kv_cache"})
+
+    def sleep(self) -> None:
+        """Release weights, KV cache and CUDA graphs (the engine must be idle)."""
+        if self.is_host and not self.released:
+            self.engine.release_memory_occupation()
+        self.released = {"weights", "kv_cache", "cuda_graph"}
+
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        """Re-take memory: `["weights"]` before a sync, then `["kv_cache", "cuda_graph"]` after it
+        keeps the peak lower; None takes everything released."""
+        wanted = self.released if tags is None else self.released & set(tags)
+        if self.is_host and wanted:
+            self.engine.resume_memory_occupation(sorted(wanted))
+        self.released -= wanted
+
+    def flush_cache(self) -> None:
+        if self.is_host:
+            self.engine.flush_cache()
+
+    def health(self) -> EngineHealth:
+        if not self.is_host:
+            return EngineHealth(self.backend, ok=True, weight_version=self.weight_version, asleep=self.asleep,
+                                detail={"host": False})
+        try:
+            info = self.engine.get_server_info()
+            ok = True
+        except Exception as exc:  # a dead scheduler shows up here
+            info, ok = {"error": repr(exc)}, False
+        return EngineHealth(self.backend, ok=ok, weight_version=self.weight_version, asleep=self.asleep,
+                            detail={"host": True, "engine_tp": self.engine_tp,
+                                    "server_weight_version": info.get("weight_version")})
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None

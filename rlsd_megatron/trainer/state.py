@@ -1,0 +1,136 @@
+"""Training-state checkpoints of the RL loop on top of `rlsd_megatron.checkpoint`.
+
+A checkpoint holds, besides the model weights (resharded on load to any TP/PP):
+- the optimizer (Megatron's sharded optimizer state) and the LR scheduler;
+- per rank: torch's CPU (and CUDA) RNG states, Megatron's RNG-tracker states, and the teacher
+  policy's local copy (frozen / EMA weights), as a `ShardedObject` keyed by global rank: exact
+  resume needs the same world size and layout, which `load_training_state` checks;
+- common: step, prompt batches drawn (they number the sampling seeds), the data position.
+Saves are atomic (see `checkpoint.model_checkpoint`); `resolve_resume` finds the latest complete
+one for `checkpoint.resume=auto`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rlsd_megatron.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+# Megatron's distributed-optimizer format that saves each rank's buffers as they are (no
+# gathering): it reshards over data parallelism only, and exact resume needs the same layout.
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _rank_state_template(payload=None):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("rank_state", payload, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"cpu": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["cpu"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_training_state(trainer, root: str | Path) -> Path:
+    """Write `trainer`'s full state as iteration `trainer.step` under `root` (collective)."""
+    learner = trainer.learner
+    rank_state = {"rng": _rng_state(), "teacher": trainer.teacher.state_dict(), "layout": _layout_key()}
+
+    def extra(model_state):
+        return {"optimizer": learner.optimizer.sharded_state_dict(model_state, metadata=_OPTIMIZER_FORMAT),
+                "rank_state": _rank_state_template(rank_state)}
+
+    common = {
+        "step": trainer.step,
+        "draws": trainer._draws,
+        "scheduler": learner.scheduler.state_dict(),
+        "loader": trainer.loader.state_dict(),
+    }
+    return save_checkpoint(root, learner.model, trainer.cfg, iteration=trainer.step, extra_sharded=extra,
+                           extra_common={"trainer": common})
+
+
+def load_training_state(trainer, path: str | Path) -> int:
+    """Restore `trainer` from a checkpoint written by `save_training_state`; returns its step."""
+    learner = trainer.learner
+    learner.init_optimizer_state()
+
+    def extra(model_state):
+        return {"optimizer": learner.optimizer.sharded_state_dict(model_state, is_loading=True,
+                                                                  metadata=_OPTIMIZER_FORMAT),
+                "rank_state": _rank_state_template()}
+
+    loaded = load_checkpoint(path, learner.model, model=trainer.cfg.model, extra_sharded=extra)
+    if "trainer" not in loaded.common:
+        raise CheckpointError(f"{loaded.path} holds model weights only (no training state); use "
+                              "checkpoint.init_from to start from it instead of resuming")
+    with torch.no_grad():  # fp32 main params are views of the (leaf) model params
+        learner.optimizer.load_state_dict(loaded.extra["optimizer"])
+    rank_state = loaded.extra["rank_state"]
+    if rank_state["layout"] != _layout_key():
+        raise CheckpointError(
+            f"{loaded.path} was written with layout {rank_state['layout']} and this run has {_layout_key()}; exact "
+            "resume (RNG, teacher copy, data order) needs the same world size and parallel layout"
+        )
+    common = loaded.common["trainer"]
+    learner.scheduler.load_state_dict(common["scheduler"])
+    # Megatron restores Adam's per-parameter step only for fused (apex / TE) Adam; with the
+    # torch fallback it stays 0, which changes the bias correction. One optimizer step is one
+    # scheduler step, so the scheduler's count is Adam's.
+    learner.init_optimizer_state(step=learner.scheduler.num_steps)
+    trainer.loader.load_state_dict(common["loader"])
+    trainer.teacher.initialize(learner.local_weights())
+    trainer.teacher.load_state_dict(rank_state["teacher"])
+    _set_rng_state(rank_state["rng"])
+    trainer.step, trainer._draws = int(common["step"]), int(common["draws"])
+    return trainer.step
+
+
+def _layout_key() -> dict:
+    from megatron.core import parallel_state
+
+    return {
+        "world": dist.get_world_size(),
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "cp": parallel_state.get_context_parallel_world_size(),
+    }
+
+
+def resolve_resume(resume: str | None, checkpoint_dir: str | None) -> Path | None:
+    """The checkpoint to resume from: `auto` → the latest complete one in `checkpoint.dir` (None
+    when there is none yet), a path → that checkpoint, None → start fresh."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        if checkpoint_dir is None:
+            raise CheckpointError("checkpoint.resume=auto needs checkpoint.dir")
+        return latest_checkpoint(checkpoint_dir)
+    return Path(resume)
+
+
+def prune_checkpoints(root: str | Path, *, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` iteration directories under `root`."""
+    import shutil
+
+    iterations = sorted(p for p in Path(root).glob("iter_*") if p.is_dir() and not p.name.endswith(".partial"))
+    for old in iterations[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,79 @@
+"""Bucket planning and lifetime (no process groups): bounded size, one dtype, tight layout, errors
+that name the tensor, and at most one bucket alive when the consumer drops each one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlsd_megatron.models.hf_mapping import MappingError
+from rlsd_megatron.rollout.buckets import FlatBucket, pack_buckets
+
+
+def random_tensors(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = []
+    for i in range(40):
+        shape = tuple(int(d) for d in torch.randint(1, 40, (int(torch.randint(1, 3, (), generator=gen)),), generator=gen))
+        dtype = torch.bfloat16 if 15 <= i < 25 else torch.float32
+        tensors.append((f"t{i}", torch.randn(shape, generator=gen).to(dtype)))
+    tensors.append(("huge", torch.randn(3000)))  # 12000 bytes: over the bound below
+    tensors.append(("after_huge", torch.randn(5)))
+    return tensors
+
+
+@pytest.mark.parametrize("bound", [1024, 4096, 10**6])
+def test_buckets_are_bounded_single_dtype_tight_and_ordered(bound):
+    tensors = random_tensors()
+    seen = []
+    for bucket in pack_buckets(tensors, bucket_bytes=bound):
+        assert bucket.buffer.numel() == bucket.nbytes
+        oversized = bucket.nbytes > bound
+        assert not oversized or len(bucket.slots) == 1, f"{bucket.nbytes} bytes in {len(bucket.slots)} tensors"
+        assert {dict(tensors)[s.name].dtype for s in bucket.slots} == {bucket.dtype}
+        offset = 0
+        for slot in bucket.slots:  # back to back: what FlattenedTensorBucket.empty rebuilds
+            assert slot.start == offset
+            offset = slot.end
+        seen.extend(bucket.named_tensors())
+        del bucket
+    assert [name for name, _ in seen] == [name for name, _ in tensors]
+    for (name, got), (_, want) in zip(seen, tensors):
+        assert torch.equal(got, want), name
+
+
+def test_at_most_one_bucket_alive_when_the_consumer_drops_each():
+    tensors = random_tensors()
+    FlatBucket.reset_peak()
+    base = FlatBucket.live_bytes
+    largest = 0
+    for bucket in pack_buckets(tensors, bucket_bytes=2048):
+        largest = max(largest, bucket.nbytes)
+        del bucket
+    assert FlatBucket.peak_bytes - base <= largest
+    assert FlatBucket.live_bytes == base
+
+
+def test_plan_mismatch_names_the_tensor():
+    bucket = next(pack_buckets([("model.norm.weight", torch.ones(4)), ("lm_head.weight", torch.ones(2, 4))]))
+    bucket._next = 0
+    with pytest.raises(MappingError, match=r"'model.norm.weight' with shape \(5,\), its destination has shape \(4,\)"):
+        bucket.put("model.norm.weight", torch.ones(5))
+    with pytest.raises(MappingError, match=r"'lm_head.weight' where the plan expected 'model.norm.weight'"):
+        bucket.put("lm_head.weight", torch.ones(2, 4))
+
+
+def test_bad_bound():
+    with pytest.raises(ValueError, match="bucket_bytes must be positive"):
+        next(pack_buckets([("a", torch.ones(1))], bucket_bytes=0))
+
+
+def test_recycled_cpu_buffers_never_overwrite_a_kept_view():
+    tensors = [(f"t{i}", torch.full((256,), float(i))) for i in range(8)]  # 1 KiB each
+    kept = []
+    for k, bucket in enumerate(pack_buckets(tensors, bucket_bytes=1024)):
+        if k % 2 == 0:
+            kept.append(bucket.named_tensors()[0])  # a consumer that adopted the memory
+        del bucket
+    for name, view in kept:
+        assert torch.equal(view, dict(tensors)[name]), name

@@ -1,0 +1,248 @@
+"""Our SGLang backend against the pinned SGLang release's *source*, without installing it.
+
+The 39 MB sglang wheel is downloaded once (`pip download --no-deps`) into
+~/.cache/rlsd_megatron/wheels (or taken from $RLSD_SGLANG_WHEEL) and read as a zip: every
+`self.engine.<method>(...)` call in `rollout/sglang_engine.py` is checked against `Engine`'s
+signature (method exists, positional count, keyword names), every `sglang.Engine` keyword against
+the `ServerArgs` fields, every request key against `SamplingParams`, every name we import from
+sglang against the module that should define it, the request/response fields we read, and the
+flattened-bucket layout against the wheel's own `FlattenedTensorBucket` (executed from the
+wheel's file: it needs only torch).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import glob
+import os
+import subprocess
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlsd_megatron.rollout import sglang_engine
+from rlsd_megatron.rollout.engine import SamplingParams
+from rlsd_megatron.rollout.buckets import pack_buckets
+
+VERSION = sglang_engine.SGLANG_VERSION
+OURS = Path(sglang_engine.__file__)
+
+
+@functools.lru_cache(None)
+def wheel_path() -> str | None:
+    if os.environ.get("RLSD_SGLANG_WHEEL"):
+        given = os.environ["RLSD_SGLANG_WHEEL"]
+        return given if Path(given).is_file() else None
+    cache = Path.home() / ".cache" / "rlsd_megatron" / "wheels"
+    pattern = str(cache / f"sglang-{VERSION}-*.whl")
+    if not glob.glob(pattern):
+        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                            f"sglang=={VERSION}", "-d", str(cache)], check=True, capture_output=True, timeout=300)
+        except (subprocess.SubprocessError, OSError):
+            return None
+    found = glob.glob(pattern)
+    return found[0] if found else None
+
+
+@pytest.fixture(scope="module")
+def wheel():
+    path = wheel_path()
+    if path is None:
+        pytest.skip(f"could not download sglang=={VERSION} (pip download --no-deps); set RLSD_SGLANG_WHEEL to a local wheel")
+    with zipfile.ZipFile(path) as zf:
+        yield zf
+
+
+def source(zf: zipfile.ZipFile, module: str) -> ast.Module:
+    return ast.parse(zf.read(module.replace(".", "/") + ".py"))
+
+
+def classes(tree: ast.Module) -> dict[str, ast.ClassDef]:
+    return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
+def methods(cls: ast.ClassDef) -> dict[str, ast.FunctionDef | ast.AsyncFunctionDef]:
+    return {n.name: n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def fields(cls: ast.ClassDef) -> set[str]:
+    return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+
+
+def our_engine_calls() -> list[tuple[str, int, set[str], int]]:
+    """(method, positional count, keyword names, line) of every self.engine.<method>(...) call."""
+    calls = []
+    for node in ast.walk(ast.parse(OURS.read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "engine"
+                and isinstance(node.func.value.value, ast.Name) and node.func.value.value.id == "self"):
+            calls.append((node.func.attr, len(node.args), {k.arg for k in node.keywords}, node.lineno))
+    return calls
+
+
+def test_engine_methods_and_arguments_exist(wheel):
+    engine = methods(classes(source(wheel, "sglang.srt.entrypoints.engine"))["Engine"])
+    calls = our_engine_calls()
+    assert {c[0] for c in calls} >= {"generate", "update_weights_from_tensor", "begin_weight_update",
+                                     "end_weight_update", "flush_cache", "release_memory_occupation",
+                                     "resume_memory_occupation", "update_weights_from_distributed",
+                                     "init_weights_update_group", "shutdown"}
+    for name, positional, keywords, line in calls:
+        if name in ("loop", "tokenizer_manager"):
+            continue
+        assert name in engine, f"sglang_engine.py:{line}: Engine has no method {name!r}"
+        args = engine[name].args
+        params = [a.arg for a in args.posonlyargs + args.args][1:]  # drop self
+        assert positional <= len(params), f"sglang_engine.py:{line}: {name} takes {len(params)} positional arguments"
+        allowed = set(params) | {a.arg for a in args.kwonlyargs}
+        unknown = keywords - allowed
+        assert not unknown or args.kwarg, f"sglang_engine.py:{line}: Engine.{name} has no argument(s) {unknown}"
+
+
+def test_engine_attributes_and_tokenizer_manager_pause(wheel):
+    engine_src = wheel.read("sglang/srt/entrypoints/engine.py").decode()
+    assert "self.tokenizer_manager = tokenizer_manager" in engine_src and "self.loop = " in engine_src
+    manager = methods(classes(source(wheel, "sglang.srt.managers.tokenizer_manager"))["TokenizerManager"])
+    for name in ("pause_generation", "continue_generation"):
+        assert isinstance(manager[name], ast.AsyncFunctionDef) and len(manager[name].args.args) == 2
+    io = classes(source(wheel, "sglang.srt.managers.io_struct"))
+    mode = next(n for n in io["PauseGenerationReqInput"].body if isinstance(n, ast.AnnAssign) and n.target.id == "mode")
+    assert {"abort", "retract", "in_place"} <= {c.value for c in ast.walk(mode.annotation) if isinstance(c, ast.Constant)}
+    import inspect
+
+    pause_mode = inspect.signature(sglang_engine.SGLangEngine).parameters["pause_mode"].default
+    assert pause_mode in ("abort", "retract", "in_place")  # our default is one SGLang accepts
+    assert "ContinueGenerationReqInput" in io
+
+
+def test_server_args_and_sampling_fields(wheel):
+    server_fields = set()
+    for name in wheel.namelist():
+        if name.startswith("sglang/srt/arg_groups/fields/") and name.endswith(".py"):
+            for cls in classes(ast.parse(wheel.read(name))).values():
+                server_fields |= fields(cls)
+    ours = set()
+    for node in ast.walk(ast.parse(OURS.read_text())):
+        if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute)
+                and node.targets[0].attr == "server_args" and isinstance(node.value, ast.Call)):
+            ours |= {k.arg for k in node.value.keywords}
+    assert ours >= {"model_path", "tp_size", "mem_fraction_static", "enable_memory_saver", "skip_tokenizer_init"}
+    assert not (ours | {"sampling_backend", "custom_weight_loader"}) - server_fields, \
+        f"ServerArgs has no field(s) {(ours | {'sampling_backend'}) - server_fields}"
+    sampling = fields(classes(source(wheel, "sglang.srt.sampling.sampling_params"))["SamplingParams"])
+    _, requests = sglang_engine.sampling_requests([[1, 2]], SamplingParams(n=2, top_k=5, stop_token_ids=(3,), seed=1))
+    assert not set(requests[0]) - sampling, f"SamplingParams has no field(s) {set(requests[0]) - sampling}"
+
+
+def test_imported_names_exist(wheel):
+    for node in ast.walk(ast.parse(OURS.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sglang"):
+            tree = source(wheel, node.module)
+            defined = {n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+            for alias in node.names:
+                assert alias.name in defined, f"{node.module} defines no {alias.name}"
+
+
+def test_init_custom_process_group_arguments(wheel):
+    tree = source(wheel, "sglang.srt.utils.common")
+    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "init_custom_process_group")
+    params = {a.arg for a in func.args.args + func.args.kwonlyargs}
+    for node in ast.walk(ast.parse(OURS.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "init_custom_process_group":
+            assert {k.arg for k in node.keywords} <= params, {k.arg for k in node.keywords} - params
+            break
+    else:
+        raise AssertionError("sglang_engine.py no longer calls init_custom_process_group")
+
+
+def test_request_and_response_fields(wheel):
+    updater = wheel.read("sglang/srt/model_executor/model_runner_components/weight_updater.py").decode()
+    flat = updater[updater.index("def _update_weights_from_flattened_bucket"):]
+    assert 'flattened_tensor_bucket_dict["flattened_tensor"]' in flat and 'flattened_tensor_bucket_dict["metadata"]' in flat
+    assert "_receive_bucketed_weights_from_distributed" in updater  # NCCL path rebuilds a tight bucket
+    scheduler = wheel.read("sglang/srt/managers/scheduler_components/weight_updater.py").decode()
+    assert "begin_weight_update() and end_weight_update()" in scheduler  # why we open a session
+    common = wheel.read("sglang/srt/utils/common.py").decode()
+    assert '("sglang.srt.weight_sync.tensor_bucket", "FlattenedTensorMetadata")' in common  # safe-unpickler allows it
+    manager = wheel.read("sglang/srt/managers/tokenizer_manager.py").decode()
+    for key in ('"output_ids"', 'meta_info["output_token_logprobs"]', '"finish_reason"'):
+        assert key in manager, key
+    batch = wheel.read("sglang/srt/managers/schedule_batch.py").decode()
+    assert '"type": "stop"' in batch and '"type": "length"' in batch
+    sampler = wheel.read("sglang/srt/layers/sampler.py").decode()
+    assert "logprob_logits / sampling_info.temperatures" in sampler  # log-probs of the tempered distribution
+
+
+def test_version_pins(wheel):
+    metadata = wheel.read(f"sglang-{VERSION}.dist-info/METADATA").decode()
+    assert f"\nVersion: {VERSION}\n" in metadata
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    assert f'"sglang=={VERSION}"' in pyproject
+
+
+@pytest.fixture
+def wheel_tensor_bucket(wheel, monkeypatch):
+    """The wheel's own sglang.srt.weight_sync.tensor_bucket module (it imports only torch)."""
+    for name in ("sglang", "sglang.srt", "sglang.srt.weight_sync"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    module = types.ModuleType("sglang.srt.weight_sync.tensor_bucket")
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # before exec: @dataclass looks it up
+    exec(compile(wheel.read("sglang/srt/weight_sync/tensor_bucket.py"), "tensor_bucket.py", "exec"), module.__dict__)
+    return module
+
+
+def test_flattened_bucket_layout_round_trips(wheel_tensor_bucket):
+    tensors = [("a.weight", torch.randn(3, 5)), ("b.bias", torch.randn(7)), ("c", torch.randn(2, 2).bfloat16()),
+               ("d", torch.randn(4).bfloat16())]
+    for bucket in pack_buckets(tensors, bucket_bytes=256):
+        payload = sglang_engine.flattened_payload(bucket)
+        rebuilt = wheel_tensor_bucket.FlattenedTensorBucket(flattened_tensor=payload["flattened_tensor"],
+                                                           metadata=payload["metadata"]).reconstruct_tensors()
+        assert [n for n, _ in rebuilt] == [n for n, _ in bucket.named_tensors()]
+        for (name, got), (_, want) in zip(rebuilt, bucket.named_tensors()):
+            assert got.dtype == want.dtype and torch.equal(got, want), name
+        # NCCL path: the engine allocates from names/dtypes/shapes; the offsets must be ours.
+        empty = wheel_tensor_bucket.FlattenedTensorBucket.empty(
+            [s.name for s in bucket.slots], [str(bucket.dtype).removeprefix("torch.")] * len(bucket.slots),
+            [list(s.shape) for s in bucket.slots], "cpu")
+        assert [(m.start_idx, m.end_idx) for m in empty.get_metadata()] == [(s.start, s.end) for s in bucket.slots]
+        assert empty.get_flattened_tensor().numel() == bucket.nbytes
+
+
+def test_outputs_are_parsed():
+    outputs = [
+        {"output_ids": [5, 2], "meta_info": {"output_token_logprobs": [(-0.5, 5, None), (-1.5, 2, None)],
+                                             "finish_reason": {"type": "stop", "matched": 2}}},
+        {"output_ids": [7], "meta_info": {"output_token_logprobs": [(-0.25, 7, None)],
+                                          "finish_reason": {"type": "length", "length": 1}}},
+    ]
+    first, second = sglang_engine.parse_generations(outputs, n=2, version=3, prompt_offset=4)
+    assert (first.prompt_index, first.sample_index, first.token_ids, first.log_probs, first.finish_reason) == (
+        4, 0, [5, 2], [-0.5, -1.5], "stop")
+    assert (second.sample_index, second.finish_reason, second.weight_version) == (1, "length", 3)
+    outputs[0]["meta_info"]["output_token_logprobs"][1] = (-1.5, 9, None)
+    with pytest.raises(RuntimeError, match="other tokens"):
+        sglang_engine.parse_generations(outputs, n=2, version=3)
+
+
+def test_requests_carry_per_sample_seeds():
+    ids, params = sglang_engine.sampling_requests([[1, 2], [3]], SamplingParams(n=2, seed=7), prompt_offset=10)
+    assert ids == [[1, 2], [1, 2], [3], [3]]
+    seeds = [p["sampling_seed"] for p in params]
+    assert len(set(seeds)) == 4
+    _, shifted = sglang_engine.sampling_requests([[3]], SamplingParams(n=2, seed=7), prompt_offset=11)
+    assert [p["sampling_seed"] for p in shifted] == seeds[2:]
+    assert params[0]["top_k"] == -1 and params[0]["stop_token_ids"] is None
+
+
+def test_missing_sglang_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sglang", None)
+    with pytest.raises(ImportError, match=r"pip install -e \.\[gpu\].*rollout.backend=embedded"):
+        sglang_engine.import_sglang()
