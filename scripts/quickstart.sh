@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: sets up .venv if needed, then runs the CPU learner demo on
-# 2 processes (gloo). Extra arguments are config overrides, e.g. parallel.tp=2.
+# The main job on a fresh machine: sets up .venv if needed, then runs the CPU demo: RLSD on the
+# built-in reversed-addition task, 2 processes over gloo (a supervised warm start, then RL),
+# tensorboard logs in runs/cpu_demo. Extra arguments are config overrides, e.g.
+# algorithm.method=grpo or parallel.tp=2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/env.sh >/dev/null
-exec .venv/bin/torchrun --nproc-per-node 2 -m rlsd_megatron.learner_demo \
-    --config examples/configs/learner_demo.yaml "$@"
+exec .venv/bin/torchrun --nproc-per-node 2 -m rlsd_megatron.train --config examples/configs/cpu_demo.yaml "$@"
