@@ -131,6 +131,7 @@ class WarmStartConfig:
     prompts_per_step: int = 64
     hint_fraction: float = 0.5
     eval_interval: int = 10
+    output: str | None = None  # also save the warm-started weights here (a checkpoint.init_from)
 
 
 @dataclass

@@ -47,13 +47,15 @@ def _torch_threads(count: int | None):
             torch.set_num_threads(before)
 
 
-def build_hf_model(model: ModelConfig, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-    """A randomly initialised `transformers` causal LM with the architecture of `model`."""
+def build_hf_model(model: ModelConfig, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                   **config_extra):
+    """A randomly initialised `transformers` causal LM with the architecture of `model`
+    (`config_extra` goes into its HF config, e.g. token ids)."""
     import transformers
 
     from rlsd_megatron.models.hf_config import hf_config_from_model
 
-    config_dict = hf_config_from_model(model)
+    config_dict = hf_config_from_model(model, **config_extra)
     config_cls = type(transformers.AutoConfig.for_model(config_dict["model_type"]))
     config = config_cls(**config_dict)
     hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)

@@ -162,6 +162,11 @@ class Trainer:
         full = run_warm_start(self.cfg, self.dataset, self.val_rows, loader, self.logger, impl=self.learner.impl)
         self.learner.load_full_state(full)
         self.teacher.initialize(self.learner.local_weights())
+        if self.cfg.warm_start.output:
+            from rlsd_megatron.checkpoint import save_checkpoint
+
+            path = save_checkpoint(self.cfg.warm_start.output, self.learner.model, self.cfg, iteration=0, release=True)
+            self.logger.message(f"saved the warm-started weights to {path}")
 
     def train_step(self) -> dict[str, float]:
         cfg, timer = self.cfg, PhaseTimer()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rlsd_megatron.config import Config, ModelConfig
+from tests.hf_models import random_hf_model
 from rlsd_megatron.models.hf_mapping import (
     MappingError,
     check_hf_names,
@@ -28,18 +29,7 @@ FAMILIES = {
 
 
 def hf_model(model: ModelConfig, seed: int = 0):
-    import transformers
-
-    from rlsd_megatron.models.hf_config import hf_config_from_model
-
-    config_dict = hf_config_from_model(model)
-    config_cls = transformers.AutoConfig.for_model(config_dict["model_type"]).__class__
-    torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(config_cls(**config_dict), attn_implementation="eager")
-    with torch.no_grad():  # HF zero-inits some tensors (biases); make every tensor informative
-        for param in hf.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    return hf.eval()
+    return random_hf_model(model, seed=seed)
 
 
 def megatron_vs_hf_logits(family: str) -> float:

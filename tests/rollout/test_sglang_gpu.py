@@ -13,6 +13,7 @@ import torch
 from rlsd_megatron.config import Config, ModelConfig, PrecisionConfig
 from rlsd_megatron.rollout import MismatchMonitor, SamplingParams
 from rlsd_megatron.rollout.buckets import pack_buckets
+from tests.hf_models import random_hf_model
 
 pytestmark = pytest.mark.gpu
 
@@ -35,14 +36,7 @@ def engine():
 
 
 def hf_reference(seed: int):
-    from rlsd_megatron.rollout.embedded import build_hf_model
-
-    torch.manual_seed(seed)
-    model = build_hf_model(MODEL, dtype=torch.bfloat16, attn_implementation="eager").cuda()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    return model
+    return random_hf_model(MODEL, seed=seed, dtype=torch.bfloat16).cuda()
 
 
 def reference_log_probs(model, prompt, generated, temperature):

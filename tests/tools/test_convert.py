@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from rlsd_megatron.config import Config, ModelConfig, ParallelConfig
+from tests.hf_models import random_hf_model
 
 TOL = 1e-5
 # Every family at TP=2 (4 heads, 2 KV groups) / PP=2 (one layer per stage), vocab 97 (padded).
@@ -43,17 +44,7 @@ def sequences(vocab: int) -> list[torch.Tensor]:
 
 def save_hf_model(model: ModelConfig, out: Path):
     """A random HF model of `model`'s family saved as several safetensors shards + index."""
-    import transformers
-
-    from rlsd_megatron.models.hf_config import hf_config_from_model
-
-    config = hf_config_from_model(model, bos_token_id=1, eos_token_id=2)
-    config_cls = transformers.AutoConfig.for_model(config["model_type"]).__class__
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config_cls(**config), attn_implementation="eager")
-    with torch.no_grad():  # HF zero-inits biases and ones-inits norms: make every tensor informative
-        for param in hf.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
+    hf = random_hf_model(model, bos_token_id=1, eos_token_id=2)
     hf.save_pretrained(out, max_shard_size="40KB")
     (out / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))  # stands in for tokenizer files
     return hf.eval()
