@@ -104,9 +104,18 @@ def initialize_model_parallel(layout: Layout, seed: int = 1234) -> None:
 
 
 def destroy_model_parallel() -> None:
+    """Tear down Megatron's layout and destroy its process groups (not the default one).
+
+    megatron-core forgets its groups but does not destroy them, and every gloo group keeps its
+    transport threads: a long-lived process that switches layouts (the test pools, the warm
+    start) would pile up hundreds of polling threads and saturate the CPUs."""
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+    world = dist.group.WORLD
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not world:
+            dist.destroy_process_group(group)
 
 
 @contextlib.contextmanager
