@@ -121,7 +121,8 @@ class WarmStartConfig:
     models trained from scratch (the built-in CPU demo). Phase 1 trains on plain prompts until
     greedy validation accuracy reaches `stop_accuracy` (measured, not a step count: learning
     has a sharp phase transition); phase 2 mixes in `hint_fraction` hinted prompts until the
-    model uses the hint (`hinted_stop_accuracy`), which the self-teacher needs. `max_steps`
+    model uses the hint (`hinted_stop_accuracy`), which the self-teacher needs, while still
+    solving the plain prompts (`stop_accuracy`). `max_steps`
     bounds both; 0 disables the warm start."""
 
     max_steps: int = 0

@@ -80,7 +80,8 @@ def run_warm_start(cfg: Config, dataset: PromptDataset, val_rows: list[PromptRow
     """Train a fresh learner supervised, in two phases, and return its canonical weights
     (`Learner.full_state`): plain prompts until greedy accuracy reaches
     `warm_start.stop_accuracy`, then a `hint_fraction` mix of hinted prompts until the hinted
-    accuracy reaches `hinted_stop_accuracy`. Measured on the built-in task: mixing hints in from
+    accuracy reaches `hinted_stop_accuracy` while the plain accuracy is still at least
+    `stop_accuracy`. Measured on the built-in task: mixing hints in from
     the start lets the model learn to copy the hint and, in some seeds, never learn the task
     itself (still 0% after 1,500 steps); learning the task first avoids that."""
     import copy
@@ -120,6 +121,7 @@ def run_warm_start(cfg: Config, dataset: PromptDataset, val_rows: list[PromptRow
                            f"greedy accuracy={accuracy:.3f} with hint={hinted_accuracy:.3f}")
             if phase == "task" and accuracy >= ws.stop_accuracy:
                 phase = "hint"
-            if phase == "hint" and hinted_accuracy >= ws.hinted_stop_accuracy:
+            # Learning the hint can erode the task itself: stop only when both hold.
+            if phase == "hint" and hinted_accuracy >= ws.hinted_stop_accuracy and accuracy >= ws.stop_accuracy:
                 break
     return learner.full_state()
