@@ -112,7 +112,7 @@ class TrainConfig:
     ppo_epochs: int = 1
     optimizer_steps_per_batch: int = 1  # recipe: one optimizer step per rollout batch
     max_seq_length: int = 2048  # prompt + response, for activation memory and validation
-    eval_interval: int = 10  # steps between validation runs
+    eval_interval: int = 10  # steps between validation runs (0: only after the last step)
 
 
 @dataclass
@@ -235,7 +235,7 @@ class CheckpointConfig:
     """Training-state checkpoints (model, optimizer, scheduler, RNG, data position, teacher)."""
 
     dir: str | None = None  # None: no checkpoints
-    save_interval: int = 50  # steps; SIGTERM / SIGUSR1 also save (slurm pre-emption)
+    save_interval: int = 50  # steps (0: only the last); SIGTERM / SIGUSR1 also save (slurm pre-emption)
     keep_last: int = 2  # older iteration directories are deleted
     resume: str | None = None  # "auto" (latest complete one in dir, if any), a checkpoint path, or None
     init_from: str | None = None  # initial weights: a Megatron checkpoint (tools/convert_hf_to_megatron.py)

@@ -26,18 +26,22 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from rlsd_megatron.config import load_config
+    from rlsd_megatron.config import ConfigError, load_config
     from rlsd_megatron.config_checks import resolve_transformer_impl, transformer_engine_available, validate_config
     from rlsd_megatron.parallel.state import Layout, init_distributed, initialize_model_parallel
 
-    cfg = load_config(args.config, args.overrides)
-    init_distributed()
-    validate_config(cfg, dist.get_world_size())
     cuda = torch.cuda.is_available()
-    if cuda:
-        from rlsd_megatron.plan import check_fits
+    try:
+        cfg = load_config(args.config, args.overrides)
+        init_distributed()
+        validate_config(cfg, dist.get_world_size())
+        if cuda:
+            from rlsd_megatron.plan import check_fits
 
-        check_fits(cfg, dist.get_world_size())
+            check_fits(cfg, dist.get_world_size())
+    except ConfigError as error:  # the user's to fix: the message, not a traceback
+        print(f"rlsd-train: error: {error}", file=sys.stderr)
+        return 2
     impl = resolve_transformer_impl(cfg, cuda_available=cuda, te_available=cuda and transformer_engine_available())
     p = cfg.parallel
     initialize_model_parallel(Layout(p.tp, p.pp, p.cp, p.vpp), seed=cfg.train.seed)

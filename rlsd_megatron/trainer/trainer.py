@@ -46,6 +46,11 @@ def stop_on_signals(trainer: "Trainer"):
             signal.signal(sig, handler)
 
 
+def _every(step: int, interval: int) -> bool:
+    """Periodic work (validation, checkpoints) is due at this step; an interval of 0 disables it."""
+    return interval > 0 and step % interval == 0
+
+
 def _fault_injection_point(step: int) -> None:
     """Test hook: `RLSD_KILL_AT_STEP=N` SIGKILLs this process after step N's update and before
     its checkpoint (what a node failure mid-step does), for the exact-resume test."""
@@ -120,18 +125,22 @@ class Trainer:
         if self.step == 0 and self.cfg.warm_start.max_steps > 0:
             self.warm_start()
         self.sync_weights()
+        saved = False
         with stop_on_signals(self):
             while self.step < self.cfg.train.steps and not self._agreed_stop():
                 self.step += 1
                 metrics = self.train_step()
-                if self.step % self.cfg.train.eval_interval == 0 or self.step == self.cfg.train.steps:
+                last = self.step == self.cfg.train.steps
+                if last or _every(self.step, self.cfg.train.eval_interval):
                     metrics.update(self.validate())
                 self.logger.log(self.step, metrics)
                 _fault_injection_point(self.step)
-                if self.step % self.cfg.checkpoint.save_interval == 0 or self.step == self.cfg.train.steps:
+                saved = last or _every(self.step, self.cfg.checkpoint.save_interval)
+                if saved:
                     self.save()
             if self.stop_requested:
-                self.save()
+                if not saved:
+                    self.save()
                 self.logger.message(f"stopped by a signal after step {self.step}; checkpoint saved")
         self.close()
 

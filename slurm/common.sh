@@ -1,0 +1,296 @@
+# shellcheck shell=bash
+# The launch logic shared by slurm/rlsd_*.sh (sourced by them, not run on its own).
+#
+# One job attempt, top to bottom (`rlsd_main`):
+#   1. resolve the layout (nodes x GPUs per node = one training process per GPU), the paths and
+#      the config overrides that point the run at them;
+#   2. export the rendezvous (MASTER_ADDR = first host of the allocation) and the NCCL settings;
+#   3. run the memory planner on this node: a layout that does not fit stops here, in seconds,
+#      with the per-GPU table, instead of after every rank has loaded its shard;
+#   4. `srun` one process per GPU; `rlsd_megatron.parallel.state.init_distributed` maps
+#      SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID to RANK / WORLD_SIZE / LOCAL_RANK;
+#   5. SLURM's time-limit warning (`#SBATCH --signal=B:USR1@T`) reaches this shell; it forwards
+#      SIGUSR1 to the training processes (srun passes it to every task), which checkpoint after
+#      the current step and exit 0; then the job requeues itself and the next attempt resumes
+#      from that checkpoint (`checkpoint.resume=auto`).
+# `--dry-run` does 1-3 and prints the srun command instead of running it, on any machine.
+#
+# Environment (optional unless marked):
+#   RLSD_MODEL         HF model directory: config.json, tokenizer, the weights SGLang loads.
+#                      -> model.hf_config, data.tokenizer_dir. Required with the default config.
+#   RLSD_INIT_CKPT     Megatron checkpoint of the same model (tools/convert_hf_to_megatron.py, any
+#                      TP/PP) -> checkpoint.init_from. Required with the default config.
+#   RLSD_DATA          directory holding train.parquet and val.parquet. Required with the default
+#                      config (or give RLSD_TRAIN_FILES / RLSD_VAL_FILES: comma-separated paths).
+#   RLSD_CKPT_DIR      checkpoint root (default $RLSD_HOME/checkpoints); this run: $RLSD_CKPT_DIR/$RLSD_RUN_NAME
+#   RLSD_LOGS          log root (default $RLSD_HOME/logs); this run: $RLSD_LOGS/$RLSD_RUN_NAME/
+#                      tensorboard/ and attempt-N/rank-R.log (N = SLURM_RESTART_COUNT)
+#   RLSD_RUN_NAME      default $SLURM_JOB_NAME-$SLURM_JOB_ID: the same across requeues
+#   RLSD_CONFIG        YAML config (default: the script's); when set, the three inputs above are
+#                      optional (the config may use a built-in task or set them itself)
+#   RLSD_EXTRA_ARGS    more dotted overrides, space-separated; script arguments come after them
+#   RLSD_PYTHON        interpreter (default $RLSD_HOME/.venv/bin/python if present, else python3)
+#   RLSD_GPUS_PER_NODE default $SLURM_GPUS_ON_NODE, else 8
+#   RLSD_NODES         node count for --dry-run outside a job (default: the script's #SBATCH --nodes)
+#   RLSD_MAX_REQUEUES  attempts after the first before the job stops requeueing itself (default 20)
+#   MASTER_ADDR, MASTER_PORT  default: first host of $SLURM_JOB_NODELIST, 20000 + job id mod 20000
+# Relative paths are relative to the repository root ($RLSD_HOME), where the job runs.
+
+rlsd_die() {
+    echo "rlsd: error: $*" >&2
+    exit 1
+}
+
+rlsd_log() {
+    echo "rlsd: $*"
+}
+
+# The #SBATCH --nodes of the model script: the node count its layout was planned for.
+rlsd_header_nodes() {
+    sed -n 's/^#SBATCH --nodes=\([0-9][0-9]*\).*/\1/p' "$1" | head -n 1
+}
+
+# Fills the globals used below: layout, paths, overrides.
+rlsd_resolve() {
+    local script=$1 header_nodes hosts
+
+    cd "$RLSD_HOME" || rlsd_die "cannot cd to RLSD_HOME=$RLSD_HOME"
+    in_job=0
+    [[ -n ${SLURM_JOB_ID:-} ]] && in_job=1
+
+    header_nodes=$(rlsd_header_nodes "$script")
+    if ((in_job)); then
+        nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:?SLURM_JOB_NUM_NODES is not set inside a job}}
+    else
+        nodes=${RLSD_NODES:-$header_nodes}
+    fi
+    [[ $nodes =~ ^[1-9][0-9]*$ ]] || rlsd_die "node count '$nodes' is not a positive integer (set RLSD_NODES or #SBATCH --nodes)"
+    gpus_per_node=${RLSD_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+    [[ $gpus_per_node =~ ^[1-9][0-9]*$ ]] || rlsd_die "GPUs per node '$gpus_per_node' is not a positive integer (set RLSD_GPUS_PER_NODE)"
+    world_size=$((nodes * gpus_per_node))
+    # CPUs for each rank's data loading, tokenisation and reward workers; SLURM >= 22.05 no
+    # longer passes the batch script's --cpus-per-task on to srun, so it is given explicitly.
+    cpus_per_task=$((${SLURM_CPUS_ON_NODE:-$(nproc)} / gpus_per_node))
+    ((cpus_per_task >= 1)) || cpus_per_task=1
+
+    if ((in_job)); then
+        hosts=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?SLURM_JOB_NODELIST is not set inside a job}") ||
+            rlsd_die "scontrol show hostnames '$SLURM_JOB_NODELIST' failed"
+        export MASTER_ADDR=${MASTER_ADDR:-${hosts%%$'\n'*}}
+        # Per job (two jobs sharing a node do not collide) and per attempt (the previous
+        # attempt's store socket may still be in TIME_WAIT).
+        export MASTER_PORT=${MASTER_PORT:-$((20000 + (SLURM_JOB_ID + ${SLURM_RESTART_COUNT:-0}) % 20000))}
+    fi
+    attempt=${SLURM_RESTART_COUNT:-0}
+
+    run_name=${RLSD_RUN_NAME:-${SLURM_JOB_NAME:-$(basename "$script" .sh)}-${SLURM_JOB_ID:-dryrun}}
+    ckpt_dir=${RLSD_CKPT_DIR:-$RLSD_HOME/checkpoints}/$run_name
+    log_dir=${RLSD_LOGS:-$RLSD_HOME/logs}/$run_name
+    attempt_dir=$log_dir/attempt-$attempt
+    config=${RLSD_CONFIG:-$RLSD_DEFAULT_CONFIG}
+    [[ -f $config ]] || rlsd_die "config '$config' does not exist (relative paths start at $RLSD_HOME)"
+    if [[ -n ${RLSD_PYTHON:-} ]]; then
+        python=$RLSD_PYTHON
+    elif [[ -x $RLSD_HOME/.venv/bin/python ]]; then
+        python=$RLSD_HOME/.venv/bin/python
+    else
+        python=python3
+    fi
+
+    local train_files=${RLSD_TRAIN_FILES:-} val_files=${RLSD_VAL_FILES:-} extra=()
+    if [[ -n ${RLSD_DATA:-} ]]; then
+        train_files=${train_files:-$RLSD_DATA/train.parquet}
+        val_files=${val_files:-$RLSD_DATA/val.parquet}
+    fi
+    if [[ -z ${RLSD_CONFIG:-} ]] && ((!dry_run)); then
+        # The example configs carry no weights or data of their own: without these the job
+        # would train a randomly initialised model on nothing, after a day in the queue.
+        [[ -n ${RLSD_MODEL:-} ]] || rlsd_die "set RLSD_MODEL to the HF model directory (config.json, tokenizer, weights)"
+        [[ -n ${RLSD_INIT_CKPT:-} ]] || rlsd_die "set RLSD_INIT_CKPT to a Megatron checkpoint of it (tools/convert_hf_to_megatron.py)"
+        [[ -n $train_files ]] || rlsd_die "set RLSD_DATA (a directory with train.parquet, val.parquet) or RLSD_TRAIN_FILES"
+    fi
+
+    overrides=("checkpoint.dir=$ckpt_dir" "checkpoint.resume=auto" "logging.dir=$log_dir/tensorboard")
+    if [[ -n ${RLSD_MODEL:-} ]]; then
+        overrides+=("model.hf_config=$RLSD_MODEL" "data.tokenizer_dir=$RLSD_MODEL")
+    fi
+    if [[ -n ${RLSD_INIT_CKPT:-} ]]; then
+        overrides+=("checkpoint.init_from=$RLSD_INIT_CKPT")
+    fi
+    if [[ -n $train_files ]]; then
+        overrides+=("data.train_files=[$train_files]") # a YAML list
+    fi
+    if [[ -n $val_files ]]; then
+        overrides+=("data.val_files=[$val_files]")
+    fi
+    read -r -a extra <<<"${RLSD_EXTRA_ARGS:-}"
+    overrides+=("${extra[@]}" "${script_args[@]}")
+}
+
+# NCCL / InfiniBand and process settings. Defaults only: a value already in the environment
+# wins. Fabric-specific names belong in the submitting shell (sbatch exports it): for example
+# NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME (the TCP interface for NCCL's bootstrap and the gloo
+# groups, e.g. ib0 or ^lo,docker), NCCL_IB_HCA (the compute HCAs, e.g. mlx5_0,mlx5_1,...; leave
+# out storage NICs), NCCL_IB_GID_INDEX (RoCE: usually 3 for RoCEv2).
+rlsd_export_env() {
+    # A failed or timed-out collective aborts its process, so srun --kill-on-bad-exit ends the
+    # step at once instead of the other ranks waiting in the next collective until the time limit.
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+    # Free a collective's buffers when it completes instead of pinning them with record_stream:
+    # lower peak memory, which the colocated engine needs.
+    export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
+    # Megatron's TP / sequence-parallel communication overlap needs kernels issued in order on
+    # one hardware queue.
+    export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+    # Problems only; NCCL_DEBUG=INFO (with NCCL_DEBUG_SUBSYS=INIT,NET) prints which transport
+    # (NVLink, IB/GDRDMA, sockets) each ring uses: the first thing to read when a job is slow or hangs.
+    export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+    # IB retransmission timeout 4.096 us * 2^22 = 17 s (NCCL's default 2^20 = 4 s): rides out a
+    # link flap or a switch restart on a large fabric instead of failing the collective.
+    export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+    # NVLink SHARP reserves extra GPU memory for every communicator, and Megatron creates one per
+    # TP, PP, DP, CP and model-parallel group; the colocated engine's KV cache needs it more.
+    export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+    # Per-rank logs appear as they are written, not when a 4 KiB buffer fills.
+    export PYTHONUNBUFFERED=1
+    # torchrun's default is 1 thread per process; here, the CPUs srun gives each rank.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus_per_task}
+    # Compute nodes rarely reach the Hub; everything loads from RLSD_MODEL.
+    export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+}
+
+rlsd_print_layout() {
+    echo "== rlsd launch: $script_name$( ((dry_run)) && echo ' (dry run)') =="
+    echo "config:       $config"
+    echo "processes:    $nodes node(s) x $gpus_per_node GPU(s) = $world_size ranks, one per GPU (srun), $cpus_per_task CPU(s) each"
+    if ((in_job)); then
+        echo "job:          ${SLURM_JOB_ID} attempt $attempt (max requeues ${RLSD_MAX_REQUEUES:-20}) on ${SLURM_JOB_NODELIST}"
+        echo "rendezvous:   MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT (env://, ranks from SLURM_PROCID)"
+    else
+        echo "rendezvous:   MASTER_ADDR=<first host of \$SLURM_JOB_NODELIST> MASTER_PORT=<20000 + job id mod 20000>"
+    fi
+    echo "checkpoints:  $ckpt_dir (resume=auto)"
+    echo "logs:         $log_dir/tensorboard, $attempt_dir/rank-<R>.log"
+}
+
+# The memory planner on this node, with the launch's own config and overrides.
+rlsd_plan() {
+    local plan=("$python" -m rlsd_megatron.plan --config "$config" --world-size "$world_size" "${overrides[@]}")
+    echo "== memory plan: ${plan[*]} =="
+    "${plan[@]}" || rlsd_die "the planner refused this layout for $world_size GPUs (table above); nothing was launched"
+}
+
+rlsd_srun_command() {
+    srun_cmd=(srun --nodes="$nodes" --ntasks-per-node="$gpus_per_node" --cpus-per-task="$cpus_per_task"
+        --gpu-bind=none --kill-on-bad-exit=1 --output="$attempt_dir/rank-%t.log"
+        "$python" -m rlsd_megatron.train --config "$config" "${overrides[@]}")
+    # --gpu-bind=none: every rank sees all GPUs of its node (it picks cuda:LOCAL_RANK itself), so
+    # an SGLang engine hosted by one rank can span engine_tp GPUs of the node.
+    # --kill-on-bad-exit=1: one rank failing ends the step rather than leaving the rest hung.
+}
+
+# SIGUSR1 from `--signal=B:USR1@T`: ask the trainer to checkpoint and stop, then requeue.
+rlsd_on_warning() {
+    rlsd_log "time-limit warning (SIGUSR1): the trainer checkpoints after its current step; the job then requeues"
+    requeue=1
+    interrupted=1
+    if [[ -n ${srun_pid:-} ]]; then
+        kill -USR1 "$srun_pid" 2>/dev/null || true
+    fi
+}
+
+# SIGTERM: scancel, or pre-emption (SLURM requeues --requeue jobs it pre-empts by itself).
+# The tasks got SIGTERM from SLURM too; the trainer saves after its step if there is time.
+rlsd_on_terminate() {
+    rlsd_log "SIGTERM: stopping (no self-requeue)"
+    requeue=0
+    interrupted=1
+    if [[ -n ${srun_pid:-} ]]; then
+        kill -TERM "$srun_pid" 2>/dev/null || true
+    fi
+}
+
+# Runs srun in the background, so that this shell takes the signals, and waits for its status.
+rlsd_run_step() {
+    local again
+    "${srun_cmd[@]}" &
+    srun_pid=$!
+    step_status=0
+    wait "$srun_pid" || step_status=$?
+    # A trapped signal cuts `wait` short (status 128 + signal) while srun runs on: wait again.
+    # 127 means the cut-short wait had in fact collected srun's status already.
+    while ((interrupted)); do
+        interrupted=0
+        again=0
+        wait "$srun_pid" || again=$?
+        ((again == 127)) || step_status=$again
+    done
+    srun_pid=
+}
+
+rlsd_requeue() {
+    local max=${RLSD_MAX_REQUEUES:-20}
+    if ((attempt >= max)); then
+        rlsd_log "not requeueing: attempt $attempt reached RLSD_MAX_REQUEUES=$max"
+        return 0
+    fi
+    rlsd_log "requeueing job $SLURM_JOB_ID (next attempt $((attempt + 1)) resumes from $ckpt_dir)"
+    scontrol requeue "$SLURM_JOB_ID" || rlsd_die "scontrol requeue $SLURM_JOB_ID failed (was the job submitted with --requeue?)"
+}
+
+rlsd_main() {
+    local script=$0 arg
+    dry_run=0
+    script_args=()
+    script_name=$(basename "$script")
+    for arg in "$@"; do
+        case $arg in
+            --dry-run) dry_run=1 ;;
+            -h | --help)
+                sed -n '2,/^set -/p' "$script" | sed -n 's/^# \{0,1\}//p'
+                return 0
+                ;;
+            -*) rlsd_die "unknown option $arg (expected --dry-run, --help or section.key=value overrides)" ;;
+            *) script_args+=("$arg") ;;
+        esac
+    done
+
+    requeue=0
+    interrupted=0
+    srun_pid=
+    trap rlsd_on_warning USR1
+    trap rlsd_on_terminate TERM
+
+    rlsd_resolve "$script"
+    rlsd_export_env
+    rlsd_print_layout
+    rlsd_plan
+    rlsd_srun_command
+    echo "== command =="
+    printf '%q ' "${srun_cmd[@]}"
+    echo
+    if ((dry_run)); then
+        return 0
+    fi
+    ((in_job)) || rlsd_die "not inside a SLURM job: submit with sbatch $script (or add --dry-run)"
+    mkdir -p "$ckpt_dir" "$attempt_dir"
+    if ((interrupted)); then # a signal before the launch: nothing to save
+        if ((requeue)); then
+            rlsd_requeue
+        fi
+        return 0
+    fi
+    rlsd_log "training; progress in $attempt_dir/rank-$((world_size - 1)).log (the last rank logs)"
+    rlsd_run_step
+    if ((requeue)); then
+        # 0: checkpointed and stopped; 128+SIGUSR1: the signal came before the trainer installed
+        # its handler (still loading), so there is nothing new to save either.
+        if ((step_status == 0 || step_status == 128 + 10)); then
+            rlsd_requeue
+            return 0
+        fi
+        rlsd_die "the training processes exited with status $step_status after the warning; not requeueing (see $attempt_dir)"
+    fi
+    ((step_status == 0)) || rlsd_die "the training processes exited with status $step_status (see $attempt_dir)"
+    rlsd_log "training finished"
+}
