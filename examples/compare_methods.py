@@ -1,6 +1,6 @@
 """Compare RL methods on the built-in CPU task: same seeds, same warm start, same budget.
 
-    .venv/bin/python examples/compare_methods.py --seeds 1 2 3 --methods rlsd grpo opsd --steps 100
+    .venv/bin/python examples/compare_methods.py --seeds 1 2 3 --methods rlsd grpo opsd --steps 300
 
 For each seed: one supervised warm start (saved once, `warm_start.output`), then one RL run per
 method from those weights (`checkpoint.init_from`), each `torchrun --nproc-per-node 2 -m
@@ -57,8 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--methods", nargs="+", default=["rlsd", "grpo", "opsd"], choices=sorted(METHOD_OVERRIDES))
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     parser.add_argument("--out", default="runs/compare_methods")
     args = parser.parse_args()
     out = Path(args.out)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import queue
 import threading
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from rlsd_megatron.rollout.engine import EngineHealth, Generation, RolloutEngine, SamplingParams
 
@@ -42,7 +43,41 @@ class DataParallelEngines(RolloutEngine):
         return [g for out in results if out for g in out]
 
     def update_weights(self, buckets: Iterable, version: int) -> None:
-        raise NotImplementedError("sync each engine from its own resharding stream (one stream per engine group)")
+        """Every engine receives every bucket, concurrently (one thread each). The next bucket is
+        drawn only when all engines are done with the current one, so the producer's extra memory
+        stays at one bucket, as the interface promises it."""
+        inboxes = [_Inbox() for _ in self.engines]
+        errors: list = []
+
+        def consume(engine: RolloutEngine, inbox: _Inbox) -> None:
+            stream = inbox.stream()
+            try:
+                engine.update_weights(stream, version)
+            except BaseException as exc:  # re-raised in the caller
+                errors.append(exc)
+            finally:
+                stream.close()
+                inbox.discard_rest()  # the producer must never wait on an engine that stopped reading
+
+        threads = [threading.Thread(target=consume, args=pair) for pair in zip(self.engines, inboxes)]
+        for t in threads:
+            t.start()
+        try:
+            for bucket in buckets:
+                for inbox in inboxes:
+                    inbox.queue.put(bucket)
+                del bucket
+                for inbox in inboxes:
+                    inbox.queue.join()
+                if errors:
+                    break
+        finally:
+            for inbox in inboxes:
+                inbox.queue.put(_END)
+            for t in threads:
+                t.join()
+        if errors:
+            raise errors[0]
 
     def sleep(self) -> None:
         for engine in self.engines:
@@ -66,6 +101,33 @@ class DataParallelEngines(RolloutEngine):
     def shutdown(self) -> None:
         for engine in self.engines:
             engine.shutdown()
+
+
+_END = object()
+
+
+class _Inbox:
+    """One engine's view of the shared bucket stream. A bucket is marked done (`task_done`)
+    when the engine asks for the next one or stops reading."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.ended = False
+
+    def stream(self) -> Iterator:
+        while (bucket := self.queue.get()) is not _END:
+            try:
+                yield bucket
+            finally:
+                del bucket
+                self.queue.task_done()
+        self.ended = True
+        self.queue.task_done()
+
+    def discard_rest(self) -> None:
+        while not self.ended:
+            self.ended = self.queue.get() is _END
+            self.queue.task_done()
 
 
 def _split(total: int, parts: int) -> list[tuple[int, int]]:

@@ -4,6 +4,8 @@ errors that name the tensor."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -145,3 +147,46 @@ def test_data_parallel_fan_out_samples_what_one_engine_does(engine):
     fanned = DataParallelEngines([engine, twin]).generate(PROMPTS, sampling)
     assert [(g.prompt_index, g.sample_index) for g in fanned] == [(i, j) for i in range(4) for j in range(2)]
     assert tokens(fanned) == tokens(engine.generate(PROMPTS, sampling))
+
+
+def test_data_parallel_weight_sync_feeds_every_engine_one_bucket_at_a_time():
+    import weakref
+
+    from dataclasses import replace
+
+    from rlsd_megatron.rollout.data_parallel import DataParallelEngines
+
+    class SlowEngine(EmbeddedEngine):
+        """Takes 5 ms between receiving a bucket and copying it, as a busy engine would."""
+
+        def update_weights(self, buckets, version):
+            def late(stream):
+                for bucket in stream:
+                    time.sleep(0.005)
+                    yield bucket
+                    del bucket
+
+            super().update_weights(late(buckets), version)
+
+    alive, peak = weakref.WeakSet(), [0]
+
+    def tracked(stream):
+        for bucket in stream:
+            alive.add(bucket)
+            peak[0] = max(peak[0], len(alive))
+            yield bucket
+            del bucket
+
+    engines = [EmbeddedEngine(MODEL), SlowEngine(MODEL)]
+    state = [(n, torch.randn_like(p)) for n, p in engines[0].model.named_parameters()]
+    DataParallelEngines(engines).update_weights(tracked(pack_buckets(state, bucket_bytes=4096)), version=7)
+    for engine in engines:
+        assert engine.health().weight_version == 7
+        assert all(torch.equal(dict(engine.model.named_parameters())[n], t) for n, t in state)
+    # The next bucket is drawn only once both engines let go of the current one.
+    assert peak[0] == 1
+
+    # One engine refusing a tensor fails the sync with its error; the other is not left waiting.
+    narrow = EmbeddedEngine(replace(MODEL, hidden_size=16, ffn_hidden_size=32))
+    with pytest.raises(MappingError, match="shape"):
+        DataParallelEngines([engines[0], narrow]).update_weights(pack_buckets(state, bucket_bytes=4096), version=8)
