@@ -148,7 +148,7 @@ class RolloutConfig:
     val_temperature: float = 0.7
     val_top_p: float = 0.8
     val_top_k: int = 20
-    val_presence_penalty: float = 1.5
+    val_presence_penalty: float = 0.0  # recipe 1.5 (the presets); validation sampling only
     val_n: int = 1
     engine_tp: int = 1
     mem_fraction_static: float = 0.5

@@ -197,12 +197,16 @@ class EmbeddedEngine(RolloutEngine):
         finish: list[str] = ["length"] * rows
         stop = set(sampling.stop_token_ids)
         active = list(range(rows))  # batch row -> sample row
+        generated = torch.zeros(rows, logits.shape[-1], dtype=torch.bool)  # for the presence penalty
         for step in range(sampling.max_new_tokens):
             uniforms = torch.stack([torch.rand((), generator=gens[r]) for r in active])
+            if sampling.presence_penalty:
+                logits = logits.float() - sampling.presence_penalty * generated[active]
             new, new_lp = sample_tokens(logits, sampling, uniforms)
             keep = []
             for b, r in enumerate(active):
                 token = int(new[b])
+                generated[r, token] = True
                 tokens[r].append(token)
                 log_probs[r].append(float(new_lp[b]))
                 if token in stop:

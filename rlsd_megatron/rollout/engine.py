@@ -38,7 +38,11 @@ class SamplingParams:
     """How to sample. `top_k <= 0` and `top_p = 1` switch truncation off; `temperature = 0` is
     greedy. `stop_token_ids` end a sample and are included in its tokens (they were sampled, carry
     a log-prob, and the learner trains on them). `seed` makes generation reproducible: sample j of
-    prompt i uses `sample_seed(seed, i, j)`, so results do not depend on batching."""
+    prompt i uses `sample_seed(seed, i, j)`, so results do not depend on batching.
+    `presence_penalty` is subtracted from the logits of every token this sample has already
+    generated (not the prompt's), before temperature, as in SGLang; the reported log-probs are then
+    of the penalised distribution (SGLang's too), which the learner does not reproduce — the
+    recipe uses it for validation only."""
 
     n: int = 1  # samples per prompt (G in GRPO)
     temperature: float = 1.0  # recipe 1.0 for training, 0.7 for validation
@@ -47,6 +51,7 @@ class SamplingParams:
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0
 
     def __post_init__(self):
         problems = []
@@ -56,6 +61,8 @@ class SamplingParams:
             problems.append(f"temperature={self.temperature} (need >= 0; 0 is greedy)")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p={self.top_p} (need 0 < top_p <= 1)")
+        if not -2 <= self.presence_penalty <= 2:
+            problems.append(f"presence_penalty={self.presence_penalty} (need -2 <= presence_penalty <= 2)")
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens={self.max_new_tokens} (need >= 1)")
         if problems:

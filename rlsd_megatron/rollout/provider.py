@@ -47,6 +47,7 @@ def sampling_params(rollout: RolloutConfig, *, validation: bool = False, stop_to
     if validation:
         return SamplingParams(n=rollout.val_n, temperature=rollout.val_temperature, top_p=rollout.val_top_p,
                               top_k=rollout.val_top_k, max_new_tokens=rollout.max_new_tokens,
-                              stop_token_ids=tuple(stop_token_ids), seed=seed)
+                              stop_token_ids=tuple(stop_token_ids), seed=seed,
+                              presence_penalty=rollout.val_presence_penalty)
     return SamplingParams(n=rollout.n, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
                           max_new_tokens=rollout.max_new_tokens, stop_token_ids=tuple(stop_token_ids), seed=seed)

@@ -82,6 +82,7 @@ def sampling_requests(prompts: Sequence[Sequence[int]], sampling: SamplingParams
                 "temperature": sampling.temperature,
                 "top_p": sampling.top_p,
                 "top_k": sampling.top_k if sampling.top_k > 0 else -1,
+                "presence_penalty": sampling.presence_penalty,
                 "stop_token_ids": list(sampling.stop_token_ids) or None,
                 "skip_special_tokens": False,
                 "no_stop_trim": True,

@@ -65,12 +65,20 @@ def test_stop_tokens_and_max_length(engine):
             assert len(g.token_ids) == 7 and g.token_ids[-1] not in stop
 
 
-def reference_log_probs(engine, prompt, generated, temperature):
+def reference_logits(engine, prompt, generated, presence_penalty=0.0):
+    """Full-sequence forward (no KV cache); the logits predicting each generated token, minus
+    the presence penalty on tokens generated before it."""
     seq = torch.tensor(prompt + generated)
     with torch.no_grad(), _torch_threads(1):
-        logits = engine.model(seq[None]).logits[0].float() / temperature
-    logp = torch.log_softmax(logits, -1)
-    return logp[len(prompt) - 1:-1].gather(1, seq[len(prompt):, None]).squeeze(1)
+        logits = engine.model(seq[None]).logits[0, len(prompt) - 1:-1].float()
+    for t in range(1, len(generated)):
+        logits[t, sorted(set(generated[:t]))] -= presence_penalty
+    return logits
+
+
+def reference_log_probs(engine, prompt, generated, temperature, presence_penalty=0.0):
+    logp = torch.log_softmax(reference_logits(engine, prompt, generated, presence_penalty) / temperature, -1)
+    return logp.gather(1, torch.tensor(generated)[:, None]).squeeze(1)
 
 
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, -1), (0.7, 0.8, 20), (1.3, 0.5, 3)])
@@ -79,6 +87,22 @@ def test_log_probs_are_the_tempered_untruncated_distribution(engine, temperature
     for g in engine.generate(PROMPTS, sampling):
         want = reference_log_probs(engine, PROMPTS[g.prompt_index], g.token_ids, temperature)
         torch.testing.assert_close(torch.tensor(g.log_probs), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_presence_penalty_on_generated_tokens(engine, temperature):
+    sampling = SamplingParams(n=2, temperature=temperature, max_new_tokens=8, seed=3, presence_penalty=2.0)
+    plain = engine.generate(PROMPTS, SamplingParams(n=2, temperature=temperature, max_new_tokens=8, seed=3))
+    penalised = engine.generate(PROMPTS, sampling)
+    assert tokens(penalised) != tokens(plain)
+    for g in penalised:
+        prompt = PROMPTS[g.prompt_index]
+        if temperature == 0:
+            assert g.token_ids == reference_logits(engine, prompt, g.token_ids, 2.0).argmax(-1).tolist()
+        want = reference_log_probs(engine, prompt, g.token_ids, temperature or 1.0, presence_penalty=2.0)
+        torch.testing.assert_close(torch.tensor(g.log_probs), want, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="presence_penalty=3"):
+        SamplingParams(presence_penalty=3)
 
 
 def test_greedy(engine):
@@ -190,3 +214,15 @@ def test_data_parallel_weight_sync_feeds_every_engine_one_bucket_at_a_time():
     narrow = EmbeddedEngine(replace(MODEL, hidden_size=16, ffn_hidden_size=32))
     with pytest.raises(MappingError, match="shape"):
         DataParallelEngines([engines[0], narrow]).update_weights(pack_buckets(state, bucket_bytes=4096), version=8)
+
+
+def test_sampling_params_from_config_training_and_validation():
+    from rlsd_megatron.config import RolloutConfig
+    from rlsd_megatron.rollout.provider import sampling_params
+
+    rollout = RolloutConfig(n=4, temperature=1.0, top_k=-1, max_new_tokens=9, val_temperature=0.7, val_top_p=0.8,
+                            val_top_k=20, val_presence_penalty=1.5, val_n=2)
+    train = sampling_params(rollout, stop_token_ids=[5], seed=1)
+    assert (train.n, train.temperature, train.top_k, train.presence_penalty, train.stop_token_ids) == (4, 1.0, -1, 0.0, (5,))
+    val = sampling_params(rollout, validation=True)
+    assert (val.n, val.temperature, val.top_p, val.top_k, val.presence_penalty, val.max_new_tokens) == (2, 0.7, 0.8, 20, 1.5, 9)
