@@ -7,7 +7,7 @@ method from those weights (`checkpoint.init_from`), each `torchrun --nproc-per-n
 rlsd_megatron.train --config examples/configs/cpu_demo.yaml`. Reads `val/reward` from the
 tensorboard logs, writes `<out>/val_reward.png` (mean ± standard error over seeds per method)
 and prints, per method, the steps each seed needed to reach each threshold and the mean reward
-over the run. The RLSD paper reports RLSD reaching GRPO's accuracy in about half the steps on
+over the run. Runs finished by an earlier invocation (same --out, --steps) are reused. The RLSD paper reports RLSD reaching GRPO's accuracy in about half the steps on
 8B vision-language models; this task is a 0.6M-parameter model trained from scratch, where
 shared/notes/cpu-demo.md measured no difference — the script reports what it measures.
 """
@@ -15,6 +15,7 @@ shared/notes/cpu-demo.md measured no difference — the script reports what it m
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,6 +73,11 @@ def main() -> None:
                    f"logging.dir={warm.parent / 'warm_start_logs'}"], warm.parent / "warm_start.log")
         for method in args.methods:
             log_dir = out / f"seed{seed}" / method
+            if log_dir.exists() and args.steps in val_rewards(log_dir):  # finished by an earlier invocation
+                print(f"seed {seed}: {method} (done)", flush=True)
+                curves[method].append(val_rewards(log_dir))
+                continue
+            shutil.rmtree(log_dir, ignore_errors=True)
             print(f"seed {seed}: {method}", flush=True)
             train([f"train.seed={seed}", f"train.steps={args.steps}", "warm_start.max_steps=0",
                    f"checkpoint.init_from={warm}", f"logging.dir={log_dir}", *METHOD_OVERRIDES[method]],
