@@ -101,6 +101,36 @@ def initialize_model_parallel(layout: Layout, seed: int = 1234) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    global _REPLICA_GROUP
+    _REPLICA_GROUP = _new_replica_group() if layout.cp > 1 else parallel_state.get_model_parallel_group()
+
+
+_REPLICA_GROUP = None
+
+
+def replica_group():
+    """The ranks holding one model replica: TP x CP x PP of this rank's data-parallel index.
+
+    Rollouts are generated once per replica and broadcast over it (every CP rank must train on
+    the same sequences). Megatron's model-parallel group is TP x PP only; with CP = 1 it is this.
+    Its first rank (TP, CP and PP rank 0) hosts the replica's engine."""
+    if _REPLICA_GROUP is None:
+        raise RuntimeError("replica_group() before initialize_model_parallel()")
+    return _REPLICA_GROUP
+
+
+def _new_replica_group():
+    """One group per data-parallel index (collective: every rank creates every group, in order)."""
+    from megatron.core import parallel_state
+
+    dp_ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(dp_ranks, parallel_state.get_data_parallel_rank())
+    mine = None
+    for index in sorted(set(dp_ranks)):
+        group = dist.new_group([rank for rank, dp in enumerate(dp_ranks) if dp == index])
+        if index == parallel_state.get_data_parallel_rank():
+            mine = group
+    return mine
 
 
 def destroy_model_parallel() -> None:
@@ -112,6 +142,8 @@ def destroy_model_parallel() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+    global _REPLICA_GROUP
+    _REPLICA_GROUP = None
     world = dist.group.WORLD
     for group in list(dist.distributed_c10d._world.pg_map):
         if group is not world:

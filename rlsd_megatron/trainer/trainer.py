@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from rlsd_megatron import algorithms as alg
 from rlsd_megatron.config import Config
+from rlsd_megatron.parallel.state import replica_group
 from rlsd_megatron.trainer import objectives
 from rlsd_megatron.trainer.rollouts import Rollouts, generate_and_score, response_tensors
 from rlsd_megatron.trainer.state import load_training_state, prune_checkpoints, resolve_resume, save_training_state
@@ -89,10 +90,10 @@ class Trainer:
 
         self.cfg = cfg
         self.learner = Learner(cfg, impl=impl)
-        self.mp_group = parallel_state.get_model_parallel_group()
+        self.replica_group = replica_group()
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_rank, self.dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-        self.hosts_engine = dist.get_rank(self.mp_group) == 0
+        self.hosts_engine = dist.get_rank(self.replica_group) == 0
         self.engine = create_engine(cfg) if self.hosts_engine else None
         self.dataset = build_prompt_dataset(cfg.data, "train")
         self.loader = PromptLoader(self.dataset, global_batch_size=cfg.train.prompts_per_step, dp_rank=self.dp_rank,
@@ -248,7 +249,7 @@ class Trainer:
                                        seed=cfg.train.seed * 1_000_003 + self._draws)
             self._draws += 1
             batch = generate_and_score(rows, self.dataset, self.engine, sampling, self.scorer,
-                                       group=self.mp_group, prompt_offset=self.dp_rank * len(rows))
+                                       group=self.replica_group, prompt_offset=self.dp_rank * len(rows))
             if cfg.algorithm.dynamic_sampling:
                 batch = batch.select_groups(alg.dynamic_sampling_keep_mask(batch.rewards, cfg.rollout.n))
             parts.append(batch)
@@ -315,8 +316,10 @@ class Trainer:
         return stats
 
     def sync_weights(self):
-        from rlsd_megatron.rollout.weight_sync import sync_weights
+        from rlsd_megatron.rollout.weight_sync import SyncStats, sync_weights
 
+        if self.learner.cp_rank != 0:  # its model-parallel group holds no engine (see replica_group)
+            return SyncStats(self.step, bytes=0, buckets=0, seconds=0.0)
         return sync_weights(self.learner.model, self.cfg.model, self.engine, version=self.step,
                             bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 2**20)
 
@@ -329,7 +332,7 @@ class Trainer:
         sampling = sampling_params(self.cfg.rollout, validation=True, stop_token_ids=[self.dataset.eos_id],
                                    seed=self.cfg.train.seed)
         batch = generate_and_score(self.val_rows, self.dataset, self.engine, sampling, self.scorer,
-                                   group=self.mp_group, prompt_offset=self.dp_rank)
+                                   group=self.replica_group, prompt_offset=self.dp_rank)
         totals = torch.tensor([float(batch.rewards.sum()), float(len(batch.rewards))], dtype=torch.float64)
         dist.all_reduce(totals, group=self.dp_group)
         return {"val/reward": float(totals[0] / totals[1])}
