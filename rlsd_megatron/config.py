@@ -154,6 +154,11 @@ class RolloutConfig:
     mem_fraction_static: float = 0.5
     weight_sync_bucket_mb: int = 512
     max_logprob_mismatch: float | None = None  # error when mean |logp_learner - logp_engine| exceeds it
+    # Push the projection weights to SGLang as FP8 (e4m3, one fp32 scale per 128x128 block, quantised on
+    # each sync; rollout/fp8.py): half the bytes and FP8 GEMMs in the engine, log-probs drift further from
+    # the learner's. Needs bf16 params and an engine whose config.json declares block-wise FP8 (any
+    # engine started without model.hf_config does). Not for the embedded engine.
+    fp8_weights: bool = False
 
 
 @dataclass

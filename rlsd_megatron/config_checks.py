@@ -153,9 +153,27 @@ def hardware_problems(cfg: Config, *, cuda_available: bool, te_available: bool) 
     return problems
 
 
+def rollout_problems(cfg: Config, *, cuda_available: bool) -> list[str]:
+    """Rollout settings the engine this machine would get cannot honour."""
+    rollout, problems = cfg.rollout, []
+    embedded = rollout.backend == "embedded" or (rollout.backend == "auto" and not cuda_available)
+    if rollout.fp8_weights and embedded:
+        problems.append(
+            "rollout.fp8_weights=true needs the SGLang backend on a GPU: the embedded engine (rollout.backend="
+            f"{rollout.backend}, cuda available: {cuda_available}) computes in fp32/bf16 and has no FP8 layers; "
+            "set rollout.fp8_weights=false"
+        )
+    if rollout.fp8_weights and cfg.precision.params_dtype != "bf16":
+        problems.append(
+            f"rollout.fp8_weights=true needs precision.params_dtype=bf16 (got {cfg.precision.params_dtype}): the "
+            "engine runs in the params dtype and SGLang's FP8 layers take bf16 or fp16 activations only"
+        )
+    return problems
+
+
 def validate_config(cfg: Config, world_size: int, *, cuda_available: bool | None = None,
                     te_available: bool | None = None) -> None:
-    """Raise one ConfigError listing every layout, batch and hardware problem of `cfg`."""
+    """Raise one ConfigError listing every layout, batch, hardware and rollout problem of `cfg`."""
     import torch
 
     if cuda_available is None:
@@ -164,6 +182,6 @@ def validate_config(cfg: Config, world_size: int, *, cuda_available: bool | None
         te_available = cuda_available and transformer_engine_available()
     problems = layout_problems(cfg, world_size) + algorithm_problems(cfg) + hardware_problems(
         cfg, cuda_available=cuda_available, te_available=te_available
-    )
+    ) + rollout_problems(cfg, cuda_available=cuda_available)
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -154,6 +154,22 @@ def test_fp8_and_te_need_a_gpu():
     validate_config(cfg, 1, cuda_available=True, te_available=True)  # fine on an H100 with TE
 
 
+def test_fp8_rollout_weights_need_sglang_and_bf16():
+    cfg = load_config(None, ["rollout.fp8_weights=true", "precision.params_dtype=bf16"])
+    assert cfg.rollout.fp8_weights is True
+    with pytest.raises(ConfigError, match=r"rollout\.fp8_weights=true needs the SGLang backend on a GPU: the embedded "
+                                          r"engine \(rollout\.backend=auto, cuda available: False\)"):
+        validate_config(cfg, 1, cuda_available=False, te_available=False)
+    cfg.rollout.backend = "embedded"
+    with pytest.raises(ConfigError, match=r"rollout\.backend=embedded"):
+        validate_config(cfg, 1, cuda_available=True, te_available=True)
+    cfg.rollout.backend = "auto"
+    validate_config(cfg, 1, cuda_available=True, te_available=True)  # SGLang on a GPU
+    cfg.precision.params_dtype = "fp32"
+    with pytest.raises(ConfigError, match=r"rollout\.fp8_weights=true needs precision\.params_dtype=bf16 \(got fp32\)"):
+        validate_config(cfg, 1, cuda_available=True, te_available=True)
+
+
 def test_all_problems_reported_together():
     with pytest.raises(ConfigError) as info:
         validate_config(layout_config(tp=3, pp=3), 9, cuda_available=False, te_available=False)

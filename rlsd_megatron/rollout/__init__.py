@@ -1,7 +1,8 @@
 """Rollout engines and the weight path from the learner to them.
 
 - `engine`: the `RolloutEngine` interface, `SamplingParams`, `Generation` (log-prob convention)
-- `buckets`: `FlatBucket`, bounded single-dtype buckets of HF tensors, and their lifetime
+- `buckets`: `FlatBucket`, bounded buckets of HF tensors (tightly packed, mixed dtypes), and their lifetime
+- `fp8`: FP8 rollout weights, block-quantised on the way to an FP8 engine (`rollout.fp8_weights`)
 - `resharding`: learner shards → full HF tensors, in buckets (`reshard_to_hf`) or straight into
   an in-process engine's parameters (`write_hf_into`)
 - `weight_sync`: `sync_weights`, the call the trainer makes after each optimizer step

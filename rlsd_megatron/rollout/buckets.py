@@ -1,10 +1,13 @@
 """Size-bounded buckets of full HF tensors: the unit of every weight push to a rollout engine.
 
-A `FlatBucket` packs tensors of one dtype back to back, with no gaps, in one uint8 buffer — the
-layout of SGLang's `FlattenedTensorBucket`, which the engine also rebuilds on its own from
-names / dtypes / shapes when it receives a bucket by NCCL broadcast. `plan_buckets` fixes every
-bucket's contents from the shapes before any data moves: at most `bucket_bytes` each, except a
-single tensor larger than the bound, which gets a bucket of its own.
+A `FlatBucket` packs tensors back to back, with no gaps, in one uint8 buffer — the layout of
+SGLang's `FlattenedTensorBucket`, which the engine also rebuilds on its own from names / dtypes /
+shapes listed in buffer order when it receives a bucket by NCCL broadcast. Tensors of several
+dtypes share a bucket (FP8 weights with their fp32 scales and bf16 norms): wider dtypes come first
+in the buffer, so every tensor starts at a multiple of its element size without padding, which
+both torch's dtype views and SGLang's receiving side require. `plan_buckets` fixes every bucket's
+contents from the shapes before any data moves: at most `bucket_bytes` each, except a single tensor
+larger than the bound, which gets a bucket of its own.
 
 Lifetime: each bucket is a fresh buffer, filled once, handed to the consumer, and never written
 again; the consumer drops it (`del bucket`) once the engine has acknowledged it, before asking for
@@ -31,28 +34,28 @@ class TensorSlot:
 
     name: str
     shape: tuple[int, ...]
+    dtype: torch.dtype
     start: int
     end: int
 
 
 class FlatBucket:
-    """Full HF tensors of one dtype packed back to back in one uint8 buffer.
+    """Full HF tensors packed back to back in one uint8 buffer, wider dtypes first.
 
-    Filled in plan order with `put` (one tensor, or its tensor-parallel pieces). `named_tensors()`
-    gives views into the buffer: consumers copy out of them, and a view kept keeps the memory (a
-    kept view is never recycled). `FlatBucket.live_bytes` counts the bytes of buckets not yet
-    dropped and `FlatBucket.peak_bytes` its high-water mark: how the tests hold the one-bucket
-    memory bound to account.
+    `slots` are in stream order: `put` fills them in that order (one tensor, or its tensor-parallel
+    pieces); `packed_slots()` lists them in buffer order. `named_tensors()` gives views into the
+    buffer: consumers copy out of them, and a view kept keeps the memory (a kept view is never
+    recycled). `FlatBucket.live_bytes` counts the bytes of buckets not yet dropped and
+    `FlatBucket.peak_bytes` its high-water mark: how the tests hold the one-bucket memory bound to
+    account.
     """
 
     live_bytes = 0
     peak_bytes = 0
 
-    def __init__(self, slots: list[TensorSlot], dtype: torch.dtype, device: torch.device | str,
-                 pool: "BufferPool | None" = None):
+    def __init__(self, slots: list[TensorSlot], device: torch.device | str, pool: "BufferPool | None" = None):
         self.slots = slots
-        self.dtype = dtype
-        self.nbytes = slots[-1].end
+        self.nbytes = packed_bytes(slots)
         base = pool.take(self.nbytes) if pool is not None else torch.empty(self.nbytes, dtype=torch.uint8, device=device)
         self.buffer = base[:self.nbytes]
         self._next = 0  # index of the next slot to fill
@@ -71,19 +74,26 @@ class FlatBucket:
         cls.peak_bytes = cls.live_bytes
 
     def view(self, slot: TensorSlot) -> torch.Tensor:
-        return self.buffer[slot.start:slot.end].view(self.dtype).view(slot.shape)
+        return self.buffer[slot.start:slot.end].view(slot.dtype).view(slot.shape)
+
+    def packed_slots(self) -> list[TensorSlot]:
+        """The slots in buffer order: what a receiver rebuilds the bucket from."""
+        return sorted(self.slots, key=lambda slot: slot.start)
 
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """(HF name, view of the buffer) for every tensor, in order."""
+        """(HF name, view of the buffer) for every tensor, in stream order."""
         return [(slot.name, self.view(slot)) for slot in self.slots]
 
     def put(self, name: str, pieces: torch.Tensor | Sequence[torch.Tensor], dim: int = 0, *,
             truncate: bool = False) -> None:
-        """Copy the next planned tensor in (`write_pieces`); the name must be the plan's."""
+        """Copy the next planned tensor in (`write_pieces`); name and dtype must be the plan's."""
         slot = self.slots[self._next]
         if name != slot.name:
             raise MappingError(f"resharding produced {name!r} where the plan expected {slot.name!r}: "
                                f"the Megatron parameters do not match the model config")
+        dtype = pieces.dtype if isinstance(pieces, torch.Tensor) else pieces[0].dtype
+        if dtype != slot.dtype:  # copy_ would cast silently (an FP8 slot would lose its scale)
+            raise MappingError(f"resharding produced {name!r} as {dtype}, the plan holds {slot.dtype}")
         write_pieces(self.view(slot), name, pieces, dim, truncate=truncate)
         self._next += 1
 
@@ -152,25 +162,39 @@ def _unshared(base: torch.Tensor) -> bool:
 
 
 def plan_buckets(tensors: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
-                 bucket_bytes: int) -> list[tuple[torch.dtype, list[TensorSlot]]]:
-    """Split (name, shape, dtype) in stream order into buckets of one dtype and at most
-    `bucket_bytes` (a larger tensor alone in its bucket), tightly packed."""
+                 bucket_bytes: int) -> list[list[TensorSlot]]:
+    """Split (name, shape, dtype) in stream order into buckets of at most `bucket_bytes` (a larger
+    tensor alone in its bucket); each bucket's slots in stream order, tightly packed, wider dtypes
+    first."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    buckets: list[tuple[torch.dtype, list[TensorSlot]]] = []
-    slots: list[TensorSlot] = []
-    dtype, used = None, 0
-    for name, shape, tensor_dtype in tensors:
-        size = torch.Size(shape).numel() * tensor_dtype.itemsize
-        if slots and (tensor_dtype != dtype or used + size > bucket_bytes):
-            buckets.append((dtype, slots))
-            slots, used = [], 0
-        dtype = tensor_dtype
-        slots.append(TensorSlot(name, tuple(shape), used, used + size))
+    groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = []
+    used = 0
+    for name, shape, dtype in tensors:
+        size = torch.Size(shape).numel() * dtype.itemsize
+        if not groups or used + size > bucket_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append((name, tuple(shape), dtype))
         used += size
-    if slots:
-        buckets.append((dtype, slots))
-    return buckets
+    return [_packed(group) for group in groups]
+
+
+def _packed(tensors: list[tuple[str, tuple[int, ...], torch.dtype]]) -> list[TensorSlot]:
+    """Slots for `tensors` (kept in their order) laid out by decreasing element size: every size is
+    a multiple of the element sizes after it, so each tensor starts aligned."""
+    sizes = [torch.Size(shape).numel() * dtype.itemsize for _, shape, dtype in tensors]
+    starts, offset = [0] * len(tensors), 0
+    for i in sorted(range(len(tensors)), key=lambda i: -tensors[i][2].itemsize):  # stable
+        starts[i] = offset
+        offset += sizes[i]
+    return [TensorSlot(name, shape, dtype, start, start + size)
+            for (name, shape, dtype), start, size in zip(tensors, starts, sizes)]
+
+
+def packed_bytes(slots: list[TensorSlot]) -> int:
+    """Size of the buffer holding `slots`."""
+    return sum(slot.end - slot.start for slot in slots)
 
 
 def pack_buckets(named_tensors: list[tuple[str, torch.Tensor]], *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -179,10 +203,10 @@ def pack_buckets(named_tensors: list[tuple[str, torch.Tensor]], *, bucket_bytes:
     load, or tests), planned and released like the resharding stream's."""
     tensors = dict(named_tensors)
     plan = plan_buckets(((n, tuple(t.shape), t.dtype) for n, t in named_tensors), bucket_bytes)
-    pool = BufferPool(max(slots[-1].end for _, slots in plan) if plan else 0)
-    for dtype, slots in plan:
+    pool = BufferPool(max(map(packed_bytes, plan)) if plan else 0)
+    for slots in plan:
         where = torch.device(device if device is not None else tensors[slots[0].name].device)
-        bucket = FlatBucket(slots, dtype, where, pool if where.type == "cpu" else None)
+        bucket = FlatBucket(slots, where, pool if where.type == "cpu" else None)
         for slot in slots:
             bucket.put(slot.name, tensors[slot.name])
         yield bucket

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from rlsd_megatron.rollout.engine import EngineHealth, Generation, RolloutEngine, SamplingParams
+
+if TYPE_CHECKING:
+    from rlsd_megatron.rollout.fp8 import Fp8BlockConfig
 
 
 class DataParallelEngines(RolloutEngine):
@@ -20,6 +23,15 @@ class DataParallelEngines(RolloutEngine):
         if not engines:
             raise ValueError("DataParallelEngines needs at least one engine")
         self.engines = list(engines)
+
+    @property
+    def fp8_format(self) -> Fp8BlockConfig | None:
+        """The engines' common weight format (they all receive the same buckets)."""
+        formats = {engine.fp8_format for engine in self.engines}
+        if len(formats) > 1:
+            raise ValueError(f"the engines expect different weight formats ({formats}); one bucket stream "
+                             "cannot feed them all")
+        return formats.pop()
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
                  prompt_offset: int = 0) -> list[Generation]:

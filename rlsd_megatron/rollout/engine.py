@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
     from rlsd_megatron.rollout.buckets import FlatBucket
+    from rlsd_megatron.rollout.fp8 import Fp8BlockConfig
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -118,6 +119,9 @@ class RolloutEngine(abc.ABC):
     """
 
     backend: str = "abstract"
+    # The FP8 block format of the engine's projection weights, which every push must have (the
+    # resharding stream quantises to it, `rollout.fp8`); None: pushed as the learner holds them.
+    fp8_format: "Fp8BlockConfig | None" = None
 
     @abc.abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from rlsd_megatron.config import Config, ConfigError, RolloutConfig
+from rlsd_megatron.config_checks import rollout_problems
 from rlsd_megatron.rollout.engine import RolloutEngine, SamplingParams
 
 _DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
@@ -28,6 +29,9 @@ def resolve_backend(backend: str) -> str:
 def create_engine(cfg: Config, *, group=None, base_gpu_id: int = 0, **engine_kwargs) -> RolloutEngine:
     """The engine for `cfg` on this rank. For SGLang, construct it on every rank of `group` (the
     learner ranks sharing the engine's GPUs); `engine_kwargs` go to the engine class."""
+    problems = rollout_problems(cfg, cuda_available=torch.cuda.is_available())
+    if problems:
+        raise ConfigError("; ".join(problems))
     backend = resolve_backend(cfg.rollout.backend)
     torch_dtype, name = _DTYPES[cfg.precision.params_dtype]
     if backend == "embedded":
@@ -38,7 +42,7 @@ def create_engine(cfg: Config, *, group=None, base_gpu_id: int = 0, **engine_kwa
 
     return SGLangEngine(cfg.model, model_path=cfg.model.hf_config, engine_tp=cfg.rollout.engine_tp,
                         mem_fraction_static=cfg.rollout.mem_fraction_static, base_gpu_id=base_gpu_id, group=group,
-                        dtype=name, seed=cfg.train.seed, **engine_kwargs)
+                        dtype=name, seed=cfg.train.seed, fp8_weights=cfg.rollout.fp8_weights, **engine_kwargs)
 
 
 def sampling_params(rollout: RolloutConfig, *, validation: bool = False, stop_token_ids: Sequence[int] = (),

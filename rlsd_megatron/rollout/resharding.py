@@ -22,10 +22,14 @@ of the whole model:
    concatenated full tensor, vocabulary padding cut off on the way. That equals
    `megatron_to_hf(unshard_tensors(shards))` whenever the shard layout is contiguous per rank
    (stride 1; SwiGLU fc1's stride 2 with its gate/up halves); anything else takes that reference
-   path (`tests/rollout/test_resharding_pieces.py` checks both agree).
+   path (`tests/rollout/test_resharding_pieces.py` checks both agree);
+4. for an FP8 engine (the `fp8` argument, see `rollout.fp8`), each projection weight is assembled
+   whole (its TP pieces concatenated: a block's scale needs its rows from every shard) and
+   written as its fp8 tensor followed by its `weight_scale_inv`.
 
 Memory: one bucket (`rollout.buckets`) plus two parameters' shards in reused scratch buffers
-(the next parameter's TP gather overlaps the copies of the current one).
+(the next parameter's TP gather overlaps the copies of the current one); with FP8, a few fp32
+copies of one projection weight while it is quantised.
 """
 
 from __future__ import annotations
@@ -46,7 +50,16 @@ from rlsd_megatron.models.sharding import (
     shard_layout,
     unshard_tensors,
 )
-from rlsd_megatron.rollout.buckets import DEFAULT_BUCKET_BYTES, BufferPool, FlatBucket, plan_buckets, write_pieces
+from rlsd_megatron.rollout.buckets import (
+    DEFAULT_BUCKET_BYTES,
+    BufferPool,
+    FlatBucket,
+    TensorSlot,
+    packed_bytes,
+    plan_buckets,
+    write_pieces,
+)
+from rlsd_megatron.rollout.fp8 import Fp8BlockConfig, fp8_rollout_specs, fp8_rollout_tensors, is_fp8_weight
 
 
 @dataclass(frozen=True)
@@ -122,9 +135,11 @@ def plan_stream(chunks: list[torch.nn.Module], model: ModelConfig) -> list[Param
     return plan
 
 
-def bucket_plan(plan: list[ParamInfo], bucket_bytes: int):
-    """`buckets.plan_buckets` over the HF tensors of `plan`, in stream order."""
-    return plan_buckets(((name, shape, info.dtype) for info in plan for name, shape in info.hf), bucket_bytes)
+def bucket_plan(plan: list[ParamInfo], bucket_bytes: int, fp8: Fp8BlockConfig | None = None) -> list[list[TensorSlot]]:
+    """`buckets.plan_buckets` over the HF tensors of `plan` as they are pushed (FP8 with `fp8`), in
+    stream order."""
+    specs = ((name, shape, info.dtype) for info in plan for name, shape in info.hf)
+    return plan_buckets(fp8_rollout_specs(specs, fp8) if fp8 is not None else specs, bucket_bytes)
 
 
 class _Scratch:
@@ -230,29 +245,43 @@ def _stream_pieces(plan: list[ParamInfo], chunks: list[torch.nn.Module], model: 
         shards = pieces = None  # before the scratch is reused
 
 
+def _pushed_pieces(stream: Iterator[tuple[ParamInfo, str, list[torch.Tensor], int]], fp8: Fp8BlockConfig | None
+                   ) -> Iterator[tuple[str, list[torch.Tensor], int, bool]]:
+    """(HF name, pieces, dim, truncate) of every tensor pushed: `stream`'s, with each FP8 weight
+    assembled, quantised and followed by its scale when `fp8` is set."""
+    for info, name, pieces, dim in stream:
+        if fp8 is not None and is_fp8_weight(name, fp8):
+            whole = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+            for pushed, tensor in fp8_rollout_tensors([(name, whole)], fp8):
+                yield pushed, [tensor], 0, False
+        else:
+            yield name, pieces, dim, info.layout.vocab
+
+
 def _param_device(chunks: list[torch.nn.Module]) -> torch.device:
     return next(param.device for _, _, param in local_parameters(chunks))
 
 
 def reshard_to_hf(chunks: list[torch.nn.Module], model: ModelConfig, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                  device: torch.device | str | None = None) -> Iterator[FlatBucket]:
+                  device: torch.device | str | None = None, fp8: Fp8BlockConfig | None = None) -> Iterator[FlatBucket]:
     """Stream the learner's weights as full HF tensors in buckets (see the module docstring).
 
     Collective: every rank of the model-parallel group must consume the whole stream (or run
     `write_hf_into` instead). `chunks` are the learner's (DDP-wrapped or bare) model chunks on this
-    rank; buckets are allocated on `device` (default: the parameters'). The consumer should `del`
-    each bucket before asking for the next one.
+    rank; buckets are allocated on `device` (default: the parameters'). With `fp8` the projection
+    weights are pushed block-quantised to FP8 (`rollout.fp8`). The consumer should `del` each bucket
+    before asking for the next one.
     """
     plan = plan_stream(chunks, model)
-    buckets = bucket_plan(plan, bucket_bytes)
+    buckets = bucket_plan(plan, bucket_bytes, fp8)
     device = torch.device(device) if device is not None else _param_device(chunks)
-    pool = BufferPool(max(slots[-1].end for _, slots in buckets)) if device.type == "cpu" else None
+    pool = BufferPool(max(map(packed_bytes, buckets))) if device.type == "cpu" else None
     index, bucket = 0, None
-    for info, name, pieces, dim in _stream_pieces(plan, chunks, model, _param_device(chunks)):
+    stream = _stream_pieces(plan, chunks, model, _param_device(chunks))
+    for name, pieces, dim, truncate in _pushed_pieces(stream, fp8):
         if bucket is None:
-            dtype, slots = buckets[index]
-            bucket = FlatBucket(slots, dtype, device, pool)
-        bucket.put(name, pieces, dim, truncate=info.layout.vocab)
+            bucket = FlatBucket(buckets[index], device, pool)
+        bucket.put(name, pieces, dim, truncate=truncate)
         if bucket.complete:
             out, bucket = bucket, None
             index += 1

@@ -28,8 +28,19 @@ session), one `flush_cache`, continue generation.
 Non-colocated (`transport="nccl"`): the host rank joins an NCCL group with the engine's ranks
 (`init_weights_update_group`, rank 0 = us) and broadcasts each bucket's flat buffer while the
 engine receives it with `update_weights_from_distributed(..., load_format="flattened_bucket")`
-into a buffer it rebuilds from names/dtypes/shapes — hence buckets are tightly packed, one dtype
-each.
+into a buffer it rebuilds from names/dtypes/shapes listed in buffer order — hence buckets are
+tightly packed, wider dtypes first (`rollout.buckets`).
+
+FP8 rollout weights (`rollout.fp8_weights`, `fp8_weights=True`). The engine is built with FP8
+block-quantised projection layers when its config.json says so (`Fp8Config`: float8 `weight` plus
+fp32 `weight_scale_inv` per block); pushes must then carry exactly those tensors, which the
+resharding stream produces when `fp8_format` is set (`rollout.fp8`). Started without a checkpoint,
+the engine gets a config.json that declares 128x128 blocks; from a checkpoint, its
+quantization_config must be block-wise FP8 (`fp8.fp8_quant_config` says why other formats cannot
+be pushed). Every rank of the group derives the same `fp8_format`, since each runs the stream.
+Llama is refused: 0.5.23's `LlamaForCausalLM.load_weights` renames `.weight_scale_inv` to
+`.weight_scale`, which block-FP8 layers do not have, so the scales would be dropped (sglang PR
+#30234; the contract test notices when that changes).
 
 Log-probs: SGLang returns log_softmax(z / T) of the sampled token before top-k/top-p (greedy:
 T = 1), the convention of `rollout.engine`.
@@ -47,9 +58,10 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from rlsd_megatron.config import ModelConfig
+from rlsd_megatron.config import ConfigError, ModelConfig
 from rlsd_megatron.models.hf_mapping import MappingError, expected_hf_shapes
 from rlsd_megatron.rollout.engine import EngineHealth, Generation, RolloutEngine, SamplingParams, sample_seed
+from rlsd_megatron.rollout.fp8 import Fp8BlockConfig, fp8_block_quantization_config, fp8_quant_config
 
 SGLANG_VERSION = "0.5.23"
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
@@ -124,13 +136,38 @@ def check_hf_config(model_path: str | Path, model: ModelConfig) -> None:
         )
 
 
-def write_hf_config_dir(model: ModelConfig, dtype: str) -> str:
-    """A temporary model directory holding only config.json (the engine starts with
-    `load_format="dummy"` and gets its weights from the first sync)."""
-    from rlsd_megatron.models.hf_config import hf_config_from_model
+def engine_hf_config(model_path: str | Path) -> dict[str, Any]:
+    """The config.json SGLang builds the engine from, with a ModelOpt `hf_quant_config.json` next to
+    it (which SGLang also reads) as its quantization_config."""
+    from rlsd_megatron.models.hf_config import read_hf_config
 
+    config = read_hf_config(model_path)
+    path = Path(model_path)
+    modelopt = (path if path.is_dir() else path.parent) / "hf_quant_config.json"
+    if not config.get("quantization_config") and modelopt.is_file():
+        nested = json.loads(modelopt.read_text()).get("quantization", {})
+        config["quantization_config"] = {"quant_method": "modelopt", **nested}
+    return config
+
+
+def engine_fp8_format(hf_config: dict[str, Any], fp8_weights: bool) -> Fp8BlockConfig | None:
+    """The FP8 format pushes to an engine built from `hf_config` must have (`fp8.fp8_quant_config`),
+    refusing Llama (see the module docstring)."""
+    fp8 = fp8_quant_config(hf_config, fp8_weights=fp8_weights)
+    if fp8 is not None and "LlamaForCausalLM" in hf_config.get("architectures", ()):
+        raise ConfigError(
+            f"rollout.fp8_weights=true does not work with Llama on sglang {SGLANG_VERSION}: its LlamaForCausalLM "
+            "renames the pushed .weight_scale_inv tensors to .weight_scale, which block-FP8 layers do not have, "
+            "so the scales would be dropped (sglang PR #30234). Use a Qwen2/Qwen3 model or rollout.fp8_weights=false."
+        )
+    return fp8
+
+
+def write_hf_config_dir(hf_config: dict[str, Any]) -> str:
+    """A temporary model directory holding only `hf_config` as config.json (the engine starts with
+    `load_format="dummy"` and gets its weights from the first sync)."""
     path = Path(tempfile.mkdtemp(prefix="rlsd_sglang_model_"))
-    (path / "config.json").write_text(json.dumps(hf_config_from_model(model, torch_dtype=dtype), indent=1))
+    (path / "config.json").write_text(json.dumps(hf_config, indent=1))
     return str(path)
 
 
@@ -139,11 +176,18 @@ def flattened_payload(bucket) -> dict:
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
 
     metadata = [
-        FlattenedTensorMetadata(name=s.name, shape=torch.Size(s.shape), dtype=bucket.dtype, start_idx=s.start,
+        FlattenedTensorMetadata(name=s.name, shape=torch.Size(s.shape), dtype=s.dtype, start_idx=s.start,
                                 end_idx=s.end, numel=s.end - s.start)
-        for s in bucket.slots
+        for s in bucket.packed_slots()
     ]
     return {"flattened_tensor": bucket.buffer, "metadata": metadata}
+
+
+def bucket_spec(bucket) -> tuple[list[str], list[str], list[list[int]]]:
+    """(names, dtypes, shapes) in buffer order: what the engine rebuilds an NCCL-received bucket from."""
+    slots = bucket.packed_slots()
+    return ([s.name for s in slots], [str(s.dtype).removeprefix("torch.") for s in slots],
+            [list(s.shape) for s in slots])
 
 
 # -- the engine --------------------------------------------------------------------------------
@@ -157,7 +201,8 @@ class SGLangEngine(RolloutEngine):
     `server_args` adds or overrides `sglang.Engine` keyword arguments. `pause_mode` is SGLang's
     pause mode around a sync: "abort" (default; the colocated loop has nothing in flight then)
     or "retract" for partial rollouts (requests resume on the new weights; SGLang refuses the
-    cache flush while they wait, which is logged).
+    cache flush while they wait, which is logged). `fp8_weights`: pushes are FP8 block-quantised
+    (see the module docstring); raises ConfigError where the engine's config disagrees.
     """
 
     backend = "sglang"
@@ -165,7 +210,7 @@ class SGLangEngine(RolloutEngine):
     def __init__(self, model: ModelConfig, *, model_path: str | None = None, engine_tp: int = 1,
                  mem_fraction_static: float = 0.5, base_gpu_id: int = 0, group=None, dtype: str = "bfloat16",
                  transport: str = "ipc", pause_mode: str = "abort", seed: int | None = None,
-                 server_args: dict[str, Any] | None = None):
+                 fp8_weights: bool = False, server_args: dict[str, Any] | None = None):
         if transport not in ("ipc", "nccl"):
             raise ValueError(f"transport must be 'ipc' (colocated) or 'nccl' (separate GPUs), got {transport!r}")
         self.model_config = model
@@ -179,13 +224,21 @@ class SGLangEngine(RolloutEngine):
         self._nccl_group = None
         self.server_args: dict[str, Any] = {}
         self.engine = None
+        if model_path is None:
+            from rlsd_megatron.models.hf_config import hf_config_from_model
+
+            declared = {"quantization_config": fp8_block_quantization_config()} if fp8_weights else {}
+            hf_config = hf_config_from_model(model, torch_dtype=dtype, **declared)
+        else:
+            hf_config = engine_hf_config(model_path)
+        self.fp8_format = engine_fp8_format(hf_config, fp8_weights)
         if not self.is_host:
             return
         import_sglang()
         from sglang.srt.entrypoints.engine import Engine
 
         if model_path is None:
-            model_path, load_format = write_hf_config_dir(model, dtype), "dummy"
+            model_path, load_format = write_hf_config_dir(hf_config), "dummy"
         else:
             check_hf_config(model_path, model)
             load_format = "auto"
@@ -282,9 +335,9 @@ class SGLangEngine(RolloutEngine):
         if self._nccl_group is None:
             raise RuntimeError("transport='nccl' needs connect_nccl(master_address, master_port) first")
         result: dict = {}
+        names, dtypes, shapes = bucket_spec(bucket)
         receiver = threading.Thread(target=lambda: result.update(r=self.engine.update_weights_from_distributed(
-            names=[s.name for s in bucket.slots], dtypes=[str(bucket.dtype).removeprefix("torch.")] * len(bucket.slots),
-            shapes=[list(s.shape) for s in bucket.slots], group_name=self._nccl_group_name, flush_cache=False,
+            names=names, dtypes=dtypes, shapes=shapes, group_name=self._nccl_group_name, flush_cache=False,
             load_format="flattened_bucket")))
         receiver.start()
         dist.broadcast(bucket.buffer, group=self._nccl_group, group_src=0)

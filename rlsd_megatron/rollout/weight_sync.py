@@ -51,8 +51,8 @@ def sync_weights(chunks: list[torch.nn.Module], model: ModelConfig, engine: Roll
     model-parallel group; pass engine=None on ranks that host no engine).
 
     An in-process engine (`writable_weights()`, the embedded one) is written into directly; any
-    other gets the bucket stream through `update_weights`. Ranks without an engine take part in
-    the collectives only.
+    other gets the bucket stream through `update_weights`, in the engine's FP8 format if it has one
+    (`engine.fp8_format`). Ranks without an engine take part in the collectives only.
     """
     start = time.perf_counter()
     targets = engine.writable_weights() if engine is not None else None
@@ -63,5 +63,6 @@ def sync_weights(chunks: list[torch.nn.Module], model: ModelConfig, engine: Roll
         nbytes = sum(targets[n].numel() * targets[n].element_size() for n in names) if targets else 0
         return SyncStats(version, nbytes, 0, time.perf_counter() - start)
     tally = [0, 0]
-    engine.update_weights(_counted(reshard_to_hf(chunks, model, bucket_bytes=bucket_bytes), tally), version)
+    buckets = reshard_to_hf(chunks, model, bucket_bytes=bucket_bytes, fp8=engine.fp8_format)
+    engine.update_weights(_counted(buckets, tally), version)
     return SyncStats(version, tally[0], tally[1], time.perf_counter() - start)

@@ -1,5 +1,5 @@
-"""Bucket planning and lifetime (no process groups): bounded size, one dtype, tight layout, errors
-that name the tensor, and at most one bucket alive when the consumer drops each one."""
+"""Bucket planning and lifetime (no process groups): bounded size, tight aligned layout of mixed
+dtypes, errors that name the tensor, and at most one bucket alive when the consumer drops each one."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def random_tensors(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
     tensors = []
     for i in range(40):
         shape = tuple(int(d) for d in torch.randint(1, 40, (int(torch.randint(1, 3, (), generator=gen)),), generator=gen))
-        dtype = torch.bfloat16 if 15 <= i < 25 else torch.float32
+        dtype = torch.bfloat16 if 15 <= i < 25 else torch.float8_e4m3fn if i % 3 == 0 else torch.float32
         tensors.append((f"t{i}", torch.randn(shape, generator=gen).to(dtype)))
     tensors.append(("huge", torch.randn(3000)))  # 12000 bytes: over the bound below
     tensors.append(("after_huge", torch.randn(5)))
@@ -23,23 +23,36 @@ def random_tensors(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("bound", [1024, 4096, 10**6])
-def test_buckets_are_bounded_single_dtype_tight_and_ordered(bound):
+def test_buckets_are_bounded_tight_aligned_and_ordered(bound):
     tensors = random_tensors()
     seen = []
     for bucket in pack_buckets(tensors, bucket_bytes=bound):
         assert bucket.buffer.numel() == bucket.nbytes
         oversized = bucket.nbytes > bound
         assert not oversized or len(bucket.slots) == 1, f"{bucket.nbytes} bytes in {len(bucket.slots)} tensors"
-        assert {dict(tensors)[s.name].dtype for s in bucket.slots} == {bucket.dtype}
-        offset = 0
-        for slot in bucket.slots:  # back to back: what FlattenedTensorBucket.empty rebuilds
-            assert slot.start == offset
-            offset = slot.end
+        assert all(dict(tensors)[s.name].dtype == s.dtype for s in bucket.slots)
+        offset, itemsize = 0, 8
+        for slot in bucket.packed_slots():  # back to back, widest first: what FlattenedTensorBucket.empty rebuilds
+            assert slot.start == offset and slot.start % slot.dtype.itemsize == 0
+            assert slot.dtype.itemsize <= itemsize
+            offset, itemsize = slot.end, slot.dtype.itemsize
+        assert offset == bucket.nbytes
         seen.extend(bucket.named_tensors())
         del bucket
     assert [name for name, _ in seen] == [name for name, _ in tensors]
     for (name, got), (_, want) in zip(seen, tensors):
-        assert torch.equal(got, want), name
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+
+
+def test_mixed_dtypes_share_a_bucket_widest_first():
+    """An FP8 weight, its fp32 scale and a bf16 norm, in stream order: one bucket, fp32 first."""
+    tensors = [("norm", torch.ones(3, dtype=torch.bfloat16)), ("w", torch.ones(3, 5).to(torch.float8_e4m3fn)),
+               ("w_scale_inv", torch.full((1, 1), 0.5))]
+    (bucket,) = pack_buckets(tensors, bucket_bytes=64)
+    assert [(s.name, s.start, s.end) for s in bucket.slots] == [("norm", 4, 10), ("w", 10, 25), ("w_scale_inv", 0, 4)]
+    assert [s.name for s in bucket.packed_slots()] == ["w_scale_inv", "norm", "w"]
+    for (name, got), (_, want) in zip(bucket.named_tensors(), tensors):
+        assert got.dtype == want.dtype and torch.equal(got, want), name
 
 
 def test_at_most_one_bucket_alive_when_the_consumer_drops_each():
@@ -61,6 +74,8 @@ def test_plan_mismatch_names_the_tensor():
         bucket.put("model.norm.weight", torch.ones(5))
     with pytest.raises(MappingError, match=r"'lm_head.weight' where the plan expected 'model.norm.weight'"):
         bucket.put("lm_head.weight", torch.ones(2, 4))
+    with pytest.raises(MappingError, match=r"'model.norm.weight' as torch.bfloat16, the plan holds torch.float32"):
+        bucket.put("model.norm.weight", torch.ones(4, dtype=torch.bfloat16))
 
 
 def test_bad_bound():

@@ -58,9 +58,9 @@ def test_pieces_equal_the_reference_path(tp):
         slots, offset = [], 0
         for hf_name, tensor in want:
             size = tensor.numel() * 4
-            slots.append(TensorSlot(hf_name, tuple(tensor.shape), offset, offset + size))
+            slots.append(TensorSlot(hf_name, tuple(tensor.shape), torch.float32, offset, offset + size))
             offset += size
-        bucket = FlatBucket(slots, torch.float32, "cpu")
+        bucket = FlatBucket(slots, "cpu")
         for hf_name, pieces, dim in got:
             bucket.put(hf_name, pieces, dim, truncate=layout.vocab)
         for (hf_name, got_tensor), (_, want_tensor) in zip(bucket.named_tensors(), want):
@@ -68,7 +68,7 @@ def test_pieces_equal_the_reference_path(tp):
 
 
 def test_piece_writer_checks_shapes():
-    bucket = FlatBucket([TensorSlot("w", (4, 6), 0, 96)], torch.float32, "cpu")
+    bucket = FlatBucket([TensorSlot("w", (4, 6), torch.float32, 0, 96)], "cpu")
     with pytest.raises(Exception, match=r"'w' with shape \(4, 5\), its destination has shape \(4, 6\)"):
         bucket.put("w", [torch.ones(4, 3), torch.ones(4, 2)], 1)
     with pytest.raises(Exception, match=r"shape \(5, 6\)"):

@@ -5,9 +5,10 @@ The 39 MB sglang wheel is downloaded once (`pip download --no-deps`) into
 `self.engine.<method>(...)` call in `rollout/sglang_engine.py` is checked against `Engine`'s
 signature (method exists, positional count, keyword names), every `sglang.Engine` keyword against
 the `ServerArgs` fields, every request key against `SamplingParams`, every name we import from
-sglang against the module that should define it, the request/response fields we read, and the
-flattened-bucket layout against the wheel's own `FlattenedTensorBucket` (executed from the
-wheel's file: it needs only torch).
+sglang against the module that should define it, the request/response fields we read, the
+flattened-bucket layout (mixed dtypes, FP8 included) against the wheel's own
+`FlattenedTensorBucket` (executed from the wheel's file: it needs only torch), and the FP8
+block-quantisation names and conventions `rollout.fp8` follows against SGLang's `Fp8Config`.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import pytest
 import torch
 
 from rlsd_megatron.rollout import sglang_engine
-from rlsd_megatron.rollout.engine import SamplingParams
 from rlsd_megatron.rollout.buckets import pack_buckets
+from rlsd_megatron.rollout.engine import SamplingParams
+from rlsd_megatron.rollout.fp8 import Fp8BlockConfig, fp8_block_quantization_config, is_fp8_weight
 
 VERSION = sglang_engine.SGLANG_VERSION
 OURS = Path(sglang_engine.__file__)
@@ -199,21 +201,72 @@ def wheel_tensor_bucket(wheel, monkeypatch):
 
 
 def test_flattened_bucket_layout_round_trips(wheel_tensor_bucket):
+    assert wheel_tensor_bucket.FlattenedTensorBucket.supports_multi_dtypes
     tensors = [("a.weight", torch.randn(3, 5)), ("b.bias", torch.randn(7)), ("c", torch.randn(2, 2).bfloat16()),
-               ("d", torch.randn(4).bfloat16())]
-    for bucket in pack_buckets(tensors, bucket_bytes=256):
+               ("d", torch.randn(4).bfloat16()), ("e.weight", torch.randn(3, 3).to(torch.float8_e4m3fn)),
+               ("e.weight_scale_inv", torch.rand(1, 1))]
+    for bucket in pack_buckets(tensors, bucket_bytes=64):  # the second bucket mixes fp32, bf16 and fp8
         payload = sglang_engine.flattened_payload(bucket)
         rebuilt = wheel_tensor_bucket.FlattenedTensorBucket(flattened_tensor=payload["flattened_tensor"],
                                                            metadata=payload["metadata"]).reconstruct_tensors()
-        assert [n for n, _ in rebuilt] == [n for n, _ in bucket.named_tensors()]
-        for (name, got), (_, want) in zip(rebuilt, bucket.named_tensors()):
+        assert sorted(n for n, _ in rebuilt) == sorted(s.name for s in bucket.slots)
+        for name, got in rebuilt:
+            want = dict(tensors)[name]
             assert got.dtype == want.dtype and torch.equal(got, want), name
         # NCCL path: the engine allocates from names/dtypes/shapes; the offsets must be ours.
-        empty = wheel_tensor_bucket.FlattenedTensorBucket.empty(
-            [s.name for s in bucket.slots], [str(bucket.dtype).removeprefix("torch.")] * len(bucket.slots),
-            [list(s.shape) for s in bucket.slots], "cpu")
-        assert [(m.start_idx, m.end_idx) for m in empty.get_metadata()] == [(s.start, s.end) for s in bucket.slots]
+        empty = wheel_tensor_bucket.FlattenedTensorBucket.empty(*sglang_engine.bucket_spec(bucket), "cpu")
+        assert [(m.name, m.dtype, m.start_idx, m.end_idx) for m in empty.get_metadata()] == [
+            (s.name, s.dtype, s.start, s.end) for s in bucket.packed_slots()]
         assert empty.get_flattened_tensor().numel() == bucket.nbytes
+
+
+def test_fp8_block_weights_are_what_sglang_loads(wheel):
+    """rollout.fp8 pushes `<module>.weight` (float8_e4m3fn) and `<module>.weight_scale_inv` (fp32,
+    one per ceil-divided block, dequantised as fp8 * scale_inv) for a `quant_method: fp8` config."""
+    assert '"fp8": Fp8Config' in wheel.read("sglang/srt/layers/quantization/__init__.py").decode()
+    fp8 = wheel.read("sglang/srt/layers/quantization/fp8.py").decode()
+    assert 'torch.float8_e4m3fn if is_checkpoint_fp8_serialized else params_dtype' in fp8
+    assert 'layer.register_parameter("weight_scale_inv", scale)' in fp8
+    assert ("(output_size_per_partition + block_n - 1) // block_n" in fp8
+            and "(input_size_per_partition + block_k - 1) // block_k" in fp8)
+    from_config = methods(classes(source(wheel, "sglang.srt.layers.quantization.fp8"))["Fp8Config"])["from_config"]
+    keys = {c.value for c in ast.walk(from_config) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+    assert {"weight_block_size", "activation_scheme", "ignored_layers", "modules_to_not_convert"} <= keys
+    assert set(fp8_block_quantization_config()) - {"fmt"} <= keys  # fmt: informational, as in Qwen's FP8 configs
+    utils = wheel.read("sglang/srt/layers/quantization/fp8_utils.py").decode()
+    assert "return (x_q_block.to(torch.float32) * x_scale_repeat).to(dtype)" in utils  # block_quant_dequant
+    common = wheel.read("sglang/srt/utils/common.py").decode()
+    assert '("torch", "float8_e4m3fn")' in common  # the safe unpickler lets FP8 bucket metadata through
+
+
+def test_ignored_layers_match_like_sglang(wheel):
+    """`is_fp8_weight` skips exactly the projections SGLang's `is_layer_skipped` leaves unquantised,
+    after `Fp8Config.from_config` adds a "model."-prefixed copy of every ignored name."""
+    assert 'base = layer.removeprefix("model.")' in wheel.read("sglang/srt/layers/quantization/fp8.py").decode()
+    tree = source(wheel, "sglang.srt.layers.quantization.utils")
+    match_fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_module_path_match")
+    namespace: dict = {}
+    exec(compile(ast.Module(body=[match_fn], type_ignores=[]), "utils.py", "exec"), namespace)
+    sglang_match = namespace["_module_path_match"]
+    ignored = ["model.layers.1.mlp", "layers.0.self_attn.o_proj", "mlp.gate", "lm_head", "model.layers.1.self_attn."]
+    ours = Fp8BlockConfig(ignored_layers=tuple(i.removeprefix("model.").rstrip(".") for i in ignored))
+    theirs = [v for i in ignored for v in (i.removeprefix("model."), "model." + i.removeprefix("model."))]
+    for layer in range(3):
+        for module in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+            prefix = f"model.layers.{layer}.{module}"
+            skipped = any(sglang_match(i, prefix) for i in theirs)
+            assert is_fp8_weight(prefix + ".weight", ours) != skipped, prefix
+
+
+def test_llama_drops_block_fp8_scales(wheel):
+    """Why `engine_fp8_format` refuses Llama: 0.5.23's Llama loader renames the scales to a name
+    block-FP8 layers do not register (sglang PR #30234). When this fails, lift that refusal."""
+    llama = wheel.read("sglang/srt/models/llama.py").decode()
+    assert 'name = name.replace(".weight_scale_inv", ".weight_scale")' in llama
+    for family in ("qwen2", "qwen3"):
+        assert "weight_scale_inv" not in wheel.read(f"sglang/srt/models/{family}.py").decode(), family
+    remaps = wheel.read("sglang/srt/model_loader/auto_loader.py").decode()
+    assert "Qwen" not in "".join(line for line in remaps.splitlines() if "@register_weight_remap(" in line)
 
 
 def test_outputs_are_parsed():

@@ -10,7 +10,10 @@ buckets (or writes them straight into its parameters) into the embedded engine o
 - sampled tokens: the engine's reported log-probs agree with the learner's (mismatch monitor);
 - no more than one bucket is alive at any time on any rank (bucket path; the direct path into an
   in-process engine allocates none);
-- a model config that does not match the learner raises a MappingError naming the parameter.
+- a model config that does not match the learner raises a MappingError naming the parameter;
+- FP8 rollout weights: the bucket stream of a TP=2 x PP=2 learner carries exactly the original HF
+  tensors as `rollout.fp8` quantises them (projection weights whole, not per TP shard), each
+  scale after its weight, still one bucket alive at a time.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ def run_case(family: str, tp: int, pp: int, path: str) -> dict:
     from rlsd_megatron.parallel.state import model_parallel
     from rlsd_megatron.rollout import FlatBucket, MismatchMonitor, SamplingParams, reshard_to_hf, sync_weights
     from rlsd_megatron.rollout.embedded import EmbeddedEngine
+    from rlsd_megatron.rollout.buckets import packed_bytes
     from rlsd_megatron.rollout.resharding import bucket_plan, plan_stream
     from tests.models.test_hf_mapping import hf_model
 
@@ -122,8 +126,7 @@ def run_case(family: str, tp: int, pp: int, path: str) -> dict:
         peaks = [None] * dist.get_world_size()
         dist.all_gather_object(peaks, (FlatBucket.peak_bytes - FlatBucket.live_bytes, buckets))
         result["peaks"] = peaks
-        result["largest_bucket"] = max(slots[-1].end for _, slots in bucket_plan(plan_stream(learner.model, model),
-                                                                                  BUCKET_BYTES))
+        result["largest_bucket"] = max(map(packed_bytes, bucket_plan(plan_stream(learner.model, model), BUCKET_BYTES)))
 
         sequences = fixed_sequences(model.vocab_size)
         want = _from_first(learner_log_probs(learner, sequences, model.vocab_size))
@@ -168,8 +171,37 @@ def mismatched_configs() -> dict:
     return messages
 
 
+def fp8_stream() -> dict | None:
+    """Rank 0's received (name, tensor) stream of an FP8 sync of a Qwen3 learner at TP=2 x PP=2, with
+    the quantised original HF tensors it should equal; None elsewhere."""
+    from rlsd_megatron.learner.learner import Learner
+    from rlsd_megatron.models.hf_mapping import expected_hf_shapes, hf_to_megatron
+    from rlsd_megatron.parallel.state import model_parallel
+    from rlsd_megatron.rollout import FlatBucket, reshard_to_hf
+    from rlsd_megatron.rollout.fp8 import Fp8BlockConfig, fp8_rollout_tensors
+    from tests.models.test_hf_mapping import hf_model
+
+    model = MODELS["qwen3"]
+    hf_state = dict(hf_model(model, seed=5).state_dict())
+    fp8 = Fp8BlockConfig(block=(16, 24), ignored_layers=("layers.3.mlp",))  # 24 does not divide 32 or 64
+    with model_parallel(tp=2, pp=2):
+        learner = Learner(Config(model=model, parallel=ParallelConfig(tp=2, pp=2)))
+        learner.load_full_state(dict(hf_to_megatron(hf_state.__getitem__, model)))
+        FlatBucket.reset_peak()
+        received, largest = [], 0
+        for bucket in reshard_to_hf(learner.model, model, bucket_bytes=BUCKET_BYTES, fp8=fp8):
+            largest = max(largest, bucket.nbytes)
+            received.extend((name, tensor.clone()) for name, tensor in bucket.named_tensors())
+            del bucket
+        peak = FlatBucket.peak_bytes - FlatBucket.live_bytes
+    if dist.get_rank() != 0:
+        return None
+    want = list(fp8_rollout_tensors(((n, hf_state[n]) for n in expected_hf_shapes(model)), fp8))
+    return {"received": received, "want": want, "peak": peak, "largest": largest}
+
+
 def all_cases() -> dict:
-    return {"cases": {case: run_case(*case) for case in CASES}, "errors": mismatched_configs()}
+    return {"cases": {case: run_case(*case) for case in CASES}, "errors": mismatched_configs(), "fp8": fp8_stream()}
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +231,17 @@ def test_mismatched_config_names_the_parameter(results):
     assert errors["shape"] and "decoder.layers.0.mlp.linear_fc1.weight" in errors["shape"] and "(96, 32)" in errors["shape"]
     assert errors["unmapped"] and "output_layer.weight" in errors["unmapped"] and "without an HF mapping" in errors["unmapped"]
     assert errors["missing"] and "decoder.layers.0.self_attention.linear_qkv.bias" in errors["missing"]
+
+
+def test_fp8_stream_carries_the_quantised_hf_tensors(results):
+    got = results["fp8"]
+    received, want = dict(got["received"]), dict(got["want"])
+    assert sorted(received) == sorted(want)
+    for name, tensor in want.items():
+        assert received[name].dtype == tensor.dtype and torch.equal(received[name], tensor), name
+    names = [name for name, _ in got["received"]]
+    scales = [i for i, name in enumerate(names) if name.endswith("weight_scale_inv")]
+    assert len(scales) == 4 * 7 - 3  # every projection but layer 3's MLP
+    assert all(names[i - 1] == names[i].removesuffix("_scale_inv") for i in scales)
+    assert received["model.layers.3.mlp.up_proj.weight"].dtype == torch.float32
+    assert 0 < got["peak"] <= got["largest"]
