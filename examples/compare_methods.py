@@ -83,6 +83,10 @@ def main() -> None:
                    f"checkpoint.init_from={warm}", f"logging.dir={log_dir}", *METHOD_OVERRIDES[method]],
                   out / f"seed{seed}" / f"{method}.log")
             curves[method].append(val_rewards(log_dir))
+    for seed in args.seeds:  # a seed whose warm start did not learn the task gives RL nothing to work with
+        lines = [line for line in (out / f"seed{seed}" / "warm_start.log").read_text().splitlines()
+                 if "[warm start" in line]
+        print(f"seed {seed} warm start ended: {lines[-1].split('] ', 1)[-1] if lines else 'unknown'}")
     report(curves, args.thresholds, out)
 
 
