@@ -159,6 +159,10 @@ class RolloutConfig:
     # the learner's. Needs bf16 params and an engine whose config.json declares block-wise FP8 (any
     # engine started without model.hf_config does). Not for the embedded engine.
     fp8_weights: bool = False
+    # Extra `sglang.Engine` arguments (ServerArgs fields), e.g. {attention_backend: fa3,
+    # cuda_graph_max_bs: 256}; they override ours. Seeded sampling with top-k / top-p needs
+    # sampling_backend=pytorch, which is our default when either sampling setting truncates.
+    sglang_server_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -295,6 +299,11 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: expected a mapping with string keys, got {value!r}")
+        _, value_type = typing.get_args(annotation)
+        return {k: _check_value(v, value_type, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

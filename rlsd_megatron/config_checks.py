@@ -163,6 +163,16 @@ def rollout_problems(cfg: Config, *, cuda_available: bool) -> list[str]:
             f"{rollout.backend}, cuda available: {cuda_available}) computes in fp32/bf16 and has no FP8 layers; "
             "set rollout.fp8_weights=false"
         )
+    sampler = rollout.sglang_server_args.get("sampling_backend", "pytorch")
+    truncated = [name for name, top_p, top_k in (("rollout", rollout.top_p, rollout.top_k),
+                                                 ("validation", rollout.val_top_p, rollout.val_top_k))
+                 if top_p < 1 or top_k > 0]
+    if not embedded and sampler != "pytorch" and truncated:
+        problems.append(
+            f"rollout.sglang_server_args.sampling_backend={sampler!r} with top-k/top-p {' and '.join(truncated)} "
+            "sampling: SGLang's sampler rejects the per-sample seeds the trainer sends unless sampling_backend is "
+            "'pytorch' (drop the key, or set top_p=1 and top_k=-1)"
+        )
     if rollout.fp8_weights and cfg.precision.params_dtype != "bf16":
         problems.append(
             f"rollout.fp8_weights=true needs precision.params_dtype=bf16 (got {cfg.precision.params_dtype}): the "

@@ -42,7 +42,17 @@ def create_engine(cfg: Config, *, group=None, base_gpu_id: int = 0, **engine_kwa
 
     return SGLangEngine(cfg.model, model_path=cfg.model.hf_config, engine_tp=cfg.rollout.engine_tp,
                         mem_fraction_static=cfg.rollout.mem_fraction_static, base_gpu_id=base_gpu_id, group=group,
-                        dtype=name, seed=cfg.train.seed, fp8_weights=cfg.rollout.fp8_weights, **engine_kwargs)
+                        dtype=name, seed=cfg.train.seed, fp8_weights=cfg.rollout.fp8_weights,
+                        server_args=sglang_server_args(cfg.rollout), **engine_kwargs)
+
+
+def sglang_server_args(rollout: RolloutConfig) -> dict:
+    """`rollout.sglang_server_args` over our defaults. The trainer seeds every sample; SGLang's
+    flashinfer sampler rejects per-request seeds when it truncates (top-k / top-p), its pytorch
+    sampler does not, so that is the default whenever training or validation sampling truncates."""
+    truncates = any(top_p < 1 or top_k > 0 for top_p, top_k in ((rollout.top_p, rollout.top_k),
+                                                                  (rollout.val_top_p, rollout.val_top_k)))
+    return {**({"sampling_backend": "pytorch"} if truncates else {}), **rollout.sglang_server_args}
 
 
 def sampling_params(rollout: RolloutConfig, *, validation: bool = False, stop_token_ids: Sequence[int] = (),
