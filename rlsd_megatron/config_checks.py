@@ -173,6 +173,13 @@ def rollout_problems(cfg: Config, *, cuda_available: bool) -> list[str]:
             "sampling: SGLang's sampler rejects the per-sample seeds the trainer sends unless sampling_backend is "
             "'pytorch' (drop the key, or set top_p=1 and top_k=-1)"
         )
+    replica_gpus = cfg.parallel.tp * cfg.parallel.cp  # one replica's ranks of its first pipeline stage
+    if not embedded and rollout.engine_tp > replica_gpus:
+        problems.append(
+            f"rollout.engine_tp={rollout.engine_tp} exceeds the GPUs of one model replica's first pipeline stage "
+            f"(parallel.tp x parallel.cp = {replica_gpus}), where its engine lives: neighbouring replicas' engines "
+            f"would share GPUs; use rollout.engine_tp <= {replica_gpus}"
+        )
     if rollout.fp8_weights and cfg.precision.params_dtype != "bf16":
         problems.append(
             f"rollout.fp8_weights=true needs precision.params_dtype=bf16 (got {cfg.precision.params_dtype}): the "

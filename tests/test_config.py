@@ -190,6 +190,16 @@ def test_sglang_server_args_mapping_and_sampler_default(tmp_path):
         validate_config(cfg, 1, cuda_available=True, te_available=True)
 
 
+def test_engine_tp_fits_in_one_replica():
+    cfg = load_config(None, ["parallel.tp=4", "rollout.engine_tp=8", "precision.params_dtype=bf16"])
+    with pytest.raises(ConfigError, match=r"rollout\.engine_tp=8 exceeds .* \(parallel\.tp x parallel\.cp = 4\)"):
+        validate_config(cfg, 8, cuda_available=True, te_available=True)
+    cfg.rollout.engine_tp = 4
+    validate_config(cfg, 8, cuda_available=True, te_available=True)
+    cfg.rollout.backend, cfg.rollout.engine_tp = "embedded", 8  # the embedded engine has no GPUs to take
+    validate_config(cfg, 8, cuda_available=True, te_available=True)
+
+
 def test_all_problems_reported_together():
     with pytest.raises(ConfigError) as info:
         validate_config(layout_config(tp=3, pp=3), 9, cuda_available=False, te_available=False)

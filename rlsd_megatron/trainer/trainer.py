@@ -94,7 +94,9 @@ class Trainer:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_rank, self.dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         self.hosts_engine = dist.get_rank(self.replica_group) == 0
-        self.engine = create_engine(cfg) if self.hosts_engine else None
+        # The engine takes engine_tp GPUs from the host's own: its replica's first GPUs.
+        first_gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        self.engine = create_engine(cfg, base_gpu_id=first_gpu) if self.hosts_engine else None
         self.dataset = build_prompt_dataset(cfg.data, "train")
         self.loader = PromptLoader(self.dataset, global_batch_size=cfg.train.prompts_per_step, dp_rank=self.dp_rank,
                                    dp_size=self.dp_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
