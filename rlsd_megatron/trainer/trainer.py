@@ -184,6 +184,8 @@ class Trainer:
         cfg, timer = self.cfg, PhaseTimer()
         with timer("generate"):
             rollouts = self.collect_rollouts()
+            if self.engine is not None:  # colocated: the learner's phases need the engine's GPU memory
+                self.engine.sleep()
         with timer("score"):
             sequences, masks = rollouts.sequences(), rollouts.response_mask()
             student = self.log_probs(sequences)
@@ -322,8 +324,13 @@ class Trainer:
 
         if self.learner.cp_rank != 0:  # its model-parallel group holds no engine (see replica_group)
             return SyncStats(self.step, bytes=0, buckets=0, seconds=0.0)
-        return sync_weights(self.learner.model, self.cfg.model, self.engine, version=self.step,
-                            bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 2**20)
+        if self.engine is not None:  # weights first, KV cache after the sync: a lower peak
+            self.engine.wake(["weights"])
+        stats = sync_weights(self.learner.model, self.cfg.model, self.engine, version=self.step,
+                             bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 2**20)
+        if self.engine is not None:
+            self.engine.wake()
+        return stats
 
     def validate(self) -> dict[str, float]:
         """Mean validation reward (and accuracy) with the validation sampling settings."""

@@ -32,11 +32,22 @@ def one_step(method: str, tp: int, pp: int, log_dir: str) -> dict:
         trainer.sync_weights()
         before = trainer.learner.full_state()
         trainer.step = 1
+        engine_asleep_in_update = []
+        update = trainer.update
+
+        def update_noting_the_engine(*args, **kwargs):
+            if trainer.engine is not None:
+                engine_asleep_in_update.append(trainer.engine.health().asleep)
+            return update(*args, **kwargs)
+
+        trainer.update = update_noting_the_engine
         metrics = trainer.train_step()
         after = trainer.learner.full_state()
+        awake_after = trainer.engine.health().asleep is False if trainer.engine is not None else None
         trainer.close()
     changed = sum(not torch.equal(before[k], after[k]) for k in before)
-    return {"metrics": metrics, "changed": changed, "total": len(before)}
+    return {"metrics": metrics, "changed": changed, "total": len(before),
+            "engine": (engine_asleep_in_update, awake_after)}
 
 
 def all_steps(log_dir: str) -> dict:
@@ -46,6 +57,9 @@ def all_steps(log_dir: str) -> dict:
 
 def test_one_step_per_method_at_tp2_and_pp2(dist_pool, tmp_path):
     results = dist_pool(2).run(all_steps, str(tmp_path), timeout=900)
+    for (method, tp, pp), result in results[0].items():  # rank 0 hosts the engine
+        # Colocated: asleep for the learner's update, awake again after the weight sync.
+        assert result["engine"] == ([True], True), (method, tp, pp, result["engine"])
     last_rank = results[-1]  # the rank that holds the loss (last pipeline stage)
     for (method, tp, pp), result in last_rank.items():
         where = f"{method} tp={tp} pp={pp}"
