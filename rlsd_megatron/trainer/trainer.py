@@ -320,17 +320,22 @@ class Trainer:
         return stats
 
     def sync_weights(self):
-        from rlsd_megatron.rollout.weight_sync import SyncStats, sync_weights
+        """Learner weights → this replica's engine; every rank returns the host's `SyncStats` (the
+        ranks that log hold no engine)."""
+        from rlsd_megatron.rollout.weight_sync import sync_weights
 
-        if self.learner.cp_rank != 0:  # its model-parallel group holds no engine (see replica_group)
-            return SyncStats(self.step, bytes=0, buckets=0, seconds=0.0)
-        if self.engine is not None:  # weights first, KV cache after the sync: a lower peak
-            self.engine.wake(["weights"])
-        stats = sync_weights(self.learner.model, self.cfg.model, self.engine, version=self.step,
-                             bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 2**20)
-        if self.engine is not None:
-            self.engine.wake()
-        return stats
+        stats = None
+        if self.learner.cp_rank == 0:  # other CP ranks' model-parallel groups hold no engine (replica_group)
+            if self.engine is not None:  # weights first, KV cache after the sync: a lower peak
+                self.engine.wake(["weights"])
+            stats = sync_weights(self.learner.model, self.cfg.model, self.engine, version=self.step,
+                                 bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 2**20)
+            if self.engine is not None:
+                self.engine.wake()
+        holder = [stats]
+        if dist.get_world_size(self.replica_group) > 1:
+            dist.broadcast_object_list(holder, src=dist.get_global_rank(self.replica_group, 0), group=self.replica_group)
+        return holder[0]
 
     def validate(self) -> dict[str, float]:
         """Mean validation reward (and accuracy) with the validation sampling settings."""

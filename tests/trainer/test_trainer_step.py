@@ -67,6 +67,7 @@ def test_one_step_per_method_at_tp2_and_pp2(dist_pool, tmp_path):
         assert result["changed"] == result["total"], f"{where}: only {result['changed']}/{result['total']} tensors changed"
         assert m["train/grad_norm"] > 0, where
         assert m["rollout/logprob_mismatch_mean"] < 1e-5, where  # engine and learner agree after the sync
+        assert m["weight_sync/gb"] > 0 and m["weight_sync/seconds"] > 0, where  # the host's figures, logged here
         if method in ("rlsd", "grpo"):
             # Step 1: the recomputed log-probs equal the old ones, so every ratio is exactly 1.
             assert m["train/approx_kl"] == 0.0 and m["train/ratio_max"] == 1.0 and m["train/ratio_min"] == 1.0, where
