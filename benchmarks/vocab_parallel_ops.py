@@ -17,11 +17,12 @@ Three phases, all ops each:
   mmap (so freed buffers leave the resident set at once), ``malloc_trim`` runs before the baseline
   is read from /proc/self/status, the kernel's high-water mark is reset (``echo 5 >
   /proc/self/clear_refs``), and ``VmHWM − baseline`` after the run is the variant's peak extra
-  memory on that rank, gradients included (torch's CPU allocator does not cache, so this is what
-  the variant held). Reported: max over ranks.
+  memory on that rank, gradients included (torch's CPU allocator does not cache and the ops' own
+  gradient cache is emptied first, so this is what the variant held). Reported: max over ranks.
 - ``cold``: time with that allocator, i.e. every fresh buffer pays its page faults, as plain
-  torch on CPU does (~0.6 ms per MiB on this box; the gradient ours returns is fresh, Megatron's
-  is not).
+  torch on CPU does (~0.6 ms per MiB on this box). Megatron returns its input's storage as the
+  gradient; ours, on CPU, reuses the storage of its earlier gradients once autograd dropped them
+  (`ops.vocab_shard.new_grad`), as every training step after the first does.
 - ``warm``: time with glibc keeping freed memory (no mmap, no trim), so buffers are reused
   without page faults, as the CUDA caching allocator does on GPU (ours vs Megatron only).
 Times: per round the slowest rank, as wall-clock, process CPU and user CPU time (on an
@@ -162,6 +163,8 @@ def run_op(op: str, impls: list[str], args, phase: str) -> dict:
     implementation's peak memory once ("memory") or time them in interleaved rounds."""
     from megatron.core import tensor_parallel  # noqa: F401  (imported before anything is measured)
 
+    from rlsd_megatron.ops.vocab_shard import release_cached_gradients
+
     group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
     world = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0
@@ -189,6 +192,8 @@ def run_op(op: str, impls: list[str], args, phase: str) -> dict:
         for z in (student, teacher):
             if z is not None:
                 z.grad = None
+        if phase == "memory":  # count each gradient as a fresh allocation, cache or not
+            release_cached_gradients()
         gc.collect()
         if libc is not None and phase != "warm":
             libc.malloc_trim(0)

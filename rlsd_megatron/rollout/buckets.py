@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from rlsd_megatron.memory import CpuBufferCache
 from rlsd_megatron.models.hf_mapping import MappingError
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
@@ -53,21 +54,19 @@ class FlatBucket:
     live_bytes = 0
     peak_bytes = 0
 
-    def __init__(self, slots: list[TensorSlot], device: torch.device | str, pool: "BufferPool | None" = None):
+    def __init__(self, slots: list[TensorSlot], device: torch.device | str, pool: CpuBufferCache | None = None):
         self.slots = slots
         self.nbytes = packed_bytes(slots)
-        base = pool.take(self.nbytes) if pool is not None else torch.empty(self.nbytes, dtype=torch.uint8, device=device)
-        self.buffer = base[:self.nbytes]
+        self.buffer = (pool.take(self.nbytes, torch.uint8) if pool is not None
+                       else torch.empty(self.nbytes, dtype=torch.uint8, device=device))
         self._next = 0  # index of the next slot to fill
         FlatBucket.live_bytes += self.nbytes
         FlatBucket.peak_bytes = max(FlatBucket.peak_bytes, FlatBucket.live_bytes)
-        weakref.finalize(self, FlatBucket._release, self.nbytes, pool, base)
+        weakref.finalize(self, FlatBucket._release, self.nbytes)
 
     @staticmethod
-    def _release(nbytes: int, pool: "BufferPool | None", base: torch.Tensor) -> None:
+    def _release(nbytes: int) -> None:
         FlatBucket.live_bytes -= nbytes
-        if pool is not None:
-            pool.give(base)
 
     @classmethod
     def reset_peak(cls) -> None:
@@ -125,40 +124,13 @@ def write_pieces(target: torch.Tensor, name: str, pieces: torch.Tensor | Sequenc
         offset += n
 
 
-class BufferPool:
-    """Recycles the byte buffers of dropped CPU buckets within one stream.
-
-    A fresh CPU allocation of bucket size is mmap'ed, and its first-touch page faults (the kernel
-    zeroing every page) make filling it 3-5x slower than a memcpy (measured here). A returned
-    buffer is reused only if no tensor still views it (storage use count). GPU buckets are not
-    pooled: the CUDA caching allocator reuses blocks, and CUDA IPC keeps a shared block out of it
-    until the engine has let go of it.
-    """
-
-    def __init__(self, capacity: int = 0):
-        self.capacity = capacity  # bytes to allocate at least: the stream's largest bucket
-        self.free: list[torch.Tensor] = []
-        self.returned: list[torch.Tensor] = []  # from dropped buckets, not yet checked for views
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        self.free.extend(base for base in self.returned if _unshared(base))
-        self.returned.clear()
-        for i, base in enumerate(self.free):
-            if base.numel() >= nbytes:
-                return self.free.pop(i)
-        return torch.empty(max(nbytes, self.capacity), dtype=torch.uint8)
-
-    def give(self, base: torch.Tensor) -> None:
-        # Checked at the next take(): while a bucket is being finalised its own view still exists.
-        self.returned.append(base)
-
-
-def _unshared(base: torch.Tensor) -> bool:
-    """No tensor but `base` uses its storage (2 = `base` + the temporary storage object)."""
-    try:
-        return torch._C._storage_Use_Count(base.untyped_storage()._cdata) <= 2
-    except AttributeError:  # private API gone: never recycle
-        return False
+def bucket_buffers(largest_bucket: int) -> CpuBufferCache:
+    """The buffer cache of one CPU bucket stream. A fresh CPU allocation of bucket size is
+    mmap'ed, and its first-touch page faults (the kernel zeroing every page) make filling it 3-5x
+    slower than a memcpy (measured here); a dropped bucket's buffer is reused once no tensor views
+    it. GPU buckets are not cached: the CUDA caching allocator reuses blocks, and CUDA IPC keeps a
+    shared block out of it until the engine has let go of it."""
+    return CpuBufferCache(slots=2, min_numel=largest_bucket)
 
 
 def plan_buckets(tensors: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
@@ -203,7 +175,7 @@ def pack_buckets(named_tensors: list[tuple[str, torch.Tensor]], *, bucket_bytes:
     load, or tests), planned and released like the resharding stream's."""
     tensors = dict(named_tensors)
     plan = plan_buckets(((n, tuple(t.shape), t.dtype) for n, t in named_tensors), bucket_bytes)
-    pool = BufferPool(max(map(packed_bytes, plan)) if plan else 0)
+    pool = bucket_buffers(max(map(packed_bytes, plan)) if plan else 0)
     for slots in plan:
         where = torch.device(device if device is not None else tensors[slots[0].name].device)
         bucket = FlatBucket(slots, where, pool if where.type == "cpu" else None)

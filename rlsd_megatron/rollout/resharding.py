@@ -52,9 +52,9 @@ from rlsd_megatron.models.sharding import (
 )
 from rlsd_megatron.rollout.buckets import (
     DEFAULT_BUCKET_BYTES,
-    BufferPool,
     FlatBucket,
     TensorSlot,
+    bucket_buffers,
     packed_bytes,
     plan_buckets,
     write_pieces,
@@ -275,7 +275,7 @@ def reshard_to_hf(chunks: list[torch.nn.Module], model: ModelConfig, *, bucket_b
     plan = plan_stream(chunks, model)
     buckets = bucket_plan(plan, bucket_bytes, fp8)
     device = torch.device(device) if device is not None else _param_device(chunks)
-    pool = BufferPool(max(map(packed_bytes, buckets))) if device.type == "cpu" else None
+    pool = bucket_buffers(max(map(packed_bytes, buckets))) if device.type == "cpu" else None
     index, bucket = 0, None
     stream = _stream_pieces(plan, chunks, model, _param_device(chunks))
     for name, pieces, dim, truncate in _pushed_pieces(stream, fp8):

@@ -34,6 +34,14 @@ class AllocationRecorder(TorchDispatchMode):
         return out
 
 
+@pytest.fixture(autouse=True)
+def fresh_gradient_cache():
+    """Every test starts with no CPU gradient storage to reuse, so each gradient is one allocation."""
+    from rlsd_megatron.ops.vocab_shard import release_cached_gradients
+
+    release_cached_gradients()
+
+
 OPS = {
     "log_prob+entropy": lambda s, t, y, ids: sum(ops.token_log_probs(s, y, return_entropy=True, chunk_size=CHUNK)),
     "log_probs_at_ids": lambda s, t, y, ids: ops.log_probs_at_ids(s, ids, chunk_size=CHUNK),
@@ -56,11 +64,26 @@ def test_only_chunk_sized_temporaries(name, dtype):
     recorder = AllocationRecorder()
     with recorder:
         OPS[name](student, teacher, target, ids).sum().backward()
-    grads = [a for a in recorder.allocations if a[1] == (T, V) and a[2] == dtype]
+    grads = [a for a in recorder.allocations if torch.Size(a[1]).numel() == T * V and a[2] == dtype]
     too_big = [a for a in recorder.allocations if torch.Size(a[1]).numel() > CHUNK * V and a not in grads]
     assert not too_big, f"temporaries larger than one [{CHUNK}, {V}] chunk: {too_big}"
     n_grads = 2 if name in ("kl", "jsd", "distill_sdpo") else 1
     assert len(grads) == n_grads, f"expected {n_grads} [T, V_local] gradient(s), got {grads}"
+
+
+def test_cpu_gradients_reuse_only_storage_nobody_holds():
+    gen = torch.Generator().manual_seed(2)
+    target = torch.randint(0, V, (T,), generator=gen)
+    logits = [torch.randn(T, V, generator=gen).requires_grad_(True) for _ in range(3)]
+    ops.token_log_probs(logits[0], target, chunk_size=CHUNK).sum().backward()
+    held, expected = logits[0].grad, logits[0].grad.clone()
+    ops.token_log_probs(logits[1], target, chunk_size=CHUNK).sum().backward()
+    assert logits[1].grad.data_ptr() != held.data_ptr()  # logits[0].grad still uses it
+    freed = logits[1].grad.data_ptr()
+    logits[1].grad = None
+    ops.token_log_probs(logits[2], target, chunk_size=CHUNK).sum().backward()
+    assert logits[2].grad.data_ptr() == freed  # dropped: reused, no fresh allocation
+    assert torch.equal(held, expected)
 
 
 def test_transposed_logits_are_not_copied():
