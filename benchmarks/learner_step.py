@@ -8,7 +8,7 @@ Each variant runs in a fresh subprocess (so peak RSS is its own): build the mode
 same weights (HF → our mapping → Megatron), then time `--steps` forward+backward+AdamW steps on
 the same token batch after `--warmup` steps. Peak memory is the peak resident set size above
 the post-build baseline on CPU (`ru_maxrss`), `torch.cuda.max_memory_allocated` on GPU.
-Prints both and the ratio ours / HF (target on CPU: time ≤ 1.3×).
+Prints both and the ratios ours / HF of the median and of the fastest step (target on CPU: time ≤ 1.3×).
 """
 
 from __future__ import annotations
@@ -163,8 +163,12 @@ def main() -> None:
         print(f"{variant:9s} step {med * 1000:8.1f} ms (median of {len(result['times'])}; min "
               f"{min(result['times']) * 1000:.1f})  {tokens_per_s:8.0f} tokens/s  peak +{result['peak_mb']:.0f} MiB")
     ratio = statistics.median(results["megatron"]["times"]) / statistics.median(results["hf"]["times"])
+    # The variants run one after the other: on a shared machine the fastest step of each is the
+    # figure least disturbed by other load.
+    best_ratio = min(results["megatron"]["times"]) / min(results["hf"]["times"])
     mem_ratio = results["megatron"]["peak_mb"] / max(results["hf"]["peak_mb"], 1e-9)
-    print(f"ours / HF: time {ratio:.2f}x (target <= 1.3x on CPU), peak memory {mem_ratio:.2f}x")
+    print(f"ours / HF: time {ratio:.2f}x by median, {best_ratio:.2f}x by fastest step (target <= 1.3x on CPU), "
+          f"peak memory {mem_ratio:.2f}x")
 
 
 if __name__ == "__main__":
