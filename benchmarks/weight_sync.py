@@ -162,13 +162,14 @@ def main() -> None:
         args.tp = torch.cuda.device_count() if args.device == "cuda" else 2
 
     from rlsd_megatron.parallel.local_pool import LocalProcessPool
+    from rlsd_megatron.parallel.state import GPU_BACKEND
     from rlsd_megatron.rollout.resharding import hf_tensor_bytes
 
     model = model_config(args)
     total = hf_tensor_bytes(model, torch.bfloat16)
     print(f"model: {total / 2 / 1e9:.2f}B parameters ({total / 1e9:.2f} GB bf16), TP={args.tp}, "
           f"bucket {args.bucket_mb} MiB, device {args.device}", flush=True)
-    backend = "nccl" if args.device == "cuda" else "gloo"
+    backend = GPU_BACKEND if args.device == "cuda" else "gloo"
     with LocalProcessPool(args.tp, backend=backend, start_timeout=600) as pool:
         results = pool.run(run_rank, args, timeout=3600)
     host = results[0]

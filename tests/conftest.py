@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from rlsd_megatron.parallel.state import GPU_BACKEND
+
 _POOLS: dict[int, object] = {}
 
 
@@ -56,7 +58,7 @@ def gpu_pool():
         if torch.cuda.device_count() < world_size:
             pytest.skip(f"needs {world_size} GPUs, found {torch.cuda.device_count()}")
         if world_size not in pools or pools[world_size].broken:
-            pools[world_size] = LocalProcessPool(world_size, backend="nccl")
+            pools[world_size] = LocalProcessPool(world_size, backend=GPU_BACKEND)
         return pools[world_size]
 
     yield get

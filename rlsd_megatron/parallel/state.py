@@ -52,15 +52,21 @@ def _env_from_slurm() -> None:
         )
 
 
+# On GPUs every group (Megatron's inherit the default's backends) runs CUDA tensors over NCCL and
+# CPU tensors over gloo: the trainer reduces CPU scalars (metrics, stop flags, rewards) and
+# broadcasts pickled rollouts, which an NCCL-only group refuses.
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
+
+
 def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> str:
     """Initialise torch.distributed from env:// (torchrun or SLURM variables); return the backend.
 
-    With no backend given, NCCL is used when CUDA is available and gloo otherwise; on CPU the
-    megatron-core compatibility shims are installed. A single process with no launcher
+    With no backend given: `GPU_BACKEND` when CUDA is available, gloo otherwise (then the
+    megatron-core compatibility shims are installed). A single process with no launcher
     variables becomes a world of one.
     """
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = GPU_BACKEND if torch.cuda.is_available() else "gloo"
     if backend == "gloo":
         cpu_compat.install()
     if dist.is_initialized():
@@ -75,7 +81,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> s
         if os.environ["WORLD_SIZE"] != "1":
             raise RuntimeError("MASTER_PORT is not set for a multi-process launch; use torchrun or export it")
         os.environ["MASTER_PORT"] = str(free_port())
-    if backend == "nccl":
+    if "nccl" in backend:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return backend

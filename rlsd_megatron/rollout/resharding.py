@@ -180,7 +180,7 @@ def _start_shards(info: ParamInfo, local: dict, scratch: _Scratch) -> _Arriving:
     if not partitioned:
         return _Arriving(info, [param], [])
     out = scratch.tensor((tp, *param.shape), param.dtype)
-    if dist.get_backend(group) == "nccl":
+    if param.is_cuda:  # NCCL
         dist.all_gather_into_tensor(out, param.contiguous(), group=group)
         return _Arriving(info, list(out.unbind(0)), [])
     # gloo's all-gather is 2-4x slower than its broadcast on one host (measured): one per rank.
