@@ -73,9 +73,10 @@ def main() -> None:
                    f"logging.dir={warm.parent / 'warm_start_logs'}"], warm.parent / "warm_start.log")
         for method in args.methods:
             log_dir = out / f"seed{seed}" / method
-            if log_dir.exists() and args.steps in val_rewards(log_dir):  # finished by an earlier invocation
+            earlier = val_rewards(log_dir) if log_dir.exists() else {}
+            if args.steps in earlier:  # finished by an earlier invocation
                 print(f"seed {seed}: {method} (done)", flush=True)
-                curves[method].append(val_rewards(log_dir))
+                curves[method].append(earlier)
                 continue
             shutil.rmtree(log_dir, ignore_errors=True)
             print(f"seed {seed}: {method}", flush=True)

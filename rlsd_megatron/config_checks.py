@@ -5,7 +5,7 @@ Every problem found is reported at once, each with the values seen and a way to 
 
 from __future__ import annotations
 
-from rlsd_megatron.config import Config, ConfigError
+from rlsd_megatron.config import Config, ConfigError, RolloutConfig
 
 
 def transformer_engine_available() -> bool:
@@ -153,6 +153,13 @@ def hardware_problems(cfg: Config, *, cuda_available: bool, te_available: bool) 
     return problems
 
 
+def truncating_sampling(rollout: RolloutConfig) -> list[str]:
+    """Which of "rollout" (training) and "validation" sampling cut the distribution (top-p / top-k)."""
+    return [name for name, top_p, top_k in (("rollout", rollout.top_p, rollout.top_k),
+                                            ("validation", rollout.val_top_p, rollout.val_top_k))
+            if top_p < 1 or top_k > 0]
+
+
 def rollout_problems(cfg: Config, *, cuda_available: bool) -> list[str]:
     """Rollout settings the engine this machine would get cannot honour."""
     rollout, problems = cfg.rollout, []
@@ -164,9 +171,7 @@ def rollout_problems(cfg: Config, *, cuda_available: bool) -> list[str]:
             "set rollout.fp8_weights=false"
         )
     sampler = rollout.sglang_server_args.get("sampling_backend", "pytorch")
-    truncated = [name for name, top_p, top_k in (("rollout", rollout.top_p, rollout.top_k),
-                                                 ("validation", rollout.val_top_p, rollout.val_top_k))
-                 if top_p < 1 or top_k > 0]
+    truncated = truncating_sampling(rollout)
     if not embedded and sampler != "pytorch" and truncated:
         problems.append(
             f"rollout.sglang_server_args.sampling_backend={sampler!r} with top-k/top-p {' and '.join(truncated)} "

@@ -36,3 +36,7 @@ class CpuBufferCache:
         base = torch.empty(max(numel, self.min_numel), dtype=dtype)
         self.buffers = [*self.buffers, base][-self.slots:]
         return base[:numel]
+
+    def clear(self) -> None:
+        """Forget every buffer (those still in use stay with their users)."""
+        self.buffers.clear()

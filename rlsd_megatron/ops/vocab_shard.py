@@ -145,7 +145,7 @@ _CPU_GRADIENTS = CpuBufferCache(slots=2)
 
 def release_cached_gradients() -> None:
     """Let go of the CPU gradient storage kept for reuse (for measurements that start clean)."""
-    _CPU_GRADIENTS.buffers.clear()
+    _CPU_GRADIENTS.clear()
 
 
 def new_grad(logits_flat: torch.Tensor, shard: VocabShard) -> torch.Tensor:
