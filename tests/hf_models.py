@@ -6,6 +6,27 @@ import torch
 
 from rlsd_megatron.config import ModelConfig
 
+# What sets each family apart in the HF mapping: Llama-3 rope scaling (llama), QKV bias and tied
+# embeddings (qwen2), q/k RMSNorm with an explicit head dim (qwen3).
+FAMILY_FEATURES = {
+    "llama": dict(rope_theta=500000.0, rope_scaling_factor=8.0, max_position_embeddings=256),
+    "qwen2": dict(qkv_bias=True, tie_word_embeddings=True, rope_theta=1000000.0),
+    "qwen3": dict(qk_layernorm=True, kv_channels=32, rope_theta=1000000.0),
+}
+
+
+def tiny_model(family: str, **fields) -> ModelConfig:
+    """A tiny `ModelConfig` of `family` with its distinguishing features: GQA (4 heads, 2 groups,
+    TP=2-divisible), vocab 97 (padded under TP), 2 layers of width 64; `fields` override any."""
+    base = dict(vocab_size=97, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
+                ffn_hidden_size=96)
+    return ModelConfig(family=family, **{**base, **FAMILY_FEATURES[family], **fields})
+
+
+def tiny_families(**fields) -> dict[str, ModelConfig]:
+    """`tiny_model` of every family with the same overrides."""
+    return {family: tiny_model(family, **fields) for family in FAMILY_FEATURES}
+
 
 def random_hf_model(model: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                     attn_implementation: str = "eager", **config_extra):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlsd_megatron.config import Config, ModelConfig
-from tests.hf_models import random_hf_model
+from rlsd_megatron.config import Config
+from tests.hf_models import random_hf_model, tiny_families, tiny_model
 from rlsd_megatron.models.hf_mapping import (
     MappingError,
     check_hf_names,
@@ -15,21 +15,7 @@ from rlsd_megatron.models.hf_mapping import (
     megatron_to_hf,
 )
 
-FAMILIES = {
-    "llama": ModelConfig(family="llama", vocab_size=97, hidden_size=64, num_layers=2, num_attention_heads=4,
-                         num_query_groups=2, ffn_hidden_size=96, rope_theta=500000.0, rope_scaling_factor=8.0,
-                         max_position_embeddings=256),
-    "qwen2": ModelConfig(family="qwen2", vocab_size=97, hidden_size=64, num_layers=2, num_attention_heads=4,
-                         num_query_groups=2, ffn_hidden_size=96, qkv_bias=True, tie_word_embeddings=True,
-                         rope_theta=1000000.0),
-    "qwen3": ModelConfig(family="qwen3", vocab_size=97, hidden_size=64, num_layers=2, num_attention_heads=4,
-                         num_query_groups=1, kv_channels=32, ffn_hidden_size=96, qk_layernorm=True,
-                         rope_theta=1000000.0),
-}
-
-
-def hf_model(model: ModelConfig, seed: int = 0):
-    return random_hf_model(model, seed=seed)
+FAMILIES = {**tiny_families(), "qwen3": tiny_model("qwen3", num_query_groups=1)}  # qwen3: MQA
 
 
 def megatron_vs_hf_logits(family: str) -> float:
@@ -38,7 +24,7 @@ def megatron_vs_hf_logits(family: str) -> float:
     from rlsd_megatron.parallel.state import model_parallel
 
     model = FAMILIES[family]
-    hf = hf_model(model)
+    hf = random_hf_model(model)
     hf_state = dict(hf.state_dict())
     full = dict(hf_to_megatron(hf_state.__getitem__, model))
     gen = torch.Generator().manual_seed(1)
@@ -65,7 +51,7 @@ def test_converted_hf_models_give_the_same_logits(dist_pool):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_round_trip_is_bit_exact_and_names_check(family):
     model = FAMILIES[family]
-    hf_state = dict(hf_model(model).state_dict())
+    hf_state = dict(random_hf_model(model).state_dict())
     check_hf_names(set(hf_state), model)
     back = {}
     for name, tensor in hf_to_megatron(hf_state.__getitem__, model):
@@ -78,7 +64,7 @@ def test_round_trip_is_bit_exact_and_names_check(family):
 
 def test_mismatched_checkpoints_are_reported():
     model = FAMILIES["qwen2"]
-    hf_state = dict(hf_model(model).state_dict())
+    hf_state = dict(random_hf_model(model).state_dict())
     with pytest.raises(MappingError, match=r"unexpected tensors \['model.layers.0.extra'\]"):
         check_hf_names(set(hf_state) | {"model.layers.0.extra"}, model)
     with pytest.raises(MappingError, match=r"missing tensors \['model.norm.weight'\]"):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from rlsd_megatron.config import Config, ConfigError, ModelConfig, PrecisionConfig, RolloutConfig
+from rlsd_megatron.config import Config, ConfigError, PrecisionConfig, RolloutConfig
 from rlsd_megatron.rollout.buckets import pack_buckets, plan_buckets
 from rlsd_megatron.rollout.fp8 import (
     FP8_DTYPE,
@@ -21,13 +21,11 @@ from rlsd_megatron.rollout.fp8 import (
     fp8_rollout_tensors,
     quantize_fp8_blockwise,
 )
-from tests.hf_models import random_hf_model
+from tests.hf_models import random_hf_model, tiny_model
 
-LLAMA = ModelConfig(family="llama", vocab_size=97, hidden_size=32, num_layers=2, num_attention_heads=4,
-                    num_query_groups=2, ffn_hidden_size=48)
-QWEN3 = ModelConfig(family="qwen3", vocab_size=97, hidden_size=32, num_layers=2, num_attention_heads=4,
-                    num_query_groups=2, kv_channels=16, ffn_hidden_size=48, qk_layernorm=True,
-                    tie_word_embeddings=True)
+SIZES = dict(hidden_size=32, ffn_hidden_size=48)
+LLAMA = tiny_model("llama", **SIZES)
+QWEN3 = tiny_model("qwen3", **SIZES, kv_channels=16, tie_word_embeddings=True)
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 

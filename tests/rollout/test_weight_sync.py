@@ -1,6 +1,6 @@
 """Learner (TP/PP-sharded Megatron, gloo) → resharding → embedded engine, end to end.
 
-Each case starts from a tiny random Hugging Face model (`tests.models.test_hf_mapping.hf_model`),
+Each case starts from a tiny random Hugging Face model (`tests.hf_models.random_hf_model`),
 converts it to Megatron (`hf_to_megatron`), loads it into a learner at TP=2×PP=2, TP=2 (DP=2) or
 PP=2 (DP=2) over 4 gloo processes, streams the learner's weights back to HF names in small
 buckets (or writes them straight into its parameters) into the embedded engine on rank 0. Checks:
@@ -22,23 +22,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rlsd_megatron.config import Config, ModelConfig, ParallelConfig
+from rlsd_megatron.config import Config, ParallelConfig
+from tests.hf_models import random_hf_model, tiny_model
 
 BUCKET_BYTES = 16 * 1024  # many buckets, boundaries inside layers
 TEMPERATURE = 0.8
+SIZES = dict(hidden_size=32, num_layers=4, ffn_hidden_size=64)
 MODELS = {
-    # GQA (4 heads, 2 groups), untied, Llama-3 rope scaling.
-    "llama": ModelConfig(family="llama", vocab_size=97, hidden_size=32, num_layers=4, num_attention_heads=4,
-                         num_query_groups=2, ffn_hidden_size=64, rope_theta=500000.0, rope_scaling_factor=8.0,
-                         max_position_embeddings=8192),
-    # QKV bias, tied embeddings.
-    "qwen2": ModelConfig(family="qwen2", vocab_size=97, hidden_size=32, num_layers=4, num_attention_heads=4,
-                         num_query_groups=2, ffn_hidden_size=64, qkv_bias=True, tie_word_embeddings=True,
-                         rope_theta=1000000.0),
-    # q/k RMSNorm, explicit head dim, tied embeddings.
-    "qwen3": ModelConfig(family="qwen3", vocab_size=97, hidden_size=32, num_layers=4, num_attention_heads=4,
-                         num_query_groups=2, kv_channels=16, ffn_hidden_size=64, qk_layernorm=True,
-                         tie_word_embeddings=True, rope_theta=1000000.0),
+    "llama": tiny_model("llama", **SIZES, max_position_embeddings=8192),
+    "qwen2": tiny_model("qwen2", **SIZES),
+    "qwen3": tiny_model("qwen3", **SIZES, kv_channels=16, tie_word_embeddings=True),
 }
 # (family, tp, pp, path): "buckets" streams FlatBuckets into `update_weights` (SGLang's path),
 # "direct" lets `sync_weights` write into the in-process engine's parameters.
@@ -93,10 +86,9 @@ def run_case(family: str, tp: int, pp: int, path: str) -> dict:
     from rlsd_megatron.rollout.embedded import EmbeddedEngine
     from rlsd_megatron.rollout.buckets import packed_bytes
     from rlsd_megatron.rollout.resharding import bucket_plan, plan_stream
-    from tests.models.test_hf_mapping import hf_model
 
     model = MODELS[family]
-    hf_state = dict(hf_model(model, seed=3).state_dict())
+    hf_state = dict(random_hf_model(model, seed=3).state_dict())
     full = dict(hf_to_megatron(hf_state.__getitem__, model))
     result: dict = {}
     with model_parallel(tp=tp, pp=pp):
@@ -179,10 +171,9 @@ def fp8_stream() -> dict | None:
     from rlsd_megatron.parallel.state import model_parallel
     from rlsd_megatron.rollout import FlatBucket, reshard_to_hf
     from rlsd_megatron.rollout.fp8 import Fp8BlockConfig, fp8_rollout_tensors
-    from tests.models.test_hf_mapping import hf_model
 
     model = MODELS["qwen3"]
-    hf_state = dict(hf_model(model, seed=5).state_dict())
+    hf_state = dict(random_hf_model(model, seed=5).state_dict())
     fp8 = Fp8BlockConfig(block=(16, 24), ignored_layers=("layers.3.mlp",))  # 24 does not divide 32 or 64
     with model_parallel(tp=2, pp=2):
         learner = Learner(Config(model=model, parallel=ParallelConfig(tp=2, pp=2)))

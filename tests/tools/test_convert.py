@@ -20,21 +20,11 @@ import torch
 import torch.distributed as dist
 
 from rlsd_megatron.config import Config, ModelConfig, ParallelConfig
-from tests.hf_models import random_hf_model
+from tests.hf_models import random_hf_model, tiny_families
 
 TOL = 1e-5
 # Every family at TP=2 (4 heads, 2 KV groups) / PP=2 (one layer per stage), vocab 97 (padded).
-FAMILIES = {
-    "llama": ModelConfig(family="llama", vocab_size=97, hidden_size=64, num_layers=2, num_attention_heads=4,
-                         num_query_groups=2, ffn_hidden_size=96, rope_theta=500000.0, rope_scaling_factor=8.0,
-                         max_position_embeddings=256),
-    "qwen2": ModelConfig(family="qwen2", vocab_size=97, hidden_size=64, num_layers=2, num_attention_heads=4,
-                         num_query_groups=2, ffn_hidden_size=96, qkv_bias=True, tie_word_embeddings=True,
-                         rope_theta=1000000.0),
-    "qwen3": ModelConfig(family="qwen3", vocab_size=97, hidden_size=64, num_layers=2, num_attention_heads=4,
-                         num_query_groups=2, kv_channels=32, ffn_hidden_size=96, qk_layernorm=True,
-                         rope_theta=1000000.0),
-}
+FAMILIES = tiny_families()
 
 
 def sequences(vocab: int) -> list[torch.Tensor]:
