@@ -151,7 +151,7 @@ class RolloutConfig:
     val_presence_penalty: float = 0.0  # recipe 1.5 (the presets); validation sampling only
     val_n: int = 1
     engine_tp: int = 1
-    mem_fraction_static: float = 0.5
+    mem_fraction_static: float = 0.5  # SGLang's share (weights + KV cache) of the GPU memory free at its start
     weight_sync_bucket_mb: int = 512
     max_logprob_mismatch: float | None = None  # error when mean |logp_learner - logp_engine| exceeds it
     # Push the projection weights to SGLang as FP8 (e4m3, one fp32 scale per 128x128 block, quantised on
@@ -159,9 +159,12 @@ class RolloutConfig:
     # the learner's. Needs bf16 params and an engine whose config.json declares block-wise FP8 (any
     # engine started without model.hf_config does). Not for the embedded engine.
     fp8_weights: bool = False
+    # Reproducible rollouts on GPU: SGLang's deterministic inference, the only mode in which it honours
+    # the per-sample seeds the trainer sends (batch-invariant kernels, pytorch sampler: slower). The
+    # embedded CPU engine is always seeded.
+    deterministic: bool = False
     # Extra `sglang.Engine` arguments (ServerArgs fields), e.g. {attention_backend: fa3,
-    # cuda_graph_max_bs: 256}; they override ours. Seeded sampling with top-k / top-p needs
-    # sampling_backend=pytorch, which is our default when either sampling setting truncates.
+    # cuda_graph_max_bs: 256}; they override ours.
     sglang_server_args: dict[str, Any] = field(default_factory=dict)
 
 

@@ -153,13 +153,6 @@ def hardware_problems(cfg: Config, *, cuda_available: bool, te_available: bool) 
     return problems
 
 
-def truncating_sampling(rollout: RolloutConfig) -> list[str]:
-    """Which of "rollout" (training) and "validation" sampling cut the distribution (top-p / top-k)."""
-    return [name for name, top_p, top_k in (("rollout", rollout.top_p, rollout.top_k),
-                                            ("validation", rollout.val_top_p, rollout.val_top_k))
-            if top_p < 1 or top_k > 0]
-
-
 def rollout_problems(cfg: Config, *, cuda_available: bool) -> list[str]:
     """Rollout settings the engine this machine would get cannot honour."""
     rollout, problems = cfg.rollout, []
@@ -169,14 +162,6 @@ def rollout_problems(cfg: Config, *, cuda_available: bool) -> list[str]:
             "rollout.fp8_weights=true needs the SGLang backend on a GPU: the embedded engine (rollout.backend="
             f"{rollout.backend}, cuda available: {cuda_available}) computes in fp32/bf16 and has no FP8 layers; "
             "set rollout.fp8_weights=false"
-        )
-    sampler = rollout.sglang_server_args.get("sampling_backend", "pytorch")
-    truncated = truncating_sampling(rollout)
-    if not embedded and sampler != "pytorch" and truncated:
-        problems.append(
-            f"rollout.sglang_server_args.sampling_backend={sampler!r} with top-k/top-p {' and '.join(truncated)} "
-            "sampling: SGLang's sampler rejects the per-sample seeds the trainer sends unless sampling_backend is "
-            "'pytorch' (drop the key, or set top_p=1 and top_k=-1)"
         )
     replica_gpus = cfg.parallel.tp * cfg.parallel.cp  # one replica's ranks of its first pipeline stage
     if not embedded and rollout.engine_tp > replica_gpus:

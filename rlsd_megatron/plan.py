@@ -161,6 +161,8 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
     logits = tokens * vocab_local * 4 + min(tokens, 4096) * vocab_local * 4
     holds_copy = cfg.algorithm.teacher_weights in ("frozen_sync", "ema")
     teacher_bytes = 4 if cfg.algorithm.teacher_weights == "ema" else dtype_bytes
+    # An upper bound: sglang 0.5.23 sizes the engine (weights + KV) as mem_fraction_static x the memory free
+    # when it starts, after the learner's weights (`pre_model_load_memory`), not x the whole GPU.
     engine = int(cfg.rollout.mem_fraction_static * hardware.gpu_memory_gb * GiB) if cfg.rollout.backend != "embedded" else 0
     return MemoryPlan(
         params=params * dtype_bytes,

@@ -170,7 +170,7 @@ def test_fp8_rollout_weights_need_sglang_and_bf16():
         validate_config(cfg, 1, cuda_available=True, te_available=True)
 
 
-def test_sglang_server_args_mapping_and_sampler_default(tmp_path):
+def test_sglang_server_args_mapping_and_deterministic(tmp_path):
     from rlsd_megatron.rollout.provider import sglang_server_args
 
     path = write_yaml(tmp_path, "rollout:\n  sglang_server_args:\n    attention_backend: fa3\n")
@@ -178,16 +178,12 @@ def test_sglang_server_args_mapping_and_sampler_default(tmp_path):
     assert cfg.rollout.sglang_server_args == {"attention_backend": "fa3", "cuda_graph_max_bs": 256}
     with pytest.raises(ConfigError, match=r"rollout\.sglang_server_args: expected a mapping with string keys, got 3"):
         load_config(None, ["rollout.sglang_server_args=3"])
-    # Validation samples with top-p 0.8 / top-k 20 (the recipe) and seeds: the pytorch sampler.
-    cfg.rollout.val_top_p, cfg.rollout.val_top_k = 0.8, 20
-    assert sglang_server_args(cfg.rollout) == {"sampling_backend": "pytorch", "attention_backend": "fa3",
-                                               "cuda_graph_max_bs": 256}
-    cfg.rollout.val_top_p, cfg.rollout.val_top_k = 1.0, -1
-    assert "sampling_backend" not in sglang_server_args(cfg.rollout)
-    cfg.rollout.val_top_k = 20
-    cfg.rollout.sglang_server_args["sampling_backend"] = "flashinfer"
-    with pytest.raises(ConfigError, match=r"sampling_backend='flashinfer' with top-k/top-p validation sampling"):
-        validate_config(cfg, 1, cuda_available=True, te_available=True)
+    assert sglang_server_args(cfg.rollout) == {"attention_backend": "fa3", "cuda_graph_max_bs": 256}
+    # SGLang honours per-sample seeds only in deterministic inference; explicit server args win.
+    cfg.rollout.deterministic = True
+    assert sglang_server_args(cfg.rollout)["enable_deterministic_inference"] is True
+    cfg.rollout.sglang_server_args["enable_deterministic_inference"] = False
+    assert sglang_server_args(cfg.rollout)["enable_deterministic_inference"] is False
 
 
 def test_engine_tp_fits_in_one_replica():

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from rlsd_megatron.config import Config, ConfigError, RolloutConfig
-from rlsd_megatron.config_checks import rollout_problems, truncating_sampling
+from rlsd_megatron.config_checks import rollout_problems
 from rlsd_megatron.rollout.engine import RolloutEngine, SamplingParams
 
 _DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
@@ -47,11 +47,9 @@ def create_engine(cfg: Config, *, group=None, base_gpu_id: int = 0, **engine_kwa
 
 
 def sglang_server_args(rollout: RolloutConfig) -> dict:
-    """`rollout.sglang_server_args` over our defaults. The trainer seeds every sample; SGLang's
-    flashinfer sampler rejects per-request seeds when it truncates (top-k / top-p), its pytorch
-    sampler does not, so that is the default whenever training or validation sampling truncates."""
-    defaults = {"sampling_backend": "pytorch"} if truncating_sampling(rollout) else {}
-    return {**defaults, **rollout.sglang_server_args}
+    """`rollout.sglang_server_args` over the settings other rollout fields imply."""
+    implied = {"enable_deterministic_inference": True} if rollout.deterministic else {}
+    return {**implied, **rollout.sglang_server_args}
 
 
 def sampling_params(rollout: RolloutConfig, *, validation: bool = False, stop_token_ids: Sequence[int] = (),

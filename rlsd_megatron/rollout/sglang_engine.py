@@ -6,9 +6,11 @@ checks every method, argument and request field used here against that release's
 Layout. One `sglang.Engine` per rollout-TP group of GPUs (`engine_tp` GPUs starting at
 `base_gpu_id`), created by the first rank of `group` — the learner ranks whose GPUs the engine
 shares (colocated) — with `enable_memory_saver` so it can hand its memory to the learner
-(`sleep`) and take it back (`wake`). Engine TP is independent of learner TP. Several engines in
-one process are driven together by `rollout.data_parallel.DataParallelEngines`; across
-processes each engine's host rank generates its own share (`prompt_offset` keeps the seeds).
+(`sleep`) and take it back (`wake`). Engine TP is independent of learner TP. One live engine per
+process: 0.5.23 keeps one process-wide config (`runtime_context.publish`, "last-publish-wins") and
+every `Engine` in a process runs on the same asyncio loop, so `DataParallelEngines` (one thread
+per engine) cannot drive several SGLang engines in one process; across processes each engine's
+host rank generates its own share (`prompt_offset` keeps the seeds).
 
 Weight sync (colocated, `transport="ipc"`). Every rank of the group runs the resharding stream
 (`rollout.resharding`) and so holds each bucket, full HF tensors on its own GPU. Per bucket:
@@ -44,11 +46,23 @@ Llama is refused: 0.5.23's `LlamaForCausalLM.load_weights` renames `.weight_scal
 
 Log-probs: SGLang returns log_softmax(z / T) of the sampled token before top-k/top-p (greedy:
 T = 1), the convention of `rollout.engine`.
+
+Seeds: 0.5.23 reads a request's `sampling_seed` only when the engine runs with
+`enable_deterministic_inference=True` (`SamplingBatchInfo.from_schedule_batch`; that mode also
+switches to the pytorch sampler and batch-invariant kernels). Otherwise the seed is ignored and
+sampling follows the scheduler's global RNG: `generate` warns once.
+
+Shutdown: `Engine.shutdown` SIGKILLs every descendant of the calling process
+(`kill_process_tree(os.getpid(), include_parent=False)`), not only the engine's: close other
+child-process pools first.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import shutil
+import socket
 import tempfile
 import threading
 import warnings
@@ -171,6 +185,24 @@ def write_hf_config_dir(hf_config: dict[str, Any]) -> str:
     return str(path)
 
 
+def free_port_below_ephemeral(low: int = 22000, high: int = 29999, attempts: int = 64) -> int:
+    """A free TCP port for the engine's `nccl_port`, drawn from OS entropy. SGLang's own pick
+    (`get_free_port_below_ephemeral`) samples with the process-global `random`, which every
+    learner rank seeds alike, so engines started at the same moment on one node draw the same
+    port and all but one fail to bind their TP store."""
+    draw = random.SystemRandom()
+    for port in draw.sample(range(low, high + 1), attempts):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
 def flattened_payload(bucket) -> dict:
     """A `FlatBucket` as SGLang's flattened-bucket request payload (no data copied)."""
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
@@ -221,7 +253,12 @@ class SGLangEngine(RolloutEngine):
         self.weight_version: int | None = None
         self.released: set[str] = set()  # memory handed to the learner: weights / kv_cache / cuda_graph
         self.is_host = group is None or dist.get_rank(group) == 0
+        if group is not None and transport == "ipc" and dist.get_world_size(group) != engine_tp:
+            raise ValueError(f"group has {dist.get_world_size(group)} ranks but the engine {engine_tp} TP ranks: "
+                             "update_weights_from_tensor needs exactly one payload per engine TP rank")
         self._nccl_group = None
+        self._seed_warned = False
+        self._model_dir: str | None = None
         self.server_args: dict[str, Any] = {}
         self.engine = None
         if model_path is None:
@@ -239,6 +276,7 @@ class SGLangEngine(RolloutEngine):
 
         if model_path is None:
             model_path, load_format = write_hf_config_dir(hf_config), "dummy"
+            self._model_dir = model_path
         else:
             check_hf_config(model_path, model)
             load_format = "auto"
@@ -246,7 +284,7 @@ class SGLangEngine(RolloutEngine):
             model_path=model_path, tp_size=engine_tp, base_gpu_id=base_gpu_id,
             mem_fraction_static=mem_fraction_static, enable_memory_saver=True, load_format=load_format,
             skip_tokenizer_init=True, dtype=dtype, random_seed=seed if seed is not None else 1234,
-            log_level="error",
+            log_level="error", nccl_port=free_port_below_ephemeral(),
         )
         self.server_args.update(server_args or {})
         self.engine = Engine(**self.server_args)
@@ -258,10 +296,12 @@ class SGLangEngine(RolloutEngine):
             raise RuntimeError("generate() runs on the engine's host rank (the first rank of its group)")
         if self.asleep:
             raise RuntimeError("the SGLang engine is asleep; call wake() before generate()")
-        truncating = sampling.top_p < 1 or sampling.top_k > 0
-        if sampling.seed is not None and truncating and self.server_args.get("sampling_backend") != "pytorch":
-            raise ValueError("seeded sampling with top-k/top-p needs SGLang's pytorch sampler (flashinfer rejects "
-                             "sampling_seed): pass server_args={'sampling_backend': 'pytorch'} or drop the seed")
+        if sampling.seed is not None and not self.server_args.get("enable_deterministic_inference") \
+                and not self._seed_warned:
+            self._seed_warned = True
+            warnings.warn(f"sglang {SGLANG_VERSION} ignores per-request sampling_seed unless the engine runs with "
+                          "enable_deterministic_inference=True (rollout.deterministic=true): samples are not "
+                          "reproducible and depend on batching")
         input_ids, params = sampling_requests(prompts, sampling, prompt_offset)
         outputs = self.engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True)
         return parse_generations(outputs, sampling.n, self.weight_version, prompt_offset)
@@ -269,22 +309,32 @@ class SGLangEngine(RolloutEngine):
     # -- weights ---------------------------------------------------------------------------
     def update_weights(self, buckets: Iterable, version: int) -> None:
         """Collective over `group`: push every bucket, then finalise (see the module docstring)."""
-        if self.is_host:
-            self._pause()
-            self._check(self.engine.begin_weight_update(), "begin_weight_update")
         failure = None
+        session = False
         try:
+            if self.is_host:
+                self._pause()
+                ok, message = self._result(self.engine.begin_weight_update())
+                session = ok
+                failure = None if ok else f"begin_weight_update: {message}"
+            if self.group is not None:  # every rank must stop pushing when the session did not open
+                status = [failure]
+                dist.broadcast_object_list(status, src=dist.get_global_rank(self.group, 0), group=self.group)
+                failure = status[0]
             for bucket in buckets:
                 if failure is None:
                     failure = self._push(bucket)
                 del bucket  # acknowledged (or failed): safe to free, see the module docstring
         finally:
             if self.is_host:
-                self._check(self.engine.end_weight_update(), "end_weight_update")
-                flushed = self.engine.flush_cache()
-                if not getattr(flushed, "success", True):
-                    warnings.warn(f"SGLang kept its prefix cache after the weight update: {flushed}")
-                self._continue()
+                try:
+                    if session:
+                        self._check(self.engine.end_weight_update(), "end_weight_update")
+                        flushed = self.engine.flush_cache()
+                        if not getattr(flushed, "success", True):
+                            warnings.warn(f"SGLang kept its prefix cache after the weight update: {flushed}")
+                finally:
+                    self._continue()  # never leave the engine paused: generate() would wait forever
             if torch.cuda.is_available():
                 torch.cuda.ipc_collect()
         if failure:
@@ -297,6 +347,9 @@ class SGLangEngine(RolloutEngine):
             return self._push_nccl(bucket) if self.is_host else None
         from sglang.srt.utils.common import MultiprocessingSerializer
 
+        # Not sglang's monkey_patch_torch_reductions (GPU by UUID): its reducer indexes args[6] of
+        # every tensor, so ForkingPickler would then fail on CPU tensors in this process. Plain
+        # device indices are right here: the engine's processes inherit our CUDA_VISIBLE_DEVICES.
         if bucket.buffer.is_cuda:
             torch.cuda.current_stream(bucket.buffer.device).synchronize()
         payload = MultiprocessingSerializer.serialize(flattened_payload(bucket))
@@ -358,8 +411,12 @@ class SGLangEngine(RolloutEngine):
         self.engine.loop.run_until_complete(manager.continue_generation(ContinueGenerationReqInput()))
 
     @staticmethod
-    def _check(result, what: str) -> None:
-        ok, message = result if isinstance(result, tuple) else (getattr(result, "success", True), result)
+    def _result(result) -> tuple[bool, Any]:
+        return result if isinstance(result, tuple) else (getattr(result, "success", True), result)
+
+    @classmethod
+    def _check(cls, result, what: str) -> None:
+        ok, message = cls._result(result)
         if not ok:
             raise RuntimeError(f"SGLang {what} failed: {message}")
 
@@ -369,10 +426,12 @@ class SGLangEngine(RolloutEngine):
         return bool(self.released & {"weights", "kv_cache"})
 
     def sleep(self) -> None:
-        """Release weights, KV cache and CUDA graphs (the engine must be idle)."""
-        if self.is_host and not self.released:
-            self.engine.release_memory_occupation()
-        self.released = {"weights", "kv_cache", "cuda_graph"}
+        """Release weights, KV cache and CUDA graphs (the engine must be idle). Only what is still
+        held: SGLang's resume raises on a tag it did not release (`offload_tags.remove`)."""
+        todo = {"weights", "kv_cache", "cuda_graph"} - self.released
+        if self.is_host and todo:
+            self.engine.release_memory_occupation(sorted(todo))
+        self.released |= todo
 
     def wake(self, tags: Sequence[str] | None = None) -> None:
         """Re-take memory: `["weights"]` before a sync, then `["kv_cache", "cuda_graph"]` after it
@@ -400,6 +459,10 @@ class SGLangEngine(RolloutEngine):
                                     "server_weight_version": info.get("weight_version")})
 
     def shutdown(self) -> None:
+        """Stop the engine. SGLang kills every child process of this process (module docstring)."""
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        if self._model_dir is not None:
+            shutil.rmtree(self._model_dir, ignore_errors=True)
+            self._model_dir = None

@@ -26,7 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlsd_megatron.config import RolloutConfig
 from rlsd_megatron.rollout import sglang_engine
+from rlsd_megatron.rollout.provider import sglang_server_args
 from rlsd_megatron.rollout.buckets import pack_buckets
 from rlsd_megatron.rollout.engine import SamplingParams
 from rlsd_megatron.rollout.fp8 import Fp8BlockConfig, fp8_block_quantization_config, is_fp8_weight
@@ -136,8 +138,8 @@ def test_server_args_and_sampling_fields(wheel):
                 and node.targets[0].attr == "server_args" and isinstance(node.value, ast.Call)):
             ours |= {k.arg for k in node.value.keywords}
     assert ours >= {"model_path", "tp_size", "mem_fraction_static", "enable_memory_saver", "skip_tokenizer_init"}
-    assert not (ours | {"sampling_backend", "custom_weight_loader"}) - server_fields, \
-        f"ServerArgs has no field(s) {(ours | {'sampling_backend'}) - server_fields}"
+    ours |= set(sglang_server_args(RolloutConfig(deterministic=True)))  # what other rollout fields imply
+    assert not ours - server_fields, f"ServerArgs has no field(s) {ours - server_fields}"
     sampling = fields(classes(source(wheel, "sglang.srt.sampling.sampling_params"))["SamplingParams"])
     _, requests = sglang_engine.sampling_requests([[1, 2]], SamplingParams(n=2, top_k=5, stop_token_ids=(3,), seed=1))
     assert not set(requests[0]) - sampling, f"SamplingParams has no field(s) {set(requests[0]) - sampling}"

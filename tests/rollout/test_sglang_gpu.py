@@ -4,6 +4,10 @@ Engine start with dummy weights, weight sync from HF tensors and from a Megatron
 generation with log-probs compared to an independent forward of the same weights, stop tokens
 and max length, seeded reproducibility, sleep / wake around a sync; FP8 rollout weights from a
 learner into an FP8 engine, compared to a forward of the dequantised weights.
+
+Every engine runs inside a `gpu_pool` worker, never in the pytest process: `Engine.shutdown`
+SIGKILLs every child of the process that calls it (the pool workers included), and the workers
+are daemonic, which multiprocessing forbids to start children until `allow_children()`.
 """
 
 from __future__ import annotations
@@ -33,15 +37,11 @@ FP8_MODEL = ModelConfig(family="qwen3", vocab_size=512, hidden_size=256, num_lay
 FP8_LOGPROB_TOL = 0.1
 
 
-@pytest.fixture(scope="module")
-def engine():
-    pytest.importorskip("sglang", reason="needs the [gpu] extra (pip install -e .[gpu])")
-    from rlsd_megatron.rollout.sglang_engine import SGLangEngine
+def allow_children() -> None:
+    """Let this (daemonic) pool worker start SGLang's scheduler processes."""
+    import multiprocessing
 
-    engine = SGLangEngine(MODEL, engine_tp=1, mem_fraction_static=0.2, dtype="bfloat16",
-                          server_args={"sampling_backend": "pytorch", "disable_cuda_graph": True})
-    yield engine
-    engine.shutdown()
+    multiprocessing.current_process().daemon = False
 
 
 def hf_reference(seed: int):
@@ -62,27 +62,41 @@ def check_against(model, generations, temperature):
     return MismatchMonitor(max_mean=BF16_LOGPROB_TOL).check(learner, engine)
 
 
-def test_sync_generate_sleep_wake(engine):
-    first = hf_reference(0)
-    engine.update_weights(pack_buckets(list(first.state_dict().items()), bucket_bytes=2**20), version=1)
-    sampling = SamplingParams(n=4, temperature=1.0, max_new_tokens=8, stop_token_ids=(3, 4, 5), seed=11)
-    generations = engine.generate(PROMPTS, sampling)
-    assert len(generations) == 12 and engine.health().weight_version == 1
-    for g in generations:
-        assert 1 <= len(g.token_ids) <= 8 and len(g.log_probs) == len(g.token_ids)
-        assert (g.finish_reason == "stop") == (g.token_ids[-1] in (3, 4, 5))
-        assert g.finish_reason == "stop" or len(g.token_ids) == 8
-    check_against(first, generations, 1.0)
-    assert [g.token_ids for g in engine.generate(PROMPTS, sampling)] == [g.token_ids for g in generations]
+def sync_generate_sleep_wake() -> None:
+    from rlsd_megatron.rollout.sglang_engine import SGLangEngine
 
-    engine.sleep()
-    second = hf_reference(1)
-    engine.wake(["weights"])
-    engine.update_weights(pack_buckets(list(second.state_dict().items()), bucket_bytes=2**20), version=2)
-    engine.wake(["kv_cache", "cuda_graph"])
-    again = engine.generate(PROMPTS, SamplingParams(n=2, temperature=0.7, top_p=0.9, max_new_tokens=6, seed=3))
-    assert engine.health().weight_version == 2 and engine.health().ok
-    check_against(second, again, 0.7)
+    allow_children()
+    # sglang 0.5.23 honours per-request sampling_seed only in deterministic inference mode.
+    engine = SGLangEngine(MODEL, engine_tp=1, mem_fraction_static=0.2, dtype="bfloat16",
+                          server_args={"enable_deterministic_inference": True, "disable_cuda_graph": True})
+    try:
+        first = hf_reference(0)
+        engine.update_weights(pack_buckets(list(first.state_dict().items()), bucket_bytes=2**20), version=1)
+        sampling = SamplingParams(n=4, temperature=1.0, max_new_tokens=8, stop_token_ids=(3, 4, 5), seed=11)
+        generations = engine.generate(PROMPTS, sampling)
+        assert len(generations) == 12 and engine.health().weight_version == 1
+        for g in generations:
+            assert 1 <= len(g.token_ids) <= 8 and len(g.log_probs) == len(g.token_ids)
+            assert (g.finish_reason == "stop") == (g.token_ids[-1] in (3, 4, 5))
+            assert g.finish_reason == "stop" or len(g.token_ids) == 8
+        check_against(first, generations, 1.0)
+        assert [g.token_ids for g in engine.generate(PROMPTS, sampling)] == [g.token_ids for g in generations]
+
+        engine.sleep()
+        second = hf_reference(1)
+        engine.wake(["weights"])
+        engine.update_weights(pack_buckets(list(second.state_dict().items()), bucket_bytes=2**20), version=2)
+        engine.wake(["kv_cache", "cuda_graph"])
+        again = engine.generate(PROMPTS, SamplingParams(n=2, temperature=0.7, top_p=0.9, max_new_tokens=6, seed=3))
+        assert engine.health().weight_version == 2 and engine.health().ok
+        check_against(second, again, 0.7)
+    finally:
+        engine.shutdown()
+
+
+def test_sync_generate_sleep_wake(gpu_pool):
+    pytest.importorskip("sglang", reason="needs the [gpu] extra (pip install -e .[gpu])")
+    gpu_pool(1).run(sync_generate_sleep_wake, timeout=900)
 
 
 def learner_to_sglang() -> dict:
@@ -95,6 +109,7 @@ def learner_to_sglang() -> dict:
     from rlsd_megatron.rollout import sync_weights
     from rlsd_megatron.rollout.sglang_engine import SGLangEngine
 
+    allow_children()
     hf = hf_reference(0)
     full = {k: v.float().cpu() for k, v in hf_to_megatron(dict(hf.state_dict()).__getitem__, MODEL)}
     with model_parallel():
@@ -133,6 +148,7 @@ def learner_to_fp8_sglang() -> dict:
     from rlsd_megatron.rollout.fp8 import dequantize_fp8_blockwise, is_fp8_weight, quantize_fp8_blockwise
     from rlsd_megatron.rollout.sglang_engine import SGLangEngine
 
+    allow_children()
     hf = random_hf_model(FP8_MODEL, seed=0, dtype=torch.bfloat16).cuda()
     full = {k: v.float().cpu() for k, v in hf_to_megatron(dict(hf.state_dict()).__getitem__, FP8_MODEL)}
     with model_parallel():
