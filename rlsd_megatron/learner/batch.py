@@ -18,6 +18,7 @@ Context parallelism splits every sequence into 2·CP chunks and gives rank r chu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -113,15 +114,20 @@ def packed_micro_batch(
     fields: dict[str, list[torch.Tensor]] | None = None,
     *,
     pad_to_multiple: int = 1,
+    pad_total_to_multiple: int = 1,
 ) -> MicroBatch:
     """Pack `sequences` into one [1, T] THD row; each padded to a multiple of `pad_to_multiple`
-    (2·CP with context parallelism, as TE requires)."""
+    (2·CP with context parallelism, as TE requires), the last one further so that T is a
+    multiple of `pad_total_to_multiple` as well (sequence parallelism splits T over TP, FP8
+    GEMMs want row counts in multiples of 16)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     fields = fields or {}
     _check_sequences(sequences, fields)
     lengths = [int(s.numel()) for s in sequences]
     padded = [_round_up(n, pad_to_multiple) for n in lengths]
+    total_multiple = math.lcm(pad_to_multiple, pad_total_to_multiple)  # keeps the last one's multiple
+    padded[-1] += _round_up(sum(padded), total_multiple) - sum(padded)
     offsets = [0]
     for n in padded[:-1]:
         offsets.append(offsets[-1] + n)
@@ -138,8 +144,11 @@ def packed_micro_batch(
         position_ids[0, start:start + width] = torch.arange(width)
         for name, vals in fields.items():
             shifted[name][0, start:start + length] = _shift(vals[i])
-    cu_padded = torch.tensor([0, *torch.tensor(padded).cumsum(0).tolist()], dtype=torch.int32)
     cu_real = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    # Without padding the padded offsets are the same tensor: Transformer Engine infers "no
+    # padding between sequences" from that identity (keeping FlashAttention eligible).
+    cu_padded = cu_real if padded == lengths else torch.tensor(
+        [0, *torch.tensor(padded).cumsum(0).tolist()], dtype=torch.int32)
     params = PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu_real,

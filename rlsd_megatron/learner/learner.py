@@ -16,7 +16,7 @@ exactly the full-batch token-mean gradient however the batch is split.
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import math
 from typing import Callable
 
@@ -62,6 +62,13 @@ class Learner:
         self.cp_size = parallel_state.get_context_parallel_world_size()
         self.cp_rank = parallel_state.get_context_parallel_rank()
         chunks = build_model_chunks(cfg, impl=impl)
+        if torch.cuda.is_available():
+            # megatron-core builds the model on the CPU (use_cpu_initialization) and leaves the
+            # move to the caller, as Megatron-LM's get_model does before DDP: DDP's buffers live on
+            # torch.cuda.current_device(), TE kernels need CUDA weights, and the mixed-precision
+            # optimizer rejects parameters whose type() is not torch.cuda.*.
+            for chunk in chunks:
+                chunk.cuda(torch.cuda.current_device())
         self.config = chunks[0].config
         distributed = cfg.parallel.use_distributed_optimizer and parallel_state.get_data_parallel_world_size(
             with_context_parallel=True
@@ -123,15 +130,21 @@ class Learner:
 
     def micro_batch(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]] | None = None) -> MicroBatch:
         """A micro-batch in the layout this learner's layers want: packed THD for Transformer
-        Engine (no compute on padding), right-padded [B, S] for the local layers. Sequences are
-        padded to a multiple of 2·CP (context-parallel chunks) and of 16 under FP8 (TE's FP8
-        GEMMs need it)."""
-        multiple = 2 * self.cp_size if self.cp_size > 1 else 1
+        Engine (no compute on padding), right-padded [B, S] for the local layers. Each sequence
+        is padded to a multiple of 2·CP (context-parallel chunks) and the tokens so that every
+        rank's share splits evenly: over TP under sequence parallelism (megatron scatters the
+        tokens), and under FP8 into a multiple of 16 rows per rank (32 for MXFP8), which TE's
+        FP8 GEMMs require."""
+        cp = self.cp_size
+        sp = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
+        chunks = 2 * cp if cp > 1 else 1
+        rows = sp  # tokens of this rank's CP share must be a multiple of this
         if self.cfg.precision.fp8 != "none":
-            multiple = math.lcm(multiple, 16)
+            rows *= 32 if self.cfg.precision.fp8_recipe == "mxfp8" else 16
         if self.impl == "transformer_engine":
-            return packed_micro_batch(sequences, fields, pad_to_multiple=multiple)
-        return padded_micro_batch(sequences, fields, pad_to_multiple=multiple)
+            return packed_micro_batch(sequences, fields, pad_to_multiple=chunks,
+                                      pad_total_to_multiple=math.lcm(chunks, cp * rows))
+        return padded_micro_batch(sequences, fields, pad_to_multiple=math.lcm(chunks, rows))
 
     def micro_batches(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]] | None = None
                       ) -> tuple[list[MicroBatch], list[list[int]]]:
@@ -187,16 +200,18 @@ class Learner:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         local = [cp_split(mb, self.cp_size, self.cp_rank) for mb in micro_batches]
+        device = self.device
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             output = model(
-                mb.tokens,
-                mb.position_ids,
+                mb.tokens.to(device),
+                mb.position_ids.to(device),
                 attention_mask=None,
-                packed_seq_params=mb.packed_seq_params,
+                packed_seq_params=_packed_params_on(mb.packed_seq_params, device),
             )
-            return output, functools.partial(fn, mb)
+            # Called on the last stage only: targets and mask next to the logits there.
+            return output, lambda logits: fn(_targets_on(mb, device), logits)
 
         iterators = [iter(local) for _ in self.model] if len(self.model) > 1 else iter(local)
         return get_forward_backward_func()(
@@ -330,6 +345,31 @@ class Learner:
             prefix = f"chunk{index}." if len(self.model) > 1 else ""
             for name, param in chunk.module.named_parameters():
                 yield prefix + name, param
+
+
+def _packed_params_on(params, device: torch.device):
+    """`PackedSeqParams` with its cu_seqlens on `device` (TE's attention and fused RoPE read them
+    there); a tensor shared by two fields stays shared (TE tells from `cu_seqlens_q_padded is
+    cu_seqlens_q` that there is no padding between sequences)."""
+    if params is None:
+        return None
+    moved: dict[int, torch.Tensor] = {}
+    changes = {}
+    for name in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+        tensor = getattr(params, name)
+        if isinstance(tensor, torch.Tensor) and tensor.device != device:
+            if id(tensor) not in moved:
+                moved[id(tensor)] = tensor.to(device)
+            changes[name] = moved[id(tensor)]
+    return dataclasses.replace(params, **changes) if changes else params
+
+
+def _targets_on(mb: MicroBatch, device: torch.device) -> MicroBatch:
+    """`mb` with its targets and target mask on `device` (`fields` stay where the caller put
+    them: they can be large, and loss functions move what they use)."""
+    if mb.targets.device == device:
+        return mb
+    return dataclasses.replace(mb, targets=mb.targets.to(device), target_mask=mb.target_mask.to(device))
 
 
 def _broadcast_from_last_stage(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -42,6 +42,18 @@ def test_packed_layout_with_padding_to_multiple():
     assert params.max_seqlen_q == 4
 
 
+def test_packed_total_padding_extends_only_the_last_sequence():
+    # CP=2 chunks (each sequence a multiple of 4) and 16 rows on each of 2 ranks: T a multiple of 32.
+    mb = packed_micro_batch(SEQS, pad_to_multiple=4, pad_total_to_multiple=32)
+    assert mb.tokens.shape == (1, 32) and mb.offsets == [0, 4, 8]
+    assert mb.packed_seq_params.cu_seqlens_q_padded.tolist() == [0, 4, 8, 32]
+    assert mb.packed_seq_params.cu_seqlens_q.tolist() == [0, 4, 6, 9]
+    assert mb.position_ids[0, 8:].tolist() == list(range(24))
+    # No padding at all: one offsets tensor, which TE reads as "no padding between sequences".
+    exact = packed_micro_batch([torch.arange(4), torch.arange(4)], pad_total_to_multiple=8)
+    assert exact.packed_seq_params.cu_seqlens_q_padded is exact.packed_seq_params.cu_seqlens_q
+
+
 @pytest.mark.parametrize("layout", [padded_micro_batch, packed_micro_batch])
 def test_to_sequences_inverts_the_shift(layout):
     mb = layout(SEQS, {"mask": MASKS})
