@@ -129,6 +129,9 @@ class WarmStartConfig:
     stop_accuracy: float = 0.25
     hinted_stop_accuracy: float = 0.9
     lr: float = 1e-3
+    # Measured on the built-in task (2026-11-25): with 0.1 the task was learned by step 390-530 in 6 of
+    # 6 seeds; with the RL's 0.01, by 250-870 in 7 of 9 and not within 1,500 steps in 2.
+    weight_decay: float = 0.1
     prompts_per_step: int = 64
     hint_fraction: float = 0.5
     eval_interval: int = 10
