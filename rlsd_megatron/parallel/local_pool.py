@@ -41,6 +41,10 @@ def _worker_main(rank: int, world_size: int, port: int, threads: int, backend, t
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
     )
+    if backend == "gloo":
+        # A gloo pool is the CPU path, also on a GPU machine: with CUDA visible the CPU shims stay
+        # off and every rank would put megatron's buffers on cuda:0, where gloo cannot reduce-scatter.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
         import torch
 
@@ -69,6 +73,7 @@ def _worker_main(rank: int, world_size: int, port: int, threads: int, backend, t
 
 class LocalProcessPool:
     """N spawned processes forming one gloo world; `run(fn, ...)` executes fn on all of them.
+    A gloo pool sees no GPU (it is the CPU path); NCCL pools use one GPU per rank.
 
     `fn` must be importable by the workers (a module-level function) and its arguments and
     return value picklable. Results come back as a list indexed by rank.
