@@ -20,16 +20,18 @@ from rlsd_megatron.checkpoint import (
     read_checkpoint_info,
     resolve_checkpoint_dir,
 )
-from rlsd_megatron.config import Config, ModelConfig, ParallelConfig
+from rlsd_megatron.config import CheckpointConfig, Config, ModelConfig, ParallelConfig
 
 MODEL = ModelConfig(family="llama", vocab_size=90, hidden_size=32, num_layers=4, num_attention_heads=4,
                     num_query_groups=2, ffn_hidden_size=64)
 
 
-def build(tp: int, pp: int, vpp: int | None = None, model: ModelConfig = MODEL):
+def build(tp: int, pp: int, vpp: int | None = None, model: ModelConfig = MODEL, init_from: str | None = None):
+    """A learner; with `init_from` its weights are left undrawn (a checkpoint load fills them)."""
     from rlsd_megatron.learner.learner import Learner
 
-    cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp))
+    cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp),
+                 checkpoint=CheckpointConfig(init_from=init_from))
     return cfg, Learner(cfg)
 
 
@@ -52,7 +54,7 @@ def save_and_reload(root, layouts):
         results["saved"] = learner.full_state()
     for tp, pp, vpp in layouts:
         with model_parallel(tp=tp, pp=pp, vpp=vpp, seed=9):
-            _, learner = build(tp, pp, vpp)
+            _, learner = build(tp, pp, vpp, init_from=str(root))
             template = {"note": ShardedObject("note", None, (1,), (0,), replica_id=dist.get_rank())}
             loaded = load_checkpoint(root, learner.model, model=MODEL, extra_sharded=template)
             learner.optimizer.reload_model_params()
