@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rlsd_megatron.checkpoint.convert import convert_hf_to_megatron
 from rlsd_megatron.checkpoint.directory import CheckpointError
@@ -32,8 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="stored dtype (auto: as in the HF files)")
     parser.add_argument("--dry-run", action="store_true", help="check everything and print the mapping; write nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/release checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if not (Path(args.hf_dir) / "config.json").is_file():
+        print(f"error: --hf-dir {args.hf_dir}: no config.json there (expected a Hugging Face model directory)",
+              file=sys.stderr)
+        return 2
+    if (Path(args.out) / "release").exists() and not (args.overwrite or args.dry_run):
+        print(f"error: --out {args.out} already holds a converted checkpoint (release/); pass --overwrite to "
+              "replace it or choose another --out", file=sys.stderr)
+        return 2
     try:
         convert_hf_to_megatron(args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, dtype=args.dtype,
                                dry_run=args.dry_run, progress=not args.no_progress)

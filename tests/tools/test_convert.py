@@ -241,6 +241,11 @@ def test_bad_inputs_fail_with_clear_errors(converted, dist_pool, tmp_path, capsy
     # The CLI: a layout the model cannot be split into (checked before any process group starts).
     assert cli.main(["--hf-dir", str(hf_dir), "--out", str(tmp_path / "o"), "--tp", "4"]) == 2
     assert "model.num_query_groups=2 is not divisible by parallel.tp=4" in capsys.readouterr().err
+    # A directory that is no HF model; an earlier conversion is not replaced without --overwrite.
+    assert cli.main(["--hf-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert f"--hf-dir {tmp_path}: no config.json there" in capsys.readouterr().err
+    assert cli.main(["--hf-dir", str(hf_dir), "--out", str(ckpt)]) == 2
+    assert "already holds a converted checkpoint (release/); pass --overwrite" in capsys.readouterr().err
     # config.json that does not describe the tensors.
     bad = tmp_path / "bad_hf"
     shutil.copytree(hf_dir, bad)
