@@ -19,12 +19,13 @@ _CONSOLE_KEYS = ("reward/mean", "val/reward", "train/loss", "rlsd/lambda", "trai
 
 
 class MetricsLogger:
-    def __init__(self, cfg: LoggingConfig, *, total_steps: int, enabled: bool, start_step: int = 0):
+    def __init__(self, cfg: LoggingConfig, *, total_steps: int, enabled: bool):
         self.cfg = cfg
         self.total_steps = total_steps
         self.enabled = enabled
-        self._start_time = time.monotonic()
-        self._start_step = start_step
+        # (time, step) of the first logged step: the ETA's clock, so that start-up, the warm start
+        # and the steps before a resume do not count as training time.
+        self._clock: tuple[float, int] | None = None
         self._writer = None
         if enabled and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -36,6 +37,8 @@ class MetricsLogger:
         """Write `metrics` at `step` to tensorboard; print a progress line every log_interval."""
         if not self.enabled:
             return
+        if self._clock is None:
+            self._clock = (time.monotonic(), step)
         if self._writer is not None:
             for key, value in metrics.items():
                 self._writer.add_scalar(key, value, step)
@@ -43,10 +46,12 @@ class MetricsLogger:
             print(self._progress_line(step, metrics), file=sys.stderr, flush=True)
 
     def _progress_line(self, step: int, metrics: dict[str, float]) -> str:
-        done = step - self._start_step
-        elapsed = time.monotonic() - self._start_time
-        per_step = elapsed / max(done, 1)
-        eta = datetime.timedelta(seconds=round(per_step * (self.total_steps - step)))
+        start_time, start_step = self._clock
+        if step > start_step:
+            per_step = (time.monotonic() - start_time) / (step - start_step)
+            eta = str(datetime.timedelta(seconds=round(per_step * (self.total_steps - step))))
+        else:
+            eta = "?"
         shown = " ".join(f"{key}={metrics[key]:.4g}" for key in _CONSOLE_KEYS if key in metrics)
         return f"[step {step}/{self.total_steps} {100 * step / self.total_steps:3.0f}% ETA {eta}] {shown}"
 
