@@ -105,8 +105,9 @@ def report(curves: dict[str, list[dict[int, float]]], thresholds: list[float], o
         axis.plot(steps, means, label=f"{method} (n={len(runs)})")
         axis.fill_between(steps, [m - e for m, e in zip(means, errors)], [m + e for m, e in zip(means, errors)], alpha=0.2)
         run_means = [statistics.fmean(run.values()) for run in runs]
-        spread = f" ± {statistics.stdev(run_means) / len(runs) ** 0.5:.3f}" if len(runs) > 1 else ""
-        print(f"{method}: mean validation reward over the run {statistics.fmean(run_means):.3f}{spread} (s.e.)")
+        spread = (f" ± {statistics.stdev(run_means) / len(runs) ** 0.5:.3f} (s.e. over {len(runs)} seeds)"
+                  if len(runs) > 1 else " (one seed: no error bar)")
+        print(f"{method}: mean validation reward over the run {statistics.fmean(run_means):.3f}{spread}")
         for threshold in thresholds:
             reached = [first_step_reaching(run, threshold) for run in runs]
             print(f"  steps to reach {threshold}: {reached} (None: not reached)")
