@@ -69,6 +69,17 @@ class Learner:
             # optimizer rejects parameters whose type() is not torch.cuda.*.
             for chunk in chunks:
                 chunk.cuda(torch.cuda.current_device())
+        dtype = _DTYPES[cfg.precision.params_dtype]
+        if dtype is not torch.float32:
+            # Every parameter in the model dtype, as Megatron-LM's get_model does by wrapping
+            # the chunks in Float16Module (`module.bfloat16()`). Layers that do not take
+            # `params_dtype` (the local spec's torch RMSNorm) would otherwise keep fp32
+            # weights, which Float16OptimizerWithFloat16Params (non-distributed optimizer)
+            # puts in `fp32_from_fp32_groups`; its `sharded_state_dict` maps only the float16
+            # groups to model tensors and fails on them ("Param id N does not match any model
+            # sharded param"), so no checkpoint with optimizer state could be saved.
+            for chunk in chunks:
+                chunk.to(dtype=dtype)
         self.config = chunks[0].config
         distributed = cfg.parallel.use_distributed_optimizer and parallel_state.get_data_parallel_world_size(
             with_context_parallel=True
@@ -95,7 +106,6 @@ class Learner:
         self.config.finalize_model_grads_func = _finalize_grads_without_token_scaling
 
         opt = cfg.optimizer
-        dtype = _DTYPES[cfg.precision.params_dtype]
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
