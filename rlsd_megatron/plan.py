@@ -31,7 +31,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from rlsd_megatron.config import Config, ConfigError, load_config
+from rlsd_megatron.config import Config, ConfigError, ModelConfig, load_config
 from rlsd_megatron.models.hf_config import head_dim
 from rlsd_megatron.models.provider import padded_vocab_size
 
@@ -195,18 +195,79 @@ def check_fits(cfg: Config, world_size: int, hardware: Hardware = Hardware()) ->
     return plan
 
 
+def total_params(cfg: Config) -> int:
+    """Parameters of the whole model (unpadded vocabulary: the count model cards publish)."""
+    m = cfg.model
+    embedding = m.vocab_size * m.hidden_size
+    return m.num_layers * layer_params(cfg) + embedding + m.hidden_size + (0 if m.tie_word_embeddings else embedding)
+
+
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+                 "ffn_hidden_size", "kv_channels")
+
+
+def names_no_model(cfg: Config) -> bool:
+    """No `model.hf_config` and every shape field at its default: the built-in placeholder model."""
+    default = ModelConfig()
+    return cfg.model.hf_config is None and all(getattr(cfg.model, f) == getattr(default, f) for f in _SHAPE_FIELDS)
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def describe_model(cfg: Config, config_path: str) -> str:
+    """One line: which model is planned, its parameter count and shape, and where it came from."""
+    m = cfg.model
+    source = (f"model.hf_config={m.hf_config}" if m.hf_config else
+              "the built-in default (no model in the config)" if names_no_model(cfg) else
+              f"the model.* fields of {config_path}")
+    return (f"model: {_count(total_params(cfg))} parameters ({m.family}, {m.num_layers} layers, hidden {m.hidden_size}, "
+            f"{m.num_attention_heads} heads / {m.num_query_groups or m.num_attention_heads} KV groups, ffn "
+            f"{m.ffn_hidden_size}, vocab {m.vocab_size}) from {source}")
+
+
+PROG = "rlsd-plan"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Per-GPU memory plan of a configuration")
+    """Exit status 0: the layout fits; 1: it does not fit (the table says where); 2: the config,
+    its overrides or the layout for this world size are invalid (what rlsd-train would refuse)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Per-GPU memory plan of a configuration on a GPU cluster, with the layout checks "
+                               "rlsd-train runs at start-up (exit 0: fits, 1: does not fit, 2: invalid config)")
     parser.add_argument("--config", required=True)
     parser.add_argument("--world-size", type=int, required=True, help="number of GPUs")
     parser.add_argument("--gpu-memory-gb", type=float, default=Hardware.gpu_memory_gb)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    if args.world_size < 1:
+        parser.error(f"--world-size={args.world_size}: give the number of GPUs of the run (1 or more)")
+    if args.gpu_memory_gb <= Hardware.reserve_gb:
+        parser.error(f"--gpu-memory-gb={args.gpu_memory_gb:g} leaves nothing after the {Hardware.reserve_gb:g} GB reserve "
+                     "for the CUDA context and NCCL; give the GPU's memory, e.g. 80 for an H100")
+    from rlsd_megatron.config_checks import validate_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        # rlsd-train's own checks for this world size, on the GPU cluster the plan is for (CUDA and
+        # Transformer Engine present), not on the machine that runs the planner.
+        validate_config(cfg, args.world_size, cuda_available=True, te_available=True)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if names_no_model(cfg):
+        print(f"{PROG}: warning: {args.config} names no model (no model.hf_config and no model.* shape fields): this "
+              f"plans the built-in {_count(total_params(cfg))}-parameter placeholder, not your model; add "
+              "model.hf_config=/path/to/hf_model_dir", file=sys.stderr)
+    print(describe_model(cfg, args.config))
     try:
         plan = check_fits(cfg, args.world_size, Hardware(gpu_memory_gb=args.gpu_memory_gb))
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     print(plan.table())
     return 0

@@ -4,18 +4,172 @@
     torchrun --nproc-per-node 8 -m rlsd_megatron.train --config examples/configs/rlsd.yaml \\
         model.hf_config=/ckpt/Qwen3-8B data.train_files=[train.parquet] data.tokenizer_dir=/ckpt/Qwen3-8B
 
-The config is loaded and checked (layout, algorithm, hardware, and on GPUs the memory plan)
-before any process group starts work; every rank then runs the same `Trainer`.
+Before any model is built, every rank loads the config and checks it (layout, algorithm,
+hardware, on GPUs the memory plan) and the inputs it names (data files, tokenizer directory,
+the checkpoint to resume or start from, a custom reward function); the ranks then agree, and a
+problem on any of them stops all of them. Every rank then runs the same `Trainer`, which
+reads and checks every data row before it builds the model.
+
+Bad input (the error classes of `user_error_types`) is reported once, by global rank 0, as
+`rlsd-train: error: ...` lines on stderr, and every rank exits with status 2; any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import socket
 import sys
+from pathlib import Path
+
+PROG = "rlsd-train"
+USER_ERROR_STATUS = 2
+# How long a rank that hit bad input after start-up waits for the others to report theirs
+# before it prints its own (they may not have hit it: then they wait in a collective).
+LATE_REPORT_TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def user_error_types() -> tuple[type[Exception], ...]:
+    """The exceptions that mean the input is wrong, not the code: the config, the data, a
+    checkpoint (missing, incomplete, another model's), the custom reward function."""
+    from rlsd_megatron.checkpoint.directory import CheckpointError
+    from rlsd_megatron.config import ConfigError
+    from rlsd_megatron.data.readers import DataError
+    from rlsd_megatron.rewards.custom import RewardFunctionError
+
+    return ConfigError, DataError, CheckpointError, RewardFunctionError
+
+
+def _launch_rank() -> int:
+    """This process's global rank from the launcher's variables (before torch.distributed starts)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """Usage errors (the same on every rank) from global rank 0 only."""
+        if _launch_rank() == 0:
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(USER_ERROR_STATUS)
+
+
+def checkpoint_problems(cfg) -> list[str]:
+    """The checkpoint the trainer would load (`checkpoint.resume`, else `checkpoint.init_from`):
+    it exists, is a complete checkpoint, and was written for `cfg.model`. Reads metadata only."""
+    from rlsd_megatron.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint_info, resolve_checkpoint_dir
+    from rlsd_megatron.checkpoint.directory import INFO_FILE, check_model_matches
+
+    ckpt = cfg.checkpoint
+    key, path = None, None
+    if ckpt.resume == "auto":
+        if ckpt.dir is None:
+            return ["checkpoint.resume=auto needs checkpoint.dir (the root this run saves to and resumes from); "
+                    "set checkpoint.dir=DIR or unset checkpoint.resume"]
+        try:
+            latest = latest_checkpoint(ckpt.dir)  # None: nothing saved yet, the run starts fresh
+        except CheckpointError as exc:
+            return [f"checkpoint.resume=auto with checkpoint.dir={ckpt.dir!r}: {exc}"]
+        if latest is not None:
+            key, path = f"checkpoint.resume=auto found {latest} (checkpoint.dir={ckpt.dir!r})", latest
+    elif ckpt.resume is not None:
+        key, path = f"checkpoint.resume={ckpt.resume!r}", ckpt.resume
+    if key is None and ckpt.init_from:
+        key, path = f"checkpoint.init_from={ckpt.init_from!r}", ckpt.init_from
+    if key is None:
+        return []
+    if not Path(path).exists():
+        return [f"{key} does not exist; point it at a checkpoint written by tools/convert_hf_to_megatron.py or by "
+                "the trainer (a checkpoint.dir root or one of its iter_* directories)"]
+    try:
+        directory = resolve_checkpoint_dir(path)
+        if (directory / INFO_FILE).is_file():
+            check_model_matches(read_checkpoint_info(directory), cfg.model, directory)
+    except (CheckpointError, OSError, ValueError) as exc:  # ValueError: unreadable rlsd_checkpoint.json
+        return [f"{key}: {exc}"]
+    return []
+
+
+def input_problems(cfg) -> list[str]:
+    """Bad inputs that are cheap to see before the model is built: data files and tokenizer
+    directory, the checkpoint to resume or start from, the custom reward function."""
+    from rlsd_megatron.data.build import data_input_problems
+    from rlsd_megatron.rewards.custom import RewardFunctionError, load_reward_fn
+
+    problems = data_input_problems(cfg.data) + checkpoint_problems(cfg)
+    if cfg.reward.custom_fn:
+        try:
+            load_reward_fn(cfg.reward.custom_fn)
+        except RewardFunctionError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    """`3`, `0-3`, `0-3, 8-11`."""
+    spans: list[list[int]] = []
+    for rank in sorted(ranks):
+        if spans and rank == spans[-1][1] + 1:
+            spans[-1][1] = rank
+        else:
+            spans.append([rank, rank])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def format_report(reports: list[tuple[str, list[str]]]) -> list[str]:
+    """One `rlsd-train: error: ...` entry per distinct problem of `reports` (host, problems per
+    rank), naming the ranks (and hosts) that saw it unless every rank did."""
+    world = len(reports)
+    seen: dict[str, list[int]] = {}
+    for rank, (_, problems) in enumerate(reports):
+        for problem in problems:
+            seen.setdefault(problem, []).append(rank)
+    lines = []
+    for problem, ranks in seen.items():
+        where = ""
+        if len(ranks) < world:
+            hosts = sorted({reports[rank][0] for rank in ranks})
+            where = (f"on rank{'s' if len(ranks) > 1 else ''} {_ranks_text(ranks)} of {world} "
+                     f"(host{'s' if len(hosts) > 1 else ''} {', '.join(hosts[:4])}{', ...' if len(hosts) > 4 else ''}): ")
+        lines.append(f"{PROG}: error: {where}{problem}")
+    return lines
+
+
+def report_problems(problems: list[str], group=None) -> bool:
+    """Collective: every rank's problems are gathered; global rank 0 prints each distinct one once.
+    Returns whether any rank had one (the same answer on every rank)."""
+    import torch.distributed as dist
+
+    reports: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(reports, (socket.gethostname(), problems), group=group)
+    if not any(found for _, found in reports):
+        return False
+    if dist.get_rank() == 0:
+        print("\n".join(format_report(reports)), file=sys.stderr, flush=True)
+    return True
+
+
+def _report_late(error: Exception, group) -> None:
+    """Bad input found after start-up (by the Trainer, on every rank when the input is the same
+    everywhere): reported once if every rank reports within `LATE_REPORT_TIMEOUT`, else by this
+    rank, naming itself (the others are not coming)."""
+    import torch.distributed as dist
+
+    try:
+        report_problems([str(error)], group=group)
+    except Exception:  # the gloo timeout: not every rank hit this
+        print(f"{PROG}: error: on rank {dist.get_rank()} of {dist.get_world_size()} ({socket.gethostname()}): "
+              f"{error}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rlsd-train", description="RL post-training with RLSD and its baselines")
+    parser = _Parser(prog=PROG, description="RL post-training with RLSD and its baselines")
     parser.add_argument("--config", required=True, help="YAML config (see examples/configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 optimizer.lr=1e-6")
     args = parser.parse_intermixed_args(argv)
@@ -28,30 +182,60 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlsd_megatron.config import ConfigError, load_config
     from rlsd_megatron.config_checks import resolve_transformer_impl, transformer_engine_available, validate_config
-    from rlsd_megatron.parallel.state import Layout, init_distributed, initialize_model_parallel
+    from rlsd_megatron.parallel.state import Layout, destroy_model_parallel, init_distributed, initialize_model_parallel
 
+    user_errors = user_error_types()
     cuda = torch.cuda.is_available()
+    cfg, problems = None, []
     try:
         cfg = load_config(args.config, args.overrides)
-        init_distributed()
-        validate_config(cfg, dist.get_world_size())
-        if cuda:
-            from rlsd_megatron.plan import check_fits
+    except ConfigError as error:  # reported below, once, when the ranks have agreed
+        problems.append(str(error))
+    created_world = not dist.is_initialized()
+    init_distributed()
+    world = dist.get_world_size()
+    errors_group = dist.new_group(backend="gloo", timeout=LATE_REPORT_TIMEOUT)
 
-            check_fits(cfg, dist.get_world_size())
-    except ConfigError as error:  # the user's to fix: the message, not a traceback
-        print(f"rlsd-train: error: {error}", file=sys.stderr)
-        return 2
+    def finish(status: int, *, layout: bool = False) -> int:
+        if created_world:
+            dist.destroy_process_group()
+        elif layout:
+            destroy_model_parallel()  # Megatron's groups and every other one, errors_group included
+        else:
+            dist.destroy_process_group(errors_group)
+        return status
+
+    if cfg is not None:
+        try:
+            validate_config(cfg, world)
+            if cuda:
+                from rlsd_megatron.plan import check_fits
+
+                check_fits(cfg, world)
+        except ConfigError as error:
+            problems.append(str(error))
+        problems += input_problems(cfg)
+    if report_problems(problems):
+        return finish(USER_ERROR_STATUS)
+
     impl = resolve_transformer_impl(cfg, cuda_available=cuda, te_available=cuda and transformer_engine_available())
     p = cfg.parallel
     initialize_model_parallel(Layout(p.tp, p.pp, p.cp, p.vpp), seed=cfg.train.seed)
 
     from rlsd_megatron.trainer.trainer import Trainer
 
-    Trainer(cfg, impl=impl).run()
+    try:
+        trainer = Trainer(cfg, impl=impl)
+        try:
+            trainer.run()
+        except user_errors:
+            trainer.close()
+            raise
+    except user_errors as error:
+        _report_late(error, errors_group)
+        return finish(USER_ERROR_STATUS, layout=True)
     dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    return finish(0, layout=True)
 
 
 if __name__ == "__main__":

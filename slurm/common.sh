@@ -5,8 +5,9 @@
 #   1. resolve the layout (nodes x GPUs per node = one training process per GPU), the paths and
 #      the config overrides that point the run at them;
 #   2. export the rendezvous (MASTER_ADDR = first host of the allocation) and the NCCL settings;
-#   3. run the memory planner on this node: a layout that does not fit stops here, in seconds,
-#      with the per-GPU table, instead of after every rank has loaded its shard;
+#   3. check that the input paths exist and run the memory planner on this node: a typo, an
+#      invalid config or a layout that does not fit stops here, in seconds, with the reason,
+#      instead of after every rank has loaded its shard;
 #   4. `srun` one process per GPU; `rlsd_megatron.parallel.state.init_distributed` maps
 #      SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID to RANK / WORLD_SIZE / LOCAL_RANK;
 #   5. SLURM's time-limit warning (`#SBATCH --signal=B:USR1@T`) reaches this shell; it forwards
@@ -34,7 +35,9 @@
 #   RLSD_NODES         node count for --dry-run outside a job (default: the script's #SBATCH --nodes)
 #   RLSD_MAX_REQUEUES  attempts after the first before the job stops requeueing itself (default 20)
 #   MASTER_ADDR, MASTER_PORT  default: first host of $SLURM_JOB_NODELIST, 20000 + job id mod 20000
-# Relative paths are relative to the repository root ($RLSD_HOME), where the job runs.
+# Relative paths are relative to the repository root ($RLSD_HOME), where the job runs. Those set
+# are checked before the planner (also by --dry-run): RLSD_MODEL must hold config.json,
+# RLSD_INIT_CKPT and RLSD_DATA must be directories, every data file must exist.
 
 rlsd_die() {
     echo "rlsd: error: $*" >&2
@@ -102,6 +105,7 @@ rlsd_resolve() {
         train_files=${train_files:-$RLSD_DATA/train.parquet}
         val_files=${val_files:-$RLSD_DATA/val.parquet}
     fi
+    rlsd_check_inputs
     if [[ -z ${RLSD_CONFIG:-} ]] && ((!dry_run)); then
         # The example configs carry no weights or data of their own: without these the job
         # would train a randomly initialised model on nothing, after a day in the queue.
@@ -125,6 +129,40 @@ rlsd_resolve() {
     fi
     read -r -a extra <<<"${RLSD_EXTRA_ARGS:-}"
     overrides+=("${extra[@]}" "${script_args[@]}")
+}
+
+# Every input path that is set must exist here (in --dry-run too, and in the job before srun):
+# a typo stops the launch in a second, naming the variable, instead of on every rank after start-up.
+rlsd_check_inputs() {
+    local fix
+    if [[ -n ${RLSD_MODEL:-} ]]; then
+        fix="set RLSD_MODEL to the HF model directory (config.json, tokenizer, weights)"
+        [[ -d $RLSD_MODEL ]] || rlsd_die "RLSD_MODEL=$RLSD_MODEL is not a directory; $fix"
+        [[ -f $RLSD_MODEL/config.json ]] || rlsd_die "RLSD_MODEL=$RLSD_MODEL has no config.json; $fix"
+    fi
+    if [[ -n ${RLSD_INIT_CKPT:-} ]]; then
+        [[ -d $RLSD_INIT_CKPT ]] || rlsd_die "RLSD_INIT_CKPT=$RLSD_INIT_CKPT is not a directory; set it to the" \
+            "Megatron checkpoint of the model (the --out of tools/convert_hf_to_megatron.py)"
+    fi
+    if [[ -n ${RLSD_DATA:-} ]]; then
+        [[ -d $RLSD_DATA ]] || rlsd_die "RLSD_DATA=$RLSD_DATA is not a directory; set it to the directory holding" \
+            "train.parquet and val.parquet"
+        fix="put train.parquet and val.parquet there, or unset RLSD_DATA and set RLSD_TRAIN_FILES (and RLSD_VAL_FILES)"
+        [[ -n ${RLSD_TRAIN_FILES:-} || -f $RLSD_DATA/train.parquet ]] || rlsd_die "RLSD_DATA=$RLSD_DATA has no train.parquet; $fix"
+        [[ -n ${RLSD_VAL_FILES:-} || -f $RLSD_DATA/val.parquet ]] || rlsd_die "RLSD_DATA=$RLSD_DATA has no val.parquet; $fix"
+    fi
+    rlsd_check_files RLSD_TRAIN_FILES "${RLSD_TRAIN_FILES:-}"
+    rlsd_check_files RLSD_VAL_FILES "${RLSD_VAL_FILES:-}"
+}
+
+# $1: the variable that named the files (for the message), $2: its comma-separated paths.
+rlsd_check_files() {
+    local path paths=()
+    IFS=, read -r -a paths <<<"$2"
+    for path in "${paths[@]}"; do
+        [[ -f $path ]] || rlsd_die "$1: data file '$path' does not exist (relative paths start at $RLSD_HOME);" \
+            "give comma-separated .parquet / .jsonl / .json files"
+    done
 }
 
 # NCCL / InfiniBand and process settings. Defaults only: a value already in the environment
@@ -173,11 +211,18 @@ rlsd_print_layout() {
     echo "logs:         $log_dir/tensorboard, $attempt_dir/rank-<R>.log"
 }
 
-# The memory planner on this node, with the launch's own config and overrides.
+# The memory planner on this node, with the launch's own config and overrides; it also runs the
+# trainer's config and layout checks for this world size. Its exit status says which refusal it was.
 rlsd_plan() {
-    local plan=("$python" -m rlsd_megatron.plan --config "$config" --world-size "$world_size" "${overrides[@]}")
+    local plan=("$python" -m rlsd_megatron.plan --config "$config" --world-size "$world_size" "${overrides[@]}") status=0
     echo "== memory plan: ${plan[*]} =="
-    "${plan[@]}" || rlsd_die "the planner refused this layout for $world_size GPUs (table above); nothing was launched"
+    "${plan[@]}" || status=$?
+    case $status in
+        0) ;;
+        1) rlsd_die "the layout does not fit in GPU memory on $world_size GPUs (rlsd-plan's table above); nothing was launched" ;;
+        2) rlsd_die "the config, its overrides or the layout for $world_size GPUs are invalid (rlsd-plan's error above); nothing was launched" ;;
+        *) rlsd_die "the planner failed (exit status $status, output above); nothing was launched" ;;
+    esac
 }
 
 rlsd_srun_command() {

@@ -19,6 +19,7 @@
 # 7.3 GiB of headroom and give the engine 40 GiB (~32 GiB KV, ~1M tokens at 32 KiB/token/GPU).
 #
 #   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_32b.yaml --world-size 32
+#   model: 32.76B parameters (qwen2, 64 layers, hidden 5120, 40 heads / 8 KV groups, ffn 27648, vocab 152064) from the model.* fields of examples/configs/rlsd_32b.yaml
 #   layout: tp=8 pp=2 cp=1 dp=2 sp distopt recompute=full
 #   component                           GiB/GPU
 #   weights                                3.81

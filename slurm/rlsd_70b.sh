@@ -24,6 +24,7 @@
 # Without recomputation the training phase needs 97.5 GiB.
 #
 #   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_70b.yaml --world-size 64
+#   model: 70.55B parameters (llama, 80 layers, hidden 8192, 64 heads / 8 KV groups, ffn 28672, vocab 128256) from the model.* fields of examples/configs/rlsd_70b.yaml
 #   layout: tp=8 pp=4 cp=1 dp=2 sp distopt recompute=full
 #   component                           GiB/GPU
 #   weights                                4.23

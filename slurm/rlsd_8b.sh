@@ -15,6 +15,7 @@
 # 8B job uses one; more nodes add data parallelism (`sbatch --nodes=2 slurm/rlsd_8b.sh`).
 #
 #   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_8b.yaml --world-size 8
+#   model: 8.19B parameters (qwen3, 36 layers, hidden 4096, 32 heads / 8 KV groups, ffn 12288, vocab 151936) from the model.* fields of examples/configs/rlsd_8b.yaml
 #   layout: tp=4 pp=1 cp=1 dp=2 sp distopt recompute=none
 #   component                           GiB/GPU
 #   weights                                3.81
@@ -28,7 +29,8 @@
 #   rollout phase peak                    66.70
 #   budget                                74.00
 #   fits
-#   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_8b.yaml --world-size 8 parallel.tp=2
+#   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_8b.yaml --world-size 8 parallel.tp=2 \
+#         rollout.engine_tp=2
 #   layout: tp=2 pp=1 cp=1 dp=4 sp distopt recompute=none
 #   activations (in flight)               54.84
 #   training phase peak                  103.77

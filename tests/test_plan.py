@@ -70,3 +70,69 @@ def test_teacher_copy_and_engine_are_counted_in_their_phases():
     assert frozen.teacher_copy == live.params and live.teacher_copy == 0
     assert frozen.training_peak - live.training_peak == frozen.teacher_copy
     assert live.rollout_peak - live.learner_state == live.engine > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The `rlsd-plan` command line
+
+
+def plan_cli(capsys, *args: str) -> tuple[int, str, str]:
+    from rlsd_megatron.plan import main
+
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_cli_runs_the_trainers_layout_checks_for_a_gpu_cluster(capsys):
+    status, out, err = plan_cli(capsys, "--config", "examples/configs/rlsd_8b.yaml", "--world-size", "8",
+                                "parallel.tp=8", "parallel.pp=2")
+    assert status == 2 and out == ""
+    assert err == ("rlsd-plan: error: invalid configuration:\n  - world size 8 is not divisible by tp*pp*cp=8*2*1=16; "
+                   "launch a multiple of 16 processes or change the layout\n")
+    status, out, err = plan_cli(capsys, "--config", "examples/configs/rlsd_8b.yaml", "--world-size", "8", "parallel.tp=3")
+    assert status == 2 and "GiB/GPU" not in out + err
+    assert "  - model.num_attention_heads=32 is not divisible by parallel.tp=3; pick a tp that divides it\n" in err
+    assert "  - model.num_query_groups=8 is not divisible by parallel.tp=3;" in err
+    # CUDA and Transformer Engine are assumed, as on the cluster: FP8 is no error on this CPU machine.
+    status, out, err = plan_cli(capsys, "--config", "examples/configs/rlsd_8b.yaml", "--world-size", "8",
+                                "precision.fp8=e4m3")
+    assert status == 0 and out.splitlines()[-1] == "fits" and err == ""
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=abc", "train.steps: expected int, got 'abc' (str)"),
+    ("algorithm.method=x", "algorithm.method: 'x' is not one of ['rlsd', 'grpo', 'dapo', 'drgrpo', 'opd', 'opsd', "
+                           "'sdpo', 'grpo_opsd']"),
+    ("model.hf_config=/nope/Qwen3-8B", "model.hf_config: no config.json at '/nope/Qwen3-8B'"),
+])
+def test_cli_config_errors_are_one_line_and_status_2(capsys, override, message):
+    status, out, err = plan_cli(capsys, "--config", "examples/configs/rlsd_8b.yaml", "--world-size", "8", override)
+    assert (status, out, err) == (2, "", f"rlsd-plan: error: {message}\n")
+
+
+def test_cli_says_which_model_it_plans(capsys):
+    status, out, err = plan_cli(capsys, "--config", "examples/configs/rlsd_8b.yaml", "--world-size", "8")
+    assert status == 0 and err == ""
+    assert out.splitlines()[0] == ("model: 8.19B parameters (qwen3, 36 layers, hidden 4096, 32 heads / 8 KV groups, "
+                                   "ffn 12288, vocab 151936) from the model.* fields of examples/configs/rlsd_8b.yaml")
+    status, out, err = plan_cli(capsys, "--config", "examples/configs/rlsd.yaml", "--world-size", "8")
+    assert status == 0
+    assert err == ("rlsd-plan: warning: examples/configs/rlsd.yaml names no model (no model.hf_config and no model.* "
+                   "shape fields): this plans the built-in 147.78K-parameter placeholder, not your model; add "
+                   "model.hf_config=/path/to/hf_model_dir\n")
+    assert out.splitlines()[0].endswith("from the built-in default (no model in the config)")
+
+
+def test_cli_layout_that_does_not_fit_is_status_1(capsys):
+    status, out, err = plan_cli(capsys, "--config", "examples/configs/rlsd_70b.yaml", "--world-size", "32")
+    assert status == 1 and out.startswith("model: 70.55B parameters")
+    assert err.startswith("rlsd-plan: error: the layout does not fit in GPU memory:\nlayout: tp=8 pp=4 cp=1 dp=1")
+    assert "DOES NOT FIT" in err
+
+
+def test_cli_world_size_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        plan_cli(capsys, "--config", "examples/configs/rlsd_8b.yaml", "--world-size", "0")
+    assert exit_info.value.code == 2
+    assert "rlsd-plan: error: --world-size=0: give the number of GPUs of the run (1 or more)" in capsys.readouterr().err

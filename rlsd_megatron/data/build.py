@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rlsd_megatron.algorithms.teacher_context import RLSD_TEACHER_TEMPLATE
 from rlsd_megatron.config import DataConfig
 from rlsd_megatron.data.addition_prompts import ReversedAdditionPrompts
 from rlsd_megatron.data.prompts import MATH_STUDENT_TEMPLATE, FilePromptDataset, PromptDataset
-from rlsd_megatron.data.readers import DataError
-from rlsd_megatron.data.tokenizer import load_chat_tokenizer
+from rlsd_megatron.data.readers import SUPPORTED_SUFFIXES, DataError
+from rlsd_megatron.data.tokenizer import check_tokenizer_dir, load_chat_tokenizer
 
-__all__ = ["BUILTIN_TASKS", "build_prompt_dataset"]
+__all__ = ["BUILTIN_TASKS", "build_prompt_dataset", "data_input_problems"]
 
 BUILTIN_TASKS = {"reversed_addition": ReversedAdditionPrompts}
 
@@ -30,11 +31,9 @@ def build_prompt_dataset(cfg: DataConfig, split: str = "train", *, tokenizer: An
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r} must be 'train' or 'val'.")
     if cfg.task is not None:
-        if cfg.task not in BUILTIN_TASKS:
-            raise DataError(f"data.task={cfg.task!r} is not a built-in task; known: {sorted(BUILTIN_TASKS)} "
-                            "(or leave data.task unset and give data.train_files).")
-        if cfg.train_files or cfg.val_files:
-            raise DataError(f"data.task={cfg.task!r} and data.train_files/val_files are both set; use one.")
+        problem = _task_problem(cfg)
+        if problem:
+            raise DataError(problem)
         return BUILTIN_TASKS[cfg.task](split)
     files = cfg.train_files if split == "train" else cfg.val_files
     if not files:
@@ -45,3 +44,44 @@ def build_prompt_dataset(cfg: DataConfig, split: str = "train", *, tokenizer: An
     return FilePromptDataset(files, cfg, tokenizer if tokenizer is not None else load_chat_tokenizer(cfg.tokenizer_dir),
                              student_template=student_template, system_prompt=system_prompt,
                              chat_template_kwargs=chat_template_kwargs, teacher_template=teacher_template)
+
+
+def data_input_problems(cfg: DataConfig) -> list[str]:
+    """What :func:`build_prompt_dataset` would refuse that a glance at the file system shows: an
+    unknown task, no training data, data files that are missing or of an unknown kind, an unset
+    or empty ``data.tokenizer_dir``. Reads no rows and loads no tokenizer (cheap), so the trainer
+    reports these before it builds the model; row problems are found when the dataset is built."""
+    if cfg.task is not None:
+        return [_task_problem(cfg)] if _task_problem(cfg) else []
+    if not cfg.train_files:
+        return [f"no training data: set data.train_files (JSON Lines / JSON / Parquet) or data.task (one of "
+                f"{sorted(BUILTIN_TASKS)})."]
+    problems = []
+    for key, files in (("train_files", cfg.train_files), ("val_files", cfg.val_files)):
+        for i, name in enumerate(files):
+            path = Path(name)
+            where = f"data.{key}[{i}]={name!r}"
+            if path.is_dir():
+                problems.append(f"{where} is a directory, not a file; list the files in it, e.g. "
+                                f"data.{key}=[{path / ('train' if key == 'train_files' else 'val')}.parquet].")
+            elif not path.is_file():
+                relative = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+                problems.append(f"{where} does not exist{relative}; give the path of a .jsonl, .json or .parquet "
+                                "file that every node can read.")
+            elif path.suffix.lower() not in SUPPORTED_SUFFIXES:
+                problems.append(f"{where} has suffix {path.suffix!r}; supported: {list(SUPPORTED_SUFFIXES)} "
+                                "(convert it, e.g. with pandas.DataFrame.to_parquet).")
+    try:
+        check_tokenizer_dir(cfg.tokenizer_dir)
+    except DataError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def _task_problem(cfg: DataConfig) -> str | None:
+    if cfg.task not in BUILTIN_TASKS:
+        return (f"data.task={cfg.task!r} is not a built-in task; known: {sorted(BUILTIN_TASKS)} "
+                "(or leave data.task unset and give data.train_files).")
+    if cfg.train_files or cfg.val_files:
+        return f"data.task={cfg.task!r} and data.train_files/val_files are both set; use one."
+    return None

@@ -55,6 +55,13 @@ class MetricsLogger:
         shown = " ".join(f"{key}={metrics[key]:.4g}" for key in _CONSOLE_KEYS if key in metrics)
         return f"[step {step}/{self.total_steps} {100 * step / self.total_steps:3.0f}% ETA {eta}] {shown}"
 
+    def write_config(self, config: dict) -> None:
+        """The run's resolved config as `config.yaml` next to its event files (what produced them)."""
+        if self.enabled and self.cfg.tensorboard:
+            import yaml
+
+            (Path(self.cfg.dir) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
     def message(self, text: str) -> None:
         if self.enabled:
             print(text, file=sys.stderr, flush=True)

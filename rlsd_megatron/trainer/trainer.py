@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from rlsd_megatron import algorithms as alg
-from rlsd_megatron.config import Config
+from rlsd_megatron.config import Config, config_to_dict
 from rlsd_megatron.parallel.state import replica_group
 from rlsd_megatron.trainer import objectives
 from rlsd_megatron.trainer.rollouts import Rollouts, generate_and_score, response_tensors
@@ -59,6 +59,31 @@ def _fault_injection_point(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _same_on_every_rank(build, errors: type[BaseException] | tuple[type[BaseException], ...]):
+    """`build()` on every rank (collective). When it raises one of `errors` (bad input) on any
+    rank, every rank raises it, naming the ranks when not all saw it: a rank that stopped alone
+    would leave the others waiting in their next collective and its message among theirs."""
+    result, mine = None, None
+    try:
+        result = build()
+    except errors as exc:
+        mine = (type(exc), str(exc))
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, mine)
+    failed = {rank: found for rank, found in enumerate(seen) if found is not None}
+    if not failed:
+        return result
+    by_message: dict[str, list[int]] = {}
+    for rank, (_, message) in failed.items():
+        by_message.setdefault(message, []).append(rank)
+    if len(failed) == len(seen) and len(by_message) == 1:
+        message = next(iter(by_message))
+    else:
+        message = "; ".join(f"{text} (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of "
+                            f"{len(seen)})" for text, ranks in by_message.items())
+    raise next(iter(failed.values()))[0](message)
+
+
 class PhaseTimer:
     """Wall time per named phase of a step."""
 
@@ -82,6 +107,7 @@ class Trainer:
 
         from rlsd_megatron.data.build import build_prompt_dataset
         from rlsd_megatron.data.loader import PromptLoader, validation_rows
+        from rlsd_megatron.data.readers import DataError
         from rlsd_megatron.learner.learner import Learner
         from rlsd_megatron.logging.metrics import MetricsLogger
         from rlsd_megatron.rewards import RewardScorer
@@ -89,39 +115,49 @@ class Trainer:
         from rlsd_megatron.rollout.provider import create_engine
 
         self.cfg = cfg
-        self.learner = Learner(cfg, impl=impl)
         self.replica_group = replica_group()
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_rank, self.dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         self.hosts_engine = dist.get_rank(self.replica_group) == 0
-        # The engine takes engine_tp GPUs from the host's own: its replica's first GPUs.
-        first_gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0
-        self.engine = create_engine(cfg, base_gpu_id=first_gpu) if self.hosts_engine else None
-        self.dataset = build_prompt_dataset(cfg.data, "train")
-        self.loader = PromptLoader(self.dataset, global_batch_size=cfg.train.prompts_per_step, dp_rank=self.dp_rank,
-                                   dp_size=self.dp_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-        val_dataset = build_prompt_dataset(cfg.data, "val")
-        self.val_rows = validation_rows(val_dataset, dp_rank=self.dp_rank, dp_size=self.dp_size) if val_dataset else []
-        self.scorer = RewardScorer(cfg.reward, task=cfg.data.task) if self.hosts_engine else None
-        self.teacher = alg.TeacherWeightPolicy(
-            cfg.algorithm.teacher_weights if cfg.algorithm.teacher_weights != "separate" else "live",
-            sync_interval=cfg.algorithm.teacher_sync_interval, ema_rate=cfg.algorithm.teacher_ema_rate)
-        self.teacher.initialize(self.learner.local_weights())
-        self.mismatch = MismatchMonitor(cfg.rollout.max_logprob_mismatch)
-        self.logger = MetricsLogger(cfg.logging, total_steps=cfg.train.steps, enabled=dist.get_rank() == dist.get_world_size() - 1)
-        self.step = 0
-        self._draws = 0  # prompt batches drawn (numbers the sampling seeds)
-        self.stop_requested = False
+        # Inputs first: a bad data row or a missing checkpoint stops every rank here, in seconds,
+        # not after the model (minutes per rank at 70B) and the engine are built.
+        self.dataset, val_dataset = _same_on_every_rank(
+            lambda: (build_prompt_dataset(cfg.data, "train"), build_prompt_dataset(cfg.data, "val")), DataError)
         resume = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
-        if resume is not None:
-            load_training_state(self, resume)
-            self.logger.message(f"resumed from {resume} at step {self.step}")
-        elif cfg.checkpoint.init_from:
-            from rlsd_megatron.checkpoint import load_checkpoint
-
-            load_checkpoint(cfg.checkpoint.init_from, self.learner.model, model=cfg.model)
-            self.learner.optimizer.reload_model_params()
+        self.engine = self.scorer = None
+        self.learner = Learner(cfg, impl=impl)
+        try:
+            # The engine takes engine_tp GPUs from the host's own: its replica's first GPUs.
+            first_gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0
+            self.engine = create_engine(cfg, base_gpu_id=first_gpu) if self.hosts_engine else None
+            self.loader = PromptLoader(self.dataset, global_batch_size=cfg.train.prompts_per_step,
+                                       dp_rank=self.dp_rank, dp_size=self.dp_size, seed=cfg.train.seed,
+                                       shuffle=cfg.data.shuffle)
+            self.val_rows = validation_rows(val_dataset, dp_rank=self.dp_rank, dp_size=self.dp_size) if val_dataset else []
+            self.scorer = RewardScorer(cfg.reward, task=cfg.data.task) if self.hosts_engine else None
+            self.teacher = alg.TeacherWeightPolicy(
+                cfg.algorithm.teacher_weights if cfg.algorithm.teacher_weights != "separate" else "live",
+                sync_interval=cfg.algorithm.teacher_sync_interval, ema_rate=cfg.algorithm.teacher_ema_rate)
             self.teacher.initialize(self.learner.local_weights())
+            self.mismatch = MismatchMonitor(cfg.rollout.max_logprob_mismatch)
+            self.logger = MetricsLogger(cfg.logging, total_steps=cfg.train.steps,
+                                        enabled=dist.get_rank() == dist.get_world_size() - 1)
+            self.logger.write_config(config_to_dict(cfg))
+            self.step = 0
+            self._draws = 0  # prompt batches drawn (numbers the sampling seeds)
+            self.stop_requested = False
+            if resume is not None:
+                load_training_state(self, resume)
+                self.logger.message(f"resumed from {resume} at step {self.step}")
+            elif cfg.checkpoint.init_from:
+                from rlsd_megatron.checkpoint import load_checkpoint
+
+                load_checkpoint(cfg.checkpoint.init_from, self.learner.model, model=cfg.model)
+                self.learner.optimizer.reload_model_params()
+                self.teacher.initialize(self.learner.local_weights())
+        except BaseException:
+            self.close()  # the engine and the verifier processes, when start-up fails after them
+            raise
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -145,6 +181,10 @@ class Trainer:
                 if not saved:
                     self.save()
                 self.logger.message(f"stopped by a signal after step {self.step}; checkpoint saved")
+            else:
+                where = f"; checkpoints in {self.cfg.checkpoint.dir}" if self.cfg.checkpoint.dir else ""
+                self.logger.message(f"done: {self.step} steps; logs in {self.cfg.logging.dir} (tensorboard --logdir "
+                                    f"{self.cfg.logging.dir}){where}")
         self.close()
 
     def save(self) -> None:
@@ -363,4 +403,5 @@ class Trainer:
             self.scorer.close()
         if self.engine is not None:
             self.engine.shutdown()
-        self.logger.close()
+        if getattr(self, "logger", None) is not None:  # None when start-up failed before it
+            self.logger.close()

@@ -44,3 +44,14 @@ def test_disabled_logger_writes_nothing(tmp_path, capsys):
     logger.message("hello")
     logger.close()
     assert not (tmp_path / "tb").exists() and capsys.readouterr().err == ""
+
+
+def test_config_written_next_to_the_events(tmp_path):
+    import yaml
+
+    from rlsd_megatron.config import Config, config_to_dict
+
+    logger = MetricsLogger(LoggingConfig(dir=str(tmp_path)), total_steps=1, enabled=True)
+    logger.write_config(config_to_dict(Config()))
+    logger.close()
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == config_to_dict(Config())

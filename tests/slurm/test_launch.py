@@ -103,6 +103,60 @@ def test_planner_refusal_stops_the_launch():
     assert result.returncode == 1
     assert "DOES NOT FIT" in result.stdout + result.stderr
     assert "nothing was launched" in result.stderr and "srun --nodes" not in result.stdout
+    assert result.stderr.splitlines()[-1] == ("rlsd: error: the layout does not fit in GPU memory on 32 GPUs (rlsd-plan's "
+                                              "table above); nothing was launched")
+
+
+def dry_run_env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "RLSD_"))}
+    env.update(RLSD_PYTHON=sys.executable, **extra)
+    return env
+
+
+def test_dry_run_with_an_invalid_override_says_the_config_is_invalid():
+    result = subprocess.run(["bash", str(ROOT / "slurm" / "rlsd_8b.sh"), "--dry-run", "train.steps=abc"],
+                            env=dry_run_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr == ("rlsd-plan: error: train.steps: expected int, got 'abc' (str)\n"
+                             "rlsd: error: the config, its overrides or the layout for 8 GPUs are invalid (rlsd-plan's "
+                             "error above); nothing was launched\n")
+    assert "srun --nodes" not in result.stdout
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"RLSD_MODEL": "/nope/Qwen3-8B"}, "RLSD_MODEL=/nope/Qwen3-8B is not a directory; set RLSD_MODEL to the HF model "
+                                       "directory (config.json, tokenizer, weights)"),
+    ({"RLSD_MODEL": "{tmp}"}, "RLSD_MODEL={tmp} has no config.json; set RLSD_MODEL to the HF model directory "
+                              "(config.json, tokenizer, weights)"),
+    ({"RLSD_INIT_CKPT": "/nope/ckpt"}, "RLSD_INIT_CKPT=/nope/ckpt is not a directory; set it to the Megatron checkpoint "
+                                       "of the model (the --out of tools/convert_hf_to_megatron.py)"),
+    ({"RLSD_DATA": "/nope/data"}, "RLSD_DATA=/nope/data is not a directory; set it to the directory holding "
+                                  "train.parquet and val.parquet"),
+    ({"RLSD_DATA": "{tmp}"}, "RLSD_DATA={tmp} has no train.parquet; put train.parquet and val.parquet there, or unset "
+                             "RLSD_DATA and set RLSD_TRAIN_FILES (and RLSD_VAL_FILES)"),
+    ({"RLSD_TRAIN_FILES": "{tmp}/a.parquet,/nope/b.parquet"},
+     "RLSD_TRAIN_FILES: data file '/nope/b.parquet' does not exist (relative paths start at {root}); give "
+     "comma-separated .parquet / .jsonl / .json files"),
+], ids=["model-missing", "model-without-config", "init-ckpt", "data-missing", "data-empty", "train-files"])
+def test_dry_run_checks_the_input_paths(tmp_path, variables, message):
+    (tmp_path / "a.parquet").write_text("")
+    variables = {key: value.format(tmp=tmp_path) for key, value in variables.items()}
+    result = subprocess.run(["bash", str(ROOT / "slurm" / "rlsd_8b.sh"), "--dry-run"], env=dry_run_env(**variables),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr == "rlsd: error: " + message.format(tmp=tmp_path, root=ROOT) + "\n"
+    assert "== memory plan" not in result.stdout  # stopped before the planner
+
+
+def test_missing_input_stops_the_job_before_srun(tmp_path):
+    env = job_env(tmp_path, attempt=0)
+    env.update(RLSD_INIT_CKPT=str(tmp_path / "no-such-checkpoint"))
+    result = subprocess.run(["bash", str(ROOT / "slurm" / "rlsd_8b.sh")], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 1
+    assert result.stderr == (f"rlsd: error: RLSD_INIT_CKPT={tmp_path / 'no-such-checkpoint'} is not a directory; set it "
+                             "to the Megatron checkpoint of the model (the --out of tools/convert_hf_to_megatron.py)\n")
+    assert not (tmp_path / "logs").exists()  # srun never ran: no rank logs
 
 
 def test_outside_a_job_without_dry_run_is_refused():
