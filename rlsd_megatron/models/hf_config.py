@@ -29,7 +29,8 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
-        raise ConfigError(f"model.hf_config: no config.json at {str(file)!r}")
+        raise ConfigError(f"model.hf_config: no config.json at {str(file)!r}; point it at the Hugging Face model "
+                          "directory (or its config.json) that the checkpoint was converted from")
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as exc:
