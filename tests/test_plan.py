@@ -104,7 +104,8 @@ def test_cli_runs_the_trainers_layout_checks_for_a_gpu_cluster(capsys):
     ("train.steps=abc", "train.steps: expected int, got 'abc' (str)"),
     ("algorithm.method=x", "algorithm.method: 'x' is not one of ['rlsd', 'grpo', 'dapo', 'drgrpo', 'opd', 'opsd', "
                            "'sdpo', 'grpo_opsd']"),
-    ("model.hf_config=/nope/Qwen3-8B", "model.hf_config: no config.json at '/nope/Qwen3-8B'"),
+    ("model.hf_config=/nope/Qwen3-8B", "model.hf_config: no config.json at '/nope/Qwen3-8B'; point it at the Hugging "
+                                       "Face model directory (or its config.json) that the checkpoint was converted from"),
 ])
 def test_cli_config_errors_are_one_line_and_status_2(capsys, override, message):
     status, out, err = plan_cli(capsys, "--config", "examples/configs/rlsd_8b.yaml", "--world-size", "8", override)
