@@ -97,12 +97,19 @@ def checkpoint_problems(cfg) -> list[str]:
 
 
 def input_problems(cfg) -> list[str]:
-    """Bad inputs that are cheap to see before the model is built: data files and tokenizer
-    directory, the checkpoint to resume or start from, the custom reward function."""
+    """Bad inputs that are cheap to see before the model is built: no model named for a prompt
+    dataset, data files and tokenizer directory, the checkpoint to resume or start from, the
+    custom reward function."""
     from rlsd_megatron.data.build import data_input_problems
+    from rlsd_megatron.plan import names_no_model
     from rlsd_megatron.rewards.custom import RewardFunctionError, load_reward_fn
 
-    problems = data_input_problems(cfg.data) + checkpoint_problems(cfg)
+    problems = []
+    if names_no_model(cfg) and cfg.data.task is None:
+        problems.append("the config names no model (no model.hf_config and no model.* shape fields), so this would "
+                        "train the built-in placeholder on your prompts; set model.hf_config=/path/to/hf_model_dir "
+                        "(and checkpoint.init_from=… for its weights)")
+    problems += data_input_problems(cfg.data) + checkpoint_problems(cfg)
     if cfg.reward.custom_fn:
         try:
             load_reward_fn(cfg.reward.custom_fn)

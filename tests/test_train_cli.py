@@ -206,6 +206,11 @@ def test_input_checks_name_the_setting_and_the_value(tmp_path):
         "module named 'no_such_module'); is its directory on PYTHONPATH (or the package installed)?",
     ]
     assert train.input_problems(load_config(DEMO)) == []  # the demo: a built-in task, nothing to load
+    # A method preset that names no model, given prompt files: the placeholder would be trained on them.
+    (tmp_path / "train.jsonl").write_text("")
+    preset = load_config("examples/configs/rlsd.yaml", [f"data.train_files=[{tmp_path / 'train.jsonl'}]"])
+    assert train.input_problems(preset)[0].startswith("the config names no model (no model.hf_config and no model.* "
+                                                      "shape fields)")
 
 
 def test_format_report_groups_ranks_and_hosts():

@@ -27,6 +27,9 @@ class MetricsLogger:
         # and the steps before a resume do not count as training time.
         self._clock: tuple[float, int] | None = None
         self._writer = None
+        # Event files already there (an earlier run, or the one this run resumes): tensorboard
+        # shows all the files of one directory as one run.
+        self.earlier_event_files = sorted(Path(cfg.dir).glob("events.out.tfevents.*")) if enabled else []
         if enabled and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

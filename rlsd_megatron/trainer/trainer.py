@@ -146,6 +146,10 @@ class Trainer:
             self.step = 0
             self._draws = 0  # prompt batches drawn (numbers the sampling seeds)
             self.stop_requested = False
+            if resume is None and self.logger.earlier_event_files:
+                self.logger.message(f"warning: {cfg.logging.dir} already holds {len(self.logger.earlier_event_files)} "
+                                    "event file(s) of an earlier run, which tensorboard will mix with this one's; "
+                                    "give this run its own logging.dir")
             if resume is not None:
                 load_training_state(self, resume)
                 self.logger.message(f"resumed from {resume} at step {self.step}")

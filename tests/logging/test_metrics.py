@@ -55,3 +55,13 @@ def test_config_written_next_to_the_events(tmp_path):
     logger.write_config(config_to_dict(Config()))
     logger.close()
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == config_to_dict(Config())
+
+
+def test_earlier_event_files_are_noticed(tmp_path):
+    first = MetricsLogger(LoggingConfig(dir=str(tmp_path)), total_steps=1, enabled=True)
+    first.log(1, {"reward/mean": 0.0})
+    first.close()
+    assert first.earlier_event_files == []
+    second = MetricsLogger(LoggingConfig(dir=str(tmp_path)), total_steps=1, enabled=True)
+    second.close()
+    assert len(second.earlier_event_files) == 1
