@@ -5,7 +5,7 @@ Every problem found is reported at once, each with the values seen and a way to 
 
 from __future__ import annotations
 
-from rlsd_megatron.config import Config, ConfigError, RolloutConfig
+from rlsd_megatron.config import Config, ConfigError
 
 
 def transformer_engine_available() -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import socket
 import sys
 from pathlib import Path
@@ -42,19 +41,12 @@ def user_error_types() -> tuple[type[Exception], ...]:
     return ConfigError, DataError, CheckpointError, RewardFunctionError
 
 
-def _launch_rank() -> int:
-    """This process's global rank from the launcher's variables (before torch.distributed starts)."""
-    for name in ("RANK", "SLURM_PROCID"):
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 0
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """Usage errors (the same on every rank) from global rank 0 only."""
-        if _launch_rank() == 0:
+        from rlsd_megatron.parallel.state import launch_rank
+
+        if launch_rank() == 0:
             self.print_usage(sys.stderr)
             print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(USER_ERROR_STATUS)

@@ -52,7 +52,8 @@ def data_input_problems(cfg: DataConfig) -> list[str]:
     or empty ``data.tokenizer_dir``. Reads no rows and loads no tokenizer (cheap), so the trainer
     reports these before it builds the model; row problems are found when the dataset is built."""
     if cfg.task is not None:
-        return [_task_problem(cfg)] if _task_problem(cfg) else []
+        problem = _task_problem(cfg)
+        return [problem] if problem else []
     if not cfg.train_files:
         return [f"no training data: set data.train_files (JSON Lines / JSON / Parquet) or data.task (one of "
                 f"{sorted(BUILTIN_TASKS)})."]

@@ -52,6 +52,16 @@ def _env_from_slurm() -> None:
         )
 
 
+def launch_rank() -> int:
+    """This process's global rank from the launcher's variables (torchrun's, else SLURM's), before
+    torch.distributed starts; 0 without a launcher."""
+    for name in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 # On GPUs every group (Megatron's inherit the default's backends) runs CUDA tensors over NCCL and
 # CPU tensors over gloo: the trainer reduces CPU scalars (metrics, stop flags, rewards) and
 # broadcasts pickled rollouts, which an NCCL-only group refuses.
