@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/vocab_parallel_ops.py                    # TP=2 over gloo on CPU, fp32
     .venv/bin/python benchmarks/vocab_parallel_ops.py --dtype bfloat16
-    .venv/bin/python benchmarks/vocab_parallel_ops.py --device cuda      # TP=1 on a GPU (untested here)
+    .venv/bin/python benchmarks/vocab_parallel_ops.py --device cuda      # TP=1 on a GPU
 
 Every op runs forward + backward (top-k: forward only) on each rank of a `LocalProcessPool` (one
 core per rank) with logits of that rank's shard of a Qwen-size vocabulary, temperature 1:

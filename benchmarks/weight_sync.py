@@ -23,6 +23,7 @@ load 50-400 from other jobs), 0.98B Llama (hidden 2048, 18 layers, GQA 16/8, ffn
     CPU TP=2, direct into the embedded engine: 0.87 s = 2.26 GB/s, memcpy 4.22 GB/s -> 0.54x
     CPU TP=2, bucket path:                     1.87 s = 1.05 GB/s, memcpy 4.30 GB/s -> 0.24x
     H100 TP=1, bucket path into a copy sink:   0.026 s = 76 GB/s, D2D memcpy 1.4 TB/s -> 0.05x
+    H200 TP=1, bucket path into a copy sink:   0.022 s = 90 GB/s, D2D memcpy 2.0 TB/s -> 0.04x (2026-12-04)
 """
 
 from __future__ import annotations

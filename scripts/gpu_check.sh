@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One short pass of the GPU checks on a lent GPU machine (one H100/H200), every step under its
+# own time limit, logs in $OUT (or ./runs/gpu_check). It runs what the machine's Python can:
+#   1. the GPU learner tests (without Transformer Engine only the local-spec ones pass; the TE
+#      ones fail at TransformerConfig, which the log shows);
+#   2. an RLSD run of the CPU demo on the GPU (local spec, embedded engine), 1 process, with a
+#      checkpoint and a resume from it;
+#   3. benchmarks/learner_step.py, vocab_parallel_ops.py and weight_sync.py on CUDA.
+# A machine without megatron-core etc. gets them from wheels in .whl/ (see the issue note on how
+# they were fetched): pip install --target /tmp/site, no network needed.
+#   bash scripts/gpu_check.sh              # everything, ~6 min
+#   bash scripts/gpu_check.sh tests train  # some steps only
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-runs/gpu_check}
+mkdir -p "$out"
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+steps=${*:-"tests train bench"}
+
+if ! "$python" -c "import megatron.core, math_verify" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$python" -c "import torch, transformers, megatron.core as m; print('torch', torch.__version__, 'transformers', transformers.__version__, 'megatron-core', m.__version__, 'cuda', torch.cuda.is_available())"
+
+step() {  # step NAME SECONDS COMMAND...: runs it under a limit, output to $out/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout --signal=KILL "$limit" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc in $((SECONDS - start)) s"
+    tail -n 15 "$out/$name.log"
+}
+
+case " $steps " in *" tests "*)
+    step tests 120 "$python" -m pytest -q -x -p no:cacheprovider tests/learner/test_gpu_learner.py ;;
+esac
+case " $steps " in *" train "*)
+    run_dir=$(mktemp -d)
+    demo=(--config examples/configs/cpu_demo.yaml precision.transformer_impl=local rollout.backend=embedded
+          warm_start.max_steps=300 checkpoint.dir="$run_dir/ckpt" checkpoint.save_interval=10
+          logging.dir="$run_dir/logs" logging.progress_bar=false)
+    step train 120 "$python" -m torch.distributed.run --nproc-per-node 1 -m rlsd_megatron.train "${demo[@]}" train.steps=10
+    step resume 90 "$python" -m torch.distributed.run --nproc-per-node 1 -m rlsd_megatron.train "${demo[@]}" \
+        train.steps=20 checkpoint.resume=auto
+    ls "$run_dir/ckpt" ;;
+esac
+case " $steps " in *" bench "*)
+    step learner_step 100 "$python" benchmarks/learner_step.py --device cuda --hidden 1024 --layers 8 --batch 8 \
+        --seq-len 1024 --vocab 32000 --steps 10 --warmup 3
+    step vocab_ops 60 "$python" benchmarks/vocab_parallel_ops.py --device cuda --tp 1 --tokens 4096
+    step weight_sync 80 "$python" benchmarks/weight_sync.py --device cuda ;;
+esac
