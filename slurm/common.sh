@@ -10,11 +10,31 @@
 #      instead of after every rank has loaded its shard;
 #   4. `srun` one process per GPU; `rlsd_megatron.parallel.state.init_distributed` maps
 #      SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID to RANK / WORLD_SIZE / LOCAL_RANK;
-#   5. SLURM's time-limit warning (`#SBATCH --signal=B:USR1@T`) reaches this shell; it forwards
-#      SIGUSR1 to the training processes (srun passes it to every task), which checkpoint after
-#      the current step and exit 0; then the job requeues itself and the next attempt resumes
-#      from that checkpoint (`checkpoint.resume=auto`).
+#   5. the attempt ends in one of these ways, each written to $RLSD_LOGS/<run>/attempts.log:
+#      - SIGUSR1 reaches this shell: the time-limit warning (`#SBATCH --signal=B:USR1@T`), or a
+#        pre-emption when the site sets PreemptParameters=send_user_signal (the warning then comes
+#        at pre-emption time, GraceTime before the kill). The shell forwards it to srun, srun to
+#        every process of the step; the trainer checkpoints at its next safe point and exits 0
+#        (its engine and verifier processes keep running: they start with the signal blocked,
+#        rlsd_megatron/parallel/signals.py); the job requeues itself and the next attempt resumes
+#        from that checkpoint (`checkpoint.resume=auto`);
+#      - SIGUSR2 (`scancel --batch --signal=USR2 <job>`): the same checkpoint and stop, no requeue:
+#        the graceful way to stop a run;
+#      - SIGTERM (a plain `scancel`, a pre-emption without send_user_signal, the end of the grace
+#        time): srun answers SIGTERM by killing the step (SIGKILL), so no checkpoint can be made;
+#        the run resumes from its last periodic one (`checkpoint.save_interval`); SLURM requeues
+#        a pre-empted --requeue job by itself;
+#      - the training processes fail (a crash, out of memory, an NCCL timeout, a sick GPU): the
+#        job requeues itself up to RLSD_MAX_FAILURES times, excluding the node whose task failed
+#        first (srun's first "error: <node>: task N: ..." line), and resumes.
 # `--dry-run` does 1-3 and prints the srun command instead of running it, on any machine.
+#
+# What the site must allow: jobs submitted with --requeue (the scripts' #SBATCH lines), users may
+# requeue their own jobs (`scontrol requeue`) and set their ExcNodeList; for a checkpoint on
+# pre-emption PreemptParameters=send_user_signal and a GraceTime longer than one training step
+# plus a checkpoint save (the trainer logs both as perf/step_seconds and perf/save_seconds).
+# Chains of jobs of one run: submit with --dependency=singleton and the same --job-name, so at
+# most one runs at a time; they share RLSD_RUN_NAME, hence the checkpoints.
 #
 # Environment (optional unless marked):
 #   RLSD_MODEL         HF model directory: config.json, tokenizer, the weights SGLang loads.
@@ -25,8 +45,11 @@
 #                      config (or give RLSD_TRAIN_FILES / RLSD_VAL_FILES: comma-separated paths).
 #   RLSD_CKPT_DIR      checkpoint root (default $RLSD_HOME/checkpoints); this run: $RLSD_CKPT_DIR/$RLSD_RUN_NAME
 #   RLSD_LOGS          log root (default $RLSD_HOME/logs); this run: $RLSD_LOGS/$RLSD_RUN_NAME/
-#                      tensorboard/ and attempt-N/rank-R.log (N = SLURM_RESTART_COUNT)
-#   RLSD_RUN_NAME      default $SLURM_JOB_NAME-$SLURM_JOB_ID: the same across requeues
+#                      tensorboard/, attempts.log and attempt-N/rank-R.log, srun.log
+#                      (N = SLURM_RESTART_COUNT, or the next free number when a new job resumes the run)
+#   RLSD_RUN_NAME      the run's identity: its checkpoints and logs. Default <config>-<model dir>
+#                      (e.g. rlsd_8b-Qwen3-8B), not the job id, so that a resubmitted job resumes the
+#                      run; give different runs of one config and model their own names
 #   RLSD_CONFIG        YAML config (default: the script's); when set, the three inputs above are
 #                      optional (the config may use a built-in task or set them itself)
 #   RLSD_EXTRA_ARGS    more dotted overrides, space-separated; script arguments come after them
@@ -34,7 +57,17 @@
 #   RLSD_GPUS_PER_NODE default $SLURM_GPUS_ON_NODE, else 8
 #   RLSD_NODES         node count for --dry-run outside a job (default: the script's #SBATCH --nodes)
 #   RLSD_MAX_REQUEUES  attempts after the first before the job stops requeueing itself (default 20)
-#   MASTER_ADDR, MASTER_PORT  default: first host of $SLURM_JOB_NODELIST, 20000 + job id mod 20000
+#   RLSD_MAX_FAILURES  failed attempts (non-zero exit without a warning) requeued before the run
+#                      gives up (default 2; 0: a failure ends the job)
+#   RLSD_EXCLUDE_FAILED_NODES  1 (default): a requeue after a failure excludes the node whose task
+#                      failed first (scontrol update ExcNodeList); 0 on a partition with no spare nodes
+#   RLSD_CONTAINER_IMAGE   run the training and the planner in this pyxis/enroot image (srun
+#                      --container-image); RLSD_CONTAINER_MOUNTS (default $RLSD_HOME:$RLSD_HOME, add the
+#                      model, data and checkpoint directories: src:dst[,src:dst...]) and
+#                      RLSD_CONTAINER_WORKDIR (default $RLSD_HOME) go to --container-mounts / -workdir
+#   RLSD_NCCL_DEBUG_FILE   1: NCCL_DEBUG=INFO into attempt-N/nccl-<host>-<pid>.log per process
+#   MASTER_ADDR, MASTER_PORT  default: first host of $SLURM_JOB_NODELIST, 12000 + (job id + attempt)
+#                      mod 8000 (below Linux's ephemeral ports and SGLang's 22000-30000+ ports)
 # Relative paths are relative to the repository root ($RLSD_HOME), where the job runs. Those set
 # are checked before the planner (also by --dry-run): RLSD_MODEL must hold config.json,
 # RLSD_INIT_CKPT and RLSD_DATA must be directories, every data file must exist.
@@ -81,17 +114,23 @@ rlsd_resolve() {
             rlsd_die "scontrol show hostnames '$SLURM_JOB_NODELIST' failed"
         export MASTER_ADDR=${MASTER_ADDR:-${hosts%%$'\n'*}}
         # Per job (two jobs sharing a node do not collide) and per attempt (the previous
-        # attempt's store socket may still be in TIME_WAIT).
-        export MASTER_PORT=${MASTER_PORT:-$((20000 + (SLURM_JOB_ID + ${SLURM_RESTART_COUNT:-0}) % 20000))}
+        # attempt's store socket may still be in TIME_WAIT); below the ephemeral range (32768+),
+        # which outgoing connections draw from, and SGLang's ports (rollout/sglang_engine.py).
+        export MASTER_PORT=${MASTER_PORT:-$((12000 + (SLURM_JOB_ID + ${SLURM_RESTART_COUNT:-0}) % 8000))}
     fi
-    attempt=${SLURM_RESTART_COUNT:-0}
 
-    run_name=${RLSD_RUN_NAME:-${SLURM_JOB_NAME:-$(basename "$script" .sh)}-${SLURM_JOB_ID:-dryrun}}
-    ckpt_dir=${RLSD_CKPT_DIR:-$RLSD_HOME/checkpoints}/$run_name
-    log_dir=${RLSD_LOGS:-$RLSD_HOME/logs}/$run_name
-    attempt_dir=$log_dir/attempt-$attempt
     config=${RLSD_CONFIG:-$RLSD_DEFAULT_CONFIG}
     [[ -f $config ]] || rlsd_die "config '$config' does not exist (relative paths start at $RLSD_HOME)"
+    run_name=${RLSD_RUN_NAME:-$(basename "$config" .yaml)${RLSD_MODEL:+-$(basename "$RLSD_MODEL")}}
+    [[ $run_name =~ ^[A-Za-z0-9._+-]+$ ]] || rlsd_die "run name '$run_name' may hold letters, digits and . _ + - only (set RLSD_RUN_NAME)"
+    ckpt_dir=${RLSD_CKPT_DIR:-$RLSD_HOME/checkpoints}/$run_name
+    log_dir=${RLSD_LOGS:-$RLSD_HOME/logs}/$run_name
+    # A resubmitted job restarts SLURM_RESTART_COUNT at 0: continue the run's attempt numbers.
+    attempt=${SLURM_RESTART_COUNT:-0}
+    while [[ -e $log_dir/attempt-$attempt ]]; do
+        attempt=$((attempt + 1))
+    done
+    attempt_dir=$log_dir/attempt-$attempt
     if [[ -n ${RLSD_PYTHON:-} ]]; then
         python=$RLSD_PYTHON
     elif [[ -x $RLSD_HOME/.venv/bin/python ]]; then
@@ -195,6 +234,14 @@ rlsd_export_env() {
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus_per_task}
     # Compute nodes rarely reach the Hub; everything loads from RLSD_MODEL.
     export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+    # NCCL's flight recorder: a collective that times out dumps every rank's last collectives
+    # (which rank is behind, in which call) to attempt-N/nccl-trace-<rank>, instead of a bare timeout.
+    export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+    export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+    export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$attempt_dir/nccl-trace-}
+    if [[ ${RLSD_NCCL_DEBUG_FILE:-0} == 1 ]]; then
+        export NCCL_DEBUG=INFO NCCL_DEBUG_FILE=$attempt_dir/nccl-%h-%p.log
+    fi
 }
 
 rlsd_print_layout() {
@@ -207,14 +254,33 @@ rlsd_print_layout() {
     else
         echo "rendezvous:   MASTER_ADDR=<first host of \$SLURM_JOB_NODELIST> MASTER_PORT=<20000 + job id mod 20000>"
     fi
+    echo "run:          $run_name (RLSD_RUN_NAME; a resubmission with the same name resumes it)"
     echo "checkpoints:  $ckpt_dir (resume=auto)"
-    echo "logs:         $log_dir/tensorboard, $attempt_dir/rank-<R>.log"
+    echo "logs:         $log_dir/tensorboard, $attempt_dir/rank-<R>.log, $log_dir/attempts.log"
+    if [[ -n ${RLSD_CONTAINER_IMAGE:-} ]]; then
+        echo "container:    ${container_args[*]}"
+    fi
+}
+
+# pyxis/enroot options of every srun (training and planner): the image the job runs in.
+rlsd_container_args() {
+    container_args=()
+    if [[ -n ${RLSD_CONTAINER_IMAGE:-} ]]; then
+        container_args=(--container-image="$RLSD_CONTAINER_IMAGE"
+            --container-mounts="${RLSD_CONTAINER_MOUNTS:-$RLSD_HOME:$RLSD_HOME}"
+            --container-workdir="${RLSD_CONTAINER_WORKDIR:-$RLSD_HOME}")
+    fi
 }
 
 # The memory planner on this node, with the launch's own config and overrides; it also runs the
 # trainer's config and layout checks for this world size. Its exit status says which refusal it was.
+# In a job with a container image it runs in that image (one task on this node), so the checks
+# use the Python and packages the training will; outside a job (--dry-run) on this machine's Python.
 rlsd_plan() {
     local plan=("$python" -m rlsd_megatron.plan --config "$config" --world-size "$world_size" "${overrides[@]}") status=0
+    if ((in_job)) && [[ -n ${RLSD_CONTAINER_IMAGE:-} ]]; then
+        plan=(srun --nodes=1 --ntasks-per-node=1 --kill-on-bad-exit=1 "${container_args[@]}" "${plan[@]}")
+    fi
     echo "== memory plan: ${plan[*]} =="
     "${plan[@]}" || status=$?
     case $status in
@@ -227,38 +293,59 @@ rlsd_plan() {
 
 rlsd_srun_command() {
     srun_cmd=(srun --nodes="$nodes" --ntasks-per-node="$gpus_per_node" --cpus-per-task="$cpus_per_task"
-        --gpu-bind=none --kill-on-bad-exit=1 --output="$attempt_dir/rank-%t.log"
+        --gpu-bind=none --kill-on-bad-exit=1 --output="$attempt_dir/rank-%t.log" "${container_args[@]}"
         "$python" -m rlsd_megatron.train --config "$config" "${overrides[@]}")
     # --gpu-bind=none: every rank sees all GPUs of its node (it picks cuda:LOCAL_RANK itself), so
     # an SGLang engine hosted by one rank can span engine_tp GPUs of the node.
     # --kill-on-bad-exit=1: one rank failing ends the step rather than leaving the rest hung.
 }
 
-# SIGUSR1 from `--signal=B:USR1@T`: ask the trainer to checkpoint and stop, then requeue.
-rlsd_on_warning() {
-    rlsd_log "time-limit warning (SIGUSR1): the trainer checkpoints after its current step; the job then requeues"
-    requeue=1
+# SIGUSR1 (the time-limit or pre-emption warning) and SIGUSR2 (a graceful stop): ask the
+# trainer to checkpoint and stop (srun forwards SIGUSR1 to every process of the step), then
+# requeue after SIGUSR1 only.
+rlsd_on_stop_signal() {
+    stop_reason=$1
+    if [[ $stop_reason == warning ]]; then
+        rlsd_log "SIGUSR1 (time limit or pre-emption warning): the trainer checkpoints at its next safe point; the job then requeues"
+        requeue=1
+    else
+        rlsd_log "SIGUSR2 (graceful stop): the trainer checkpoints at its next safe point; no requeue"
+        requeue=0
+    fi
     interrupted=1
     if [[ -n ${srun_pid:-} ]]; then
         kill -USR1 "$srun_pid" 2>/dev/null || true
     fi
 }
 
-# SIGTERM: scancel, or pre-emption (SLURM requeues --requeue jobs it pre-empts by itself).
-# The tasks got SIGTERM from SLURM too; the trainer saves after its step if there is time.
+# SIGTERM (scancel, pre-emption, the end of the grace time) reaches srun too, which kills the
+# step with SIGKILL: nothing to forward. SLURM requeues a pre-empted --requeue job by itself.
 rlsd_on_terminate() {
-    rlsd_log "SIGTERM: stopping (no self-requeue)"
+    rlsd_log "SIGTERM: srun ends the training processes (SIGKILL); the run resumes from its last checkpoint"
+    stop_reason=terminated
     requeue=0
     interrupted=1
-    if [[ -n ${srun_pid:-} ]]; then
-        kill -TERM "$srun_pid" 2>/dev/null || true
-    fi
+}
+
+# One line per attempt in $log_dir/attempts.log: when, which attempt of which job, how it ended.
+rlsd_record_attempt() {
+    printf '%s\tjob %s\tattempt %s\t%s\n' "$(date -u +%FT%TZ)" "${SLURM_JOB_ID:-}" "$attempt" "$*" >>"$log_dir/attempts.log"
+}
+
+# The node whose task failed first, from srun's first "srun: error: <node>: task(s) N: ..." line:
+# under --kill-on-bad-exit srun reports the failing task before the ones it then kills, whose
+# lines ("Killed") look like those of a task the kernel's OOM killer ended.
+rlsd_failed_node() {
+    sed -n 's/^srun: error: \([^:]*\): tasks\{0,1\} [0-9,-]*: .*$/\1/p' "$attempt_dir/srun.log" 2>/dev/null | head -n 1
 }
 
 # Runs srun in the background, so that this shell takes the signals, and waits for its status.
+# srun's own messages (which node's task failed, how) also go to attempt-N/srun.log.
 rlsd_run_step() {
     local again
-    "${srun_cmd[@]}" &
+    # tee ignores the stop signals (a job's SIGTERM reaches every process of the batch step):
+    # srun must not lose its stderr while it reports how the step ended.
+    "${srun_cmd[@]}" 2> >(trap '' TERM USR1 USR2; exec tee -a "$attempt_dir/srun.log" >&2) &
     srun_pid=$!
     step_status=0
     wait "$srun_pid" || step_status=$?
@@ -275,12 +362,35 @@ rlsd_run_step() {
 
 rlsd_requeue() {
     local max=${RLSD_MAX_REQUEUES:-20}
-    if ((attempt >= max)); then
-        rlsd_log "not requeueing: attempt $attempt reached RLSD_MAX_REQUEUES=$max"
-        return 0
+    if ((${SLURM_RESTART_COUNT:-0} >= max)); then
+        rlsd_log "not requeueing: requeue ${SLURM_RESTART_COUNT:-0} of job $SLURM_JOB_ID reached RLSD_MAX_REQUEUES=$max"
+        return 1
     fi
     rlsd_log "requeueing job $SLURM_JOB_ID (next attempt $((attempt + 1)) resumes from $ckpt_dir)"
     scontrol requeue "$SLURM_JOB_ID" || rlsd_die "scontrol requeue $SLURM_JOB_ID failed (was the job submitted with --requeue?)"
+}
+
+# After a failed attempt: requeue (bounded by RLSD_MAX_FAILURES over the run), without the node
+# that failed. Returns 1 when the run gives up.
+rlsd_requeue_after_failure() {
+    local failed_node failures max=${RLSD_MAX_FAILURES:-2} excluded
+    failed_node=$(rlsd_failed_node)
+    rlsd_record_attempt "failed: exit status $step_status${failed_node:+ on $failed_node}"
+    failures=$(grep -c $'\tfailed: ' "$log_dir/attempts.log")
+    if ((failures > max)); then
+        rlsd_log "not requeueing: $failures failed attempts, more than RLSD_MAX_FAILURES=$max (see $log_dir/attempts.log)"
+        return 1
+    fi
+    if [[ -n $failed_node && ${RLSD_EXCLUDE_FAILED_NODES:-1} == 1 ]]; then
+        excluded=$(cat "$log_dir/excluded_nodes" 2>/dev/null || true)
+        excluded=$(printf '%s\n' "$excluded" "$failed_node" | tr , '\n' | sed '/^$/d' | sort -u | paste -sd, -)
+        echo "$excluded" >"$log_dir/excluded_nodes"
+        rlsd_log "excluding node(s) $excluded from the next attempt"
+        scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$excluded" ||
+            rlsd_log "warning: could not set ExcNodeList=$excluded; the next attempt may land on the same node(s)"
+    fi
+    rlsd_log "failed attempt $failures of at most $((max + 1)) (RLSD_MAX_FAILURES=$max)"
+    rlsd_requeue
 }
 
 rlsd_main() {
@@ -302,11 +412,14 @@ rlsd_main() {
 
     requeue=0
     interrupted=0
+    stop_reason=
     srun_pid=
-    trap rlsd_on_warning USR1
+    trap 'rlsd_on_stop_signal warning' USR1
+    trap 'rlsd_on_stop_signal stop' USR2
     trap rlsd_on_terminate TERM
 
     rlsd_resolve "$script"
+    rlsd_container_args
     rlsd_export_env
     rlsd_print_layout
     rlsd_plan
@@ -320,22 +433,33 @@ rlsd_main() {
     ((in_job)) || rlsd_die "not inside a SLURM job: submit with sbatch $script (or add --dry-run)"
     mkdir -p "$ckpt_dir" "$attempt_dir"
     if ((interrupted)); then # a signal before the launch: nothing to save
+        rlsd_record_attempt "stopped before the launch ($stop_reason)"
         if ((requeue)); then
-            rlsd_requeue
+            rlsd_requeue || true
         fi
         return 0
     fi
     rlsd_log "training; progress in $attempt_dir/rank-$((world_size - 1)).log (the last rank logs)"
     rlsd_run_step
-    if ((requeue)); then
+    if [[ -n $stop_reason ]]; then
         # 0: checkpointed and stopped; 128+SIGUSR1: the signal came before the trainer installed
         # its handler (still loading), so there is nothing new to save either.
-        if ((step_status == 0 || step_status == 128 + 10)); then
-            rlsd_requeue
+        if [[ $stop_reason != terminated ]] && ((step_status == 0 || step_status == 128 + 10)); then
+            rlsd_record_attempt "stopped by SIGUSR$([[ $stop_reason == warning ]] && echo 1 || echo 2) (exit status $step_status)"
+            if ((requeue)); then
+                rlsd_requeue || true
+            fi
             return 0
         fi
-        rlsd_die "the training processes exited with status $step_status after the warning; not requeueing (see $attempt_dir)"
+        rlsd_record_attempt "$stop_reason: exit status $step_status"
+        [[ $stop_reason == terminated ]] && exit 143
+        rlsd_die "the training processes exited with status $step_status after the $stop_reason signal; not requeueing (see $attempt_dir)"
     fi
-    ((step_status == 0)) || rlsd_die "the training processes exited with status $step_status (see $attempt_dir)"
+    if ((step_status != 0)); then
+        rlsd_log "the training processes exited with status $step_status (see $attempt_dir)"
+        rlsd_requeue_after_failure && return 0
+        rlsd_die "the training processes exited with status $step_status; giving up (see $log_dir/attempts.log)"
+    fi
+    rlsd_record_attempt "finished"
     rlsd_log "training finished"
 }

@@ -11,8 +11,9 @@ as a timeout; an exception, or a worker that dies, scores as an error. Neither s
 Workers are plain ``python -m rlsd_megatron.rewards.verifier_pool`` processes talking over a
 socket pair, not ``multiprocessing`` children: a spawned child re-imports the trainer's
 ``__main__`` (torch, megatron-core: seconds and a GB per worker), a forked one inherits CUDA
-and thread state. They get the parent's ``sys.path``, an address-space limit, ignore SIGINT
-(the trainer decides when they stop) and exit when the trainer's end of the socket closes or
+and thread state. They get the parent's ``sys.path``, an address-space limit, one OpenMP thread,
+ignore SIGINT and start with SLURM's stop signals blocked (`parallel/signals.py`: the trainer
+decides when they stop) and exit when the trainer's end of the socket closes or
 the trainer process disappears. Messages are JSON, so arguments and results must be JSON values.
 """
 
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
+
+from rlsd_megatron.parallel.signals import stop_signals_blocked
 
 __all__ = ["Outcome", "VerifierPool", "VerifierPoolError", "resolve_dotted"]
 
@@ -112,11 +115,14 @@ class VerifierPool:
         parent_sock, child_sock = socket.socketpair()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        env.setdefault("OMP_NUM_THREADS", "1")
+        # One item at a time, single-threaded work: the rank's OMP_NUM_THREADS (its CPU share,
+        # slurm/common.sh) would oversubscribe the CPUs the trainer and the engine need.
+        env["OMP_NUM_THREADS"] = "1"
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "rlsd_megatron.rewards.verifier_pool", str(child_sock.fileno())],
-                pass_fds=[child_sock.fileno()], env=env, stdin=subprocess.DEVNULL)
+            with stop_signals_blocked():  # a SLURM stop signal is the trainer's, not the worker's
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "rlsd_megatron.rewards.verifier_pool", str(child_sock.fileno())],
+                    pass_fds=[child_sock.fileno()], env=env, stdin=subprocess.DEVNULL)
         finally:
             child_sock.close()
         conn = Connection(parent_sock.detach())

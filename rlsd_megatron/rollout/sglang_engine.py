@@ -74,6 +74,7 @@ import torch.distributed as dist
 
 from rlsd_megatron.config import ConfigError, ModelConfig
 from rlsd_megatron.models.hf_mapping import MappingError, expected_hf_shapes
+from rlsd_megatron.parallel.signals import stop_signals_blocked
 from rlsd_megatron.rollout.engine import EngineHealth, Generation, RolloutEngine, SamplingParams, sample_seed
 from rlsd_megatron.rollout.fp8 import Fp8BlockConfig, fp8_block_quantization_config, fp8_quant_config
 
@@ -287,7 +288,8 @@ class SGLangEngine(RolloutEngine):
             log_level="error", nccl_port=free_port_below_ephemeral(),
         )
         self.server_args.update(server_args or {})
-        self.engine = Engine(**self.server_args)
+        with stop_signals_blocked():  # its scheduler / detokenizer processes must outlive a SLURM stop signal
+            self.engine = Engine(**self.server_args)
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from rlsd_megatron import algorithms as alg
 from rlsd_megatron.config import Config, config_to_dict
+from rlsd_megatron.parallel.signals import STOP_SIGNALS
 from rlsd_megatron.parallel.state import replica_group
 from rlsd_megatron.trainer import objectives
 from rlsd_megatron.trainer.rollouts import Rollouts, generate_and_score, response_tensors
@@ -34,12 +35,12 @@ from rlsd_megatron.trainer.state import load_training_state, prune_checkpoints, 
 
 @contextlib.contextmanager
 def stop_on_signals(trainer: "Trainer"):
-    """SIGTERM and SIGUSR1 (slurm pre-emption warnings) ask the loop to checkpoint and stop
-    after the current step, instead of killing it mid-step."""
+    """SIGTERM, SIGUSR1 and SIGUSR2 (slurm/common.sh: warnings, graceful stops) ask the loop to
+    checkpoint and stop after the current step, instead of killing it mid-step."""
     def request_stop(signum, frame):
         trainer.stop_requested = True
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
     try:
         yield
     finally:

@@ -53,3 +53,44 @@ def test_argument_checks():
         VerifierPool(f"{FNS}:length_bonus", num_workers=0, timeout_s=1.0)
     with pytest.raises(ValueError, match="timeout_s=0"):
         VerifierPool(f"{FNS}:length_bonus", num_workers=1, timeout_s=0)
+
+
+def test_workers_outlive_the_stop_signals_that_slurm_sends_to_the_whole_step():
+    """srun delivers a forwarded SIGUSR1 (and a job's SIGTERM) to every process of the step: the
+    workers must not die of it (they are stopped by the pool), and the trainer still gets it."""
+    import signal
+
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        with VerifierPool(f"{FNS}:worker_state", num_workers=2, timeout_s=5.0) as pool:
+            pids = {int(o.value["reward"]) for o in pool.map([(["r", "g"], {})] * 4)}
+            for pid in pids:
+                for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2):
+                    os.kill(pid, sig)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            after = pool.map([(["r", "g"], {})] * 4)
+            assert all(o.status == "ok" for o in after) and pool.restarts == 0
+            assert {int(o.value["reward"]) for o in after} == pids  # the same workers, alive
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert received == [signal.SIGUSR1]
+    assert not any(_alive(pid) for pid in pids)  # stopped by the pool on close
+
+
+def test_stop_signals_blocked_keeps_a_signal_that_arrives_meanwhile():
+    import signal
+    import threading
+
+    from rlsd_megatron.parallel.signals import stop_signals_blocked
+
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        with stop_signals_blocked():
+            # To this thread: a process-directed signal may go to any thread that does not block it.
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+            assert received == []  # pending, not lost
+        assert received == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -12,6 +12,10 @@ are daemonic, which multiprocessing forbids to start children until `allow_child
 
 from __future__ import annotations
 
+import signal
+import time
+
+import psutil
 import pytest
 import torch
 
@@ -81,6 +85,15 @@ def sync_generate_sleep_wake() -> None:
             assert g.finish_reason == "stop" or len(g.token_ids) == 8
         check_against(first, generations, 1.0)
         assert [g.token_ids for g in engine.generate(PROMPTS, sampling)] == [g.token_ids for g in generations]
+        # srun delivers SLURM's stop signals to every process of the step (slurm/common.sh): the
+        # engine's scheduler / detokenizer processes must outlive them (parallel/signals.py).
+        children = psutil.Process().children(recursive=True)
+        assert children
+        for child in children:
+            for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+                child.send_signal(sig)
+        time.sleep(1.0)
+        assert all(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
 
         engine.sleep()
         second = hf_reference(1)

@@ -1,8 +1,10 @@
 """The real `slurm/rlsd_8b.sh` launch logic on localhost: fake `srun` / `scontrol`
-(tests/slurm/fake_slurm.py) and a SLURM job environment of 2 "nodes" x 2 processes, training the
-tiny CPU model (gloo, TP=2 x DP=2, embedded engine). Attempt 0 gets the time-limit warning
-(SIGUSR1) mid-run: the trainer checkpoints, the script requeues the job; attempt 1 resumes from
-that checkpoint and finishes. Also: `--dry-run` output, a refused layout, shellcheck."""
+(tests/slurm/fake_slurm.py: signals to every process of the step, SIGTERM kills it, failures
+reported per node as srun does) and a SLURM job environment of 2 "nodes" x 2 processes, training
+the tiny CPU model (gloo, TP=2 x DP=2, embedded engine, rewards in verifier worker processes).
+One run through its attempts: a rank dies (requeue, its node excluded), the time-limit warning
+(checkpoint at once, requeue), the end; a SIGTERM (the step is killed) and a resubmitted job that
+resumes the run. Also: `--dry-run` output, containers, a refused layout, shellcheck."""
 
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ SCRIPTS = sorted((ROOT / "slurm").glob("*.sh"))
 LAUNCHERS = sorted((ROOT / "slurm").glob("rlsd_*.sh"))
 TINY = ("model.hidden_size=32 model.num_layers=2 model.num_attention_heads=4 model.ffn_hidden_size=64 "
         "parallel.tp=2 warm_start.max_steps=0 train.prompts_per_step=4 rollout.n=2 train.micro_batch_size=4 "
-        "train.eval_interval=0 checkpoint.save_interval=0 logging.log_interval=1 train.steps=12")
+        "train.eval_interval=0 checkpoint.save_interval=1 logging.log_interval=1 train.steps=12 "
+        "reward.custom_fn=tests.trainer.reward_fns:digit_fraction")
+RUN = "cpu_demo"  # RLSD_RUN_NAME's default: the config's name (no RLSD_MODEL)
 
 
-def job_env(tmp: Path, *, attempt: int, extra_args: str = TINY) -> dict[str, str]:
+def job_env(tmp: Path, *, attempt: int, extra_args: str = TINY, job: str = "4242", nodes: int = 2) -> dict[str, str]:
     bin_dir = tmp / "bin"
     bin_dir.mkdir(exist_ok=True)
     for tool in ("srun", "scontrol"):
@@ -37,9 +41,9 @@ def job_env(tmp: Path, *, attempt: int, extra_args: str = TINY) -> dict[str, str
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "RANK", "MASTER_"))}
     env.update({
         "PATH": f"{bin_dir}:{env['PATH']}", "PYTHONPATH": str(ROOT),
-        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "rlsd-test", "SLURM_JOB_NUM_NODES": "2",
-        "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_GPUS_ON_NODE": "2", "SLURM_CPUS_ON_NODE": "2",
-        "SLURM_RESTART_COUNT": str(attempt), "FAKE_SLURM_NODES": "2", "FAKE_SLURM_LOG": str(tmp / "scontrol.log"),
+        "SLURM_JOB_ID": job, "SLURM_JOB_NAME": "rlsd-test", "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_JOB_NODELIST": f"node[01-0{nodes}]", "SLURM_GPUS_ON_NODE": "2", "SLURM_CPUS_ON_NODE": "2",
+        "SLURM_RESTART_COUNT": str(attempt), "FAKE_SLURM_NODES": str(nodes), "FAKE_SLURM_LOG": str(tmp / "slurm.log"),
         "MASTER_PORT": str(free_port()), "RLSD_PYTHON": sys.executable, "RLSD_HOME": str(ROOT),
         "RLSD_CONFIG": "examples/configs/cpu_demo.yaml", "RLSD_CKPT_DIR": str(tmp / "ckpt"),
         "RLSD_LOGS": str(tmp / "logs"), "RLSD_EXTRA_ARGS": extra_args, "OMP_NUM_THREADS": "1",
@@ -48,39 +52,110 @@ def job_env(tmp: Path, *, attempt: int, extra_args: str = TINY) -> dict[str, str
 
 
 def read_logs(tmp: Path, attempt: int) -> str:
-    return "\n".join(path.read_text() for path in sorted((tmp / "logs" / "rlsd-test-4242" / f"attempt-{attempt}").glob("*.log")))
+    return "\n".join(path.read_text() for path in sorted((tmp / "logs" / RUN / f"attempt-{attempt}").glob("*.log")))
+
+
+def slurm_calls(tmp: Path, command: str) -> list[str]:
+    return [line for line in (tmp / "slurm.log").read_text().splitlines() if line.startswith(command)]
+
+
+def latest_checkpoint(tmp: Path) -> int:
+    return int((tmp / "ckpt" / RUN / "latest_checkpointed_iteration.txt").read_text())
+
+
+def launch(tmp: Path, env: dict[str, str]) -> subprocess.Popen:
+    # Its own session: a signal to the group reaches the batch shell and srun, as SLURM's does.
+    return subprocess.Popen(["bash", str(ROOT / "slurm" / "rlsd_8b.sh")], env=env, cwd=tmp, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_step(job: subprocess.Popen, tmp: Path, attempt: int, step: int) -> None:
+    """Until the last rank has logged `step` of this attempt (it logs every step)."""
+    deadline = time.monotonic() + 600
+    while f"[step {step}/12" not in (read_logs(tmp, attempt) if (tmp / "logs").exists() else ""):
+        assert job.poll() is None, job.communicate()[0][-3000:] + read_logs(tmp, attempt)[-3000:]
+        assert time.monotonic() < deadline, read_logs(tmp, attempt)[-3000:]
+        time.sleep(0.5)
+
+
+def finish(job: subprocess.Popen, tmp: Path, attempt: int) -> str:
+    output = job.communicate(timeout=600)[0]
+    assert job.returncode == 0, output[-3000:] + read_logs(tmp, attempt)[-3000:]
+    return output
 
 
 @pytest.mark.slow
-def test_two_nodes_warning_checkpoints_requeues_and_resumes(tmp_path):
-    script = str(ROOT / "slurm" / "rlsd_8b.sh")
-    first = subprocess.Popen(["bash", script], env=job_env(tmp_path, attempt=0), cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # The warning arrives once step 1 is logged (the last rank logs every step).
-    deadline = time.monotonic() + 600
-    while "[step 1/12" not in (read_logs(tmp_path, 0) if (tmp_path / "logs").exists() else ""):
-        assert first.poll() is None, first.communicate()[0][-3000:] + read_logs(tmp_path, 0)[-3000:]
-        assert time.monotonic() < deadline, read_logs(tmp_path, 0)[-3000:]
-        time.sleep(0.5)
-    first.send_signal(signal.SIGUSR1)
-    output = first.communicate(timeout=600)[0]
-    assert first.returncode == 0, output[-3000:] + read_logs(tmp_path, 0)[-3000:]
-    assert "requeueing job 4242" in output
-    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
-    logs = read_logs(tmp_path, 0)
-    assert "checkpoint saved" in logs, logs[-3000:]
-    saved = int((tmp_path / "ckpt" / "rlsd-test-4242" / "latest_checkpointed_iteration.txt").read_text())
-    assert 1 <= saved < 12
+def test_a_run_survives_a_failed_node_and_the_time_limit_warning(tmp_path):
+    # Attempt 0: rank 3 (node 2) dies after step 2: the job requeues itself without that node.
+    output = finish(launch(tmp_path, {**job_env(tmp_path, attempt=0), "FAKE_SLURM_FAULT": "3:2"}), tmp_path, 0)
+    assert "excluding node(s) node02" in output and "requeueing job 4242" in output
+    assert slurm_calls(tmp_path, "update") == ["update JobId=4242 ExcNodeList=node02"]
+    assert slurm_calls(tmp_path, "requeue") == ["requeue 4242"]
+    assert latest_checkpoint(tmp_path) == 1  # saved every step; the rank died before step 2's save
 
-    second = subprocess.run(["bash", script], env=job_env(tmp_path, attempt=1), cwd=tmp_path,
-                            capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:] + read_logs(tmp_path, 1)[-3000:]
-    assert "training finished" in second.stdout
-    assert f"resumed from" in read_logs(tmp_path, 1) and f"at step {saved}" in read_logs(tmp_path, 1)
-    assert (tmp_path / "ckpt" / "rlsd-test-4242" / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
+    # Attempt 1: resumes; the time-limit warning mid-run: checkpoint at the next safe point, requeue.
+    second = launch(tmp_path, job_env(tmp_path, attempt=1))
+    wait_for_step(second, tmp_path, 1, 4)
+    second.send_signal(signal.SIGUSR1)
+    output = finish(second, tmp_path, 1)
+    logs = read_logs(tmp_path, 1)
+    assert "resumed from" in logs and "at step 1" in logs
+    assert "checkpoint saved" in logs, logs[-3000:]
+    assert slurm_calls(tmp_path, "requeue") == ["requeue 4242"] * 2
+    saved = latest_checkpoint(tmp_path)
+    assert 4 <= saved < 12
+
+    # Attempt 2: resumes from the warning's checkpoint and finishes.
+    third = subprocess.run(["bash", str(ROOT / "slurm" / "rlsd_8b.sh")], env=job_env(tmp_path, attempt=2), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:] + read_logs(tmp_path, 2)[-3000:]
+    assert "training finished" in third.stdout
+    assert f"at step {saved}" in read_logs(tmp_path, 2)
+    assert latest_checkpoint(tmp_path) == 12
     # One rendezvous over 4 ranks on 2 "nodes": every rank wrote its own log, and one event file.
-    assert len(list((tmp_path / "logs" / "rlsd-test-4242" / "attempt-1").glob("rank-*.log"))) == 4
-    assert list((tmp_path / "logs" / "rlsd-test-4242" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(list((tmp_path / "logs" / RUN / "attempt-2").glob("rank-*.log"))) == 4
+    assert list((tmp_path / "logs" / RUN / "tensorboard").glob("events.out.tfevents.*"))
+    attempts = (tmp_path / "logs" / RUN / "attempts.log").read_text().splitlines()
+    assert [line.split("\t")[2:] for line in attempts] == [
+        ["attempt 0", "failed: exit status 137 on node02"], ["attempt 1", "stopped by SIGUSR1 (exit status 0)"],
+        ["attempt 2", "finished"]]
+
+
+@pytest.mark.slow
+def test_sigterm_kills_the_step_and_a_resubmitted_job_resumes_the_run(tmp_path):
+    env = job_env(tmp_path, attempt=0, nodes=1)
+    first = launch(tmp_path, env)
+    wait_for_step(first, tmp_path, 0, 3)
+    os.killpg(first.pid, signal.SIGTERM)  # scancel: the batch shell and srun (which kills the tasks)
+    output = first.communicate(timeout=120)[0]
+    assert first.returncode == 143, output[-3000:]
+    assert "srun ends the training processes" in output and not slurm_calls(tmp_path, "requeue")
+    saved = latest_checkpoint(tmp_path)
+    assert saved >= 2  # step 3's save may have been cut short: the previous one stays complete
+
+    # A new job of the same run (new id, restart count 0): same checkpoints, next attempt number.
+    second = subprocess.run(["bash", str(ROOT / "slurm" / "rlsd_8b.sh")], env=job_env(tmp_path, attempt=0, nodes=1,
+                                                                                     job="5151"),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:] + read_logs(tmp_path, 1)[-3000:]
+    assert f"at step {saved}" in read_logs(tmp_path, 1)
+    attempts = (tmp_path / "logs" / RUN / "attempts.log").read_text().splitlines()
+    assert [line.split("\t")[1:] for line in attempts] == [
+        ["job 4242", "attempt 0", "terminated: exit status 137"], ["job 5151", "attempt 1", "finished"]]
+
+
+@pytest.mark.slow
+def test_containers_run_the_planner_and_the_training_in_the_image(tmp_path):
+    env = job_env(tmp_path, attempt=0, extra_args=TINY.replace("train.steps=12", "train.steps=1"), nodes=1)
+    env.update(RLSD_CONTAINER_IMAGE="nvcr.io/nvidia/pytorch:25.10-py3", RLSD_CONTAINER_MOUNTS="/data:/data")
+    result = subprocess.run(["bash", str(ROOT / "slurm" / "rlsd_8b.sh")], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    container = (f"--container-image=nvcr.io/nvidia/pytorch:25.10-py3 --container-mounts=/data:/data "
+                 f"--container-workdir={ROOT}")
+    planner, training = slurm_calls(tmp_path, "srun")
+    assert planner.startswith("srun --nodes=1 --ntasks-per-node=1 --kill-on-bad-exit=1 " + container)
+    assert training.startswith("srun --nodes=1 --ntasks-per-node=2 ") and training.endswith(container)
 
 
 @pytest.mark.parametrize("script", LAUNCHERS, ids=[path.name for path in LAUNCHERS])
