@@ -24,6 +24,10 @@
 #        time): srun answers SIGTERM by killing the step (SIGKILL), so no checkpoint can be made;
 #        the run resumes from its last periodic one (`checkpoint.save_interval`); SLURM requeues
 #        a pre-empted --requeue job by itself;
+#      - the trainer stops by itself before the job's end: it measures its steps and checkpoint
+#        saves and does not start a step that would not finish, with its save, before the end time
+#        (RLSD_JOB_END_TIME, from SLURM); it checkpoints, exits 0 and writes "time" to
+#        attempt-N/stop_reason (RLSD_STOP_FILE); the job requeues itself;
 #      - the training processes fail (a crash, out of memory, an NCCL timeout, a sick GPU): the
 #        job requeues itself up to RLSD_MAX_FAILURES times, excluding the node whose task failed
 #        first (srun's first "error: <node>: task N: ..." line), and resumes.
@@ -327,6 +331,18 @@ rlsd_on_terminate() {
     interrupted=1
 }
 
+# The job's end time in seconds since the epoch, for the trainer (RLSD_JOB_END_TIME); empty when
+# SLURM does not say (no time limit, or no squeue on the node).
+rlsd_job_end_time() {
+    local end
+    if [[ -n ${SLURM_JOB_END_TIME:-} ]]; then
+        echo "$SLURM_JOB_END_TIME"
+        return 0
+    fi
+    end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null) || return 0
+    date -d "$end" +%s 2>/dev/null || true
+}
+
 # One line per attempt in $log_dir/attempts.log: when, which attempt of which job, how it ended.
 rlsd_record_attempt() {
     printf '%s\tjob %s\tattempt %s\t%s\n' "$(date -u +%FT%TZ)" "${SLURM_JOB_ID:-}" "$attempt" "$*" >>"$log_dir/attempts.log"
@@ -439,6 +455,8 @@ rlsd_main() {
         fi
         return 0
     fi
+    RLSD_JOB_END_TIME=$(rlsd_job_end_time)
+    export RLSD_JOB_END_TIME RLSD_STOP_FILE=$attempt_dir/stop_reason
     rlsd_log "training; progress in $attempt_dir/rank-$((world_size - 1)).log (the last rank logs)"
     rlsd_run_step
     if [[ -n $stop_reason ]]; then
@@ -454,6 +472,13 @@ rlsd_main() {
         rlsd_record_attempt "$stop_reason: exit status $step_status"
         [[ $stop_reason == terminated ]] && exit 143
         rlsd_die "the training processes exited with status $step_status after the $stop_reason signal; not requeueing (see $attempt_dir)"
+    fi
+    if ((step_status == 0)) && [[ $(cat "$RLSD_STOP_FILE" 2>/dev/null || true) == time ]]; then
+        # trainer/stopping.py: a step would not have finished before the job's end
+        rlsd_record_attempt "stopped before the job's end"
+        rlsd_log "the trainer checkpointed and stopped before the job's end"
+        rlsd_requeue || true
+        return 0
     fi
     if ((step_status != 0)); then
         rlsd_log "the training processes exited with status $step_status (see $attempt_dir)"

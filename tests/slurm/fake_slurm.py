@@ -15,7 +15,8 @@ own stdout). Like real SLURM:
 Each call appends "srun <options>" to $FAKE_SLURM_LOG. FAKE_SLURM_FAULT=RANK:STEP makes that task
 die (SIGKILL) after training step STEP, as a failing node would (RLSD_KILL_AT_STEP, trainer.py). `scontrol show hostnames LIST` prints one
 127.0.0.1 per node of $FAKE_SLURM_NODES; `scontrol requeue JOB` and `scontrol update ARGS` append
-"requeue JOB" / "update ARGS" to $FAKE_SLURM_LOG.
+"requeue JOB" / "update ARGS" to $FAKE_SLURM_LOG; `squeue -h -j JOB -o %e` prints the job's end
+time, $FAKE_SLURM_END_TIME (as SLURM does: local time, 2026-12-04T18:00:00), or N/A.
 Usage: python fake_slurm.py {srun|scontrol} ARGS...
 """
 
@@ -114,5 +115,13 @@ def scontrol(args: list[str]) -> int:
     return 1
 
 
+def squeue(args: list[str]) -> int:
+    if args[-2:] != ["-o", "%e"]:
+        print(f"fake squeue: unsupported {args}", file=sys.stderr)
+        return 1
+    print(os.environ.get("FAKE_SLURM_END_TIME", "N/A"))
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit({"srun": srun, "scontrol": scontrol}[sys.argv[1]](sys.argv[2:]))
+    sys.exit({"srun": srun, "scontrol": scontrol, "squeue": squeue}[sys.argv[1]](sys.argv[2:]))

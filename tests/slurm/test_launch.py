@@ -34,7 +34,7 @@ RUN = "cpu_demo"  # RLSD_RUN_NAME's default: the config's name (no RLSD_MODEL)
 def job_env(tmp: Path, *, attempt: int, extra_args: str = TINY, job: str = "4242", nodes: int = 2) -> dict[str, str]:
     bin_dir = tmp / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for tool in ("srun", "scontrol"):
+    for tool in ("srun", "scontrol", "squeue"):
         wrapper = bin_dir / tool
         wrapper.write_text(f'#!/bin/bash\nexec {sys.executable} {Path(__file__).parent / "fake_slurm.py"} {tool} "$@"\n')
         wrapper.chmod(0o755)
@@ -156,6 +156,32 @@ def test_containers_run_the_planner_and_the_training_in_the_image(tmp_path):
     planner, training = slurm_calls(tmp_path, "srun")
     assert planner.startswith("srun --nodes=1 --ntasks-per-node=1 --kill-on-bad-exit=1 " + container)
     assert training.startswith("srun --nodes=1 --ntasks-per-node=2 ") and training.endswith(container)
+
+
+def test_a_trainer_that_stops_before_the_job_end_is_requeued(tmp_path):
+    """The trainer's own stop for time (trainer/stopping.py: exit 0, "time" in RLSD_STOP_FILE) gets
+    a requeue, and the trainer is told the job's end time. A stand-in for the training processes
+    reports what it was given and stops so; the planner runs for real."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f"""#!/bin/bash
+if [[ " $* " == *" rlsd_megatron.train "* ]]; then
+    echo "end=$RLSD_JOB_END_TIME" >>{tmp_path}/trainer.txt
+    [[ $SLURM_PROCID == 0 ]] && echo time >"$RLSD_STOP_FILE"
+    exit 0
+fi
+exec {sys.executable} "$@"
+""")
+    stand_in.chmod(0o755)
+    env = job_env(tmp_path, attempt=0, nodes=1)
+    env.update(RLSD_PYTHON=str(stand_in), FAKE_SLURM_END_TIME="2026-12-04T18:00:00", TZ="UTC")
+    result = subprocess.run(["bash", str(ROOT / "slurm" / "rlsd_8b.sh")], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "trainer.txt").read_text().splitlines() == ["end=1796407200"] * 2  # 2 ranks
+    assert "checkpointed and stopped before the job's end" in result.stdout
+    assert slurm_calls(tmp_path, "requeue") == ["requeue 4242"]
+    attempts = (tmp_path / "logs" / RUN / "attempts.log").read_text()
+    assert attempts.split("\t")[-1] == "stopped before the job's end\n"
 
 
 @pytest.mark.parametrize("script", LAUNCHERS, ids=[path.name for path in LAUNCHERS])

@@ -1,0 +1,105 @@
+"""When the RL loop stops before its last step: a stop signal, or too little time left in the job.
+
+A SLURM job gets a time-limit warning (SIGUSR1) some minutes before its end, but at 70B one
+step (thousands of long rollouts) plus a checkpoint save can take longer than that margin: a
+step that starts too late ends in TIMEOUT, with nothing saved and no requeue. So besides the
+signals, the loop measures its steps and saves and does not start a step that would not finish,
+with its save, before the job's end (`RLSD_JOB_END_TIME`, epoch seconds, exported by
+slurm/common.sh from SLURM's own end time). Every early stop exits 0 after its checkpoint (a
+non-zero status from one rank would make srun kill the others) and writes its reason to
+`RLSD_STOP_FILE` when the launcher set it: "time" tells slurm/common.sh to requeue the job.
+
+Pure bookkeeping: no process groups (the trainer agrees on the decision over its ranks).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import deque
+from typing import Callable
+
+from rlsd_megatron.parallel.signals import STOP_SIGNALS
+
+JOB_END_VARIABLE = "RLSD_JOB_END_TIME"
+STOP_FILE_VARIABLE = "RLSD_STOP_FILE"
+
+
+class StopController:
+    """Stop signals received and the time budget of the job.
+
+    `install()` makes SIGTERM / SIGUSR1 / SIGUSR2 set `signal_received` instead of killing the
+    process (the loop checkpoints at its next safe point); `restore()` puts the previous handlers
+    back. `record_step` / `record_save` take measured durations; `out_of_time()` says whether a
+    step started now, and its checkpoint save, would end later than `margin_s` before the job's
+    end (estimates: the longest of the last `window` measurements, so one slow step counts).
+    """
+
+    def __init__(self, *, job_end_time: float | None = None, margin_s: float = 60.0, window: int = 5,
+                 clock: Callable[[], float] = time.time):
+        self.job_end_time = job_end_time
+        self.margin_s = margin_s
+        self.clock = clock
+        self.signal_received: int | None = None
+        self._steps: deque[float] = deque(maxlen=window)
+        self._saves: deque[float] = deque(maxlen=window)
+        self._previous: dict[int, object] = {}
+
+    @classmethod
+    def from_environment(cls, **kwargs) -> "StopController":
+        """With the job's end time from `RLSD_JOB_END_TIME` when the launcher set it."""
+        value = os.environ.get(JOB_END_VARIABLE)
+        if value is None or value == "":
+            return cls(**kwargs)
+        try:
+            return cls(job_end_time=float(value), **kwargs)
+        except ValueError:
+            raise ValueError(f"{JOB_END_VARIABLE}={value!r} is not a time in seconds since the epoch") from None
+
+    def install(self) -> None:
+        def request_stop(signum, frame):
+            self.signal_received = signum
+
+        self._previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def record_step(self, seconds: float) -> None:
+        self._steps.append(seconds)
+
+    def record_save(self, seconds: float) -> None:
+        self._saves.append(seconds)
+
+    @property
+    def step_estimate(self) -> float | None:
+        return max(self._steps) if self._steps else None
+
+    @property
+    def save_estimate(self) -> float:
+        return max(self._saves) if self._saves else 0.0
+
+    def out_of_time(self) -> bool:
+        """True when a step started now would, with its save, pass the job's end (less the
+        margin). False without an end time or before the first step was measured."""
+        if self.job_end_time is None or self.step_estimate is None:
+            return False
+        needed = self.step_estimate + self.save_estimate + self.margin_s
+        return self.clock() + needed > self.job_end_time
+
+    def reason(self) -> str | None:
+        """Why the loop should stop now ("SIGUSR1", "time", ...), or None."""
+        if self.signal_received is not None:
+            return signal.Signals(self.signal_received).name
+        return "time" if self.out_of_time() else None
+
+
+def report_stop(reason: str) -> None:
+    """Tell the launcher why the run stopped early (one rank calls it, after the checkpoint)."""
+    path = os.environ.get(STOP_FILE_VARIABLE)
+    if path:
+        with open(path, "w") as file:
+            file.write(reason + "\n")
