@@ -180,6 +180,12 @@ class AlgorithmConfig:
     # RLSD (spec §3): λ_s = lam0·max(0, 1 - s/D); ŵ clipped to [1-ε_w, 1+ε_w].
     lam0: float = 0.5
     lam_decay_steps: int | None = 60  # recipe script's D (the paper gives none); None: no decay
+    # λ warm-up (authors' rlsd_lambda_warmup_steps): λ_s = lam0·s/W for s < W, then the decay counts
+    # from W: lam0·max(0, 1 - (s-W)/D). 0 (the authors' default and the recipe's): no warm-up.
+    lam_warmup_steps: int = 0
+    # Reweight failed rollouts (A < 0) only; successful ones keep GRPO's A on every token (authors'
+    # rlsd_negative_only). False in the authors' default and the recipe.
+    negative_only: bool = False
     weight_clip_eps: float = 0.2
     # Surrogate (spec §4): clip-higher 0.2/0.28, dual clip 3.0, token-mean over the global batch.
     clip_low: float = 0.2
@@ -197,7 +203,10 @@ class AlgorithmConfig:
     teacher_sync_interval: int = 20
     teacher_ema_rate: float = 0.05
     teacher_model: str | None = None
-    teacher_template: str | None = None  # None: the spec's §2 wording
+    # The hinted teacher's user turn (rlsd, opsd, grpo_opsd), with {question} and {answer} (the hint:
+    # the row's data.solution_key text, else its answer). None: the spec's §2 wording (a built-in
+    # task: its own). SDPO's teacher has its own template.
+    teacher_template: str | None = None
     # Distillation (OPSD, SDPO, GRPO+OPSD): generalised JSD_β, over the full vocabulary, a top-k
     # support (SDPO: the student's top-100 plus a tail bucket) or the sampled token only.
     distill_loss: Literal["none", "jsd", "topk", "sampled"] = "none"
@@ -237,6 +246,10 @@ class DataConfig:
     val_files: list[str] = field(default_factory=list)
     question_key: str = "question"
     answer_key: str = "answer"
+    # A per-row teacher hint (the authors' data.trajectory_key): a column whose text replaces the
+    # answer in the teacher template's {answer} slot (cut to max_solution_tokens); rows where it is
+    # missing, null or blank fall back to the answer. None: the answer for every row (the recipe,
+    # whose trajectory_key is the answer column).
     solution_key: str | None = None
     tokenizer_dir: str | None = None
     max_prompt_length: int = 16384

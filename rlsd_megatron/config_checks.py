@@ -5,7 +5,9 @@ Every problem found is reported at once, each with the values seen and a way to 
 
 from __future__ import annotations
 
-from rlsd_megatron.config import Config, ConfigError
+from rlsd_megatron.config import AlgorithmConfig, Config, ConfigError
+
+HINTED_TEACHER_METHODS = ("rlsd", "opsd", "grpo_opsd")  # a teacher shown the dataset hint (spec §2)
 
 
 def transformer_engine_available() -> bool:
@@ -119,7 +121,25 @@ def algorithm_problems(cfg: Config) -> list[str]:
         problems.append(f"algorithm.distill_topk={a.distill_topk} exceeds model.vocab_size={cfg.model.vocab_size}")
     if not 0.0 <= a.lam0 <= 1.0:
         problems.append(f"algorithm.lam0={a.lam0} must be in [0, 1]")
+    if a.lam_warmup_steps < 0:
+        problems.append(f"algorithm.lam_warmup_steps={a.lam_warmup_steps} must be >= 0 (0: no warm-up)")
+    if a.teacher_template is not None:
+        problems += _teacher_template_problems(a)
     return problems
+
+
+def _teacher_template_problems(a: AlgorithmConfig) -> list[str]:
+    from rlsd_megatron.algorithms.teacher_context import check_teacher_template
+
+    if a.method not in HINTED_TEACHER_METHODS:
+        return [f"algorithm.teacher_template has no effect with method {a.method} (only "
+                f"{', '.join(HINTED_TEACHER_METHODS)} show a teacher the dataset hint; SDPO's teacher has its own "
+                "template); unset it"]
+    try:
+        check_teacher_template(a.teacher_template, "algorithm.teacher_template")
+    except ValueError as exc:
+        return [str(exc)]
+    return []
 
 
 def hardware_problems(cfg: Config, *, cuda_available: bool, te_available: bool) -> list[str]:
@@ -156,6 +176,16 @@ def hardware_problems(cfg: Config, *, cuda_available: bool, te_available: bool) 
 def rollout_problems(cfg: Config, *, cuda_available: bool) -> list[str]:
     """Rollout settings the engine this machine would get cannot honour."""
     rollout, problems = cfg.rollout, []
+    if rollout.top_k == 1 and rollout.temperature != 1.0:
+        # SGLang 0.5.23 treats top_k <= 1 as greedy (sampling_batch_info.py) and then returns the
+        # untempered log_softmax(z) (sampler.py), while the learner scores log_softmax(z / T): the
+        # mismatch monitor and importance weights would be off by the temperature. Validation uses no
+        # engine log-probs (its greedy samples are the same at any T), so val_top_k=1 is fine.
+        problems.append(
+            f"rollout.top_k=1 samples greedily, and SGLang then reports untempered log-probs while the learner "
+            f"uses rollout.temperature={rollout.temperature}; set rollout.temperature=1.0 (the same greedy "
+            "rollouts, consistent log-probs) or rollout.top_k=-1 (or >= 2) to sample at that temperature"
+        )
     embedded = rollout.backend == "embedded" or (rollout.backend == "auto" and not cuda_available)
     if rollout.fp8_weights and embedded:
         problems.append(

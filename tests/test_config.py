@@ -227,6 +227,7 @@ def test_rlsd_preset_is_the_recipe():
     assert (a.lam0, a.lam_decay_steps, a.weight_clip_eps) == (0.5, 60, 0.2)
     assert (a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, a.kl_coef) == (0.2, 0.28, 3.0, "token-mean", 0.0)
     assert (a.teacher_weights, a.teacher_sync_interval) == ("frozen_sync", 20)
+    assert (a.lam_warmup_steps, a.negative_only, a.teacher_template) == (0, False, None)  # authors' script
 
 
 @pytest.mark.parametrize(
@@ -237,9 +238,44 @@ def test_rlsd_preset_is_the_recipe():
         (["algorithm.method=opsd"], r"method=opsd trains with a distillation loss"),
         (["algorithm.distill_loss=jsd"], r"distill_loss=jsd has no effect with method rlsd"),
         (["rollout.n=1", "train.prompts_per_step=8"], r"method=rlsd needs rollout.n >= 2"),
+        (["algorithm.lam_warmup_steps=-5"], r"algorithm.lam_warmup_steps=-5 must be >= 0 \(0: no warm-up\)"),
+        (["algorithm.teacher_template='{question} only'"],
+         r"algorithm.teacher_template has placeholders \['question'\]; it must use \{answer\} and only "
+         r"\['\{answer\}', '\{question\}'\]"),
+        (["algorithm.teacher_template='{question}: {answer} in {units}'"],
+         r"placeholders \['answer', 'question', 'units'\]"),
+        (["algorithm.teacher_template='Hint {answer'"],
+         r"algorithm.teacher_template 'Hint \{answer' is not a format string \(expected '\}' before end of string\); "
+         r"write literal braces as \{\{ \}\}"),
+        (["algorithm.method=grpo", "algorithm.teacher_template='{answer}'"],
+         r"algorithm.teacher_template has no effect with method grpo"),
+        (["algorithm.method=sdpo", "algorithm.distill_loss=topk", "algorithm.teacher_template='{answer}'"],
+         r"teacher_template has no effect with method sdpo \(only rlsd, opsd, grpo_opsd"),
     ],
 )
 def test_algorithm_contradictions(overrides, message):
     cfg = load_config(None, overrides)
     with pytest.raises(ConfigError, match=message):
         validate_config(cfg, 1, cuda_available=False, te_available=False)
+
+
+def test_valid_teacher_template_passes():
+    for method in ("rlsd", "opsd", "grpo_opsd"):
+        loss = "algorithm.distill_loss=jsd" if method != "rlsd" else "algorithm.distill_loss=none"
+        cfg = load_config(None, [f"algorithm.method={method}", loss,
+                                 "algorithm.teacher_template='{question}\n\nA solution: {answer}. Your turn, {{ok}}?'"])
+        validate_config(cfg, 1, cuda_available=False, te_available=False)
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_greedy_top_k_needs_temperature_one(cuda):
+    # SGLang treats top_k=1 as greedy and reports untempered log-probs; the learner uses z / T.
+    cfg = load_config(None, ["rollout.top_k=1", "rollout.temperature=0.7"])
+    with pytest.raises(ConfigError, match=r"rollout.top_k=1 samples greedily, and SGLang then reports untempered "
+                                          r"log-probs while the learner uses rollout.temperature=0.7; set "
+                                          r"rollout.temperature=1.0 .* or rollout.top_k=-1 \(or >= 2\)"):
+        validate_config(cfg, 1, cuda_available=cuda, te_available=cuda)
+    for fine in (["rollout.top_k=1", "rollout.temperature=1.0"], ["rollout.top_k=2", "rollout.temperature=0.7"],
+                 ["rollout.top_k=-1", "rollout.temperature=0.7"],
+                 ["rollout.val_top_k=1", "rollout.val_temperature=0.7"]):  # validation uses no engine log-probs
+        validate_config(load_config(None, fine), 1, cuda_available=False, te_available=False)

@@ -53,22 +53,34 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, normalize_std: b
     return torch.where(all_equal, torch.zeros_like(adv), adv).reshape(-1)
 
 
-def rlsd_lambda(step: int, *, lam0: float = 0.5, decay_steps: int | None = 60) -> float:
-    """RLSD mixing weight ``λ_s = λ0 · max(0, 1 − s / D)`` (spec §3).
+def rlsd_lambda(step: int, *, lam0: float = 0.5, decay_steps: int | None = 60, warmup_steps: int = 0) -> float:
+    """RLSD mixing weight λ_s at update ``step`` (counted from 1), spec §3 plus the authors' warm-up.
 
-    ``step`` is the update index counted from 1 (the first update uses ``λ0·(1 − 1/D)``;
-    λ = 0 from update D on). ``decay_steps`` None or 0 keeps λ = λ0 (the reference code's
-    ``rlsd_lambda_decay_steps=0``). D = 60 is the recipe script's value.
+    With W = ``warmup_steps`` and D = ``decay_steps``::
+
+        λ_s = λ0 · s / W                        for s < W      (linear warm-up from 0)
+        λ_s = λ0 · max(0, 1 − (s − W) / D)      for s ≥ W      (linear decay, counted from W)
+
+    as the authors' trainer computes it (``RaySimpleGRPOOPSDTrainer``: ``rlsd_lambda_warmup_steps``,
+    ``rlsd_lambda_decay_steps``): λ reaches λ0 at update W and decays from there, without a
+    plateau. W = 0 (their default and the recipe's) gives the spec's ``λ0 · max(0, 1 − s / D)``:
+    the first update uses ``λ0·(1 − 1/D)``, λ = 0 from update D on. ``decay_steps`` None or 0
+    keeps λ = λ0 after the warm-up (the reference code's ``rlsd_lambda_decay_steps=0``). D = 60
+    is the recipe script's value.
     """
     if not 0.0 <= lam0 <= 1.0:
         raise ValueError(f"lam0={lam0} is outside [0, 1]; λ mixes GRPO and teacher weights.")
     if step < 0:
         raise ValueError(f"step={step} is negative; updates are counted from 1.")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps={warmup_steps} is negative; use 0 for no warm-up.")
+    if decay_steps is not None and decay_steps < 0:
+        raise ValueError(f"decay_steps={decay_steps} is negative; use None or 0 for no decay.")
+    if step < warmup_steps:
+        return float(lam0) * step / warmup_steps
     if not decay_steps:
         return float(lam0)
-    if decay_steps < 0:
-        raise ValueError(f"decay_steps={decay_steps} is negative; use None or 0 for no decay.")
-    return float(lam0) * max(0.0, 1.0 - step / decay_steps)
+    return float(lam0) * max(0.0, 1.0 - (step - warmup_steps) / decay_steps)
 
 
 class RLSDTokenWeights(NamedTuple):
@@ -109,18 +121,25 @@ def rlsd_token_weights(seq_adv: torch.Tensor, teacher_logp: torch.Tensor, studen
 
 
 def rlsd_token_advantages(seq_adv: torch.Tensor, teacher_logp: torch.Tensor, student_logp: torch.Tensor,
-                          mask: torch.Tensor, *, lam: float, clip_eps: float = 0.2) -> torch.Tensor:
+                          mask: torch.Tensor, *, lam: float, clip_eps: float = 0.2,
+                          negative_only: bool = False) -> torch.Tensor:
     """RLSD per-token advantage ``Â_t = A · [(1 − λ) + λ·ŵ_t]``, detached, ``[B, T]`` float32.
 
     ŵ_t is :func:`rlsd_token_weights`'s clipped weight, so Â_t has the sign of A and
     ``|A|(1 − λε) ≤ |Â_t| ≤ |A|(1 + λε)``; λ = 0 is exactly GRPO's ``A`` on every token.
+    ``negative_only`` reweights failed rollouts (A < 0) only: the others keep ``Â_t = A``
+    (the authors' ``rlsd_negative_only``: blame is redistributed, credit is not).
     ``seq_adv`` ``[B]``, the rest ``[B, T]``; masked positions are 0.
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam={lam} is outside [0, 1]; compute it with rlsd_lambda(step).")
     weights = rlsd_token_weights(seq_adv, teacher_logp, student_logp, mask, clip_eps=clip_eps)
     valid = bool_mask(mask, teacher_logp)
-    adv = at_least_float32(seq_adv.detach()).unsqueeze(1) * ((1.0 - lam) + lam * weights.clipped)
+    seq_adv = at_least_float32(seq_adv.detach()).unsqueeze(1)
+    reweight = (1.0 - lam) + lam * weights.clipped
+    if negative_only:
+        reweight = torch.where(seq_adv < 0, reweight, torch.ones_like(reweight))
+    adv = seq_adv * reweight
     return torch.where(valid, adv, torch.zeros_like(adv))
 
 

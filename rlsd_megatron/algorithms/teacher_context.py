@@ -25,6 +25,7 @@ __all__ = [
     "TeacherBatch",
     "TeacherContextBuilder",
     "TeacherSequence",
+    "check_teacher_template",
     "collate_teacher_sequences",
     "hf_chat_renderer",
     "hf_text_truncator",
@@ -49,10 +50,20 @@ SDPO_TEACHER_TEMPLATE = "{question}\nCorrect solution:\n\n{solution}\n\nCorrectl
 
 
 def _template_fields(template: str, allowed: set[str], required: str, name: str) -> None:
-    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    literal_braces = "write literal braces as {{ }}"
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:  # an unmatched brace
+        raise ValueError(f"{name} {template[:80]!r} is not a format string ({exc}); {literal_braces}.") from None
     if required not in fields or not fields <= allowed:
         raise ValueError(f"{name} has placeholders {sorted(fields)}; it must use {{{required}}} and only "
-                         f"{sorted('{' + a + '}' for a in allowed)} (write literal braces as {{{{ }}}}).")
+                         f"{sorted('{' + a + '}' for a in allowed)} ({literal_braces}).")
+
+
+def check_teacher_template(template: str, name: str = "template") -> None:
+    """Raise ValueError, naming ``name``, unless ``template`` is a usable RLSD / OPSD teacher
+    template: a format string with ``{answer}`` (the hint) and at most ``{question}`` besides."""
+    _template_fields(template, {"question", "answer"}, "answer", name)
 
 
 @dataclass(frozen=True)
@@ -130,7 +141,7 @@ class TeacherContextBuilder:
         if max_reference_tokens is not None and (truncate_text is None or max_reference_tokens <= 0):
             raise ValueError(f"max_reference_tokens={max_reference_tokens} needs a truncate_text "
                              "callable and a positive limit; pass max_reference_tokens=None to disable.")
-        _template_fields(template, {"question", "answer"}, "answer", "template")
+        check_teacher_template(template)
         _template_fields(sdpo_template, {"question", "solution"}, "solution", "sdpo_template")
         self.render_prompt = render_prompt
         self.truncate_text = truncate_text

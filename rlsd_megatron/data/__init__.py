@@ -8,7 +8,7 @@ by the trainer from a row with ``dataset.teacher_context`` (see :mod:`.prompts`)
 """
 
 from rlsd_megatron.data.addition_prompts import ReversedAdditionPrompts
-from rlsd_megatron.data.build import BUILTIN_TASKS, build_prompt_dataset
+from rlsd_megatron.data.build import BUILTIN_TASKS, build_prompt_dataset, build_run_datasets
 from rlsd_megatron.data.loader import PromptLoader, epoch_order, validation_rows
 from rlsd_megatron.data.prompts import (BAD_ROW_KINDS, MATH_STUDENT_TEMPLATE, FilePromptDataset, PromptDataset,
                                         PromptRow)
@@ -27,6 +27,7 @@ __all__ = [
     "RawRow",
     "ReversedAdditionPrompts",
     "build_prompt_dataset",
+    "build_run_datasets",
     "epoch_order",
     "load_chat_tokenizer",
     "read_rows",

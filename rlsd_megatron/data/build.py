@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from rlsd_megatron.algorithms.teacher_context import RLSD_TEACHER_TEMPLATE
-from rlsd_megatron.config import DataConfig
+from rlsd_megatron.config import Config, DataConfig
 from rlsd_megatron.data.addition_prompts import ReversedAdditionPrompts
 from rlsd_megatron.data.prompts import MATH_STUDENT_TEMPLATE, FilePromptDataset, PromptDataset
 from rlsd_megatron.data.readers import SUPPORTED_SUFFIXES, DataError
 from rlsd_megatron.data.tokenizer import check_tokenizer_dir, load_chat_tokenizer
 
-__all__ = ["BUILTIN_TASKS", "build_prompt_dataset", "data_input_problems"]
+__all__ = ["BUILTIN_TASKS", "build_prompt_dataset", "build_run_datasets", "data_input_problems"]
 
 BUILTIN_TASKS = {"reversed_addition": ReversedAdditionPrompts}
 
@@ -20,13 +20,14 @@ BUILTIN_TASKS = {"reversed_addition": ReversedAdditionPrompts}
 def build_prompt_dataset(cfg: DataConfig, split: str = "train", *, tokenizer: Any = None,
                          student_template: str = MATH_STUDENT_TEMPLATE, system_prompt: str | None = None,
                          chat_template_kwargs: dict[str, Any] | None = None,
-                         teacher_template: str = RLSD_TEACHER_TEMPLATE) -> PromptDataset | None:
+                         teacher_template: str | None = None) -> PromptDataset | None:
     """The ``split`` (``train`` / ``val``) dataset; None for ``val`` when no ``data.val_files``.
 
     ``data.task`` selects a built-in task (then no files may be given); otherwise
     ``data.train_files`` / ``data.val_files`` are read with the tokenizer from
     ``data.tokenizer_dir`` (or ``tokenizer``, to share one already loaded). The keyword
-    arguments are :class:`FilePromptDataset`'s.
+    arguments are :class:`FilePromptDataset`'s; ``teacher_template`` None is the dataset's own
+    wording (the spec's for files, a built-in task's for it).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r} must be 'train' or 'val'.")
@@ -34,7 +35,7 @@ def build_prompt_dataset(cfg: DataConfig, split: str = "train", *, tokenizer: An
         problem = _task_problem(cfg)
         if problem:
             raise DataError(problem)
-        return BUILTIN_TASKS[cfg.task](split)
+        return BUILTIN_TASKS[cfg.task](split, teacher_template=teacher_template)
     files = cfg.train_files if split == "train" else cfg.val_files
     if not files:
         if split == "val":
@@ -43,7 +44,16 @@ def build_prompt_dataset(cfg: DataConfig, split: str = "train", *, tokenizer: An
                         f"(one of {sorted(BUILTIN_TASKS)}).")
     return FilePromptDataset(files, cfg, tokenizer if tokenizer is not None else load_chat_tokenizer(cfg.tokenizer_dir),
                              student_template=student_template, system_prompt=system_prompt,
-                             chat_template_kwargs=chat_template_kwargs, teacher_template=teacher_template)
+                             chat_template_kwargs=chat_template_kwargs,
+                             teacher_template=teacher_template or RLSD_TEACHER_TEMPLATE)
+
+
+def build_run_datasets(cfg: Config) -> tuple[PromptDataset, PromptDataset | None]:
+    """A run's training and validation datasets: ``cfg.data``, with the teacher's wording from
+    ``algorithm.teacher_template`` (checked at start-up by ``config_checks``)."""
+    teacher_template = cfg.algorithm.teacher_template
+    return (build_prompt_dataset(cfg.data, "train", teacher_template=teacher_template),
+            build_prompt_dataset(cfg.data, "val", teacher_template=teacher_template))
 
 
 def data_input_problems(cfg: DataConfig) -> list[str]:

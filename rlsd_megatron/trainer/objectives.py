@@ -4,9 +4,11 @@ Every method runs the same step; the config decides
 - which sequence advantage (`group_advantages`, with or without std: GRPO / Dr.GRPO),
 - which token advantage: the sequence advantage broadcast (grpo, dapo, drgrpo, grpo_opsd),
   RLSD's teacher-weighted one (rlsd), OPD's teacher − student log-ratio (opd), none (opsd, sdpo:
-  distillation only),
-- and the loss: the clipped surrogate (`policy_loss`) plus optional KL and entropy terms, all
-  normalised by global counts so micro-batching and data parallelism do not change the gradient.
+  distillation only); with `distill_loss=sampled` the distillation methods add the sampled-token
+  reverse-KL advantage `distill_coef · (log π_T − log π_S)` instead of a loss on the logits,
+- and the loss: the clipped surrogate (`policy_loss`) plus optional distillation, KL and entropy
+  terms, all normalised by global counts so micro-batching and data parallelism do not change
+  the gradient.
 """
 
 from __future__ import annotations
@@ -19,15 +21,29 @@ from rlsd_megatron import algorithms as alg
 from rlsd_megatron.config import AlgorithmConfig, Config
 
 TEACHER_LOGPROB_METHODS = ("rlsd", "opd")  # the teacher's log-prob of each sampled token
-DISTILL_METHODS = ("opsd", "sdpo", "grpo_opsd")  # the teacher's distribution at each token
+DISTILL_METHODS = ("opsd", "sdpo", "grpo_opsd")  # a distillation term toward the teacher
+DISTRIBUTION_LOSSES = ("jsd", "topk")  # distillation losses on the teacher's distribution at each token
+
+
+def uses_sampled_distillation(cfg: AlgorithmConfig) -> bool:
+    """The distillation term is a policy-gradient advantage on the sampled tokens (`distill_loss=sampled`)."""
+    return cfg.method in DISTILL_METHODS and cfg.distill_loss == "sampled"
 
 
 def uses_teacher_log_probs(cfg: AlgorithmConfig) -> bool:
-    return cfg.method in TEACHER_LOGPROB_METHODS
+    """The step needs the teacher's log-prob of each sampled token (RLSD, OPD, sampled distillation)."""
+    return cfg.method in TEACHER_LOGPROB_METHODS or uses_sampled_distillation(cfg)
 
 
 def uses_distillation(cfg: AlgorithmConfig) -> bool:
-    return cfg.method in DISTILL_METHODS
+    """The step needs the teacher's logits at each token (a distillation loss on distributions)."""
+    return cfg.method in DISTILL_METHODS and cfg.distill_loss in DISTRIBUTION_LOSSES
+
+
+def uses_surrogate(cfg: AlgorithmConfig) -> bool:
+    """The loss has the clipped policy-gradient surrogate: every method whose token advantages
+    are not all zero (OPSD and SDPO only with sampled distillation)."""
+    return cfg.method not in ("opsd", "sdpo") or uses_sampled_distillation(cfg)
 
 
 @dataclass
@@ -37,36 +53,58 @@ class TokenAdvantages:
 
 
 def token_advantages(cfg: AlgorithmConfig, step: int, seq_adv: torch.Tensor, mask: torch.Tensor,
-                     student_logp: torch.Tensor | None = None, teacher_logp: torch.Tensor | None = None
-                     ) -> TokenAdvantages:
+                     student_logp: torch.Tensor | None = None, teacher_logp: torch.Tensor | None = None,
+                     teacher_mask: torch.Tensor | None = None) -> TokenAdvantages:
     """Per-token advantages for one batch of responses ([B, T] tensors, `mask` 1 on response
-    tokens) at update `step` (from 1)."""
+    tokens) at update `step` (from 1). `teacher_mask` [B] (bool) marks the samples that have a
+    teacher (an SDPO sample without a successful sibling has none); None: all."""
     mask = mask.bool()
     metrics: dict[str, float] = {}
     if cfg.method == "rlsd":
-        lam = alg.rlsd_lambda(step, lam0=cfg.lam0, decay_steps=cfg.lam_decay_steps)
+        lam = alg.rlsd_lambda(step, lam0=cfg.lam0, decay_steps=cfg.lam_decay_steps, warmup_steps=cfg.lam_warmup_steps)
         weights = alg.rlsd_token_weights(seq_adv, teacher_logp, student_logp, mask, clip_eps=cfg.weight_clip_eps)
         values = alg.rlsd_token_advantages(seq_adv, teacher_logp, student_logp, mask, lam=lam,
-                                           clip_eps=cfg.weight_clip_eps)
-        n = mask.sum().clamp_min(1)
-        success = (seq_adv > 0)[:, None] & mask
-        failure = (seq_adv < 0)[:, None] & mask
-        metrics.update({
-            "rlsd/lambda": lam,
-            "rlsd/delta_mean": float((weights.delta * mask).sum() / n),
-            "rlsd/delta_success": float((weights.delta * success).sum() / success.sum().clamp_min(1)),
-            "rlsd/delta_failure": float((weights.delta * failure).sum() / failure.sum().clamp_min(1)),
-            "rlsd/weight_mean": float((weights.clipped * mask).sum() / n),
-            "rlsd/weight_clipped_frac": float(((weights.weight != weights.clipped) & mask).sum() / n),
-        })
+                                           clip_eps=cfg.weight_clip_eps, negative_only=cfg.negative_only)
+        metrics.update(_rlsd_metrics(lam, weights, values, seq_adv, mask))
     elif cfg.method == "opd":
         values = alg.opd_token_advantages(teacher_logp, student_logp, mask, seq_adv=seq_adv,
                                           reward_weight=cfg.opd_reward_weight)
     elif cfg.method in ("grpo", "dapo", "drgrpo", "grpo_opsd"):
         values = seq_adv[:, None].float() * mask
-    else:  # opsd, sdpo: the distillation loss carries the signal
+    else:  # opsd, sdpo: the distillation term carries the signal
         values = torch.zeros(mask.shape)
+    if uses_sampled_distillation(cfg):
+        # The sampled-token form of KL(π_S‖π_T) must be a policy-gradient term: the pathwise gradient
+        # of log π_S(y) on the student's own samples has zero expectation. Per token, as OPD's
+        # (spec §6): its expected gradient is that of the per-token reverse KL on the sampled prefixes.
+        distill_mask = mask & teacher_mask.bool()[:, None] if teacher_mask is not None else mask
+        log_ratio = alg.opd_token_advantages(teacher_logp, student_logp, distill_mask)  # log π_T − log π_S
+        values = values + cfg.distill_coef * log_ratio
+        n = distill_mask.sum().clamp_min(1)
+        metrics["distill/sampled_kl"] = float(-log_ratio.sum() / n)  # k1 estimate of the per-token KL(π_S‖π_T)
+        metrics["distill/sampled_abs_log_ratio"] = float(log_ratio.abs().sum() / n)
     return TokenAdvantages(values.detach(), metrics)
+
+
+def _rlsd_metrics(lam: float, weights: alg.RLSDTokenWeights, values: torch.Tensor, seq_adv: torch.Tensor,
+                  mask: torch.Tensor) -> dict[str, float]:
+    """RLSD's evidence: Δ (mean, |Δ|, by outcome), ŵ, and how far Â_t = A·m_t moves from GRPO's A
+    (`reweight_abs_dev`: mean |m_t − 1| over tokens of rollouts with A ≠ 0; 0 means RLSD is GRPO)."""
+    n = mask.sum().clamp_min(1)
+    success = (seq_adv > 0)[:, None] & mask
+    failure = (seq_adv < 0)[:, None] & mask
+    scored = success | failure
+    reweight = torch.where(scored, values / torch.where(scored, seq_adv[:, None].float(), 1.0), 1.0)
+    return {
+        "rlsd/lambda": lam,
+        "rlsd/delta_mean": float((weights.delta * mask).sum() / n),
+        "rlsd/delta_abs_mean": float((weights.delta.abs() * mask).sum() / n),
+        "rlsd/delta_success": float((weights.delta * success).sum() / success.sum().clamp_min(1)),
+        "rlsd/delta_failure": float((weights.delta * failure).sum() / failure.sum().clamp_min(1)),
+        "rlsd/weight_mean": float((weights.clipped * mask).sum() / n),
+        "rlsd/weight_clipped_frac": float(((weights.weight != weights.clipped) & mask).sum() / n),
+        "rlsd/reweight_abs_dev": float(((reweight - 1).abs() * scored).sum() / scored.sum().clamp_min(1)),
+    }
 
 
 def sequence_advantages(cfg: Config, rewards: torch.Tensor) -> torch.Tensor:
@@ -77,8 +115,8 @@ def sequence_advantages(cfg: Config, rewards: torch.Tensor) -> torch.Tensor:
 def distillation_per_token(cfg: Config, logits: torch.Tensor, teacher_logits: torch.Tensor,
                            targets: torch.Tensor) -> torch.Tensor:
     """Per-token distillation divergence toward the (detached) teacher, by `algorithm.distill_loss`:
-    full-vocabulary JSD_β (OPSD), a top-k support (SDPO: the student's top-k + tail bucket), or
-    the sampled token only (KL estimate log π_S(y) − log π_T(y))."""
+    full-vocabulary JSD_β (OPSD) or a top-k support (SDPO: the student's top-k + tail bucket).
+    `distill_loss=sampled` is no loss on the logits but a token advantage (`token_advantages`)."""
     from rlsd_megatron import ops
 
     a = cfg.algorithm
@@ -90,22 +128,22 @@ def distillation_per_token(cfg: Config, logits: torch.Tensor, teacher_logits: to
         return ops.topk_distillation_loss(logits, teacher_logits, a.distill_topk, support=a.distill_support,
                                           divergence="jsd", beta=a.distill_beta, tail_bucket=a.distill_tail_bucket,
                                           **common)
-    student = ops.token_log_probs(logits, targets, **common)
-    teacher = ops.token_log_probs(teacher_logits, targets, **common)
-    return student - teacher.detach()
+    raise ValueError(f"algorithm.distill_loss={a.distill_loss!r} is not a loss on the teacher's logits (those are "
+                     f"{list(DISTRIBUTION_LOSSES)}); sampled distillation enters through token_advantages")
 
 
 def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor]):
     """The learner's loss. Micro-batch fields (shifted, aligned with the logits): `old_logp`,
     `advantages`, `loss_mask`, optional `ref_logp` (KL), `tis_weight`, and for distillation
-    methods `teacher_logits` ([B, S, V/TP]) with `distill_mask`. The clipped surrogate is used
-    by every method but OPSD and SDPO; distillation methods add `distill_coef` × the
+    methods with a loss on distributions `teacher_logits` ([B, S, V/TP]) with `distill_mask`.
+    The clipped surrogate is used by every method but OPSD and SDPO (there, only with sampled
+    distillation, whose signal is in `advantages`); jsd / topk add `distill_coef` × the
     aggregated divergence. `normalisers` are the *global* counts (`loss_normalisers` summed
     over all micro-batches and data-parallel ranks)."""
     from rlsd_megatron.ops import token_log_probs
 
     a = cfg.algorithm
-    use_surrogate = a.method not in ("opsd", "sdpo")
+    use_surrogate = uses_surrogate(a)
     norm_constant = None
     if a.loss_agg == "seq-mean-token-sum-norm":
         norm_constant = float(a.loss_norm_constant or cfg.rollout.max_new_tokens)

@@ -106,7 +106,7 @@ class Trainer:
     def __init__(self, cfg: Config, *, impl: str = "local"):
         from megatron.core import parallel_state
 
-        from rlsd_megatron.data.build import build_prompt_dataset
+        from rlsd_megatron.data.build import build_run_datasets
         from rlsd_megatron.data.loader import PromptLoader, validation_rows
         from rlsd_megatron.data.readers import DataError
         from rlsd_megatron.learner.learner import Learner
@@ -122,8 +122,7 @@ class Trainer:
         self.hosts_engine = dist.get_rank(self.replica_group) == 0
         # Inputs first: a bad data row or a missing checkpoint stops every rank here, in seconds,
         # not after the model (minutes per rank at 70B) and the engine are built.
-        self.dataset, val_dataset = _same_on_every_rank(
-            lambda: (build_prompt_dataset(cfg.data, "train"), build_prompt_dataset(cfg.data, "val")), DataError)
+        self.dataset, val_dataset = _same_on_every_rank(lambda: build_run_datasets(cfg), DataError)
         resume = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
         self.engine = self.scorer = None
         self.learner = Learner(cfg, impl=impl)
@@ -244,7 +243,8 @@ class Trainer:
             seq_adv = objectives.sequence_advantages(cfg, rollouts.rewards)
             advantages = objectives.token_advantages(
                 cfg.algorithm, self.step, seq_adv, resp_mask, response_tensors(student_resp, resp_mask.shape[1]),
-                response_tensors(teacher_resp, resp_mask.shape[1]) if teacher_resp is not None else None)
+                response_tensors(teacher_resp, resp_mask.shape[1]) if teacher_resp is not None else None,
+                teacher_mask=torch.tensor([c.has_teacher for c in contexts]) if contexts is not None else None)
             mismatch = self.mismatch.check(response_tensors(student_resp), response_tensors(rollouts.engine_log_probs),
                                            resp_mask, group=self.dp_group, version=self.step - 1)
         with timer("train"):

@@ -67,6 +67,23 @@ def test_rlsd_lambda_schedule():
         rlsd_lambda(1, lam0=1.5)
 
 
+def test_rlsd_lambda_warmup_then_decay_counted_from_the_warmup():
+    # The authors' schedule, W = 10, D = 60, λ0 = 0.5: λ = 0.5·s/10 for s < 10, then
+    # 0.5·max(0, 1 − (s − 10)/60): s=1 → 0.05, s=5 → 0.25, s=10 → 0.5 (peak, no plateau),
+    # s=40 → 0.5·(1 − 30/60) = 0.25, s=69 → 0.5/60, s=70 → 0.
+    schedule = dict(lam0=0.5, decay_steps=60, warmup_steps=10)
+    for step, want in ((0, 0.0), (1, 0.05), (5, 0.25), (10, 0.5), (11, 0.5 * 59 / 60), (40, 0.25),
+                       (69, 0.5 / 60), (70, 0.0), (500, 0.0)):
+        assert rlsd_lambda(step, **schedule) == pytest.approx(want, abs=1e-12), step
+    # No decay: the warm-up, then λ0 for good.
+    assert rlsd_lambda(5, lam0=0.4, decay_steps=None, warmup_steps=20) == pytest.approx(0.1, abs=1e-12)
+    assert rlsd_lambda(1000, lam0=0.4, decay_steps=None, warmup_steps=20) == 0.4
+    # warmup_steps = 0 is the spec's schedule exactly.
+    assert all(rlsd_lambda(s, warmup_steps=0) == rlsd_lambda(s) for s in range(70))
+    with pytest.raises(ValueError, match="warmup_steps=-1 is negative"):
+        rlsd_lambda(1, warmup_steps=-1)
+
+
 def _hand_case():
     # seq A = [2, −1, 0]; Δ per token (teacher − student), the last token of row 1 is padding.
     seq_adv = torch.tensor([2.0, -1.0, 0.0])
@@ -95,6 +112,15 @@ def test_rlsd_token_advantages_hand_values():
     assert w.delta[1, 2] == 0 and w.clipped[1, 2] == 1  # masked: neutral
     assert torch.equal(w.clipped[2], torch.ones(3))  # sign(0) = 0 → w = 1
     assert torch.isfinite(w.delta).all() and torch.isfinite(out).all()
+
+
+def test_rlsd_negative_only_reweights_failed_rollouts_only():
+    # Same case as above with negative_only: row 0 (A = 2 > 0) keeps GRPO's A on every token,
+    # row 1 (A = −1) is reweighted as before, row 2 (A = 0) stays 0.
+    seq_adv, teacher, student, mask = _hand_case()
+    expected = torch.tensor([[2.0, 2.0, 2.0], [-0.952419, -1.1, 0.0], [0.0, 0.0, 0.0]])
+    out = rlsd_token_advantages(seq_adv, teacher, student, mask, lam=0.5, negative_only=True)
+    torch.testing.assert_close(out, expected, **TOL)
 
 
 def test_rlsd_token_advantages_are_detached():

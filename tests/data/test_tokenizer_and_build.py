@@ -6,9 +6,9 @@ import json
 import pytest
 
 from rlsd_megatron.algorithms import RLSD_TEACHER_TEMPLATE, hf_chat_renderer
-from rlsd_megatron.config import DataConfig
+from rlsd_megatron.config import DataConfig, load_config
 from rlsd_megatron.data import (DataError, FilePromptDataset, ReversedAdditionPrompts, build_prompt_dataset,
-                                load_chat_tokenizer)
+                                build_run_datasets, load_chat_tokenizer)
 from tests.data.conftest import build_tokenizer
 
 
@@ -74,3 +74,60 @@ def test_teacher_context_shares_the_student_renderer(tmp_path, tokenizer):
     no_solution = FilePromptDataset([str(train)], DataConfig(), tokenizer)
     hinted = no_solution.teacher_context.hint_text(no_solution[0].question, no_solution[0].answer)
     assert hinted == RLSD_TEACHER_TEMPLATE.format(question=question, answer=answer)
+
+
+def _teacher_prompt_text(dataset, index, response=(5, 6, 7)):
+    """What the trainer's teacher sees for row `index` (Trainer.teacher_contexts' call), as text."""
+    row = dataset[index]
+    teacher = dataset.teacher_context.build(row.question, row.answer, list(response),
+                                            reference_solution=row.reference_solution)
+    assert teacher.input_ids[teacher.response_start:] == list(response)
+    return teacher.input_ids[: teacher.response_start]
+
+
+def test_teacher_template_reaches_the_teacher_context(tmp_path, tokenizer_dir, tokenizer):
+
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"question": "What is 1+1?", "answer": "2"}) + "\n")
+    wording = "Peek at the key ({answer}) before you solve: {question}"
+    cfg = load_config(None, [f"data.train_files=[{train}]", f"data.val_files=[{train}]",
+                             f"data.tokenizer_dir={tokenizer_dir}", f"algorithm.teacher_template='{wording}'"])
+    for dataset in build_run_datasets(cfg):
+        want = hf_chat_renderer(tokenizer)("Peek at the key (2) before you solve: What is 1+1?")
+        assert _teacher_prompt_text(dataset, 0) == want
+        assert "<|im_start|>user\nPeek at the key (2) before you solve" in tokenizer.decode(want)
+    default = build_run_datasets(load_config(None, [f"data.train_files=[{train}]",
+                                                    f"data.tokenizer_dir={tokenizer_dir}"]))
+    assert _teacher_prompt_text(default[0], 0) == hf_chat_renderer(tokenizer)(
+        RLSD_TEACHER_TEMPLATE.format(question="What is 1+1?", answer="2"))
+    assert default[1] is None
+
+    # The built-in task: its renderer is [<bos>] + characters + "=", its default wording question|answer.
+    task = build_run_datasets(load_config(None, ["data.task=reversed_addition",
+                                                 "algorithm.teacher_template='{answer}|{question}'"]))[0]
+    row = task[0]
+    assert _teacher_prompt_text(task, 0) == task.render_prompt(f"{row.answer}|{row.question}")
+    with pytest.raises(DataError, match=r"algorithm.teacher_template='hint: \{answer\}' cannot be written in the "
+                                        r"reversed_addition/train task's tokens: character 'h' is not in the task "
+                                        r"alphabet"):
+        build_run_datasets(load_config(None, ["data.task=reversed_addition",
+                                              "algorithm.teacher_template='hint: {answer}'"]))
+
+
+def test_teacher_hint_per_row_from_a_column(tmp_path, tokenizer_dir, tokenizer):
+    # The authors' per-row teacher context (their data.trajectory_key) is a column inserted in the
+    # template's hint slot, falling back to the answer: data.solution_key here.
+    rows = [{"question": "What is 1+1?", "answer": "2", "teacher_prompt": "Count: one, then one more."},
+            {"question": "Solve x^2 = 4 for x > 0.", "answer": "2", "teacher_prompt": None},
+            {"question": "What is 2+2?", "answer": "4"}]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, [f"data.train_files=[{train}]", f"data.tokenizer_dir={tokenizer_dir}",
+                             "data.solution_key=teacher_prompt"])
+    dataset, _ = build_run_datasets(cfg)
+    render = hf_chat_renderer(tokenizer)
+    hints = ["Count: one, then one more.", "2", "4"]
+    for i, (row, hint) in enumerate(zip(rows, hints)):
+        assert _teacher_prompt_text(dataset, i) == render(RLSD_TEACHER_TEMPLATE.format(question=row["question"].strip(),
+                                                                                       answer=hint))
+    assert dataset.stats["rows_without_solution"] == 2

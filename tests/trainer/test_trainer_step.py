@@ -1,6 +1,6 @@
 """One full RL step through the real stack (Megatron learner, embedded engine, resharding,
-rewards) at TP=2 and PP=2 over gloo, for the rlsd, grpo, opsd and sdpo presets; tensorboard
-scalars of a short run."""
+rewards) at TP=2 and PP=2 over gloo, for the rlsd, grpo, opsd and sdpo presets and SDPO with
+sampled-token distillation, each asserting its method's signal; tensorboard scalars of a short run."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ METHOD_OVERRIDES = {
     "opsd": ["algorithm.method=opsd", "algorithm.teacher_weights=frozen", "algorithm.distill_loss=jsd"],
     "sdpo": ["algorithm.method=sdpo", "algorithm.teacher_weights=ema", "algorithm.distill_loss=topk",
              "algorithm.distill_topk=8", "algorithm.distill_support=student", "algorithm.sdpo_success_threshold=0.3"],
+    "sdpo_sampled": ["algorithm.method=sdpo", "algorithm.teacher_weights=ema", "algorithm.distill_loss=sampled",
+                     "algorithm.sdpo_success_threshold=0.3"],
 }
 TINY = [
     "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=4", "model.ffn_hidden_size=64",
@@ -73,5 +75,13 @@ def test_one_step_per_method_at_tp2_and_pp2(dist_pool, tmp_path):
             assert m["train/approx_kl"] == 0.0 and m["train/ratio_max"] == 1.0 and m["train/ratio_min"] == 1.0, where
         if method == "rlsd":
             assert 0 < m["rlsd/lambda"] < 0.5
+            # The hinted teacher scores the rollouts unlike the student (Δ ≠ 0), and with λ > 0 the
+            # token advantages move off GRPO's A (RLSD does not silently run as GRPO).
+            assert m["rlsd/delta_abs_mean"] > 1e-3, (where, m["rlsd/delta_abs_mean"])
+            assert m["rlsd/reweight_abs_dev"] > 1e-4, (where, m["rlsd/reweight_abs_dev"])
         if method in ("opsd", "sdpo"):
             assert m["train/distill"] > 0, where
+        if method == "sdpo_sampled":
+            # A policy-gradient term from the teacher's log-probs of the sampled tokens, no loss on logits.
+            assert "train/distill" not in m, where
+            assert m["distill/sampled_abs_log_ratio"] > 1e-3, (where, m["distill/sampled_abs_log_ratio"])
