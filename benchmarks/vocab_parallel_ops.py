@@ -45,6 +45,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from peak_rss import peak_rss_growth, use_mmap_above  # benchmarks/peak_rss.py, next to this script
+
 QWEN_VOCAB = 151_936  # Qwen2.5/3 padded embedding rows (a multiple of 128·TP for TP ≤ 8)
 QWEN_TOKENIZER = 151_665  # ids the tokenizer can produce; the rest is padding
 
@@ -137,15 +139,7 @@ def _variant(op: str, impl: str, student, teacher, target, group, args) -> None:
         raise ValueError(f"unknown op {op!r}")
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 
 
 def _set_allocator(libc, phase: str) -> None:
@@ -155,7 +149,7 @@ def _set_allocator(libc, phase: str) -> None:
         libc.mallopt(_M_MMAP_MAX, 0)
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 40)
     else:
-        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        use_mmap_above(libc, 128 * 1024)
 
 
 def run_op(op: str, impls: list[str], args, phase: str) -> dict:
@@ -222,11 +216,9 @@ def run_op(op: str, impls: list[str], args, phase: str) -> dict:
                 timed(impl, fresh)
                 result[impl]["peak_bytes"] = torch.cuda.max_memory_allocated() - base
             else:
-                base = _status_kib("VmRSS")
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # reset the resident-set high-water mark
-                timed(impl, fresh)
-                result[impl]["peak_bytes"] = (_status_kib("VmHWM") - base) * 1024
+                with peak_rss_growth(libc) as peak:
+                    timed(impl, fresh)
+                result[impl]["peak_bytes"] = peak["bytes"]
             del fresh
         return result
     for round_ in range(args.repeats + 1):  # round 0 warms up (and, when warm, fills the heap)

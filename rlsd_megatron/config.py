@@ -112,6 +112,12 @@ class TrainConfig:
     ppo_epochs: int = 1
     optimizer_steps_per_batch: int = 1  # recipe: one optimizer step per rollout batch
     max_seq_length: int = 2048  # prompt + response, for activation memory and validation
+    # Distillation (opsd, sdpo, grpo_opsd): the teacher's logits ([tokens, V/TP] per rank) exist for this many
+    # of the student's micro-batches at a time, computed right before their forward/backward and dropped after
+    # it (one optimizer step over all of them), so distillation memory is this many micro-batches' teacher
+    # logits however large the step. None: parallel.pp; each chunk fills and drains the pipeline once, so with
+    # PP > 1 smaller chunks leave stages idle for a larger share of the time.
+    distill_chunk_micro_batches: int | None = None
     eval_interval: int = 10  # steps between validation runs (0: only after the last step)
 
 

@@ -92,6 +92,9 @@ def layout_problems(cfg: Config, world_size: int) -> list[str]:
                 f"{sequences // per_update} sequences per rank and optimizer step are not a multiple of "
                 f"train.micro_batch_size={t.micro_batch_size}"
             )
+    if t.distill_chunk_micro_batches is not None and t.distill_chunk_micro_batches < 1:
+        problems.append(f"train.distill_chunk_micro_batches={t.distill_chunk_micro_batches} must be >= 1 "
+                        "(micro-batches whose teacher logits are held at a time), or null for parallel.pp")
     if p.sequence_parallel and p.tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tp > 1")
     return problems

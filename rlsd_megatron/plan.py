@@ -14,11 +14,17 @@ last: output layer + logits):
   full recomputation keeps only each layer's input. Tokens per micro-batch are divided by CP.
 - the last stage's logits in fp32 for one micro-batch ([tokens, V/TP]) plus one chunk of the
   vocabulary-parallel ops' workspace.
-- a frozen / EMA teacher copy (weights, fp32 for EMA), when the teacher policy holds one.
+- a frozen / EMA teacher copy (weights, fp32 for EMA), when the teacher policy holds one (frozen,
+  frozen_sync, ema).
+- distillation (opsd, sdpo, grpo_opsd), training phase only: the teacher's logits of one chunk of
+  `train.distill_chunk_micro_batches` micro-batches (params dtype, laid out as the student's
+  micro-batches; trainer/distillation.py), the divergence's gradient for the student's logits and
+  its five fp32 chunk buffers, and for a live teacher with several optimizer steps per batch the
+  snapshot of the weights it scores with. Nothing on the host: the logits stay on the GPU.
 - the colocated rollout engine while it is awake: `mem_fraction_static` of the GPU (SGLang's
   weights + KV-cache pool). The engine sleeps (memory released) while the learner trains, so the
-  two phases peak separately: rollout = learner state + engine; training = learner state +
-  activations + teacher copy.
+  two phases peak separately: rollout = learner state + teacher copy + engine; training = learner
+  state + activations + logits + teacher copy + distillation.
 Each phase must fit in `gpu_memory_gb` minus a reserve for the CUDA context, NCCL buffers and
 fragmentation.
 """
@@ -34,6 +40,9 @@ from dataclasses import dataclass
 from rlsd_megatron.config import Config, ConfigError, ModelConfig, load_config
 from rlsd_megatron.models.hf_config import head_dim
 from rlsd_megatron.models.provider import padded_vocab_size
+from rlsd_megatron.ops.vocab_shard import GPU_CHUNK_BYTES
+from rlsd_megatron.trainer.distillation import chunk_micro_batches
+from rlsd_megatron.trainer.objectives import uses_distillation
 
 GiB = 2**30
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -55,6 +64,7 @@ class MemoryPlan:
     activations: int
     logits: int
     teacher_copy: int
+    distillation: int
     engine: int
     layout: str
     hardware: Hardware
@@ -65,7 +75,7 @@ class MemoryPlan:
 
     @property
     def training_peak(self) -> int:
-        return self.learner_state + self.activations + self.logits + self.teacher_copy
+        return self.learner_state + self.activations + self.logits + self.teacher_copy + self.distillation
 
     @property
     def rollout_peak(self) -> int:
@@ -83,12 +93,15 @@ class MemoryPlan:
         rows = [
             ("weights", self.params), ("gradients (fp32)", self.grads), ("optimizer (fp32 main + Adam)", self.optimizer),
             ("activations (in flight)", self.activations), ("logits + ops workspace", self.logits),
-            ("teacher copy", self.teacher_copy), ("rollout engine (awake)", self.engine),
+            ("teacher copy", self.teacher_copy), ("distillation (one chunk)", self.distillation),
+            ("rollout engine (awake)", self.engine),
             ("training phase peak", self.training_peak), ("rollout phase peak", self.rollout_peak),
             ("budget", self.budget),
         ]
         lines = [f"layout: {self.layout}", f"{'component':32s} {'GiB/GPU':>10s}"]
         lines += [f"{name:32s} {value / GiB:10.2f}" for name, value in rows]
+        if self.distillation:
+            lines.append("distillation on the host: none (the teacher's logits stay on the GPU, one chunk at a time)")
         lines.append("fits" if self.fits else "DOES NOT FIT")
         return "\n".join(lines)
 
@@ -159,7 +172,7 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
         activations = tokens * layers * full_layer * in_flight
     vocab_local = padded_vocab_size(cfg.model, p.tp) // p.tp
     logits = tokens * vocab_local * 4 + min(tokens, 4096) * vocab_local * 4
-    holds_copy = cfg.algorithm.teacher_weights in ("frozen_sync", "ema")
+    holds_copy = cfg.algorithm.teacher_weights in ("frozen", "frozen_sync", "ema")
     teacher_bytes = 4 if cfg.algorithm.teacher_weights == "ema" else dtype_bytes
     # An upper bound: sglang 0.5.23 sizes the engine (weights + KV) as mem_fraction_static x the memory free
     # when it starts, after the learner's weights (`pre_model_load_memory`), not x the whole GPU.
@@ -171,12 +184,35 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
         activations=int(activations),
         logits=int(logits),
         teacher_copy=params * teacher_bytes if holds_copy else 0,
+        distillation=distillation_bytes(cfg, vocab_local, weights=params * dtype_bytes),
         engine=engine,
         layout=f"tp={p.tp} pp={p.pp}{f' vpp={p.vpp}' if p.vpp else ''} cp={p.cp} dp={p.dp or 1}"
                f"{' sp' if p.sequence_parallel else ''}{' distopt' if p.use_distributed_optimizer else ''}"
                f" recompute={prec.recompute_granularity}",
         hardware=hardware,
     )
+
+
+def distillation_bytes(cfg: Config, vocab_local: int, *, weights: int) -> int:
+    """Training-phase bytes per GPU that distillation adds (0 for other methods): the teacher's
+    logits for one chunk of micro-batches ([chunk x micro-batch tokens, V/TP] in the params dtype,
+    plus the context-parallel share `cp_split` copies), the divergence's gradient for the student's
+    logits ([tokens/CP, V/TP]) and its five fp32 chunk buffers (ops/divergences.py), and for a live
+    teacher with several optimizer steps per batch a snapshot of the `weights` bytes it scores with."""
+    if not uses_distillation(cfg.algorithm):
+        return 0
+    p, t = cfg.parallel, cfg.train
+    dtype_bytes = _DTYPE_BYTES[cfg.precision.params_dtype]
+    chunk_tokens = chunk_micro_batches(cfg) * micro_batch_tokens(cfg)
+    teacher_logits = chunk_tokens * vocab_local * dtype_bytes
+    if p.cp > 1:
+        teacher_logits += teacher_logits // p.cp
+    tokens = math.ceil(micro_batch_tokens(cfg) / p.cp)
+    workspace_rows = min(tokens, max(1, GPU_CHUNK_BYTES // (4 * vocab_local)))
+    divergence = tokens * vocab_local * dtype_bytes + 5 * workspace_rows * vocab_local * 4
+    live_snapshot = cfg.algorithm.teacher_weights == "live" and t.ppo_epochs * t.optimizer_steps_per_batch > 1
+    snapshot = weights if live_snapshot else 0
+    return teacher_logits + divergence + snapshot
 
 
 def check_fits(cfg: Config, world_size: int, hardware: Hardware = Hardware()) -> MemoryPlan:

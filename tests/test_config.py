@@ -140,6 +140,12 @@ def test_batch_arithmetic_errors():
     cfg.train.micro_batch_size = 3  # 16 sequences, dp=2: 8 per rank
     with pytest.raises(ConfigError, match=r"8 sequences per rank .* not a multiple of train\.micro_batch_size=3"):
         validate_config(cfg, 2, cuda_available=False, te_available=False)
+    cfg = layout_config()
+    cfg.train.distill_chunk_micro_batches = 0
+    with pytest.raises(ConfigError, match=r"distill_chunk_micro_batches=0 must be >= 1 .* or null for parallel\.pp"):
+        validate_config(cfg, 2, cuda_available=False, te_available=False)
+    cfg.train.distill_chunk_micro_batches = 1
+    validate_config(cfg, 2, cuda_available=False, te_available=False)
 
 
 def test_fp8_and_te_need_a_gpu():

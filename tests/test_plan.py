@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rlsd_megatron.config import Config, ConfigError, ModelConfig
@@ -72,6 +74,61 @@ def test_teacher_copy_and_engine_are_counted_in_their_phases():
     assert live.rollout_peak - live.learner_state == live.engine > 0
 
 
+@pytest.mark.parametrize("teacher_weights, bytes_per_param",
+                         [("live", 0), ("frozen", 2), ("frozen_sync", 2), ("ema", 4)])
+def test_every_teacher_copy_is_counted(teacher_weights, bytes_per_param):
+    cfg = config(tp=8, pp=4, dp=2)
+    cfg.algorithm.teacher_weights = teacher_weights
+    plan = plan_memory(cfg)
+    assert plan.teacher_copy == plan.params // 2 * bytes_per_param  # bf16 weights; EMA kept in fp32
+
+
+def distill_config(**train) -> Config:
+    cfg = config(tp=8, pp=4, dp=2)
+    cfg.algorithm.method, cfg.algorithm.distill_loss, cfg.algorithm.teacher_weights = "opsd", "jsd", "frozen"
+    cfg.train.max_tokens_per_micro_batch = 8192
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def test_distillation_memory_is_one_chunk_of_teacher_logits():
+    vocab_local = 129024 // 8  # 128256 padded to a multiple of 128 x TP, split over TP = 8
+    tokens = 8192
+    logits = tokens * vocab_local * 2  # bf16 [tokens, V/TP]
+    workspace = 5 * (128 * 2**20 // (4 * vocab_local)) * vocab_local * 4  # five fp32 128 MiB chunk buffers
+    one = plan_memory(distill_config(distill_chunk_micro_batches=1))
+    # One micro-batch's teacher logits, the divergence's gradient for the student's, its workspace.
+    assert one.distillation == logits + logits + workspace
+    # In the training phase only: RLSD with the same frozen teacher differs by exactly this.
+    rlsd = distill_config(distill_chunk_micro_batches=1)
+    rlsd.algorithm.method, rlsd.algorithm.distill_loss = "rlsd", "none"
+    rlsd_plan = plan_memory(rlsd)
+    assert rlsd_plan.distillation == 0 and rlsd_plan.teacher_copy == one.teacher_copy > 0
+    assert one.training_peak - rlsd_plan.training_peak == one.distillation
+    assert one.rollout_peak == rlsd_plan.rollout_peak
+    # Linear in the chunk, not in the step; the default chunk is parallel.pp = 4 micro-batches.
+    assert plan_memory(distill_config(distill_chunk_micro_batches=3)).distillation - one.distillation == 2 * logits
+    assert plan_memory(distill_config()).distillation - one.distillation == 3 * logits
+    assert plan_memory(distill_config(distill_chunk_micro_batches=1, prompts_per_step=4096)).distillation == \
+        one.distillation
+    # A live teacher with two optimizer steps per batch scores both with a snapshot of the weights.
+    live = distill_config(distill_chunk_micro_batches=1, optimizer_steps_per_batch=2)
+    live.algorithm.teacher_weights = "live"
+    assert plan_memory(live).distillation - one.distillation == one.params and plan_memory(live).teacher_copy == 0
+
+
+# Qwen/Qwen3-8B's config.json (its published values).
+QWEN3_8B = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 12288, "max_position_embeddings": 40960, "max_window_layers": 36, "model_type": "qwen3",
+    "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # The `rlsd-plan` command line
 
@@ -137,3 +194,21 @@ def test_cli_world_size_must_be_positive(capsys):
         plan_cli(capsys, "--config", "examples/configs/rlsd_8b.yaml", "--world-size", "0")
     assert exit_info.value.code == 2
     assert "rlsd-plan: error: --world-size=0: give the number of GPUs of the run (1 or more)" in capsys.readouterr().err
+
+
+def test_cli_opsd_at_8b_counts_the_frozen_teacher_and_one_chunk_of_its_logits(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_8B))
+    status, out, err = plan_cli(capsys, "--config", "examples/configs/rlsd_8b.yaml", "--world-size", "8",
+                                f"model.hf_config={tmp_path}", "algorithm.method=opsd",
+                                "algorithm.teacher_weights=frozen", "algorithm.distill_loss=jsd")
+    assert status == 0 and err == "", err
+    rows = {line[:32].strip(): float(line[32:]) for line in out.splitlines()
+            if line[32:].strip().replace(".", "").isdigit()}  # "name  GiB" rows of the table
+    assert rows["teacher copy"] == rows["weights"] > 0  # the frozen copy: bf16 weights of this GPU's shard
+    # One 20480-token micro-batch per chunk (PP = 1): its bf16 teacher logits over 152064 / 4 ids, the
+    # divergence's gradient for the student's logits and its five fp32 128 MiB chunk buffers.
+    vocab_local = 152064 // 4
+    expected = 2 * 20480 * vocab_local * 2 + 5 * (128 * 2**20 // (4 * vocab_local)) * vocab_local * 4
+    assert rows["distillation (one chunk)"] == round(expected / 2**30, 2) == 3.52
+    assert rows["training phase peak"] <= rows["budget"] and rows["rollout phase peak"] <= rows["budget"]
+    assert "distillation on the host: none" in out and out.splitlines()[-1] == "fits"

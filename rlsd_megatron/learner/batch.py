@@ -183,7 +183,7 @@ def cp_split(mb: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
         index = torch.cat([start + cp_positions(end - start, cp_size, cp_rank) for start, end in zip(cu[:-1], cu[1:])])
 
     def take(t: torch.Tensor) -> torch.Tensor:
-        return t.index_select(1, index)
+        return t.index_select(1, index.to(t.device))  # fields may live on the GPU (teacher logits)
 
     return replace(
         mb,

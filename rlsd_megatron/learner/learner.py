@@ -4,7 +4,9 @@
 `per_token_fn(logits, micro_batch)` computed on the last pipeline stage; `Learner.train_step
 (micro_batches, loss_fn)` runs forward/backward through `get_forward_backward_func` (any PP /
 VPP schedule), reduces gradients over data (and context) parallel ranks with Megatron's
-`DistributedDataParallel`, clips, steps the optimizer and the LR schedule.
+`DistributedDataParallel`, clips, steps the optimizer and the LR schedule;
+`Learner.train_step_in_chunks` does the same over micro-batches built chunk by chunk (a teacher's
+forward between them), reducing once.
 
 Logits handed to the callbacks are vocabulary-parallel ([B, S, V/TP] on each TP rank) and
 never gathered. Loss normalisation belongs to the caller: gradients are *summed* over
@@ -18,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -268,16 +270,32 @@ class Learner:
         """One optimizer step over `micro_batches`; returns grad norm, lr, and, on the last
         stage, `loss` summed over micro-batches (this rank's share of a globally normalised
         loss) and each metric `loss_fn` reported, averaged over micro-batches."""
+        return self.train_step_in_chunks([lambda: micro_batches], loss_fn)
+
+    def train_step_in_chunks(self, chunks: Sequence[Callable[[], list[MicroBatch]]], loss_fn: LossFn
+                             ) -> dict[str, float]:
+        """One optimizer step over micro-batches that arrive in chunks: `chunks[i]()` builds chunk
+        i's micro-batches right before their forward/backward, after chunk i-1's backward, so it
+        may run forward passes of its own (a teacher's) whose outputs live for that chunk only.
+        Gradients accumulate over all chunks and are reduced over data (and context) parallel
+        ranks once, in the last chunk's schedule; returns what `train_step` returns, over the
+        micro-batches of every chunk."""
         def loss_with_count(mb: MicroBatch, logits: torch.Tensor):
             loss, metrics = loss_fn(logits, mb)
             reported = {"loss": loss.detach(), **{k: torch.as_tensor(v).detach().float() for k, v in metrics.items()}}
             return loss, torch.zeros((), dtype=torch.int), reported
 
         for m in self.model:
-            m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run(micro_batches, loss_with_count, forward_only=False)
+        outputs: list[dict] = []
+        for index, make_chunk in enumerate(chunks):
+            micro_batches = make_chunk()
+            for m in self.model:
+                m.train()  # a chunk's own forward passes leave the model in eval mode
+            last = index == len(chunks) - 1
+            with contextlib.nullcontext() if last else self._accumulate_gradients_only():
+                outputs += self._run(micro_batches, loss_with_count, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:
             self.scheduler.step(increment=1)
@@ -291,6 +309,24 @@ class Learner:
                 values = torch.stack([o[key].float() for o in outputs])
                 stats[key] = float(values.sum() if key == "loss" else values.mean())
         return stats
+
+    @contextlib.contextmanager
+    def _accumulate_gradients_only(self):
+        """Schedules inside this block only add into the gradient buffers. Megatron's schedules
+        leave `no_sync` for a run's last micro-batch (under `overlap_grad_reduce` its backward
+        hooks start the bucket reductions) and end with `finalize_model_grads` (the DP/CP
+        reduction); either would reduce a partial sum that later chunks add to. So the DDP
+        chunks stay in `no_sync` for the whole block and the schedule gets neither hook."""
+        config = self.config
+        saved = config.no_sync_func, config.finalize_model_grads_func
+        config.no_sync_func, config.finalize_model_grads_func = None, None
+        try:
+            with contextlib.ExitStack() as stack:
+                for m in self.model:
+                    stack.enter_context(m.no_sync())
+                yield
+        finally:
+            config.no_sync_func, config.finalize_model_grads_func = saved
 
     def load_full_state(self, full_state: dict[str, torch.Tensor]) -> None:
         """Load canonical (TP=1, PP=1, unpadded) Megatron tensors into this rank's shards."""

@@ -11,6 +11,8 @@
    in the privileged context, with the teacher-weight policy's weights;
 3. sequence advantages (group-normalised rewards) → token advantages per method;
 4. one or more optimizer steps through Megatron's schedules, loss normalised by global counts;
+   distillation methods get the teacher's logits inside each step, for a chunk of micro-batches
+   right before their forward/backward (trainer/distillation.py);
 5. the teacher policy updates its copy; weights are pushed to the engines; metrics are logged.
 """
 
@@ -28,9 +30,10 @@ from rlsd_megatron import algorithms as alg
 from rlsd_megatron.config import Config, config_to_dict
 from rlsd_megatron.parallel.signals import STOP_SIGNALS
 from rlsd_megatron.parallel.state import replica_group
-from rlsd_megatron.trainer import objectives
+from rlsd_megatron.trainer import distillation, objectives
 from rlsd_megatron.trainer.rollouts import Rollouts, generate_and_score, response_tensors
 from rlsd_megatron.trainer.state import load_training_state, prune_checkpoints, resolve_resume, save_training_state
+from rlsd_megatron.trainer.update import update_policy
 
 
 @contextlib.contextmanager
@@ -259,12 +262,13 @@ class Trainer:
                                       resp_mask, cap=cfg.algorithm.tis_cap)
                 fields["tis_weight"] = [torch.cat([torch.zeros(n), w[: len(r)]])
                                         for n, w, r in zip(prompt_lengths, tis, rollouts.responses)]
+            teacher = None
             if objectives.uses_distillation(cfg.algorithm):
-                teacher_logits = self.teacher_outputs(contexts, lambda logits, mb: {"logits": logits.detach()})["logits"]
-                fields["teacher_logits"] = [torch.cat([lg.new_zeros(n, lg.shape[-1]), lg])
-                                            for n, lg in zip(prompt_lengths, teacher_logits)]
                 fields["distill_mask"] = [m * float(c.has_teacher) for m, c in zip(masks, contexts)]
-            train_stats = self.update(sequences, fields)
+                updates = cfg.train.ppo_epochs * cfg.train.optimizer_steps_per_batch
+                teacher = distillation.TeacherInputs(contexts, prompt_lengths, distillation.teacher_weights_for_update(
+                    self.teacher.teacher_state(), self.learner, updates))
+            train_stats = self.update(sequences, fields, teacher)
             self.teacher.on_step(self.step, self.learner.local_weights())
         with timer("sync"):
             sync = self.sync_weights()
@@ -347,22 +351,11 @@ class Trainer:
         return {name: [v[c.response_start: c.response_start + c.response_length] for v, c in zip(values, contexts)]
                 for name, values in full.items()}
 
-    def update(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-        """`ppo_epochs` × `optimizer_steps_per_batch` optimizer steps over this rank's rollouts."""
-        cfg = self.cfg
-        steps = cfg.train.optimizer_steps_per_batch
-        stats: dict[str, float] = {}
-        for _ in range(cfg.train.ppo_epochs):
-            for part in range(steps):
-                idx = list(range(part, len(sequences), steps))
-                masks = [fields["loss_mask"][i] for i in idx]
-                normalisers = alg.loss_normalisers(response_tensors(masks))
-                for value in normalisers.values():
-                    dist.all_reduce(value, group=self.dp_group)
-                batches, _ = self.learner.micro_batches([sequences[i] for i in idx],
-                                                        {k: [v[i] for i in idx] for k, v in fields.items()})
-                stats = self.learner.train_step(batches, objectives.policy_loss_fn(cfg, normalisers))
-        return stats
+    def update(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]],
+               teacher: distillation.TeacherInputs | None = None) -> dict[str, float]:
+        """`ppo_epochs` × `optimizer_steps_per_batch` optimizer steps over this rank's rollouts
+        (trainer/update.py)."""
+        return update_policy(self.learner, self.cfg, sequences, fields, teacher, dp_group=self.dp_group)
 
     def sync_weights(self):
         """Learner weights → this replica's engine; every rank returns the host's `SyncStats` (the
