@@ -172,6 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config (see examples/configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 optimizer.lr=1e-6")
     args = parser.parse_intermixed_args(argv)
+    from rlsd_megatron.trainer.stopping import StopController
+
+    # First, so that a SLURM stop signal during start-up (minutes at 70B) is kept, not fatal.
+    problems = []
+    try:
+        stop = StopController.from_environment()
+    except ValueError as error:
+        stop = StopController()
+        problems.append(str(error))
+    stop.install()
 
     from rlsd_megatron.logging.quiet import quiet_known_noise
 
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     user_errors = user_error_types()
     cuda = torch.cuda.is_available()
-    cfg, problems = None, []
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as error:  # reported below, once, when the ranks have agreed
@@ -196,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     errors_group = dist.new_group(backend="gloo", timeout=LATE_REPORT_TIMEOUT)
 
     def finish(status: int, *, layout: bool = False) -> int:
+        stop.restore()
         if created_world:
             dist.destroy_process_group()
         elif layout:
@@ -224,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlsd_megatron.trainer.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg, impl=impl)
+        trainer = Trainer(cfg, impl=impl, stop=stop)
         try:
             trainer.run()
         except user_errors:

@@ -31,7 +31,8 @@ def _rank_state_template(payload=None):
     return ShardedObject("rank_state", payload, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """torch's CPU (and CUDA) RNG states and Megatron's RNG-tracker states of this rank."""
     from megatron.core import tensor_parallel
 
     state = {"cpu": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
@@ -40,7 +41,8 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned."""
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(state["cpu"])
@@ -52,7 +54,7 @@ def _set_rng_state(state: dict) -> None:
 def save_training_state(trainer, root: str | Path) -> Path:
     """Write `trainer`'s full state as iteration `trainer.step` under `root` (collective)."""
     learner = trainer.learner
-    rank_state = {"rng": _rng_state(), "teacher": trainer.teacher.state_dict(), "layout": _layout_key()}
+    rank_state = {"rng": rng_state(), "teacher": trainer.teacher.state_dict(), "layout": _layout_key()}
 
     def extra(model_state):
         return {"optimizer": learner.optimizer.sharded_state_dict(model_state, metadata=_OPTIMIZER_FORMAT),
@@ -99,7 +101,7 @@ def load_training_state(trainer, path: str | Path) -> int:
     trainer.loader.load_state_dict(common["loader"])
     trainer.teacher.initialize(learner.local_weights())
     trainer.teacher.load_state_dict(rank_state["teacher"])
-    _set_rng_state(rank_state["rng"])
+    set_rng_state(rank_state["rng"])
     trainer.step, trainer._draws = int(common["step"]), int(common["draws"])
     return trainer.step
 

@@ -57,6 +57,10 @@ class StopController:
         except ValueError:
             raise ValueError(f"{JOB_END_VARIABLE}={value!r} is not a time in seconds since the epoch") from None
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
     def install(self) -> None:
         def request_stop(signum, frame):
             self.signal_received = signum

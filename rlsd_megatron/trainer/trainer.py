@@ -28,27 +28,29 @@ import torch.distributed as dist
 
 from rlsd_megatron import algorithms as alg
 from rlsd_megatron.config import Config, config_to_dict
-from rlsd_megatron.parallel.signals import STOP_SIGNALS
 from rlsd_megatron.parallel.state import replica_group
 from rlsd_megatron.trainer import distillation, objectives
 from rlsd_megatron.trainer.rollouts import Rollouts, generate_and_score, response_tensors
-from rlsd_megatron.trainer.state import load_training_state, prune_checkpoints, resolve_resume, save_training_state
+from rlsd_megatron.trainer.state import (
+    load_training_state,
+    prune_checkpoints,
+    resolve_resume,
+    rng_state,
+    save_training_state,
+    set_rng_state,
+)
+from rlsd_megatron.trainer.stopping import StopController, report_stop
 from rlsd_megatron.trainer.update import update_policy
 
 
-@contextlib.contextmanager
-def stop_on_signals(trainer: "Trainer"):
-    """SIGTERM, SIGUSR1 and SIGUSR2 (slurm/common.sh: warnings, graceful stops) ask the loop to
-    checkpoint and stop after the current step, instead of killing it mid-step."""
-    def request_stop(signum, frame):
-        trainer.stop_requested = True
+class StepAbandoned(Exception):
+    """A stop was agreed after the step's generation: the step was rewound to its start (data
+    position, sampling-seed count, RNG states) and not trained, so the checkpoint of the previous
+    step resumes it exactly."""
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _every(step: int, interval: int) -> bool:
@@ -106,7 +108,7 @@ class PhaseTimer:
 class Trainer:
     """Owns the learner, the engine, data, rewards, the teacher policy and logging of one run."""
 
-    def __init__(self, cfg: Config, *, impl: str = "local"):
+    def __init__(self, cfg: Config, *, impl: str = "local", stop: StopController | None = None):
         from megatron.core import parallel_state
 
         from rlsd_megatron.data.build import build_run_datasets
@@ -119,6 +121,9 @@ class Trainer:
         from rlsd_megatron.rollout.provider import create_engine
 
         self.cfg = cfg
+        # The launcher installs it before building the trainer, so that a stop signal during
+        # start-up (minutes at 70B) is kept, not fatal; `run()` installs it otherwise.
+        self.stop = stop if stop is not None else StopController.from_environment()
         self.replica_group = replica_group()
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_rank, self.dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
@@ -148,13 +153,15 @@ class Trainer:
             self.logger.write_config(config_to_dict(cfg))
             self.step = 0
             self._draws = 0  # prompt batches drawn (numbers the sampling seeds)
-            self.stop_requested = False
+            self._saved_step: int | None = None  # the step of the last checkpoint (saved or resumed)
+            self._last_save_seconds: float | None = None
             if resume is None and self.logger.earlier_event_files:
                 self.logger.message(f"warning: {cfg.logging.dir} already holds {len(self.logger.earlier_event_files)} "
                                     "event file(s) of an earlier run, which tensorboard will mix with this one's; "
                                     "give this run its own logging.dir")
             if resume is not None:
                 load_training_state(self, resume)
+                self._saved_step = self.step
                 self.logger.message(f"resumed from {resume} at step {self.step}")
             elif cfg.checkpoint.init_from:
                 from rlsd_megatron.checkpoint import load_checkpoint
@@ -168,48 +175,95 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> None:
+        installed_here = not self.stop.installed
+        if installed_here:
+            self.stop.install()
+        try:
+            self._run_steps()
+        finally:
+            if installed_here:
+                self.stop.restore()
+        self.close()
+
+    def _run_steps(self) -> None:
+        """Warm start, then RL steps until the last or an agreed stop (a stop signal, or too little
+        time left in the job for one more step and its save: `trainer/stopping.py`)."""
         if self.step == 0 and self.cfg.warm_start.max_steps > 0:
             self.warm_start()
         self.sync_weights()
-        saved = False
-        with stop_on_signals(self):
-            while self.step < self.cfg.train.steps and not self._agreed_stop():
-                self.step += 1
+        reason = None
+        while self.step < self.cfg.train.steps:
+            reason = self._agreed_stop_reason(include_time=True)
+            if reason is not None:
+                break
+            started = time.perf_counter()
+            self.step += 1
+            try:
                 metrics = self.train_step()
-                last = self.step == self.cfg.train.steps
-                if last or _every(self.step, self.cfg.train.eval_interval):
-                    metrics.update(self.validate())
-                self.logger.log(self.step, metrics)
-                _fault_injection_point(self.step)
-                saved = last or _every(self.step, self.cfg.checkpoint.save_interval)
-                if saved:
-                    self.save()
-            if self.stop_requested:
-                if not saved:
-                    self.save()
-                self.logger.message(f"stopped by a signal after step {self.step}; checkpoint saved")
-            else:
-                where = f"; checkpoints in {self.cfg.checkpoint.dir}" if self.cfg.checkpoint.dir else ""
-                self.logger.message(f"done: {self.step} steps; logs in {self.cfg.logging.dir} (tensorboard --logdir "
-                                    f"{self.cfg.logging.dir}){where}")
-        self.close()
+            except StepAbandoned as abandoned:
+                reason = abandoned.reason
+                break
+            last = self.step == self.cfg.train.steps
+            if last or _every(self.step, self.cfg.train.eval_interval):
+                metrics.update(self.validate())
+            self.stop.record_step(time.perf_counter() - started)
+            metrics["perf/step_seconds"] = time.perf_counter() - started
+            if self._last_save_seconds is not None:
+                metrics["perf/save_seconds"] = self._last_save_seconds
+            self.logger.log(self.step, metrics)
+            _fault_injection_point(self.step)
+            if last or _every(self.step, self.cfg.checkpoint.save_interval):
+                self.save()
+        if reason is None:
+            where = f"; checkpoints in {self.cfg.checkpoint.dir}" if self.cfg.checkpoint.dir else ""
+            self.logger.message(f"done: {self.step} steps; logs in {self.cfg.logging.dir} (tensorboard --logdir "
+                                f"{self.cfg.logging.dir}){where}")
+            return
+        if self._saved_step != self.step:
+            self.save()
+        if dist.get_rank() == 0:
+            report_stop(reason)
+        saved = "checkpoint saved" if self.cfg.checkpoint.dir else "no checkpoint.dir, nothing saved"
+        why = "too little time left in the job for another step" if reason == "time" else f"stopped by {reason}"
+        self.logger.message(f"{why} after step {self.step}; {saved}")
 
     def save(self) -> None:
         """A training-state checkpoint of this step under `checkpoint.dir` (if set)."""
         ckpt = self.cfg.checkpoint
         if ckpt.dir is None:
             return
+        started = time.perf_counter()
         path = save_training_state(self, ckpt.dir)
         if dist.get_rank() == 0:
             prune_checkpoints(ckpt.dir, keep_last=ckpt.keep_last)
-        self.logger.message(f"saved {path}")
+        self._last_save_seconds = time.perf_counter() - started
+        self.stop.record_save(self._last_save_seconds)
+        self._saved_step = self.step
+        self.logger.message(f"saved {path} ({self._last_save_seconds:.1f} s)")
 
-    def _agreed_stop(self) -> bool:
-        """Every rank stops together when any rank got SIGTERM / SIGUSR1."""
-        flag = torch.tensor([float(self.stop_requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.stop_requested = bool(flag.item())
-        return self.stop_requested
+    def _agreed_stop_reason(self, *, include_time: bool) -> str | None:
+        """Why every rank stops now, or None (collective): a stop signal any rank received, or
+        (`include_time`) too little time left on any rank's clock."""
+        mine = self.stop.reason()
+        if mine == "time" and not include_time:
+            mine = None
+        code = torch.tensor([0.0 if mine is None else 1.0 if mine == "time" else 2.0])
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        if code.item() == 0:
+            return None
+        if code.item() == 1:
+            return "time"
+        return mine if mine not in (None, "time") else "a stop signal on another rank"
+
+    def _step_start(self) -> dict:
+        """What generation changes before anything is trained: enough to rewind the step."""
+        return {"loader": self.loader.state_dict(), "draws": self._draws, "rng": rng_state()}
+
+    def _rewind(self, start: dict) -> None:
+        self.loader.load_state_dict(start["loader"])
+        self._draws = start["draws"]
+        set_rng_state(start["rng"])
+        self.step -= 1
 
     def warm_start(self) -> None:
         """Supervised warm start (`warm_start` config), then RL starts from its weights."""
@@ -230,9 +284,16 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg, timer = self.cfg, PhaseTimer()
         with timer("generate"):
+            start = self._step_start()
             rollouts = self.collect_rollouts()
             if self.engine is not None:  # colocated: the learner's phases need the engine's GPU memory
                 self.engine.sleep()
+        # A safe point: a stop signal that arrived during generation (the longest phase) is honoured
+        # now rather than after the update, by rewinding the step: its checkpoint is the previous one.
+        reason = self._agreed_stop_reason(include_time=False)
+        if reason is not None:
+            self._rewind(start)
+            raise StepAbandoned(reason)
         with timer("score"):
             sequences, masks = rollouts.sequences(), rollouts.response_mask()
             student = self.log_probs(sequences)

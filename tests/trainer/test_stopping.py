@@ -1,11 +1,15 @@
-"""StopController: stop signals and the job's time budget (hand-set clock and durations)."""
+"""Stopping early: StopController (stop signals, the job's time budget; hand-set clock and durations),
+and the trainer's stops on 2 gloo ranks (a signal during generation rewinds the step; no step starts
+without the time to finish it and save)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
 import pytest
+import torch
 
 from rlsd_megatron.trainer.stopping import StopController
 
@@ -67,3 +71,71 @@ def test_end_time_from_the_launcher(monkeypatch):
         StopController.from_environment()
     monkeypatch.delenv("RLSD_JOB_END_TIME")
     assert StopController.from_environment().job_end_time is None
+
+
+# -- the trainer's stops, in-process on 2 gloo ranks ------------------------------------------------
+
+def run_trainer(tmp: str, name: str, *, steps: int, resume: bool = False, signal_at_generation: int | None = None,
+                out_of_time_after: int | None = None) -> dict:
+    """One `Trainer.run()` of the tiny test config (tests/trainer/test_resume.py's) into
+    `tmp/name`; rank 0 signals itself (SIGUSR1) right after generating step `signal_at_generation`;
+    the clock runs past the job's end once step `out_of_time_after` is done."""
+    import torch.distributed as dist
+
+    from rlsd_megatron.config import load_config
+    from rlsd_megatron.parallel.state import model_parallel
+    from rlsd_megatron.trainer.trainer import Trainer
+    from tests.trainer.test_resume import TINY
+
+    overrides = [*TINY, f"train.steps={steps}", f"logging.dir={tmp}/logs/{name}", f"checkpoint.dir={tmp}/ckpt",
+                 "logging.progress_bar=false"] + (["checkpoint.resume=auto"] if resume else [])
+    cfg = load_config("examples/configs/cpu_demo.yaml", overrides)
+    os.environ["RLSD_STOP_FILE"] = f"{tmp}/stop-{name}-{dist.get_rank()}"
+    try:
+        with model_parallel(seed=cfg.train.seed):
+            trainer = Trainer(cfg, stop=StopController(
+                job_end_time=1000.0, margin_s=0.0,
+                clock=lambda: 2000.0 if out_of_time_after is not None and trainer.step >= out_of_time_after else 0.0))
+            collect = trainer.collect_rollouts
+
+            def collect_then_signal():
+                rollouts = collect()
+                if trainer.step == signal_at_generation and dist.get_rank() == 0:
+                    signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+                return rollouts
+
+            trainer.collect_rollouts = collect_then_signal
+            trainer.run()
+            final = {name: value.clone() for name, value in trainer.learner.full_state().items()}
+    finally:
+        del os.environ["RLSD_STOP_FILE"]
+    return {"step": trainer.step, "weights": final}
+
+
+def logged_losses(log_dir) -> dict[int, float]:
+    from tests.trainer.test_resume import scalars
+
+    return scalars(log_dir)["train/loss"]
+
+
+@pytest.mark.slow
+def test_a_stop_signal_during_generation_rewinds_the_step_and_resume_is_exact(dist_pool, tmp_path):
+    reference = dist_pool(2).run(run_trainer, str(tmp_path / "r"), "r", steps=4)
+    stopped = dist_pool(2).run(run_trainer, str(tmp_path), "s", steps=4, signal_at_generation=3)
+    assert [r["step"] for r in stopped] == [2, 2]  # step 3 was generated, then rewound: not trained
+    assert sorted(logged_losses(tmp_path / "logs" / "s")) == [1, 2]
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert (tmp_path / "stop-s-0").read_text() == "SIGUSR1\n" and not (tmp_path / "stop-s-1").exists()
+
+    resumed = dist_pool(2).run(run_trainer, str(tmp_path), "t", steps=4, resume=True)
+    want, got = logged_losses(tmp_path / "r" / "logs" / "r"), logged_losses(tmp_path / "logs" / "t")
+    assert sorted(got) == [3, 4] and all(got[step] == want[step] for step in (3, 4)), (got, want)
+    for name, value in reference[0]["weights"].items():
+        assert torch.equal(value, resumed[0]["weights"][name]), name
+
+
+def test_no_step_starts_without_the_time_to_finish_it_and_save(dist_pool, tmp_path):
+    stopped = dist_pool(2).run(run_trainer, str(tmp_path), "time", steps=4, out_of_time_after=1)
+    assert [r["step"] for r in stopped] == [1, 1]
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert (tmp_path / "stop-time-0").read_text() == "time\n"
