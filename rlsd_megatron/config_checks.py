@@ -119,6 +119,14 @@ def algorithm_problems(cfg: Config) -> list[str]:
         problems.append(f"algorithm.distill_topk={a.distill_topk} exceeds model.vocab_size={cfg.model.vocab_size}")
     if not 0.0 <= a.lam0 <= 1.0:
         problems.append(f"algorithm.lam0={a.lam0} must be in [0, 1]")
+    if a.teacher_model and a.method != "opd":
+        problems.append(f"algorithm.teacher_model={a.teacher_model!r} is OPD's separate teacher and method "
+                        f"{a.method} does not read it; unset it or use method opd")
+    if a.kl_coef < 0:
+        problems.append(f"algorithm.kl_coef={a.kl_coef} must be >= 0 (0: no KL term; textbook GRPO uses 0.04)")
+    if a.kl_reference and not a.kl_coef:
+        problems.append(f"algorithm.kl_reference={a.kl_reference!r} is the KL term's reference, but "
+                        "algorithm.kl_coef=0 turns the term off; set kl_coef > 0 (e.g. 0.04) or unset kl_reference")
     return problems
 
 
