@@ -199,8 +199,16 @@ class AlgorithmConfig:
     dual_clip: float | None = 3.0
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     loss_norm_constant: int | None = None  # Dr. GRPO's constant normaliser; None: rollout.max_new_tokens
-    kl_coef: float = 0.0  # KL to a reference model (textbook GRPO); 0: none, as in the recipe
+    # KL to a reference policy (textbook GRPO: 0.04); 0: none, as in the recipe. The estimator of
+    # KL(π_θ‖π_ref) per sampled token: k1 = log π_θ − log π_ref, k2 = ½(k1)², k3 = exp(−k1) + k1 − 1,
+    # low_var_kl = k3 clamped (veRL).
+    kl_coef: float = 0.0
     kl_kind: Literal["k1", "k2", "k3", "low_var_kl"] = "k3"
+    # The reference: None = the policy RL starts from (after the warm start / checkpoint.init_from),
+    # a frozen copy of its weights, saved in training-state checkpoints; or a Megatron checkpoint path
+    # (same vocabulary, any architecture; loaded frozen under the policy's TP/PP layout, like
+    # teacher_model).
+    kl_reference: str | None = None
     entropy_coef: float = 0.0
     # Which weights score the teacher (spec §2). Library default live; the RLSD recipe uses
     # frozen_sync every 20 steps; OPSD a frozen initial model; SDPO an EMA (rate 0.05);
@@ -208,6 +216,10 @@ class AlgorithmConfig:
     teacher_weights: Literal["live", "frozen", "frozen_sync", "ema", "separate"] = "live"
     teacher_sync_interval: int = 20
     teacher_ema_rate: float = 0.05
+    # OPD's teacher (teacher_weights=separate): a Megatron checkpoint (tools/convert_hf_to_megatron.py,
+    # warm_start.output, a checkpoint.dir) of a model with the policy's vocabulary, any size and shape
+    # (read from its rlsd_checkpoint.json). Loaded once, frozen, under the policy's TP/PP layout; it
+    # scores the student's rollouts in the student's own prompt (no hint). Re-loaded on resume.
     teacher_model: str | None = None
     # The hinted teacher's user turn (rlsd, opsd, grpo_opsd), with {question} and {answer} (the hint:
     # the row's data.solution_key text, else its answer). None: the spec's §2 wording (a built-in

@@ -128,6 +128,14 @@ def algorithm_problems(cfg: Config) -> list[str]:
         problems.append(f"algorithm.lam_warmup_steps={a.lam_warmup_steps} must be >= 0 (0: no warm-up)")
     if a.teacher_template is not None:
         problems += _teacher_template_problems(a)
+    if a.teacher_model and a.method != "opd":
+        problems.append(f"algorithm.teacher_model={a.teacher_model!r} is OPD's separate teacher and method "
+                        f"{a.method} does not read it; unset it or use method opd")
+    if a.kl_coef < 0:
+        problems.append(f"algorithm.kl_coef={a.kl_coef} must be >= 0 (0: no KL term; textbook GRPO uses 0.04)")
+    if a.kl_reference and not a.kl_coef:
+        problems.append(f"algorithm.kl_reference={a.kl_reference!r} is the KL term's reference, but "
+                        "algorithm.kl_coef=0 turns the term off; set kl_coef > 0 (e.g. 0.04) or unset kl_reference")
     return problems
 
 

@@ -21,6 +21,10 @@ last: output layer + logits):
   micro-batches; trainer/distillation.py), the divergence's gradient for the student's logits and
   its five fp32 chunk buffers, and for a live teacher with several optimizer steps per batch the
   snapshot of the weights it scores with. Nothing on the host: the logits stay on the GPU.
+- OPD's teacher model and the KL reference: frozen models held in the policy's dtype under the
+  policy's TP/PP layout, their architecture read from their checkpoints' rlsd_checkpoint.json;
+  the default KL reference (the initial policy) is a copy of the policy's weights. Resident in
+  both phases.
 - the colocated rollout engine while it is awake: `mem_fraction_static` of the GPU (SGLang's
   weights + KV-cache pool). The engine sleeps (memory released) while the learner trains, so the
   two phases peak separately: rollout = learner state + teacher copy + engine; training = learner
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -65,6 +70,8 @@ class MemoryPlan:
     logits: int
     teacher_copy: int
     distillation: int
+    teacher_model: int  # OPD's separate teacher
+    kl_reference: int
     engine: int
     layout: str
     hardware: Hardware
@@ -74,12 +81,18 @@ class MemoryPlan:
         return self.params + self.grads + self.optimizer
 
     @property
+    def frozen_models(self) -> int:
+        """OPD's teacher model and the KL reference: resident in both phases."""
+        return self.teacher_model + self.kl_reference
+
+    @property
     def training_peak(self) -> int:
-        return self.learner_state + self.activations + self.logits + self.teacher_copy + self.distillation
+        return (self.learner_state + self.activations + self.logits + self.teacher_copy + self.distillation
+                + self.frozen_models)
 
     @property
     def rollout_peak(self) -> int:
-        return self.learner_state + self.teacher_copy + self.engine
+        return self.learner_state + self.teacher_copy + self.frozen_models + self.engine
 
     @property
     def budget(self) -> int:
@@ -94,6 +107,7 @@ class MemoryPlan:
             ("weights", self.params), ("gradients (fp32)", self.grads), ("optimizer (fp32 main + Adam)", self.optimizer),
             ("activations (in flight)", self.activations), ("logits + ops workspace", self.logits),
             ("teacher copy", self.teacher_copy), ("distillation (one chunk)", self.distillation),
+            ("teacher model (OPD)", self.teacher_model), ("KL reference", self.kl_reference),
             ("rollout engine (awake)", self.engine),
             ("training phase peak", self.training_peak), ("rollout phase peak", self.rollout_peak),
             ("budget", self.budget),
@@ -132,6 +146,31 @@ def stage_params(cfg: Config, *, first: bool, last: bool) -> int:
     return count
 
 
+def gpu_params(cfg: Config) -> int:
+    """Parameters on one GPU of the most loaded pipeline stage (the first or the last)."""
+    pp = cfg.parallel.pp
+    return max(stage_params(cfg, first=True, last=pp == 1), stage_params(cfg, first=pp == 1, last=True))
+
+
+def frozen_model_bytes(cfg: Config) -> dict[str, int]:
+    """Bytes per GPU of each frozen model the run loads from a checkpoint (`algorithm.teacher_model`,
+    `algorithm.kl_reference`), by setting: its own architecture (from the checkpoint's metadata)
+    under the policy's layout, in the policy's dtype. Its most loaded stage may not be the
+    policy's: adding the two maxima is an upper bound. Raises ConfigError when a checkpoint's
+    metadata cannot be read."""
+    from rlsd_megatron.checkpoint.directory import CheckpointError
+    from rlsd_megatron.learner.frozen_model import frozen_model_config, frozen_model_inputs
+
+    sizes = {}
+    for setting, path in frozen_model_inputs(cfg):
+        try:
+            model = frozen_model_config(path, cfg.model, setting)
+        except CheckpointError as exc:
+            raise ConfigError(f"the memory plan needs the architecture of {setting}: {exc}") from None
+        sizes[setting] = gpu_params(dataclasses.replace(cfg, model=model)) * _DTYPE_BYTES[cfg.precision.params_dtype]
+    return sizes
+
+
 def activation_bytes_per_token_layer(cfg: Config) -> float:
     """bf16 activations one decoder layer keeps for backward, per token, on one GPU."""
     m, p = cfg.model, cfg.parallel
@@ -155,9 +194,7 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
     """Per-GPU memory of `cfg` on `hardware` (see the module docstring for what is counted)."""
     p, prec = cfg.parallel, cfg.precision
     dtype_bytes = _DTYPE_BYTES[prec.params_dtype]
-    first = stage_params(cfg, first=True, last=p.pp == 1)
-    last = stage_params(cfg, first=p.pp == 1, last=True)
-    params = max(first, last)
+    params = gpu_params(cfg)
     dp_cp = (p.dp or 1) * p.cp
     optimizer_shards = dp_cp if p.use_distributed_optimizer else 1
     tokens = math.ceil(micro_batch_tokens(cfg) / p.cp)
@@ -173,6 +210,9 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
     vocab_local = padded_vocab_size(cfg.model, p.tp) // p.tp
     logits = tokens * vocab_local * 4 + min(tokens, 4096) * vocab_local * 4
     holds_copy = cfg.algorithm.teacher_weights in ("frozen", "frozen_sync", "ema")
+    frozen = frozen_model_bytes(cfg)
+    # Without a kl_reference checkpoint the reference is a copy of the initial policy's weights.
+    reference_copy = params * dtype_bytes if cfg.algorithm.kl_coef and not cfg.algorithm.kl_reference else 0
     teacher_bytes = 4 if cfg.algorithm.teacher_weights == "ema" else dtype_bytes
     # An upper bound: sglang 0.5.23 sizes the engine (weights + KV) as mem_fraction_static x the memory free
     # when it starts, after the learner's weights (`pre_model_load_memory`), not x the whole GPU.
@@ -185,6 +225,8 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
         logits=int(logits),
         teacher_copy=params * teacher_bytes if holds_copy else 0,
         distillation=distillation_bytes(cfg, vocab_local, weights=params * dtype_bytes),
+        teacher_model=frozen.get("algorithm.teacher_model", 0),
+        kl_reference=frozen.get("algorithm.kl_reference", reference_copy),
         engine=engine,
         layout=f"tp={p.tp} pp={p.pp}{f' vpp={p.vpp}' if p.vpp else ''} cp={p.cp} dp={p.dp or 1}"
                f"{' sp' if p.sequence_parallel else ''}{' distopt' if p.use_distributed_optimizer else ''}"
@@ -286,12 +328,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--gpu-memory-gb={args.gpu_memory_gb:g} leaves nothing after the {Hardware.reserve_gb:g} GB reserve "
                      "for the CUDA context and NCCL; give the GPU's memory, e.g. 80 for an H100")
     from rlsd_megatron.config_checks import validate_config
+    from rlsd_megatron.learner.frozen_model import frozen_model_inputs, frozen_model_problems
 
     try:
         cfg = load_config(args.config, args.overrides)
         # rlsd-train's own checks for this world size, on the GPU cluster the plan is for (CUDA and
         # Transformer Engine present), not on the machine that runs the planner.
         validate_config(cfg, args.world_size, cuda_available=True, te_available=True)
+        frozen_problems = [problem for setting, path in frozen_model_inputs(cfg)
+                           for problem in frozen_model_problems(cfg, path, setting)]
+        if frozen_problems:
+            raise ConfigError("; ".join(frozen_problems))
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -5,10 +5,11 @@
         model.hf_config=/ckpt/Qwen3-8B data.train_files=[train.parquet] data.tokenizer_dir=/ckpt/Qwen3-8B
 
 Before any model is built, every rank loads the config and checks it (layout, algorithm,
-hardware, on GPUs the memory plan) and the inputs it names (data files, tokenizer directory,
-the checkpoint to resume or start from, a custom reward function); the ranks then agree, and a
-problem on any of them stops all of them. Every rank then runs the same `Trainer`, which
-reads and checks every data row before it builds the model.
+hardware) and the inputs it names (data files, tokenizer directory, the checkpoint to resume or
+start from, OPD's teacher model and a KL reference checkpoint, a custom reward function), then on
+GPUs the memory plan; the ranks then agree, and a problem on any of them stops all of them.
+Every rank then runs the same `Trainer`, which reads and checks every data row before it builds
+the model.
 
 Bad input (the error classes of `user_error_types`) is reported once, by global rank 0, as
 `rlsd-train: error: ...` lines on stderr, and every rank exits with status 2; any other
@@ -91,8 +92,9 @@ def checkpoint_problems(cfg) -> list[str]:
 def input_problems(cfg) -> list[str]:
     """Bad inputs that are cheap to see before the model is built: no model named for a prompt
     dataset, data files and tokenizer directory, the checkpoint to resume or start from, the
-    custom reward function."""
+    frozen models to load (OPD's teacher, a KL reference), the custom reward function."""
     from rlsd_megatron.data.build import data_input_problems
+    from rlsd_megatron.learner.frozen_model import frozen_model_inputs, frozen_model_problems
     from rlsd_megatron.plan import names_no_model
     from rlsd_megatron.rewards.custom import RewardFunctionError, load_reward_fn
 
@@ -102,6 +104,8 @@ def input_problems(cfg) -> list[str]:
                         "train the built-in placeholder on your prompts; set model.hf_config=/path/to/hf_model_dir "
                         "(and checkpoint.init_from=… for its weights)")
     problems += data_input_problems(cfg.data) + checkpoint_problems(cfg)
+    for setting, path in frozen_model_inputs(cfg):
+        problems += frozen_model_problems(cfg, path, setting)
     if cfg.reward.custom_fn:
         try:
             load_reward_fn(cfg.reward.custom_fn)
@@ -218,13 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is not None:
         try:
             validate_config(cfg, world)
-            if cuda:
-                from rlsd_megatron.plan import check_fits
-
-                check_fits(cfg, world)
         except ConfigError as error:
             problems.append(str(error))
         problems += input_problems(cfg)
+        if cuda and not problems:  # the plan reads the frozen models' checkpoints and needs a valid layout
+            from rlsd_megatron.plan import check_fits
+
+            try:
+                check_fits(cfg, world)
+            except ConfigError as error:
+                problems.append(str(error))
     if report_problems(problems):
         return finish(USER_ERROR_STATUS)
 

@@ -1,12 +1,12 @@
 """The learner: megatron-core GPT chunks under DDP with Megatron's optimizer and schedules.
 
-`Learner.forward(micro_batches, per_token_fn)` runs a forward-only pass and returns what
-`per_token_fn(logits, micro_batch)` computed on the last pipeline stage; `Learner.train_step
-(micro_batches, loss_fn)` runs forward/backward through `get_forward_backward_func` (any PP /
-VPP schedule), reduces gradients over data (and context) parallel ranks with Megatron's
-`DistributedDataParallel`, clips, steps the optimizer and the LR schedule;
-`Learner.train_step_in_chunks` does the same over micro-batches built chunk by chunk (a teacher's
-forward between them), reducing once.
+`Learner.train_step(micro_batches, loss_fn)` runs forward/backward through
+`get_forward_backward_func` (any PP / VPP schedule), reduces gradients over data (and context)
+parallel ranks with Megatron's `DistributedDataParallel`, clips, steps the optimizer and the LR
+schedule; `Learner.train_step_in_chunks` does the same over micro-batches built chunk by chunk
+(a teacher's forward between them), reducing once. Forward-only passes (`forward`,
+`forward_sequences`) and micro-batching come from `ModelRunner` (learner/runner.py), which frozen
+scoring models share.
 
 Logits handed to the callbacks are vocabulary-parallel ([B, S, V/TP] on each TP rank) and
 never gathered. Loss normalisation belongs to the caller: gradients are *summed* over
@@ -18,28 +18,18 @@ exactly the full-batch token-mean gradient however the batch is split.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
 from typing import Callable, Sequence
 
 import torch
 
 from rlsd_megatron.config import Config
-from rlsd_megatron.learner.batch import (
-    MicroBatch,
-    cp_merge,
-    cp_split,
-    packed_micro_batch,
-    padded_micro_batch,
-    plan_micro_batches,
-)
+from rlsd_megatron.learner.batch import MicroBatch
+from rlsd_megatron.learner.runner import DTYPES, ModelRunner, PerTokenFn, place_model_chunks
 from rlsd_megatron.models.provider import build_model_chunks
-from rlsd_megatron.models.sharding import gather_full_state, load_full_state
 
-PerTokenFn = Callable[[torch.Tensor, MicroBatch], dict[str, torch.Tensor]]
+__all__ = ["LossFn", "Learner", "PerTokenFn"]
+
 LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _finalize_grads_without_token_scaling(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
@@ -50,7 +40,7 @@ def _finalize_grads_without_token_scaling(model, num_tokens=None, pg_collection=
     finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
 
 
-class Learner:
+class Learner(ModelRunner):
     """A trainable policy model on this rank, with its optimizer and LR schedule."""
 
     def __init__(self, cfg: Config, *, impl: str = "local"):
@@ -59,30 +49,9 @@ class Learner:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        self.cfg = cfg
-        self.impl = impl
-        self.cp_size = parallel_state.get_context_parallel_world_size()
-        self.cp_rank = parallel_state.get_context_parallel_rank()
-        chunks = build_model_chunks(cfg, impl=impl)
-        if torch.cuda.is_available():
-            # megatron-core builds the model on the CPU (use_cpu_initialization) and leaves the
-            # move to the caller, as Megatron-LM's get_model does before DDP: DDP's buffers live on
-            # torch.cuda.current_device(), TE kernels need CUDA weights, and the mixed-precision
-            # optimizer rejects parameters whose type() is not torch.cuda.*.
-            for chunk in chunks:
-                chunk.cuda(torch.cuda.current_device())
-        dtype = _DTYPES[cfg.precision.params_dtype]
-        if dtype is not torch.float32:
-            # Every parameter in the model dtype, as Megatron-LM's get_model does by wrapping
-            # the chunks in Float16Module (`module.bfloat16()`). Layers that do not take
-            # `params_dtype` (the local spec's torch RMSNorm) would otherwise keep fp32
-            # weights, which Float16OptimizerWithFloat16Params (non-distributed optimizer)
-            # puts in `fp32_from_fp32_groups`; its `sharded_state_dict` maps only the float16
-            # groups to model tensors and fails on them ("Param id N does not match any model
-            # sharded param"), so no checkpoint with optimizer state could be saved.
-            for chunk in chunks:
-                chunk.to(dtype=dtype)
-        self.config = chunks[0].config
+        chunks = place_model_chunks(build_model_chunks(cfg, impl=impl), cfg)
+        dtype = DTYPES[cfg.precision.params_dtype]
+        config = chunks[0].config
         distributed = cfg.parallel.use_distributed_optimizer and parallel_state.get_data_parallel_world_size(
             with_context_parallel=True
         ) > 1
@@ -92,9 +61,9 @@ class Learner:
             overlap_param_gather=cfg.parallel.overlap_param_gather,
             use_distributed_optimizer=distributed,
         )
-        self.model = [
+        model = [
             DistributedDataParallel(
-                config=self.config,
+                config=config,
                 ddp_config=ddp_config,
                 module=chunk,
                 # Bucket 0 of the first chunk: Megatron's convention for overlapping param gather.
@@ -102,6 +71,7 @@ class Learner:
             )
             for index, chunk in enumerate(chunks)
         ]
+        super().__init__(cfg, model, impl=impl)
         self.config.no_sync_func = [m.no_sync for m in self.model]
         if len(self.model) == 1:
             self.config.no_sync_func = self.config.no_sync_func[0]
@@ -139,132 +109,6 @@ class Learner:
             wd_incr_steps=max(decay_steps, 1),
             wd_incr_style="constant",
         )
-
-    def micro_batch(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]] | None = None) -> MicroBatch:
-        """A micro-batch in the layout this learner's layers want: packed THD for Transformer
-        Engine (no compute on padding), right-padded [B, S] for the local layers. Each sequence
-        is padded to a multiple of 2·CP (context-parallel chunks) and the tokens so that every
-        rank's share splits evenly: over TP under sequence parallelism (megatron scatters the
-        tokens), and under FP8 into a multiple of 16 rows per rank (32 for MXFP8), which TE's
-        FP8 GEMMs require."""
-        cp = self.cp_size
-        sp = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
-        chunks = 2 * cp if cp > 1 else 1
-        rows = sp  # tokens of this rank's CP share must be a multiple of this
-        if self.cfg.precision.fp8 != "none":
-            rows *= 32 if self.cfg.precision.fp8_recipe == "mxfp8" else 16
-        if self.impl == "transformer_engine":
-            return packed_micro_batch(sequences, fields, pad_to_multiple=chunks,
-                                      pad_total_to_multiple=math.lcm(chunks, cp * rows))
-        return padded_micro_batch(sequences, fields, pad_to_multiple=math.lcm(chunks, rows))
-
-    def micro_batches(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]] | None = None
-                      ) -> tuple[list[MicroBatch], list[list[int]]]:
-        """Split sequences into micro-batches per `train.micro_batch_size` or, when set,
-        `train.max_tokens_per_micro_batch`; returns them and the sequence indices of each."""
-        train = self.cfg.train
-        plan = plan_micro_batches(
-            [len(s) for s in sequences],
-            micro_batch_size=None if train.max_tokens_per_micro_batch else train.micro_batch_size,
-            max_tokens=train.max_tokens_per_micro_batch,
-        )
-        fields = fields or {}
-        batches = [
-            self.micro_batch([sequences[i] for i in idx], {k: [v[i] for i in idx] for k, v in fields.items()})
-            for idx in plan
-        ]
-        return batches, plan
-
-    def forward_sequences(self, sequences: list[torch.Tensor], per_token_fn: PerTokenFn) -> dict[str, list[torch.Tensor]]:
-        """Forward-only over whole sequences: for each output of `per_token_fn` ([B, S, ...] per
-        micro-batch), one tensor per sequence aligned with its tokens along dim 0
-        (`MicroBatch.to_sequences`), in the input order, on every rank (broadcast from the last
-        pipeline stage; TP ranks keep their own vocabulary shards of vocab-sized outputs)."""
-        from megatron.core import parallel_state
-
-        batches, plan = self.micro_batches(sequences)
-        outputs = self.forward(batches, per_token_fn)
-        lengths = [len(s) for s in sequences]
-        concatenated: dict[str, torch.Tensor] = {}
-        if outputs is not None:
-            for name in outputs[0]:
-                per_sequence: list[torch.Tensor] = [None] * len(sequences)  # type: ignore[list-item]
-                for out, mb, idx in zip(outputs, batches, plan):
-                    for i, values in zip(idx, mb.to_sequences(out[name])):
-                        per_sequence[i] = values
-                concatenated[name] = torch.cat(per_sequence)
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            concatenated = _broadcast_from_last_stage(concatenated, self.device)
-        return {name: list(torch.split(values.cpu(), lengths)) for name, values in concatenated.items()}
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model[0].parameters()).device
-
-    @property
-    def is_last_stage(self) -> bool:
-        from megatron.core import parallel_state
-
-        return parallel_state.is_pipeline_last_stage()
-
-    # ------------------------------------------------------------------------------------------
-    def _run(self, micro_batches: list[MicroBatch], fn, *, forward_only: bool) -> list[dict]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        local = [cp_split(mb, self.cp_size, self.cp_rank) for mb in micro_batches]
-        device = self.device
-
-        def forward_step(data_iterator, model):
-            mb = next(data_iterator)
-            output = model(
-                mb.tokens.to(device),
-                mb.position_ids.to(device),
-                attention_mask=None,
-                packed_seq_params=_packed_params_on(mb.packed_seq_params, device),
-            )
-            # Called on the last stage only: targets and mask next to the logits there.
-            return output, lambda logits: fn(_targets_on(mb, device), logits)
-
-        iterators = [iter(local) for _ in self.model] if len(self.model) > 1 else iter(local)
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators,
-            model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=len(local),
-            seq_length=max(mb.tokens.shape[1] for mb in local),
-            micro_batch_size=max(mb.tokens.shape[0] for mb in local),
-            forward_only=forward_only,
-        )
-
-    def forward(self, micro_batches: list[MicroBatch], per_token_fn: PerTokenFn) -> list[dict] | None:
-        """Forward-only pass; per micro-batch, the dict `per_token_fn(logits, mb)` returned
-        (with CP shards merged back to full length), on the last PP stage; None elsewhere."""
-        def collect(mb: MicroBatch, logits: torch.Tensor):
-            values = per_token_fn(logits, mb)
-            return logits.new_zeros(()), torch.zeros((), dtype=torch.int), {k: v.detach() for k, v in values.items()}
-
-        for m in self.model:
-            m.eval()
-        with torch.no_grad():
-            outputs = self._run(micro_batches, collect, forward_only=True)
-        if not self.is_last_stage:
-            return None
-        return [self._merge_cp(out, mb) for out, mb in zip(outputs, micro_batches)]
-
-    def _merge_cp(self, values: dict[str, torch.Tensor], mb: MicroBatch) -> dict[str, torch.Tensor]:
-        if self.cp_size == 1:
-            return values
-        import torch.distributed as dist
-        from megatron.core import parallel_state
-
-        group = parallel_state.get_context_parallel_group()
-        merged = {}
-        for name, local in values.items():
-            shards = [torch.empty_like(local) for _ in range(self.cp_size)]
-            dist.all_gather(shards, local.contiguous(), group=group)
-            indices = [cp_split(mb, self.cp_size, r).cp_index for r in range(self.cp_size)]
-            merged[name] = cp_merge(shards, indices, mb.tokens.shape[1])
-        return merged
 
     def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step over `micro_batches`; returns grad norm, lr, and, on the last
@@ -329,13 +173,10 @@ class Learner:
             config.no_sync_func, config.finalize_model_grads_func = saved
 
     def load_full_state(self, full_state: dict[str, torch.Tensor]) -> None:
-        """Load canonical (TP=1, PP=1, unpadded) Megatron tensors into this rank's shards."""
-        load_full_state(self.model, full_state)
+        """Load canonical (TP=1, PP=1, unpadded) Megatron tensors into this rank's shards; the
+        optimizer's fp32 main weights follow."""
+        super().load_full_state(full_state)
         self.optimizer.reload_model_params()
-
-    def full_state(self, *, grads: bool = False) -> dict[str, torch.Tensor]:
-        """Canonical full tensors (or gradients) on every rank; for tests and small models."""
-        return gather_full_state(self.model, self.cfg.model.vocab_size, grads=grads)
 
     def init_optimizer_state(self, step: int | None = None) -> None:
         """Give every parameter of a torch-Adam optimizer its state (zero moments, step 0),
@@ -358,78 +199,3 @@ class Learner:
                     state.setdefault("exp_avg_sq", torch.zeros_like(param))
                     if step is not None or "step" not in state:
                         state["step"] = torch.tensor(float(step or 0), dtype=torch.float32)
-
-    def local_weights(self) -> dict[str, torch.Tensor]:
-        """This rank's parameter shards by local name (live views, detached)."""
-        return {name: param.detach() for name, param in self.named_parameters()}
-
-    @contextlib.contextmanager
-    def use_weights(self, weights: dict[str, torch.Tensor]):
-        """Run the model with other weights of the same layout (a frozen or EMA teacher copy)
-        for forward-only passes, without copying: parameters point at `weights` inside the
-        block and back at their own storage after it."""
-        params = dict(self.named_parameters())
-        if set(weights) != set(params):
-            raise ValueError(f"weights do not match the model: missing {sorted(set(params) - set(weights))[:3]}, "
-                             f"unexpected {sorted(set(weights) - set(params))[:3]}")
-        own = {name: param.data for name, param in params.items()}
-        try:
-            for name, param in params.items():
-                replacement = weights[name]
-                if replacement.shape != param.shape:
-                    raise ValueError(f"{name}: shape {tuple(replacement.shape)} != {tuple(param.shape)}")
-                param.data = replacement.to(device=param.device, dtype=param.dtype)
-            yield
-        finally:
-            for name, param in params.items():
-                param.data = own[name]
-
-    def named_parameters(self):
-        """(name, parameter) of this rank's unwrapped model chunks; names as in GPTModel,
-        prefixed with the chunk index when there are several virtual stages."""
-        for index, chunk in enumerate(self.model):
-            prefix = f"chunk{index}." if len(self.model) > 1 else ""
-            for name, param in chunk.module.named_parameters():
-                yield prefix + name, param
-
-
-def _packed_params_on(params, device: torch.device):
-    """`PackedSeqParams` with its cu_seqlens on `device` (TE's attention and fused RoPE read them
-    there); a tensor shared by two fields stays shared (TE tells from `cu_seqlens_q_padded is
-    cu_seqlens_q` that there is no padding between sequences)."""
-    if params is None:
-        return None
-    moved: dict[int, torch.Tensor] = {}
-    changes = {}
-    for name in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
-        tensor = getattr(params, name)
-        if isinstance(tensor, torch.Tensor) and tensor.device != device:
-            if id(tensor) not in moved:
-                moved[id(tensor)] = tensor.to(device)
-            changes[name] = moved[id(tensor)]
-    return dataclasses.replace(params, **changes) if changes else params
-
-
-def _targets_on(mb: MicroBatch, device: torch.device) -> MicroBatch:
-    """`mb` with its targets and target mask on `device` (`fields` stay where the caller put
-    them: they can be large, and loss functions move what they use)."""
-    if mb.targets.device == device:
-        return mb
-    return dataclasses.replace(mb, targets=mb.targets.to(device), target_mask=mb.target_mask.to(device))
-
-
-def _broadcast_from_last_stage(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The last pipeline stage's named tensors on every stage of its pipeline group (shapes and
-    dtypes first, then the data; NCCL needs device tensors)."""
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_pipeline_model_parallel_group()
-    src = parallel_state.get_pipeline_model_parallel_last_rank()
-    meta = [{name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}]
-    torch.distributed.broadcast_object_list(meta, src=src, group=group)
-    out = {}
-    for name, (shape, dtype) in sorted(meta[0].items()):
-        buffer = tensors[name].to(device) if name in tensors else torch.empty(shape, dtype=dtype, device=device)
-        torch.distributed.broadcast(buffer, src=src, group=group)
-        out[name] = buffer
-    return out

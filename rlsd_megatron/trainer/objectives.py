@@ -69,6 +69,8 @@ def token_advantages(cfg: AlgorithmConfig, step: int, seq_adv: torch.Tensor, mas
     elif cfg.method == "opd":
         values = alg.opd_token_advantages(teacher_logp, student_logp, mask, seq_adv=seq_adv,
                                           reward_weight=cfg.opd_reward_weight)
+        # log π_S − log π_T of the sampled tokens: a one-sample estimate of KL(π_S‖π_T), which OPD minimises.
+        metrics["opd/reverse_kl"] = float(((student_logp - teacher_logp) * mask).sum() / mask.sum().clamp_min(1))
     elif cfg.method in ("grpo", "dapo", "drgrpo", "grpo_opsd"):
         values = seq_adv[:, None].float() * mask
     else:  # opsd, sdpo: the distillation term carries the signal

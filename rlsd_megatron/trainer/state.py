@@ -2,12 +2,14 @@
 
 A checkpoint holds, besides the model weights (resharded on load to any TP/PP):
 - the optimizer (Megatron's sharded optimizer state) and the LR scheduler;
-- per rank: torch's CPU (and CUDA) RNG states, Megatron's RNG-tracker states, and the teacher
-  policy's local copy (frozen / EMA weights), as a `ShardedObject` keyed by global rank: exact
-  resume needs the same world size and layout, which `load_training_state` checks;
+- per rank: torch's CPU (and CUDA) RNG states, Megatron's RNG-tracker states, the teacher
+  policy's local copy (frozen / EMA weights) and the KL reference's copy of the initial policy,
+  as a `ShardedObject` keyed by global rank: exact resume needs the same world size and layout,
+  which `load_training_state` checks;
 - common: step, prompt batches drawn (they number the sampling seeds), the data position.
-Saves are atomic (see `checkpoint.model_checkpoint`); `resolve_resume` finds the latest complete
-one for `checkpoint.resume=auto`.
+Frozen models loaded from a path (OPD's teacher, a KL reference checkpoint) are not saved: the
+trainer loads them from their path again. Saves are atomic (see `checkpoint.model_checkpoint`);
+`resolve_resume` finds the latest complete one for `checkpoint.resume=auto`.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def set_rng_state(state: dict) -> None:
 def save_training_state(trainer, root: str | Path) -> Path:
     """Write `trainer`'s full state as iteration `trainer.step` under `root` (collective)."""
     learner = trainer.learner
-    rank_state = {"rng": rng_state(), "teacher": trainer.teacher.state_dict(), "layout": _layout_key()}
+    rank_state = {"rng": rng_state(), "teacher": trainer.teacher.state_dict(), "layout": _layout_key(),
+                  "reference": trainer.reference.state_dict() if trainer.reference is not None else None}
 
     def extra(model_state):
         return {"optimizer": learner.optimizer.sharded_state_dict(model_state, metadata=_OPTIMIZER_FORMAT),
@@ -101,6 +104,8 @@ def load_training_state(trainer, path: str | Path) -> int:
     trainer.loader.load_state_dict(common["loader"])
     trainer.teacher.initialize(learner.local_weights())
     trainer.teacher.load_state_dict(rank_state["teacher"])
+    if trainer.reference is not None:
+        trainer.reference.load_state_dict(rank_state.get("reference"))
     set_rng_state(rank_state["rng"])
     trainer.step, trainer._draws = int(common["step"]), int(common["draws"])
     return trainer.step

@@ -7,8 +7,9 @@
    groups and draws again until the batch is full;
 2. the learner recomputes the student's log-probs of the rollout tokens (the ratio's "old"
    log-probs: with one optimizer step per rollout batch they are the current policy's, so the
-   first ratio is exactly 1) and, for teacher methods, the teacher's log-probs of the same tokens
-   in the privileged context, with the teacher-weight policy's weights;
+   first ratio is exactly 1); for teacher methods, the teacher's log-probs of the same tokens in
+   the privileged context, with the teacher-weight policy's weights (OPD: its separate teacher
+   model, in the student's own context); with a KL term, the reference policy's log-probs;
 3. sequence advantages (group-normalised rewards) → token advantages per method;
 4. one or more optimizer steps through Megatron's schedules, loss normalised by global counts;
    distillation methods get the teacher's logits inside each step, for a chunk of micro-batches
@@ -106,7 +107,8 @@ class PhaseTimer:
 
 
 class Trainer:
-    """Owns the learner, the engine, data, rewards, the teacher policy and logging of one run."""
+    """Owns the learner, the engine, data, rewards, the teacher policy, the frozen scoring models
+    (OPD's teacher, the KL reference) and logging of one run."""
 
     def __init__(self, cfg: Config, *, impl: str = "local", stop: StopController | None = None):
         from megatron.core import parallel_state
@@ -114,11 +116,13 @@ class Trainer:
         from rlsd_megatron.data.build import build_run_datasets
         from rlsd_megatron.data.loader import PromptLoader, validation_rows
         from rlsd_megatron.data.readers import DataError
+        from rlsd_megatron.learner.frozen_model import FrozenModel
         from rlsd_megatron.learner.learner import Learner
         from rlsd_megatron.logging.metrics import MetricsLogger
         from rlsd_megatron.rewards import RewardScorer
         from rlsd_megatron.rollout.mismatch import MismatchMonitor
         from rlsd_megatron.rollout.provider import create_engine
+        from rlsd_megatron.trainer.reference import KLReference
 
         self.cfg = cfg
         # The launcher installs it before building the trainer, so that a stop signal during
@@ -134,6 +138,10 @@ class Trainer:
         resume = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
         self.engine = self.scorer = None
         self.learner = Learner(cfg, impl=impl)
+        # The frozen scorers before the engine, which sizes its KV cache by the memory still free.
+        self.teacher_model = FrozenModel(cfg, cfg.algorithm.teacher_model, setting="algorithm.teacher_model",
+                                         impl=impl) if cfg.algorithm.teacher_weights == "separate" else None
+        self.reference = KLReference(cfg, self.learner, impl=impl) if cfg.algorithm.kl_coef else None
         try:
             # The engine takes engine_tp GPUs from the host's own: its replica's first GPUs.
             first_gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0
@@ -144,8 +152,8 @@ class Trainer:
             self.val_rows = validation_rows(val_dataset, dp_rank=self.dp_rank, dp_size=self.dp_size) if val_dataset else []
             self.scorer = RewardScorer(cfg.reward, task=cfg.data.task) if self.hosts_engine else None
             self.teacher = alg.TeacherWeightPolicy(
-                cfg.algorithm.teacher_weights if cfg.algorithm.teacher_weights != "separate" else "live",
-                sync_interval=cfg.algorithm.teacher_sync_interval, ema_rate=cfg.algorithm.teacher_ema_rate)
+                cfg.algorithm.teacher_weights, sync_interval=cfg.algorithm.teacher_sync_interval,
+                ema_rate=cfg.algorithm.teacher_ema_rate)
             self.teacher.initialize(self.learner.local_weights())
             self.mismatch = MismatchMonitor(cfg.rollout.max_logprob_mismatch)
             self.logger = MetricsLogger(cfg.logging, total_steps=cfg.train.steps,
@@ -168,7 +176,7 @@ class Trainer:
 
                 load_checkpoint(cfg.checkpoint.init_from, self.learner.model, model=cfg.model)
                 self.learner.optimizer.reload_model_params()
-                self.teacher.initialize(self.learner.local_weights())
+                self.start_from_learner_weights()
         except BaseException:
             self.close()  # the engine and the verifier processes, when start-up fails after them
             raise
@@ -265,6 +273,13 @@ class Trainer:
         set_rng_state(start["rng"])
         self.step -= 1
 
+    def start_from_learner_weights(self) -> None:
+        """The learner's weights are the policy RL starts from (after a warm start or
+        `checkpoint.init_from`): the teacher copy and the KL reference copy are taken from them."""
+        self.teacher.initialize(self.learner.local_weights())
+        if self.reference is not None:
+            self.reference.restart()
+
     def warm_start(self) -> None:
         """Supervised warm start (`warm_start` config), then RL starts from its weights."""
         from rlsd_megatron.data.loader import PromptLoader
@@ -274,7 +289,7 @@ class Trainer:
                               dp_rank=self.dp_rank, dp_size=self.dp_size, seed=self.cfg.train.seed + 1)
         full = run_warm_start(self.cfg, self.dataset, self.val_rows, loader, self.logger, impl=self.learner.impl)
         self.learner.load_full_state(full)
-        self.teacher.initialize(self.learner.local_weights())
+        self.start_from_learner_weights()
         if self.cfg.warm_start.output:
             from rlsd_megatron.checkpoint import save_checkpoint
 
@@ -297,6 +312,8 @@ class Trainer:
         with timer("score"):
             sequences, masks = rollouts.sequences(), rollouts.response_mask()
             student = self.log_probs(sequences)
+            reference = self.reference.outputs(sequences, self._log_prob_fn)["logp"] \
+                if self.reference is not None else None
             prompt_lengths = [len(rollouts.row_of(i).prompt_ids) for i in range(len(sequences))]
             student_resp = [lp[n:] for lp, n in zip(student, prompt_lengths)]
             resp_mask = response_tensors([[1.0] * len(r) for r in rollouts.responses]).bool()
@@ -318,6 +335,8 @@ class Trainer:
                 "advantages": [torch.cat([torch.zeros(n), adv[: len(r)]])
                                for n, adv, r in zip(prompt_lengths, advantages.values, rollouts.responses)],
             }
+            if reference is not None:
+                fields["ref_logp"] = reference
             if cfg.algorithm.tis_cap:
                 tis = alg.tis_weights(response_tensors(student_resp), response_tensors(rollouts.engine_log_probs),
                                       resp_mask, cap=cfg.algorithm.tis_cap)
@@ -389,8 +408,13 @@ class Trainer:
 
     def teacher_contexts(self, rollouts: Rollouts) -> list:
         """The teacher's input for each response: the privileged hint (dataset answer or
-        reference solution) in the user turn, or for SDPO a successful sibling's response."""
+        reference solution) in the user turn, for SDPO a successful sibling's response, for OPD
+        (a separate teacher model) the student's own prompt."""
         a = self.cfg.algorithm
+        if a.method == "opd":
+            return [alg.TeacherSequence(rollouts.row_of(i).prompt_ids + response, len(rollouts.row_of(i).prompt_ids),
+                                        len(response))
+                    for i, response in enumerate(rollouts.responses)]
         if a.method == "sdpo":
             demos = alg.select_sdpo_demonstrations(rollouts.rewards, rollouts.group_size,
                                                    success_threshold=a.sdpo_success_threshold)
@@ -403,12 +427,13 @@ class Trainer:
                 for i, response in enumerate(rollouts.responses)]
 
     def teacher_outputs(self, contexts: list, per_token) -> dict[str, list[torch.Tensor]]:
-        """`per_token` outputs on the teacher contexts, with the teacher policy's weights,
-        restricted to the response tokens."""
+        """`per_token` outputs on the teacher contexts, with the teacher policy's weights (or
+        the separate teacher model), restricted to the response tokens."""
         weights = self.teacher.teacher_state()
         scope = self.learner.use_weights(weights) if weights is not None else contextlib.nullcontext()
+        scorer = self.teacher_model if self.teacher_model is not None else self.learner
         with scope:
-            full = self.learner.forward_sequences([torch.tensor(c.input_ids) for c in contexts], per_token)
+            full = scorer.forward_sequences([torch.tensor(c.input_ids) for c in contexts], per_token)
         return {name: [v[c.response_start: c.response_start + c.response_length] for v, c in zip(values, contexts)]
                 for name, values in full.items()}
 
