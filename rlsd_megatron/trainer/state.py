@@ -56,6 +56,9 @@ def set_rng_state(state: dict) -> None:
 def save_training_state(trainer, root: str | Path) -> Path:
     """Write `trainer`'s full state as iteration `trainer.step` under `root` (collective)."""
     learner = trainer.learner
+    # Before the first update (a stop during start-up or step 1) torch's Adam has no state yet;
+    # its sharded state dict would then lack the keys every load expects.
+    learner.init_optimizer_state()
     rank_state = {"rng": rng_state(), "teacher": trainer.teacher.state_dict(), "layout": _layout_key(),
                   "reference": trainer.reference.state_dict() if trainer.reference is not None else None}
 

@@ -139,3 +139,16 @@ def test_no_step_starts_without_the_time_to_finish_it_and_save(dist_pool, tmp_pa
     assert [r["step"] for r in stopped] == [1, 1]
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert (tmp_path / "stop-time-0").read_text() == "time\n"
+
+
+@pytest.mark.slow
+def test_a_stop_before_the_first_update_saves_step_0_and_resume_is_exact(dist_pool, tmp_path):
+    reference = dist_pool(2).run(run_trainer, str(tmp_path / "r"), "r", steps=2)
+    stopped = dist_pool(2).run(run_trainer, str(tmp_path), "s", steps=2, signal_at_generation=1)
+    assert [r["step"] for r in stopped] == [0, 0]
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
+    resumed = dist_pool(2).run(run_trainer, str(tmp_path), "t", steps=2, resume=True)
+    want, got = logged_losses(tmp_path / "r" / "logs" / "r"), logged_losses(tmp_path / "logs" / "t")
+    assert got == want
+    for name, value in reference[0]["weights"].items():
+        assert torch.equal(value, resumed[0]["weights"][name]), name
