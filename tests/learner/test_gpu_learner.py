@@ -70,15 +70,16 @@ def test_local_spec_on_gpu_matches_transformers(gpu_pool):
     assert difference < 1e-4  # fp32 on both sides (the CPU test holds 1e-5); cuBLAS orders sums differently
 
 
-def local_spec_bf16_training() -> list[tuple[float, float]]:
+def training_history(precision: PrecisionConfig, impl: str, *, lr: float, steps: int) -> list[tuple[float, float]]:
+    """(loss, grad norm) of `steps` optimizer steps on one fixed batch (next-token loss)."""
     from rlsd_megatron.learner.learner import Learner
     from rlsd_megatron.ops import token_log_probs
     from rlsd_megatron.parallel.state import model_parallel
 
-    cfg = Config(model=MODEL, precision=PrecisionConfig(params_dtype="bf16"))
-    cfg.optimizer.lr = 1e-3
+    cfg = Config(model=MODEL, precision=precision)
+    cfg.optimizer.lr = lr
     with model_parallel(seed=3):
-        learner = Learner(cfg, impl="local")
+        learner = Learner(cfg, impl=impl)
         mb = learner.micro_batch(_sequences((64, 48, 96)))
         count = int(mb.target_mask.sum())
 
@@ -86,8 +87,12 @@ def local_spec_bf16_training() -> list[tuple[float, float]]:
             logp = token_log_probs(logits, mb.targets.to(logits.device), vocab_size=MODEL.vocab_size)
             return -(logp * mb.target_mask.to(logits.device)).sum() / count, {}
 
-        history = [learner.train_step([mb], loss_fn) for _ in range(5)]
+        history = [learner.train_step([mb], loss_fn) for _ in range(steps)]
     return [(h["loss"], h["grad_norm"]) for h in history]
+
+
+def local_spec_bf16_training() -> list[tuple[float, float]]:
+    return training_history(PrecisionConfig(params_dtype="bf16"), "local", lr=1e-3, steps=5)
 
 
 def test_local_spec_trains_in_bf16_on_gpu(gpu_pool):
@@ -123,26 +128,9 @@ def test_te_spec_matches_local_spec_in_bf16(gpu_pool):
 
 
 def fp8_training(recipe: str) -> dict:
-    from rlsd_megatron.learner.learner import Learner
-    from rlsd_megatron.ops import token_log_probs
-    from rlsd_megatron.parallel.state import model_parallel
-
-    losses = {}
-    for fp8 in ("none", "hybrid"):
-        cfg = Config(model=MODEL, precision=PrecisionConfig(params_dtype="bf16", fp8=fp8, fp8_recipe=recipe))
-        cfg.optimizer.lr = 1e-4
-        with model_parallel(seed=3):
-            learner = Learner(cfg, impl="transformer_engine")
-            mb = learner.micro_batch(_sequences((64, 48, 96)))
-            count = int(mb.target_mask.sum())
-
-            def loss_fn(logits, mb):
-                logp = token_log_probs(logits, mb.targets.cuda(), vocab_size=MODEL.vocab_size)
-                return -(logp * mb.target_mask.cuda()).sum() / count, {}
-
-            history = [learner.train_step([mb], loss_fn) for _ in range(3)]
-        losses[fp8] = [(h["loss"], h["grad_norm"]) for h in history]
-    return losses
+    return {fp8: training_history(PrecisionConfig(params_dtype="bf16", fp8=fp8, fp8_recipe=recipe), "transformer_engine",
+                                  lr=1e-4, steps=3)
+            for fp8 in ("none", "hybrid")}
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed", "blockwise"])
