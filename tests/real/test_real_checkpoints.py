@@ -138,6 +138,25 @@ def test_weight_sync_into_embedded_engine_then_greedy_generation(pp2_checkpoint,
         assert reason == ("stop" if ids[-1] == real_tokenizer.eos_token_id else "length")
 
 
+def test_example_config_passes_the_trainers_start_up_checks(pp2_checkpoint, real_model_dir, tmp_path):
+    """examples/configs/real_model.yaml as examples/real_model.sh completes it (2 processes)."""
+    import tools.make_math_data as make
+    from rlsd_megatron.config import load_config
+    from rlsd_megatron.config_checks import validate_config
+    from rlsd_megatron.train import input_problems
+
+    train, val = make.arithmetic_rows(train=8, val=4, seed=0)
+    make.write_jsonl(train, tmp_path / "train.jsonl")
+    make.write_jsonl(val, tmp_path / "val.jsonl")
+    cfg = load_config("examples/configs/real_model.yaml", [
+        f"model.hf_config={real_model_dir}", f"data.tokenizer_dir={real_model_dir}",
+        f"checkpoint.init_from={pp2_checkpoint}", f"data.train_files=[{tmp_path / 'train.jsonl'}]",
+        f"data.val_files=[{tmp_path / 'val.jsonl'}]"])
+    validate_config(cfg, 2, cuda_available=False)
+    assert input_problems(cfg) == []
+    assert (cfg.model.num_layers, cfg.model.num_query_groups, cfg.model.tie_word_embeddings) == (30, 3, True)
+
+
 @pytest.fixture(scope="module")
 def tp3_checkpoint(real_model_dir, dist_pool, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp3") / "megatron"
