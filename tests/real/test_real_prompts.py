@@ -34,8 +34,9 @@ def data_files(tmp_path_factory):
     import tools.make_math_data as make
 
     out = tmp_path_factory.mktemp("data")
-    train, _ = make.gsm8k_rows(variants=1, val_templates=0, seed=0, templates=3)
+    train, val = make.gsm8k_rows(variants=1, val_templates=1, seed=0, templates=3)
     make.write_jsonl(train, out / "gsm8k.jsonl")
+    make.write_jsonl(val, out / "gsm8k_val.jsonl")
     arithmetic, _ = make.arithmetic_rows(train=ARITHMETIC_ROWS, val=0, seed=0)
     make.write_jsonl(arithmetic, out / "arithmetic.jsonl")
     return out
@@ -74,13 +75,21 @@ def template_text(tokenizer, messages, generation_prompt: bool) -> str:
 
 def test_data_rows_carry_the_worked_solution(data_files, dataset):
     rows = [json.loads(line) for line in (data_files / "gsm8k.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and sum(r["source"].startswith("gsm8k-test-") for r in rows) == 3
-    for row in rows:
+    val = [json.loads(line) for line in (data_files / "gsm8k_val.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and [r["source"].startswith("gsm8k-test-") for r in rows] == [True, False] * 2
+
+    def template_id(row):  # "gsm8k-test-473" (the original), "gsm-symbolic-473-0" (a variant)
+        return re.search(r"-(\d+)(?:-\d+)?$", row["source"]).group(1)
+
+    # The held-out template's original and variant are in val only.
+    assert len(val) == 2 and len({template_id(r) for r in val}) == 1
+    assert {template_id(r) for r in val}.isdisjoint(template_id(r) for r in rows)
+    for row in rows + val:
         assert row["solution"].endswith(f"#### {row['answer']}") and re.fullmatch(r"-?\d+(\.\d+)?", row["answer"])
     # The first original is GSM8K test problem 473 (the package's first template), verbatim.
     assert rows[0]["question"].startswith("Benny saw a 10-foot shark") and rows[0]["answer"] == "10"
     assert rows[1]["question"] != rows[0]["question"]  # a symbolic variant of it
-    assert dataset.stats["rows"] == ARITHMETIC_ROWS + 6 and dataset.stats["rows_without_solution"] == 0
+    assert dataset.stats["rows"] == ARITHMETIC_ROWS + 4 and dataset.stats["rows_without_solution"] == 0
     assert dataset[ARITHMETIC_ROWS].reference_solution == rows[0]["solution"]
 
 
