@@ -21,7 +21,10 @@ Sources:
   the level a 135M model can sometimes solve (examples/real_model.md); names from the same
   package's English replacement lists when it is installed.
 
-The output is reproducible for a given `--seed`.
+The output is reproducible for a given `--seed`, except that which templates run past
+`--template-timeout` depends on the machine's speed: `--template-timeout 0` (no limit) makes it
+fully reproducible. Measured (2-core machine shared with other jobs): `gsm8k --variants 4
+--template-timeout 20` 11 minutes, 23 of 100 templates kept only their original, 408 rows.
 """
 
 from __future__ import annotations
