@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates (once) the project's virtual environment in .venv with Python >= 3.12 and the
-# pinned dependencies of pyproject.toml ("[dev]" extra). Re-installs when pyproject.toml
+# pinned dependencies of pyproject.toml ("[dev]" and "[real]" extras: the test suite's real-model
+# tier reads GGUF files and GSM8K templates). Re-installs when pyproject.toml
 # changes. Source it or run it; it prints the venv's python on the last line.
 #
 # Python: $PYTHON if set, else the first python3.12/3.13 found on PATH or under pyenv
@@ -29,7 +30,7 @@ if [ ! -f "$stamp" ]; then
     echo "setting up .venv with $python_bin (a few minutes: torch, megatron-core, transformers)" >&2
     [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
     .venv/bin/python -m pip install --quiet --upgrade pip >&2
-    .venv/bin/python -m pip install --quiet -e ".[dev]" >&2
+    .venv/bin/python -m pip install --quiet -e ".[dev,real]" >&2
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
