@@ -69,7 +69,7 @@ def _on_every_rank_raising_on(rank_that_fails: int) -> str:
     import torch.distributed as dist
 
     from rlsd_megatron.data.readers import DataError
-    from rlsd_megatron.trainer.trainer import _same_on_every_rank
+    from rlsd_megatron.parallel.agreement import same_on_every_rank
 
     def build():
         if dist.get_rank() == rank_that_fails:
@@ -77,7 +77,7 @@ def _on_every_rank_raising_on(rank_that_fails: int) -> str:
         return "dataset"
 
     try:
-        return _same_on_every_rank(build, DataError)
+        return same_on_every_rank(build, DataError)
     except DataError as exc:
         return f"DataError: {exc}"
 

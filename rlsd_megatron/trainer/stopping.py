@@ -9,7 +9,8 @@ slurm/common.sh from SLURM's own end time). Every early stop exits 0 after its c
 non-zero status from one rank would make srun kill the others) and writes its reason to
 `RLSD_STOP_FILE` when the launcher set it: "time" tells slurm/common.sh to requeue the job.
 
-Pure bookkeeping: no process groups (the trainer agrees on the decision over its ranks).
+`StopController` is per-rank bookkeeping; `agreed_stop_reason` is the collective decision every
+rank of the run takes together.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ from rlsd_megatron.parallel.signals import STOP_SIGNALS
 
 JOB_END_VARIABLE = "RLSD_JOB_END_TIME"
 STOP_FILE_VARIABLE = "RLSD_STOP_FILE"
+
+
+class StepAbandoned(Exception):
+    """A stop was agreed after the step's generation: the step was rewound to its start (data
+    position, sampling-seed count, RNG states) and not trained, so the checkpoint of the previous
+    step resumes it exactly."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class StopController:
@@ -107,3 +118,21 @@ def report_stop(reason: str) -> None:
     if path:
         with open(path, "w") as file:
             file.write(reason + "\n")
+
+
+def agreed_stop_reason(stop: StopController, *, include_time: bool) -> str | None:
+    """Why every rank stops now, or None (collective over the world): a stop signal any rank
+    received, or (`include_time`) too little time left on any rank's clock."""
+    import torch  # not at the top: the launcher imports this module first, to catch signals early
+    import torch.distributed as dist
+
+    mine = stop.reason()
+    if mine == "time" and not include_time:
+        mine = None
+    code = torch.tensor([0.0 if mine is None else 1.0 if mine == "time" else 2.0])
+    dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    if code.item() == 0:
+        return None
+    if code.item() == 1:
+        return "time"
+    return mine if mine not in (None, "time") else "a stop signal on another rank"

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from rlsd_megatron import algorithms as alg
 from rlsd_megatron.config import Config, config_to_dict
+from rlsd_megatron.parallel.agreement import same_on_every_rank
 from rlsd_megatron.parallel.state import replica_group
 from rlsd_megatron.trainer import distillation, objectives
 from rlsd_megatron.trainer.rollouts import Rollouts, generate_and_score, response_tensors
@@ -40,18 +41,8 @@ from rlsd_megatron.trainer.state import (
     save_training_state,
     set_rng_state,
 )
-from rlsd_megatron.trainer.stopping import StopController, report_stop
+from rlsd_megatron.trainer.stopping import StepAbandoned, StopController, agreed_stop_reason, report_stop
 from rlsd_megatron.trainer.update import update_policy
-
-
-class StepAbandoned(Exception):
-    """A stop was agreed after the step's generation: the step was rewound to its start (data
-    position, sampling-seed count, RNG states) and not trained, so the checkpoint of the previous
-    step resumes it exactly."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 def _every(step: int, interval: int) -> bool:
@@ -64,31 +55,6 @@ def _fault_injection_point(step: int) -> None:
     its checkpoint (what a node failure mid-step does), for the exact-resume test."""
     if os.environ.get("RLSD_KILL_AT_STEP") == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _same_on_every_rank(build, errors: type[BaseException] | tuple[type[BaseException], ...]):
-    """`build()` on every rank (collective). When it raises one of `errors` (bad input) on any
-    rank, every rank raises it, naming the ranks when not all saw it: a rank that stopped alone
-    would leave the others waiting in their next collective and its message among theirs."""
-    result, mine = None, None
-    try:
-        result = build()
-    except errors as exc:
-        mine = (type(exc), str(exc))
-    seen: list = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, mine)
-    failed = {rank: found for rank, found in enumerate(seen) if found is not None}
-    if not failed:
-        return result
-    by_message: dict[str, list[int]] = {}
-    for rank, (_, message) in failed.items():
-        by_message.setdefault(message, []).append(rank)
-    if len(failed) == len(seen) and len(by_message) == 1:
-        message = next(iter(by_message))
-    else:
-        message = "; ".join(f"{text} (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of "
-                            f"{len(seen)})" for text, ranks in by_message.items())
-    raise next(iter(failed.values()))[0](message)
 
 
 class PhaseTimer:
@@ -134,7 +100,7 @@ class Trainer:
         self.hosts_engine = dist.get_rank(self.replica_group) == 0
         # Inputs first: a bad data row or a missing checkpoint stops every rank here, in seconds,
         # not after the model (minutes per rank at 70B) and the engine are built.
-        self.dataset, val_dataset = _same_on_every_rank(lambda: build_run_datasets(cfg), DataError)
+        self.dataset, val_dataset = same_on_every_rank(lambda: build_run_datasets(cfg), DataError)
         resume = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
         self.engine = self.scorer = None
         self.learner = Learner(cfg, impl=impl)
@@ -201,7 +167,7 @@ class Trainer:
         self.sync_weights()
         reason = None
         while self.step < self.cfg.train.steps:
-            reason = self._agreed_stop_reason(include_time=True)
+            reason = agreed_stop_reason(self.stop, include_time=True)
             if reason is not None:
                 break
             started = time.perf_counter()
@@ -249,20 +215,6 @@ class Trainer:
         self._saved_step = self.step
         self.logger.message(f"saved {path} ({self._last_save_seconds:.1f} s)")
 
-    def _agreed_stop_reason(self, *, include_time: bool) -> str | None:
-        """Why every rank stops now, or None (collective): a stop signal any rank received, or
-        (`include_time`) too little time left on any rank's clock."""
-        mine = self.stop.reason()
-        if mine == "time" and not include_time:
-            mine = None
-        code = torch.tensor([0.0 if mine is None else 1.0 if mine == "time" else 2.0])
-        dist.all_reduce(code, op=dist.ReduceOp.MAX)
-        if code.item() == 0:
-            return None
-        if code.item() == 1:
-            return "time"
-        return mine if mine not in (None, "time") else "a stop signal on another rank"
-
     def _step_start(self) -> dict:
         """What generation changes before anything is trained: enough to rewind the step."""
         return {"loader": self.loader.state_dict(), "draws": self._draws, "rng": rng_state()}
@@ -305,7 +257,7 @@ class Trainer:
                 self.engine.sleep()
         # A safe point: a stop signal that arrived during generation (the longest phase) is honoured
         # now rather than after the update, by rewinding the step: its checkpoint is the previous one.
-        reason = self._agreed_stop_reason(include_time=False)
+        reason = agreed_stop_reason(self.stop, include_time=False)
         if reason is not None:
             self._rewind(start)
             raise StepAbandoned(reason)
