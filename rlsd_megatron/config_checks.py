@@ -66,6 +66,14 @@ def layout_problems(cfg: Config, world_size: int) -> list[str]:
             f"train.max_seq_length={t.max_seq_length} is not divisible by 2*parallel.cp={2 * p.cp} "
             f"(context parallelism splits each sequence into 2*cp load-balanced chunks)"
         )
+    for name in ("collective_timeout_minutes", "wait_timeout_minutes"):
+        if getattr(p, name) <= 0:
+            problems.append(f"parallel.{name}={getattr(p, name)} must be > 0 (minutes)")
+    if p.wait_timeout_minutes < p.collective_timeout_minutes:
+        problems.append(
+            f"parallel.wait_timeout_minutes={p.wait_timeout_minutes} is shorter than parallel.collective_timeout_minutes="
+            f"{p.collective_timeout_minutes}; it covers the long waits (generation, start-up, checkpoints): raise it"
+        )
     model_parallel = p.tp * p.pp * p.cp
     if world_size % model_parallel:
         problems.append(

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from rlsd_megatron.config import ConfigError, load_config
+    from rlsd_megatron.config import Config, ConfigError, load_config
     from rlsd_megatron.config_checks import resolve_transformer_impl, transformer_engine_available, validate_config
     from rlsd_megatron.parallel.state import Layout, destroy_model_parallel, init_distributed, initialize_model_parallel
 
@@ -204,8 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as error:  # reported below, once, when the ranks have agreed
         problems.append(str(error))
+    if cuda and cfg is not None and cfg.parallel.bind_cpus:  # before the threads of the groups start
+        from rlsd_megatron.parallel.cpu_binding import bind_rank_to_gpu_socket
+        from rlsd_megatron.parallel.state import launch_local_rank
+
+        bind_rank_to_gpu_socket(*launch_local_rank())
     created_world = not dist.is_initialized()
-    init_distributed()
+    init_distributed(timeout_minutes=(cfg or Config()).parallel.wait_timeout_minutes)
     world = dist.get_world_size()
     errors_group = dist.new_group(backend="gloo", timeout=LATE_REPORT_TIMEOUT)
 
@@ -237,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
 
     impl = resolve_transformer_impl(cfg, cuda_available=cuda, te_available=cuda and transformer_engine_available())
     p = cfg.parallel
-    initialize_model_parallel(Layout(p.tp, p.pp, p.cp, p.vpp), seed=cfg.train.seed)
+    initialize_model_parallel(Layout(p.tp, p.pp, p.cp, p.vpp), seed=cfg.train.seed,
+                              collective_timeout_minutes=p.collective_timeout_minutes,
+                              wait_timeout_minutes=p.wait_timeout_minutes)
 
     from rlsd_megatron.trainer.trainer import Trainer
 

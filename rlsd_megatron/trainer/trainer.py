@@ -30,7 +30,7 @@ import torch.distributed as dist
 from rlsd_megatron import algorithms as alg
 from rlsd_megatron.config import Config, config_to_dict
 from rlsd_megatron.parallel.agreement import same_on_every_rank
-from rlsd_megatron.parallel.state import replica_group
+from rlsd_megatron.parallel.state import replica_group, wait_for_every_rank
 from rlsd_megatron.trainer import distillation, objectives
 from rlsd_megatron.trainer.rollouts import Rollouts, generate_and_score, response_tensors
 from rlsd_megatron.trainer.state import (
@@ -112,6 +112,7 @@ class Trainer:
             # The engine takes engine_tp GPUs from the host's own: its replica's first GPUs.
             first_gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0
             self.engine = create_engine(cfg, base_gpu_id=first_gpu) if self.hosts_engine else None
+            wait_for_every_rank("the rollout engines' start-up")
             self.loader = PromptLoader(self.dataset, global_batch_size=cfg.train.prompts_per_step,
                                        dp_rank=self.dp_rank, dp_size=self.dp_size, seed=cfg.train.seed,
                                        shuffle=cfg.data.shuffle)
@@ -346,6 +347,7 @@ class Trainer:
             keep = torch.arange(len(rollouts.rows)) < want
             rollouts = rollouts.select_groups(keep)
             rollouts.reward_metrics = {**rollouts.reward_metrics, "rollout/kept_prompt_frac": kept / (want * len(parts))}
+        wait_for_every_rank("generation")  # replicas differ in generation time (and dynamic-sampling rounds)
         return rollouts
 
     def _log_prob_fn(self, logits: torch.Tensor, mb) -> dict[str, torch.Tensor]:
@@ -423,6 +425,7 @@ class Trainer:
                                    seed=self.cfg.train.seed)
         batch = generate_and_score(self.val_rows, self.dataset, self.engine, sampling, self.scorer,
                                    group=self.replica_group, prompt_offset=self.dp_rank)
+        wait_for_every_rank("validation generation")
         totals = torch.tensor([float(batch.rewards.sum()), float(len(batch.rewards))], dtype=torch.float64)
         dist.all_reduce(totals, group=self.dp_group)
         return {"val/reward": float(totals[0] / totals[1])}
