@@ -56,25 +56,16 @@ class _Parser(argparse.ArgumentParser):
 def checkpoint_problems(cfg) -> list[str]:
     """The checkpoint the trainer would load (`checkpoint.resume`, else `checkpoint.init_from`):
     it exists, is a complete checkpoint, and was written for `cfg.model`. Reads metadata only."""
-    from rlsd_megatron.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint_info, resolve_checkpoint_dir
+    from rlsd_megatron.checkpoint import CheckpointError, read_checkpoint_info, resolve_checkpoint_dir
     from rlsd_megatron.checkpoint.directory import INFO_FILE, check_model_matches
+    from rlsd_megatron.trainer.training_state import resolve_resume
 
-    ckpt = cfg.checkpoint
-    key, path = None, None
-    if ckpt.resume == "auto":
-        if ckpt.dir is None:
-            return ["checkpoint.resume=auto needs checkpoint.dir (the root this run saves to and resumes from); "
-                    "set checkpoint.dir=DIR or unset checkpoint.resume"]
-        try:
-            latest = latest_checkpoint(ckpt.dir)  # None: nothing saved yet, the run starts fresh
-        except CheckpointError as exc:
-            return [f"checkpoint.resume=auto with checkpoint.dir={ckpt.dir!r}: {exc}"]
-        if latest is not None:
-            key, path = f"checkpoint.resume=auto found {latest} (checkpoint.dir={ckpt.dir!r})", latest
-    elif ckpt.resume is not None:
-        key, path = f"checkpoint.resume={ckpt.resume!r}", ckpt.resume
-    if key is None and ckpt.init_from:
-        key, path = f"checkpoint.init_from={ckpt.init_from!r}", ckpt.init_from
+    try:
+        key, path = resolve_resume(cfg.checkpoint) or (None, None)
+    except CheckpointError as exc:  # resume=auto without a readable checkpoint.dir
+        return [str(exc)]
+    if key is None and cfg.checkpoint.init_from:
+        key, path = f"checkpoint.init_from={cfg.checkpoint.init_from!r}", cfg.checkpoint.init_from
     if key is None:
         return []
     if not Path(path).exists():

@@ -33,7 +33,7 @@ from rlsd_megatron.parallel.agreement import same_on_every_rank
 from rlsd_megatron.parallel.state import replica_group
 from rlsd_megatron.trainer import distillation, objectives
 from rlsd_megatron.trainer.rollouts import Rollouts, generate_and_score, response_tensors
-from rlsd_megatron.trainer.state import (
+from rlsd_megatron.trainer.training_state import (
     load_training_state,
     prune_checkpoints,
     resolve_resume,
@@ -101,7 +101,7 @@ class Trainer:
         # Inputs first: a bad data row or a missing checkpoint stops every rank here, in seconds,
         # not after the model (minutes per rank at 70B) and the engine are built.
         self.dataset, val_dataset = same_on_every_rank(lambda: build_run_datasets(cfg), DataError)
-        resume = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
+        resume = resolve_resume(cfg.checkpoint)
         self.engine = self.scorer = None
         self.learner = Learner(cfg, impl=impl)
         # The frozen scorers before the engine, which sizes its KV cache by the memory still free.
@@ -134,9 +134,9 @@ class Trainer:
                                     "event file(s) of an earlier run, which tensorboard will mix with this one's; "
                                     "give this run its own logging.dir")
             if resume is not None:
-                load_training_state(self, resume)
+                load_training_state(self, resume.path)
                 self._saved_step = self.step
-                self.logger.message(f"resumed from {resume} at step {self.step}")
+                self.logger.message(f"resumed from {resume.path} at step {self.step}")
             elif cfg.checkpoint.init_from:
                 from rlsd_megatron.checkpoint import load_checkpoint
 
