@@ -1,21 +1,18 @@
-"""The RL loop: data → rollouts → rewards → log-probs (student, self-teacher) → update → sync.
+"""The RL loop: `Trainer(cfg).run()` on every rank of an initialised world.
 
-`Trainer(cfg).run()` on every rank of an initialised world. One step (`Trainer.train_step`:
-collect, score, advantages, update, sync, metrics), top to bottom:
-
-1. draw this data-parallel rank's prompts; the engine (first rank of each model-parallel group)
-   generates G responses per prompt and scores them; DAPO's dynamic sampling drops all-equal
-   groups and draws again until the batch is full;
-2. the learner recomputes the student's log-probs of the rollout tokens (the ratio's "old"
-   log-probs: with one optimizer step per rollout batch they are the current policy's, so the
-   first ratio is exactly 1); for teacher methods, the teacher's log-probs of the same tokens in
-   the privileged context, with the teacher-weight policy's weights (OPD: its separate teacher
-   model, in the student's own context); with a KL term, the reference policy's log-probs;
-3. sequence advantages (group-normalised rewards) → token advantages per method;
-4. one or more optimizer steps through Megatron's schedules, loss normalised by global counts;
-   distillation methods get the teacher's logits inside each step, for a chunk of micro-batches
-   right before their forward/backward (trainer/distillation.py);
-5. the teacher policy updates its copy; weights are pushed to the engines; metrics are logged.
+One step, `Trainer.train_step`, in its verbs:
+- collect: draw this data-parallel rank's prompts; the engine (first rank of each model-parallel
+  group) generates G responses per prompt and rewards them; DAPO's dynamic sampling drops
+  all-equal groups and draws again until the batch is full (`rollouts.py`);
+- score: the student's log-probs of the rollout tokens (the ratio's "old" log-probs: with one
+  optimizer step per rollout batch they are the current policy's, so the first ratio is exactly
+  1), the KL reference's, and for teacher methods the teacher's in its context (`teacher.py`);
+- advantages: group-normalised rewards → the method's token advantages (`objectives.py`, by the
+  method's record in `algorithms/methods.py`);
+- update: optimizer steps through Megatron's schedules, the loss normalised by global counts;
+  distillation methods get the teacher's logits inside each step, a chunk of micro-batches at a
+  time (`distillation.py`); then the teacher policy updates its copy;
+- sync: the learner's weights are pushed to the engines; the step's metrics are logged.
 """
 
 from __future__ import annotations
@@ -228,6 +225,11 @@ class Trainer:
             self.teacher.on_step(self.step, self.learner.local_weights())
         with timer("sync"):
             sync = self.sync_weights()
+        return self.step_metrics(rollouts, scores, advantages, train_stats, sync, timer)
+
+    def step_metrics(self, rollouts: Rollouts, scores: StepScores, advantages: objectives.TokenAdvantages,
+                     train_stats: dict[str, float], sync, timer: PhaseTimer) -> dict[str, float]:
+        """What one step logs, as means over data-parallel ranks (`reduce_over_data_parallel`)."""
         tokens = sum(len(s) for s in scores.sequences)
         responses = max(len(rollouts.responses), 1)
         return self.reduce_over_data_parallel({
@@ -259,7 +261,7 @@ class Trainer:
         student = self.log_probs(sequences)
         reference = self.reference.outputs(sequences, self._log_prob_fn)["logp"] if self.reference is not None else None
         contexts = teacher_contexts(algorithm, rollouts, self.dataset) \
-            if objectives.uses_teacher_log_probs(algorithm) or objectives.uses_distillation(algorithm) else None
+            if alg.get_method(algorithm.method).has_teacher else None
         teacher_logp = teacher_response_outputs(
             contexts, self._log_prob_fn, learner=self.learner, weights=self.teacher.teacher_state(),
             teacher_model=self.teacher_model)["logp"] if objectives.uses_teacher_log_probs(algorithm) else None
