@@ -188,7 +188,8 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """The RL objective. One preset per method in examples/configs/ sets the recipe values."""
+    """The RL objective. One preset per method in examples/configs/ sets the recipe values; what
+    a step computes for each method is its record in algorithms/methods.py (same names)."""
 
     method: Literal["rlsd", "grpo", "dapo", "drgrpo", "opd", "opsd", "sdpo", "grpo_opsd"] = "rlsd"
     normalize_adv_std: bool = True  # False: Dr. GRPO's A = R - mean(R)
