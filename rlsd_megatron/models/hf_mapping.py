@@ -117,9 +117,7 @@ def hf_to_megatron(get_hf: Callable[[str], torch.Tensor], model: ModelConfig) ->
 def check_hf_names(hf_names: set[str], model: ModelConfig) -> None:
     """Raise if an HF checkpoint has tensors the model would silently ignore, or lacks some."""
     expected = set(expected_hf_shapes(model))
-    ignorable = {n for n in hf_names if n.endswith("rotary_emb.inv_freq")}
-    if model.tie_word_embeddings:
-        ignorable |= {"lm_head.weight"} & hf_names  # some tied checkpoints store the copy
+    ignorable = family_of(model).ignorable_hf_names(model, hf_names)
     unknown = sorted(hf_names - expected - ignorable)
     missing = sorted(expected - hf_names)
     if unknown or missing:

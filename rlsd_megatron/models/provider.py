@@ -1,10 +1,17 @@
 """Builds megatron-core `GPTModel` chunks for the registered model families (`models.families`).
 
-Why `GPTModel` and not `HybridModel`: megatron-core 0.19 marks `GPTModel` deprecated (critical
-fixes only), but it is the dense-decoder model every Megatron RL framework (slime, veRL,
-NeMo-RL) and Megatron-Bridge build on, its parameter names are the ones checkpoint tooling
-knows, and `HybridModel` adds nothing for a dense Llama/Qwen decoder. Only this module names
-the model class, so a later switch touches one file.
+Why `GPTModel` and not its successor `HybridModel` (tried on megatron-core 0.19.2): a dense
+Llama layer is the pattern `*-` (an attention sublayer, then an MLP sublayer), and `HybridModel`
+built from the GPT local submodules gives bit-identical logits on CPU, but only after working
+around three things, the last of which is a format change: (1) `HybridStack` always makes its
+final norm a `TENorm` (hybrid_block.py:215), which raises without Transformer Engine, and
+megatron-core ships TE hybrid specs only, without q/k norm (hybrid_layer_specs.py); (2) it has
+no Llama-3 RoPE-scaling argument (hybrid_model.py:247 builds `RotaryEmbedding` without it);
+(3) its checkpoints key each sublayer on its own (`decoder.layers.{2i}.input_layernorm.weight`,
+`decoder.final_norm.weight`) where `GPTModel` stacks layers (`decoder.layers.self_attention.
+linear_qkv.layer_norm_weight` with a layer axis), so checkpoints written so far, the converters'
+streaming layout and Megatron-LM's `pretrain_gpt.py` would not load them. Switch when a family
+needs non-dense layers (MoE, linear attention) and that format change is accepted.
 
 The shared decoder settings are here; what differs by family (QKV bias, q/k norm, ...) comes
 from the family's `transformer_options`. The TE/local choice is made once, here, from the

@@ -53,5 +53,10 @@ class ModelFamily(ABC):
         norm, ...), on top of the shared decoder settings of `models.provider`."""
 
     @abstractmethod
+    def ignorable_hf_names(self, model: ModelConfig, hf_names: set[str]) -> set[str]:
+        """Names among `hf_names` (an HF checkpoint's) that carry nothing the model needs
+        (buffers, copies of tied weights): not reported as unexpected."""
+
+    @abstractmethod
     def tensor_rules(self, model: ModelConfig) -> list[TensorRule]:
         """Every Megatron ⇄ HF tensor rule of `model`, in checkpoint order."""

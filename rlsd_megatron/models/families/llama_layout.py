@@ -132,6 +132,12 @@ class LlamaLayoutFamily(ModelFamily):
     def transformer_options(self, model: ModelConfig) -> dict[str, Any]:
         return {"add_qkv_bias": model.qkv_bias, "qk_layernorm": model.qk_layernorm}
 
+    def ignorable_hf_names(self, model: ModelConfig, hf_names: set[str]) -> set[str]:
+        ignorable = {n for n in hf_names if n.endswith("rotary_emb.inv_freq")}  # older transformers' buffer
+        if model.tie_word_embeddings:
+            ignorable |= {"lm_head.weight"} & hf_names  # some tied checkpoints store the copy
+        return ignorable
+
     def tensor_rules(self, model: ModelConfig) -> list[TensorRule]:
         """The layout's rules; the options are read off `model` (not the family) so a model
         config with options outside its family still converts as it is built."""
