@@ -34,7 +34,7 @@ class ModelConfig:
     """
 
     hf_config: str | None = None
-    family: Literal["llama", "qwen2", "qwen3"] = "llama"
+    family: Literal["llama", "qwen2", "qwen3", "qwen3_moe"] = "llama"
     vocab_size: int = 128
     hidden_size: int = 64
     num_layers: int = 2
@@ -51,6 +51,12 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     make_vocab_size_divisible_by: int = 128  # padded vocab: a multiple of this times TP
     init_method_std: float = 0.02
+    # Mixture of experts (family qwen3_moe: every layer's MLP is routed experts; HF names in brackets).
+    num_experts: int | None = None  # routed experts per layer (num_experts); None: a dense model
+    moe_router_topk: int = 2  # experts each token goes to (num_experts_per_tok)
+    moe_ffn_hidden_size: int | None = None  # one expert's SwiGLU width (moe_intermediate_size)
+    moe_norm_topk_prob: bool = True  # rescale the top-k routing probabilities to sum to 1 (norm_topk_prob)
+    moe_aux_loss_coeff: float = 0.001  # load-balancing loss weight (router_aux_loss_coef); 0: off
 
 
 @dataclass
@@ -61,6 +67,9 @@ class ParallelConfig:
     pp: int = 1
     vpp: int | None = None  # virtual pipeline stages per rank (interleaved schedule)
     cp: int = 1
+    # Expert parallelism: each MoE layer's experts are split over ep ranks, carved out of the
+    # data-parallel ranks (dense layers stay data-parallel there); experts use tp as their own TP.
+    ep: int = 1
     dp: int | None = None  # None: world_size // (tp * pp * cp); if set, it is checked
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True  # only takes effect when dp * cp > 1

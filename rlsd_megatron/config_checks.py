@@ -103,6 +103,30 @@ def layout_problems(cfg: Config, world_size: int) -> list[str]:
                         "(micro-batches whose teacher logits are held at a time), or null for parallel.pp")
     if p.sequence_parallel and p.tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tp > 1")
+    return problems + expert_problems(cfg, world_size)
+
+
+def expert_problems(cfg: Config, world_size: int) -> list[str]:
+    """Divisibility problems of expert parallelism (`parallel.ep`) for this model and world size."""
+    m, p = cfg.model, cfg.parallel
+    if p.ep < 1:
+        return [f"parallel.ep={p.ep} must be >= 1"]
+    if not m.num_experts:
+        return [] if p.ep == 1 else [f"parallel.ep={p.ep} needs an MoE model (model.num_experts); set ep=1"]
+    problems = []
+    if m.num_experts % p.ep:
+        problems.append(f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}; "
+                        "every expert-parallel rank holds the same number of experts")
+    if m.moe_router_topk > m.num_experts:
+        problems.append(f"model.moe_router_topk={m.moe_router_topk} exceeds model.num_experts={m.num_experts}")
+    width = m.moe_ffn_hidden_size or m.ffn_hidden_size
+    if width % p.tp:
+        problems.append(f"model.moe_ffn_hidden_size={width} is not divisible by parallel.tp={p.tp} "
+                        "(experts are tensor-parallel over tp)")
+    # Megatron's expert layout: tp x ep x expert-dp x pp; EP ranks come out of the data-parallel ones.
+    if world_size % (p.tp * p.ep * p.pp):
+        problems.append(f"world size {world_size} is not divisible by tp*ep*pp={p.tp}*{p.ep}*{p.pp}="
+                        f"{p.tp * p.ep * p.pp}; launch a multiple of it or lower parallel.ep")
     return problems
 
 

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     impl = resolve_transformer_impl(cfg, cuda_available=cuda, te_available=cuda and transformer_engine_available())
     p = cfg.parallel
-    initialize_model_parallel(Layout(p.tp, p.pp, p.cp, p.vpp), seed=cfg.train.seed,
+    initialize_model_parallel(Layout(p.tp, p.pp, p.cp, p.vpp, p.ep), seed=cfg.train.seed,
                               collective_timeout_minutes=p.collective_timeout_minutes,
                               wait_timeout_minutes=p.wait_timeout_minutes)
 

@@ -7,11 +7,14 @@ import torch
 from rlsd_megatron.config import ModelConfig
 
 # What sets each family apart in the HF mapping: Llama-3 rope scaling (llama), QKV bias and tied
-# embeddings (qwen2), q/k RMSNorm with an explicit head dim (qwen3).
+# embeddings (qwen2), q/k RMSNorm with an explicit head dim (qwen3), routed experts: 4 of width 16,
+# top-2 with renormalised probabilities, the load-balancing loss off (qwen3_moe).
 FAMILY_FEATURES = {
     "llama": dict(rope_theta=500000.0, rope_scaling_factor=8.0, max_position_embeddings=256),
     "qwen2": dict(qkv_bias=True, tie_word_embeddings=True, rope_theta=1000000.0),
     "qwen3": dict(qk_layernorm=True, kv_channels=32, rope_theta=1000000.0),
+    "qwen3_moe": dict(qk_layernorm=True, kv_channels=16, hidden_size=32, rope_theta=1000000.0, num_experts=4,
+                      moe_router_topk=2, moe_ffn_hidden_size=16, moe_norm_topk_prob=True, moe_aux_loss_coeff=0.0),
 }
 
 
@@ -40,3 +43,24 @@ def random_hf_model(model: ModelConfig, *, seed: int = 0, dtype: torch.dtype = t
         for param in hf.parameters():
             param.add_(torch.randn_like(param) * 0.05)
     return hf
+
+
+def hf_checkpoint_state(hf, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """`hf`'s tensors (or `tensors` keyed by its parameter names, e.g. gradients) under their
+    checkpoint names (what `save_pretrained` writes and our mapping reads): transformers 5 holds an
+    MoE layer's experts fused in memory (`mlp.experts.gate_up_proj` [E, 2F, H] = per expert
+    [gate; up], `mlp.experts.down_proj` [E, H, F]); checkpoints keep each expert's `gate_proj` /
+    `up_proj` / `down_proj` on its own. Dense models' names pass through."""
+    state = {}
+    for name, tensor in (hf.state_dict() if tensors is None else tensors).items():
+        if name.endswith(".experts.gate_up_proj"):
+            prefix = name.removesuffix("gate_up_proj")
+            for j, fused in enumerate(tensor):
+                gate, up = fused.chunk(2, dim=0)
+                state[f"{prefix}{j}.gate_proj.weight"], state[f"{prefix}{j}.up_proj.weight"] = gate, up
+        elif name.endswith(".experts.down_proj"):
+            prefix = name.removesuffix("down_proj")
+            state.update({f"{prefix}{j}.down_proj.weight": down for j, down in enumerate(tensor)})
+        else:
+            state[name] = tensor
+    return state

@@ -66,6 +66,7 @@ def transformer_config(cfg: Config, *, impl: str):
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp,
         context_parallel_size=p.cp,
+        expert_model_parallel_size=p.ep,
         sequence_parallel=p.sequence_parallel,
         params_dtype=dtype,
         bf16=dtype is torch.bfloat16,
@@ -79,7 +80,11 @@ def transformer_config(cfg: Config, *, impl: str):
         # The loss functions normalise by global counts themselves; see learner.step.
         calculate_per_token_loss=True,
         variable_seq_lengths=True,
-        moe_token_dispatcher_type="alltoall",  # unused (dense); "allgather" rejects variable lengths
+        # MoE: all-to-all runs on gloo too (all_to_all_single; the CPU stream shim of cpu_compat);
+        # "allgather" rejects variable sequence lengths.
+        moe_token_dispatcher_type="alltoall",
+        # One GEMM over all local experts needs Transformer Engine; the local spec loops over them.
+        moe_grouped_gemm=bool(m.num_experts) and impl == "transformer_engine",
         recompute_granularity=recompute,
         recompute_method=prec.recompute_method,
         recompute_num_layers=prec.recompute_num_layers,
@@ -100,13 +105,16 @@ def transformer_config(cfg: Config, *, impl: str):
 
 def layer_spec(config, *, impl: str):
     """The decoder-layer `ModuleSpec` for a `TransformerConfig`: Transformer Engine or
-    megatron-core local modules."""
+    megatron-core local modules; with `num_moe_experts`, an MoE layer (TE: `TEGroupedMLP` experts,
+    local: `SequentialMLP`, one megatron MLP per expert)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    experts = {"num_experts": config.num_moe_experts, "moe_grouped_gemm": config.moe_grouped_gemm}
     if impl == "transformer_engine":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm, **experts)
     if impl == "local":
-        return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm",
+                                                        **experts)
     raise ConfigError(f"transformer_impl must be local or transformer_engine, got {impl!r}")
 
 

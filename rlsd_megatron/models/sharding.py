@@ -11,6 +11,13 @@ parameter (`tensor_model_parallel`, `partition_dim`, `partition_stride`), so it 
 layers rather than a name table. Stride s means the full tensor is cut into tp·s pieces along
 the partition dim and rank r holds pieces r, r+tp, … (SwiGLU's fused gate/up fc1 has s=2, so
 every rank holds matching gate and up rows).
+
+MoE experts (`mlp.experts.…`) are canonically numbered globally as megatron-core's
+`SequentialMLP` at EP=1 names them (`mlp.experts.local_experts.{j}.linear_fc1.weight`): expert
+parallel rank r holds experts r·n … r·n+n-1 of n = experts / EP as its local 0 … n-1, and
+Transformer Engine's `TEGroupedMLP` keeps local expert k as `mlp.experts.linear_fc1.weight{k}`.
+Experts are tensor-parallel over megatron's expert-TP group (tp ranks unless set otherwise) and
+gathered over the expert-parallel group.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ _TE_TO_CANONICAL = {
 }
 _VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")  # SequentialMLP
+_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$")  # TEGroupedMLP
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,7 @@ class ShardLayout:
     tp_dim: int | None  # partition dim, None when replicated across TP
     stride: int
     vocab: bool  # rows are vocabulary entries (padded locally)
+    expert: bool = False  # an MoE expert's: sharded over the expert-TP group, one EP rank holds it
 
 
 def canonical_name(chunk: torch.nn.Module, local_name: str) -> str:
@@ -48,8 +58,30 @@ def canonical_name(chunk: torch.nn.Module, local_name: str) -> str:
         return local_name
     index, rest = int(match.group(1)), match.group(2)
     rest = _TE_TO_CANONICAL.get(rest, rest)
-    global_index = chunk.decoder.layers[index].layer_number - 1
-    return f"decoder.layers.{global_index}.{rest}"
+    layer = chunk.decoder.layers[index]
+    expert = _LOCAL_EXPERT.match(rest) or _GROUPED_EXPERT.match(rest)
+    if expert:
+        local, tensor = (int(expert.group(1)), expert.group(2)) if expert.re is _LOCAL_EXPERT else (
+            int(expert.group(3)), f"{expert.group(1)}.{expert.group(2)}")
+        rest = f"mlp.experts.local_experts.{_first_local_expert(layer) + local}.{tensor}"
+    return f"decoder.layers.{layer.layer_number - 1}.{rest}"
+
+
+def _first_local_expert(layer: torch.nn.Module) -> int:
+    """Global number of this rank's first expert in an MoE `layer`."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_expert_model_parallel_rank() * layer.mlp.experts.num_local_experts
+
+
+def _tp_rank_and_size(layout: ShardLayout) -> tuple[int, int]:
+    """This rank's (rank, size) in the tensor-parallel group that shards `layout`'s tensor."""
+    from megatron.core import parallel_state
+
+    if layout.expert:
+        return (parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_tensor_parallel_world_size())
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
 
 
 def is_tied_output_copy(chunk: torch.nn.Module, local_name: str) -> bool:
@@ -59,11 +91,13 @@ def is_tied_output_copy(chunk: torch.nn.Module, local_name: str) -> bool:
 
 def shard_layout(chunk: torch.nn.Module, local_name: str, param: torch.Tensor) -> ShardLayout:
     partitioned = bool(getattr(param, "tensor_model_parallel", False))
+    name = canonical_name(chunk, local_name)
     return ShardLayout(
-        name=canonical_name(chunk, local_name),
+        name=name,
         tp_dim=param.partition_dim if partitioned else None,
         stride=getattr(param, "partition_stride", 1) if partitioned else 1,
         vocab=local_name in _VOCAB_PARAMS,
+        expert=".mlp.experts." in name,
     )
 
 
@@ -99,13 +133,10 @@ def local_parameters(chunks: list[torch.nn.Module]) -> Iterator[tuple[torch.nn.M
 
 def load_full_state(chunks: list[torch.nn.Module], full_state: dict[str, torch.Tensor]) -> None:
     """Copy canonical full tensors into this rank's shards (every rank holds `full_state`)."""
-    from megatron.core import parallel_state
-
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     with torch.no_grad():
         for module, name, param in local_parameters(chunks):
             layout = shard_layout(module, name, param)
+            tp_rank, tp_size = _tp_rank_and_size(layout)
             source = "embedding.word_embeddings.weight" if is_tied_output_copy(module, name) else layout.name
             if source not in full_state:
                 raise KeyError(f"full state has no tensor {source!r} for parameter {name!r}")
@@ -118,22 +149,27 @@ def load_full_state(chunks: list[torch.nn.Module], full_state: dict[str, torch.T
 def gather_full_state(chunks: list[torch.nn.Module], vocab_size: int, *, grads: bool = False) -> dict[str, torch.Tensor]:
     """Canonical full tensors (or their gradients, `grads=True`) assembled on every rank.
 
-    All-gathers over the TP group and exchanges stages over the PP group with pickled CPU
-    tensors: meant for tests and small models. The rollout path streams instead.
+    All-gathers over the (expert-)TP group, exchanges experts over the expert-parallel group and
+    stages over the PP group with pickled CPU tensors: meant for tests and small models. The
+    rollout path streams instead.
     """
     from megatron.core import parallel_state
 
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     stage_state: dict[str, torch.Tensor] = {}
     for module, name, param in local_parameters(chunks):
         if is_tied_output_copy(module, name):
             continue
         layout = shard_layout(module, name, param)
+        group = (parallel_state.get_expert_tensor_parallel_group() if layout.expert
+                 else parallel_state.get_tensor_model_parallel_group())
         tensor = _grad_of(param) if grads else param.detach()
-        shards = [torch.empty_like(tensor) for _ in range(tp_size)]
-        dist.all_gather(shards, tensor.contiguous(), group=tp_group)
+        shards = [torch.empty_like(tensor) for _ in range(_tp_rank_and_size(layout)[1])]
+        dist.all_gather(shards, tensor.contiguous(), group=group)
         stage_state[layout.name] = unshard_tensors(shards, layout, vocab_size).cpu()
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        expert_ranks: list = [None] * parallel_state.get_expert_model_parallel_world_size()
+        dist.all_gather_object(expert_ranks, stage_state, group=parallel_state.get_expert_model_parallel_group())
+        stage_state = {name: tensor for state in expert_ranks for name, tensor in state.items()}
     stages: list = [None] * parallel_state.get_pipeline_model_parallel_world_size()
     dist.all_gather_object(stages, stage_state, group=parallel_state.get_pipeline_model_parallel_group())
     full: dict[str, torch.Tensor] = {}

@@ -5,7 +5,7 @@ distributed optimizer run unchanged on CPU over gloo once these assumptions hold
 
 1. `torch.cuda.current_device()` is called to pick a device (rotary embedding, DDP buffers,
    p2p shapes); streams, events and `synchronize()` order DDP's gradient reduction and the
-   pipeline's p2p communication. Without a driver all of these raise. We make
+   pipeline's p2p communication (and the MoE all-to-all dispatcher's device-to-host copies). Without a driver all of these raise. We make
    `current_device()` return 0 and point the stream/event API at `torch.cpu`'s no-op
    equivalents, and a `TorchFunctionMode` maps every CUDA device argument (`device="cuda"`,
    `device=0`, `.cuda()`, `.to("cuda")`) to the CPU, which covers the tensor factories in the
@@ -58,6 +58,14 @@ class CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+class CpuStream(torch.cpu.Stream):
+    """`torch.cpu.Stream` whose `record_event` returns an event: the CPU one returns None, and
+    megatron-core's MoE all-to-all dispatcher synchronises on the event its side stream records."""
+
+    def record_event(self, event=None):
+        return event or torch.cpu.Event()
 
 
 class CpuRNGStatesTracker:
@@ -125,7 +133,7 @@ def install() -> bool:
     torch.cuda.synchronize = torch.cpu.synchronize
     torch.cuda.current_stream = torch.cpu.current_stream
     torch.cuda.default_stream = torch.cpu.current_stream
-    torch.cuda.Stream = torch.cpu.Stream
+    torch.cuda.Stream = CpuStream
     torch.cuda.stream = torch.cpu.stream
     torch.cuda.Event = torch.cpu.Event
 

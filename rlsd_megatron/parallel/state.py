@@ -21,12 +21,14 @@ from rlsd_megatron.parallel import cpu_compat
 
 @dataclass(frozen=True)
 class Layout:
-    """A model-parallel layout: sizes of tensor, pipeline (+ virtual), context and data parallelism."""
+    """A model-parallel layout: sizes of tensor, pipeline (+ virtual), context and data parallelism,
+    and expert parallelism (MoE layers' experts split over `ep` of the data-parallel ranks)."""
 
     tp: int = 1
     pp: int = 1
     cp: int = 1
     vpp: int | None = None
+    ep: int = 1
 
     def dp(self, world_size: int) -> int:
         model_parallel = self.tp * self.pp * self.cp
@@ -34,6 +36,12 @@ class Layout:
             raise ValueError(
                 f"world size {world_size} is not divisible by tp*pp*cp = {self.tp}*{self.pp}*{self.cp}"
                 f" = {model_parallel}; change the parallel layout or the number of processes"
+            )
+        # Megatron's expert layout is tp x ep x expert-dp x pp (experts use tp as their TP).
+        if world_size % (self.tp * self.ep * self.pp):
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*ep*pp = {self.tp}*{self.ep}*{self.pp}"
+                f" = {self.tp * self.ep * self.pp}; change the parallel layout or the number of processes"
             )
         return world_size // model_parallel
 
@@ -133,6 +141,7 @@ def initialize_model_parallel(layout: Layout, seed: int = 1234, *, collective_ti
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
         context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
         distributed_timeout_minutes=collective_timeout_minutes,
     )
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
@@ -211,14 +220,14 @@ def destroy_model_parallel() -> None:
 
 
 @contextlib.contextmanager
-def model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None, seed: int = 1234,
+def model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None, ep: int = 1, seed: int = 1234,
                    **timeouts: float):
     """Context manager: megatron-core groups for one layout over the current world, torn down after.
 
     Lets one long-lived set of processes (see `local_pool`) run cases with different layouts.
     `timeouts`: `initialize_model_parallel`'s.
     """
-    initialize_model_parallel(Layout(tp=tp, pp=pp, cp=cp, vpp=vpp), seed=seed, **timeouts)
+    initialize_model_parallel(Layout(tp=tp, pp=pp, cp=cp, vpp=vpp, ep=ep), seed=seed, **timeouts)
     try:
         yield
     finally:

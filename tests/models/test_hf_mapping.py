@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlsd_megatron.config import Config
-from tests.hf_models import random_hf_model, tiny_families, tiny_model
+from tests.hf_models import hf_checkpoint_state, random_hf_model, tiny_families, tiny_model
 from rlsd_megatron.models.hf_mapping import (
     MappingError,
     check_hf_names,
@@ -25,7 +25,7 @@ def megatron_vs_hf_logits(family: str) -> float:
 
     model = FAMILIES[family]
     hf = random_hf_model(model)
-    hf_state = dict(hf.state_dict())
+    hf_state = hf_checkpoint_state(hf)
     full = dict(hf_to_megatron(hf_state.__getitem__, model))
     gen = torch.Generator().manual_seed(1)
     sequences = [torch.randint(0, model.vocab_size, (n,), generator=gen) for n in (11, 6)]
@@ -51,7 +51,7 @@ def test_converted_hf_models_give_the_same_logits(dist_pool):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_round_trip_is_bit_exact_and_names_check(family):
     model = FAMILIES[family]
-    hf_state = dict(random_hf_model(model).state_dict())
+    hf_state = hf_checkpoint_state(random_hf_model(model))
     check_hf_names(set(hf_state), model)
     back = {}
     for name, tensor in hf_to_megatron(hf_state.__getitem__, model):
@@ -64,7 +64,7 @@ def test_round_trip_is_bit_exact_and_names_check(family):
 
 def test_mismatched_checkpoints_are_reported():
     model = FAMILIES["qwen2"]
-    hf_state = dict(random_hf_model(model).state_dict())
+    hf_state = hf_checkpoint_state(random_hf_model(model))
     with pytest.raises(MappingError, match=r"unexpected tensors \['model.layers.0.extra'\]"):
         check_hf_names(set(hf_state) | {"model.layers.0.extra"}, model)
     with pytest.raises(MappingError, match=r"missing tensors \['model.norm.weight'\]"):

@@ -23,8 +23,9 @@ from rlsd_megatron.config import Config, ModelConfig, ParallelConfig
 from tests.hf_models import random_hf_model, tiny_families
 
 TOL = 1e-5
-# Every family at TP=2 (4 heads, 2 KV groups) / PP=2 (one layer per stage), vocab 97 (padded).
-FAMILIES = tiny_families()
+# Every dense family at TP=2 (4 heads, 2 KV groups) / PP=2 (one layer per stage), vocab 97 (padded).
+# MoE checkpoints (megatron-core's expert keys in the streaming layout) are issue 21's converter slice.
+FAMILIES = {name: model for name, model in tiny_families().items() if model.num_experts is None}
 
 
 def sequences(vocab: int) -> list[torch.Tensor]:

@@ -61,6 +61,7 @@ class LlamaLayoutFamily(ModelFamily):
     # HF head_dim is part of the architecture (written even when it is hidden / heads) (Qwen3)
     explicit_head_dim: bool = False
     hf_flags: dict[str, Any] = {}  # config.json keys of the family's HF class saying "no such feature"
+    moe: bool = False  # routed experts in every layer's MLP (`model.num_experts`) instead of a dense one
 
     def refuse_hf(self, hf: dict[str, Any]) -> None:
         """Raise ConfigError for HF features of this family the layout cannot reproduce."""
@@ -92,8 +93,16 @@ class LlamaLayoutFamily(ModelFamily):
             "init_method_std": float(hf.get("initializer_range", 0.02)),
         }
 
+    def check_experts(self, model: ModelConfig) -> None:
+        """Raise ConfigError when `model.num_experts` says MoE and the family is dense, or the reverse."""
+        if bool(model.num_experts) != self.moe:
+            what = "is a mixture of experts and needs model.num_experts" if self.moe else "is dense"
+            raise ConfigError(f"model.family={self.name} {what}, got model.num_experts={model.num_experts}; "
+                              f"set model.family to an MoE family (qwen3_moe) or model.num_experts to match")
+
     def check_options(self, model: ModelConfig) -> None:
         """Raise ConfigError when `model`'s options are not this family's (no HF equivalent)."""
+        self.check_experts(model)
         if (model.qkv_bias, model.qk_layernorm) != (self.qkv_bias, self.qk_layernorm):
             raise ConfigError(
                 f"family {self.name} means qkv_bias={str(self.qkv_bias).lower()} and "
@@ -130,6 +139,7 @@ class LlamaLayoutFamily(ModelFamily):
         }
 
     def transformer_options(self, model: ModelConfig) -> dict[str, Any]:
+        self.check_experts(model)
         return {"add_qkv_bias": model.qkv_bias, "qk_layernorm": model.qk_layernorm}
 
     def ignorable_hf_names(self, model: ModelConfig, hf_names: set[str]) -> set[str]:
