@@ -123,6 +123,9 @@ def expert_problems(cfg: Config, world_size: int) -> list[str]:
     if width % p.tp:
         problems.append(f"model.moe_ffn_hidden_size={width} is not divisible by parallel.tp={p.tp} "
                         "(experts are tensor-parallel over tp)")
+    if p.tp > 1 and not p.sequence_parallel:
+        problems.append(f"an MoE model under parallel.tp={p.tp} needs parallel.sequence_parallel=true "
+                        "(megatron-core refuses MoE with TP alone)")
     # Megatron's expert layout: tp x ep x expert-dp x pp; EP ranks come out of the data-parallel ones.
     if world_size % (p.tp * p.ep * p.pp):
         problems.append(f"world size {world_size} is not divisible by tp*ep*pp={p.tp}*{p.ep}*{p.pp}="

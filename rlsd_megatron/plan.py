@@ -121,18 +121,22 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def layer_params(cfg: Config) -> int:
-    """Parameters of one decoder layer: the HF shapes of the family's per-layer tensor rules."""
+def layer_params(cfg: Config, *, experts: bool | None = None) -> int:
+    """Parameters of one decoder layer: the HF shapes of the family's per-layer tensor rules
+    (`experts`: only the MoE experts' (True), only the rest (False), all (None))."""
     rules = family_of(cfg.model).tensor_rules(cfg.model)
-    return sum(math.prod(shape) for rule in rules if "{i}" in rule.megatron for shape in rule.hf_shapes)
+    return sum(math.prod(shape) for rule in rules if "{i}" in rule.megatron
+               and experts in (None, ".mlp.experts." in rule.megatron) for shape in rule.hf_shapes)
 
 
 def stage_params(cfg: Config, *, first: bool, last: bool) -> int:
-    """Parameters held by one GPU of a pipeline stage (TP-split tensors divided by TP)."""
+    """Parameters held by one GPU of a pipeline stage (TP-split tensors divided by TP, experts by
+    TP x EP)."""
     m, p = cfg.model, cfg.parallel
     vocab_rows = padded_vocab_size(m, p.tp) // p.tp
     layers = m.num_layers // p.pp
-    count = layers * layer_params(cfg) // p.tp
+    # TP splits every layer; an MoE layer's experts are spread over parallel.ep ranks as well.
+    count = layers * (layer_params(cfg, experts=False) + layer_params(cfg, experts=True) // p.ep) // p.tp
     if first:
         count += vocab_rows * m.hidden_size
     if last:

@@ -213,6 +213,33 @@ def test_valid_layout_passes():
     validate_config(layout_config(tp=2, pp=2), 8, cuda_available=False, te_available=False)
 
 
+def moe_layout_config(**parallel) -> Config:
+    cfg = layout_config(**parallel)
+    cfg.model = ModelConfig(family="qwen3_moe", num_layers=4, num_attention_heads=8, num_query_groups=4,
+                            hidden_size=64, qk_layernorm=True, num_experts=6, moe_ffn_hidden_size=32)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "parallel, world, message",
+    [
+        (dict(ep=4), 4, r"model\.num_experts=6 is not divisible by parallel\.ep=4"),
+        (dict(ep=3, tp=2, sequence_parallel=True), 2, r"world size 2 is not divisible by tp\*ep\*pp=2\*3\*1=6"),
+        (dict(ep=0), 1, r"parallel\.ep=0 must be >= 1"),
+        (dict(tp=2), 2, r"an MoE model under parallel\.tp=2 needs parallel\.sequence_parallel=true"),
+    ],
+)
+def test_expert_layout_errors(parallel, world, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(moe_layout_config(**parallel), world, cuda_available=False, te_available=False)
+
+
+def test_expert_parallelism_needs_experts_and_valid_moe_layouts_pass():
+    with pytest.raises(ConfigError, match=r"parallel\.ep=2 needs an MoE model \(model\.num_experts\)"):
+        validate_config(layout_config(ep=2), 2, cuda_available=False, te_available=False)
+    validate_config(moe_layout_config(ep=2, tp=2, pp=2, sequence_parallel=True), 8, cuda_available=False, te_available=False)
+
+
 PRESETS = ("rlsd", "grpo", "dapo", "drgrpo", "opd", "opsd", "sdpo", "grpo_opsd")
 
 

@@ -212,3 +212,21 @@ def test_cli_opsd_at_8b_counts_the_frozen_teacher_and_one_chunk_of_its_logits(ca
     assert rows["distillation (one chunk)"] == round(expected / 2**30, 2) == 3.52
     assert rows["training phase peak"] <= rows["budget"] and rows["rollout phase peak"] <= rows["budget"]
     assert "distillation on the host: none" in out and out.splitlines()[-1] == "fits"
+
+
+def test_qwen3_30b_a3b_counts_experts_per_expert_parallel_rank():
+    """Qwen3-30B-A3B (48 layers of 128 experts of width 768, hidden 2048): 30.5B parameters as Qwen
+    reports; at EP=8 each GPU holds 1/8 of the experts (28.99B of them) and all of the rest."""
+    from rlsd_megatron.plan import layer_params
+
+    cfg = config()
+    cfg.model = ModelConfig(family="qwen3_moe", vocab_size=151936, hidden_size=2048, num_layers=48,
+                            num_attention_heads=32, num_query_groups=4, kv_channels=128, ffn_hidden_size=6144,
+                            qk_layernorm=True, num_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768)
+    cfg.parallel.tp = cfg.parallel.pp = 1
+    experts = 48 * layer_params(cfg, experts=True)
+    assert experts == 48 * 128 * 3 * 2048 * 768
+    whole = stage_params(cfg, first=True, last=True)
+    assert whole == pytest.approx(30.5e9, rel=0.005)
+    cfg.parallel.ep = 8
+    assert stage_params(cfg, first=True, last=True) == whole - experts * 7 // 8

@@ -103,6 +103,28 @@ def transformer_config(cfg: Config, *, impl: str):
     )
 
 
+class LocalNorm:
+    """The local spec's RMSNorm (megatron-core's `WrappedTorchNorm`: `torch.nn.RMSNorm`, as there is
+    no Apex), usable under sequence parallelism, which `WrappedTorchNorm` refuses. Under it each
+    TP rank normalises its slice of the sequence, so the weight's gradient is a partial sum; the
+    `sequence_parallel` mark has `finalize_model_grads` all-reduce it over TP (what Apex's and
+    TE's norms do). Sequence parallelism is what megatron-core requires of MoE under TP."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        norm.weight.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _local_spec_with_norm(spec, *, qk_layernorm: bool):
+    """`spec` (a local GPT layer spec) with its norms (pre-attention, pre-MLP, q/k) as `LocalNorm`."""
+    layer = spec.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = LocalNorm
+    if qk_layernorm:
+        layer.self_attention.submodules.q_layernorm = layer.self_attention.submodules.k_layernorm = LocalNorm
+    return spec
+
+
 def layer_spec(config, *, impl: str):
     """The decoder-layer `ModuleSpec` for a `TransformerConfig`: Transformer Engine or
     megatron-core local modules; with `num_moe_experts`, an MoE layer (TE: `TEGroupedMLP` experts,
@@ -113,8 +135,8 @@ def layer_spec(config, *, impl: str):
     if impl == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm, **experts)
     if impl == "local":
-        return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm",
-                                                        **experts)
+        return _local_spec_with_norm(gpt_layer_specs.get_gpt_layer_local_spec(
+            qk_layernorm=config.qk_layernorm, normalization="RMSNorm", **experts), qk_layernorm=config.qk_layernorm)
     raise ConfigError(f"transformer_impl must be local or transformer_engine, got {impl!r}")
 
 
@@ -126,6 +148,7 @@ def build_model_chunks(cfg: Config, *, impl: str) -> list[torch.nn.Module]:
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     m = cfg.model
     config = transformer_config(cfg, impl=impl)
@@ -135,9 +158,13 @@ def build_model_chunks(cfg: Config, *, impl: str) -> list[torch.nn.Module]:
     stages = cfg.parallel.vpp or 1
     for vp_stage in range(stages):
         vp = vp_stage if cfg.parallel.vpp else None
+        block = spec
+        if impl == "local":  # the final norm as the layers' (megatron-core would pick WrappedTorchNorm)
+            block = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp),
+                                               layer_norm=LocalNorm)
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block,
             vocab_size=vocab,
             max_sequence_length=m.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),

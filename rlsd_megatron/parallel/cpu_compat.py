@@ -5,7 +5,7 @@ distributed optimizer run unchanged on CPU over gloo once these assumptions hold
 
 1. `torch.cuda.current_device()` is called to pick a device (rotary embedding, DDP buffers,
    p2p shapes); streams, events and `synchronize()` order DDP's gradient reduction and the
-   pipeline's p2p communication (and the MoE all-to-all dispatcher's device-to-host copies). Without a driver all of these raise. We make
+   pipeline's p2p communication (and the MoE all-to-all dispatcher's device-to-host copies of its split sizes). Without a driver all of these raise. We make
    `current_device()` return 0 and point the stream/event API at `torch.cpu`'s no-op
    equivalents, and a `TorchFunctionMode` maps every CUDA device argument (`device="cuda"`,
    `device=0`, `.cuda()`, `.to("cuda")`) to the CPU, which covers the tensor factories in the
@@ -68,6 +68,15 @@ class CpuStream(torch.cpu.Stream):
         return event or torch.cpu.Event()
 
 
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron-core's `moe_utils.maybe_move_tensor_to_cpu` for CPU tensors: the split sizes the MoE
+    all-to-all dispatcher copies off the GPU become numpy arrays there, which `all_to_all_single`
+    takes; the original leaves CPU tensors as they are, which it refuses."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
 class CpuRNGStatesTracker:
     """Megatron's RNG-states tracker interface (add / fork / get_states / set_states / reset)
     over the CPU default generator, so tensor-parallel regions get their own seeded streams."""
@@ -126,6 +135,7 @@ def install() -> bool:
     # attention module only catches ImportError; a None entry makes it an ImportError.
     sys.modules.setdefault("flash_mla", None)
     from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer.moe import token_dispatcher
 
     torch.cuda.current_device = lambda: 0
     # Streams and events only order work on a GPU; torch.cpu has no-op stand-ins with the same
@@ -136,6 +146,7 @@ def install() -> bool:
     torch.cuda.Stream = CpuStream
     torch.cuda.stream = torch.cpu.stream
     torch.cuda.Event = torch.cpu.Event
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
 
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()

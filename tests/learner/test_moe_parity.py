@@ -64,16 +64,17 @@ def hf_reference() -> dict:
 
 def run_layout(weights: dict, tp: int = 1, pp: int = 1, ep: int = 1) -> dict:
     """The learner at (tp, pp, ep), data-parallel over the rest, loaded with `weights`: logits per
-    sequence, loss, canonical gradients and each layer's chosen experts per sequence."""
+    sequence, loss, canonical gradients and each layer's chosen experts per sequence. TP runs with
+    sequence parallelism, which megatron-core requires of MoE under TP."""
     from megatron.core import parallel_state
 
-    from rlsd_megatron.learner.batch import padded_micro_batch
     from rlsd_megatron.learner.learner import Learner
     from rlsd_megatron.parallel.state import model_parallel
 
     vocab = MODEL.vocab_size
     # clip_grad=0: no clipping, so the gradients are the loss's own.
-    cfg = Config(model=MODEL, parallel=ParallelConfig(tp=tp, pp=pp, ep=ep, use_distributed_optimizer=False),
+    cfg = Config(model=MODEL, parallel=ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=tp > 1,
+                                                      use_distributed_optimizer=False),
                  optimizer=OptimizerConfig(clip_grad=0.0))
     with model_parallel(tp=tp, pp=pp, ep=ep):
         learner = Learner(cfg)
@@ -85,7 +86,7 @@ def run_layout(weights: dict, tp: int = 1, pp: int = 1, ep: int = 1) -> dict:
         mine = list(range(len(sequences)))[dp_rank::dp]
         # Two micro-batches per rank (accumulation); sequence indices kept to name the routing.
         batches = [mine[i::2] for i in range(2)]
-        micro_batches = [padded_micro_batch([sequences[s] for s in batch]) for batch in batches]
+        micro_batches = [learner.micro_batch([sequences[s] for s in batch]) for batch in batches]
         routing, hooks = _record_routing(learner, batches)
         outputs = learner.forward(micro_batches, lambda logits, mb: {"logits": gather_vocab(logits, vocab)})
         for hook in hooks:
@@ -106,12 +107,19 @@ def run_layout(weights: dict, tp: int = 1, pp: int = 1, ep: int = 1) -> dict:
 def _record_routing(learner, batches: list[list[int]]):
     """Forward hooks on every local router: (sequence, global layer) → chosen experts [L, k]
     (sorted ids), for the micro-batches of `batches` (sequence indices) in order."""
+    from megatron.core import parallel_state
+
     calls: dict[int, int] = {}
     routing: dict[tuple[int, int], torch.Tensor] = {}
 
     def hook_for(layer_number: int):
         def hook(module, args, output):
             routing_map = output[1]  # [s * b, experts] bool, sequence-major
+            if module.config.sequence_parallel:  # this TP rank routed its slice of the positions
+                group = parallel_state.get_tensor_model_parallel_group()
+                slices = [torch.empty_like(routing_map) for _ in range(dist.get_world_size(group))]
+                dist.all_gather(slices, routing_map.contiguous(), group=group)
+                routing_map = torch.cat(slices)
             batch = batches[calls.get(layer_number, 0)]
             calls[layer_number] = calls.get(layer_number, 0) + 1
             per_token = routing_map.reshape(-1, len(batch), routing_map.shape[-1]).transpose(0, 1)
