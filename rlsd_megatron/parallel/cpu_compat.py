@@ -5,7 +5,7 @@ distributed optimizer run unchanged on CPU over gloo once these assumptions hold
 
 1. `torch.cuda.current_device()` is called to pick a device (rotary embedding, DDP buffers,
    p2p shapes); streams, events and `synchronize()` order DDP's gradient reduction and the
-   pipeline's p2p communication (and the MoE all-to-all dispatcher's device-to-host copies of its split sizes). Without a driver all of these raise. We make
+   pipeline's p2p communication. Without a driver all of these raise. We make
    `current_device()` return 0 and point the stream/event API at `torch.cpu`'s no-op
    equivalents, and a `TorchFunctionMode` maps every CUDA device argument (`device="cuda"`,
    `device=0`, `.cuda()`, `.to("cuda")`) to the CPU, which covers the tensor factories in the
@@ -16,6 +16,10 @@ distributed optimizer run unchanged on CPU over gloo once these assumptions hold
    `CpuRNGStatesTracker` keeps the same add/fork/get_states/set_states interface over the CPU
    generator, and the module-level CUDA state getters/setters it and activation
    recomputation use are pointed at the CPU generator.
+3. MoE (the all-to-all token dispatcher): its side stream's `record_event` must return an event
+   (`CpuStream`); the split sizes it copies to the host must be numpy arrays as they are on GPUs
+   (`_host_copy`); under TP x EP it all-gathers pieces of different lengths and reduce-scatters
+   them back, which NCCL does and gloo does not (`_all_gather`, `_reduce_scatter`).
 
 `install()` is a no-op when CUDA is available: GPU runs use megatron-core untouched.
 `tests/parallel/test_cpu_compat.py` runs the model, pipeline schedule and optimizer with the
@@ -75,6 +79,39 @@ def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
     if torch.is_tensor(tensor) and as_numpy:
         return tensor.numpy()
     return tensor
+
+
+_gloo_all_gather = torch.distributed.all_gather
+
+
+def _all_gather(tensor_list, tensor, group=None, async_op=False):
+    """`dist.all_gather` that also takes pieces of different lengths (first dim), which gloo
+    refuses: megatron-core's MoE dispatcher gathers each rank's tokens over expert-TP so under
+    TP x EP. Uneven pieces are zero-padded to the longest, gathered and cut back."""
+    if all(t.shape == tensor.shape for t in tensor_list):
+        return _gloo_all_gather(tensor_list, tensor, group=group, async_op=async_op)
+    if async_op:
+        raise NotImplementedError("asynchronous all_gather of uneven pieces on gloo")
+    rows = max(t.shape[0] for t in tensor_list)
+    padded = [t.new_empty(rows, *t.shape[1:]) for t in tensor_list]
+    mine = torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
+    _gloo_all_gather(padded, mine, group=group)
+    for out, full in zip(tensor_list, padded):
+        out.copy_(full[: out.shape[0]])
+    return None
+
+
+def _reduce_scatter(output, input_list, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
+    """`dist.reduce_scatter` (a list of pieces, possibly of different lengths), which gloo lacks:
+    the backward of the uneven gather above. All-reduces the whole and keeps this rank's piece."""
+    if async_op:
+        raise NotImplementedError("asynchronous reduce_scatter on gloo")
+    whole = torch.cat([piece.reshape(-1) for piece in input_list])
+    torch.distributed.all_reduce(whole, op=op, group=group)
+    rank = torch.distributed.get_rank(group)
+    start = sum(piece.numel() for piece in input_list[:rank])
+    output.copy_(whole[start: start + output.numel()].view_as(output))
+    return None
 
 
 class CpuRNGStatesTracker:
@@ -147,6 +184,8 @@ def install() -> bool:
     torch.cuda.stream = torch.cpu.stream
     torch.cuda.Event = torch.cpu.Event
     token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
+    torch.distributed.all_gather = _all_gather
+    torch.distributed.reduce_scatter = _reduce_scatter
 
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()

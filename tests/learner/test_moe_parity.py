@@ -2,8 +2,9 @@
 
 A tiny random Qwen3-MoE (2 layers, 4 experts of width 16, top-2 with renormalised
 probabilities, hidden 32, vocab 97) is built by transformers, its weights go through our HF →
-Megatron mapping, and the learner at EP=1/TP=1 (one process) and at EP=2, TP=2, PP=2 (two gloo
-ranks) must reproduce transformers' model on a batch of variable-length sequences:
+Megatron mapping, and the learner at EP=1/TP=1 (one process), at EP=2, TP=2 (with sequence
+parallelism, which megatron-core requires of MoE under TP) and PP=2 (two gloo ranks) and at
+EP=2×TP=2 (four) must reproduce transformers' model on a batch of variable-length sequences:
 - routing: every token of every layer goes to the same set of experts (the router's top-k);
 - logits within 1e-5 absolute, the token-mean NLL within 1e-5;
 - every parameter's gradient (mapped from HF's names) within 1e-5 of its largest entry.
@@ -180,3 +181,13 @@ def test_expert_tensor_and_pipeline_parallel_match_transformers(dist_pool, refer
             assert_matches_hf(case, reference)
         except AssertionError as exc:
             raise AssertionError(f"{layout}: {exc}") from exc
+
+
+def expert_and_tensor_parallel_on_four_ranks(weights: dict) -> dict:
+    return run_layout(weights, tp=2, ep=2)
+
+
+def test_expert_parallel_with_tensor_parallel_matches_transformers(dist_pool, reference):
+    """EP=2 x TP=2 on four ranks: experts split over EP and each expert over TP (dense DP=2)."""
+    case = dist_pool(4).run(expert_and_tensor_parallel_on_four_ranks, reference["weights"], timeout=600)[0]
+    assert_matches_hf(case, reference)

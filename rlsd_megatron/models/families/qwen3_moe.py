@@ -7,6 +7,12 @@ by their sum when `norm_topk_prob`; megatron-core: top-k of the logits, then sof
 the same numbers). Without `norm_topk_prob` the weights are the full softmax's top-k values,
 which is megatron-core's `moe_router_pre_softmax`.
 
+The load-balancing loss: `router_aux_loss_coef` becomes megatron-core's `moe_aux_loss_coeff` as
+it is, but the two losses are not the same function: HF pools every layer's tokens into one loss
+E·Σ_e f_e·P_e (f_e: share of routed slots, summing to k), megatron adds one per layer and
+micro-batch with f_e summing to 1 (so 1/k of HF's for one layer), and counts the local layers'
+padding tokens. Parity tests run with it off; matching HF's scale is for a later slice.
+
 Tensor names: HF checkpoints keep every expert on its own (`mlp.experts.{j}.gate_proj.weight`,
 what `save_pretrained` writes and SGLang loads; transformers 5 fuses them into 3-D tensors in
 memory only); canonical Megatron names are those of megatron-core's `SequentialMLP` at EP=1
