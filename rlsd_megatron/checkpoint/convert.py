@@ -79,6 +79,14 @@ def _tqdm(total: int, enabled: bool, unit: str):
 # HF → Megatron
 
 
+def refuse_experts(model: ModelConfig) -> None:
+    """Raise for MoE models: megatron-core keys experts differently in its checkpoints (one sharded
+    tensor per layer's experts), which the streaming layout does not write or read yet."""
+    if model.num_experts:
+        raise CheckpointError(f"the converters do not handle MoE models yet (model.family={model.family}, "
+                              f"model.num_experts={model.num_experts}); see issue 21")
+
+
 def validate_hf_checkpoint(hf_dir: Path, tp: int, pp: int, vpp: int | None) -> tuple[ModelConfig, HFSafetensors]:
     """The model config of an HF directory and its opened weights, after checking the config
     translates exactly, the layout divides the model, and every tensor name and shape matches."""
@@ -86,6 +94,7 @@ def validate_hf_checkpoint(hf_dir: Path, tp: int, pp: int, vpp: int | None) -> t
     from rlsd_megatron.models.hf_config import model_fields_from_hf
 
     model = ModelConfig(**model_fields_from_hf(hf_dir))
+    refuse_experts(model)
     problems = layout_problems(Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp)), tp * pp)
     if problems:
         raise ConfigError(f"--tp {tp} --pp {pp} does not fit {hf_dir}:\n  " + "\n  ".join(problems))
@@ -236,6 +245,7 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "a
     out = Path(out)
     checkpoint_dir = resolve_checkpoint_dir(ckpt)
     model = model_config_from_hf_config(hf_config) if hf_config else read_checkpoint_info(checkpoint_dir).model_config()
+    refuse_experts(model)
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"output directory {out} is not empty; choose a new one or remove it")
     if dtype != "auto" and dtype not in DTYPES:

@@ -293,3 +293,14 @@ def test_fp8_export_with_modelopt(tmp_path):
     weights = safetensors_state(tmp_path / "fp8")
     assert weights["model.layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
     assert "model.layers.0.mlp.down_proj.weight_scale" in weights
+
+
+def test_moe_checkpoints_are_refused_until_the_converters_handle_experts(tmp_path):
+    from rlsd_megatron.checkpoint import CheckpointError
+    from rlsd_megatron.checkpoint.convert import validate_hf_checkpoint
+    from tests.hf_models import tiny_model
+
+    random_hf_model(tiny_model("qwen3_moe")).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"the converters do not handle MoE models yet \(model.family=qwen3_moe, "
+                                              r"model.num_experts=4\)"):
+        validate_hf_checkpoint(tmp_path, 1, 1, None)
