@@ -237,7 +237,8 @@ def test_expert_layout_errors(parallel, world, message):
 def test_expert_parallelism_needs_experts_and_valid_moe_layouts_pass():
     with pytest.raises(ConfigError, match=r"parallel\.ep=2 needs an MoE model \(model\.num_experts\)"):
         validate_config(layout_config(ep=2), 2, cuda_available=False, te_available=False)
-    validate_config(moe_layout_config(ep=2, tp=2, pp=2, sequence_parallel=True), 8, cuda_available=False, te_available=False)
+    validate_config(moe_layout_config(ep=2, tp=2, pp=2, sequence_parallel=True), 8, cuda_available=False,
+                    te_available=False)
 
 
 PRESETS = ("rlsd", "grpo", "dapo", "drgrpo", "opd", "opsd", "sdpo", "grpo_opsd")

@@ -32,8 +32,8 @@ def test_unknown_families_list_the_supported_ones():
         family_of(ModelConfig(family="mistral"))
     with pytest.raises(ConfigError, match=r"architectures=\['MistralForCausalLM'\] / model_type='mistral' is not "
                                           r"supported; supported: \['LlamaForCausalLM', 'Qwen2ForCausalLM', "
-                                          r"'Qwen3ForCausalLM', 'Qwen3MoeForCausalLM'\] \(model_type \['llama', 'qwen2', 'qwen3', "
-                                          r"'qwen3_moe'\]\)"):
+                                          r"'Qwen3ForCausalLM', 'Qwen3MoeForCausalLM'\] "
+                                          r"\(model_type \['llama', 'qwen2', 'qwen3', 'qwen3_moe'\]\)"):
         family_for_hf({"architectures": ["MistralForCausalLM"], "model_type": "mistral"})
 
 
@@ -98,8 +98,9 @@ def test_qwen3_moe_router_options_follow_norm_topk_prob():
     logits (pre_softmax off); without it, the full softmax's top-k (pre_softmax on). Aux loss 0 = none."""
     family = family_of(tiny_model("qwen3_moe"))
     options = family.transformer_options(tiny_model("qwen3_moe"))
-    assert {k: options[k] for k in ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax",
-                                    "moe_router_load_balancing_type", "moe_router_score_function")} == {
+    keys = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax",
+            "moe_router_load_balancing_type", "moe_router_score_function")
+    assert {k: options[k] for k in keys} == {
         "num_moe_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 16, "moe_router_pre_softmax": False,
         "moe_router_load_balancing_type": "none", "moe_router_score_function": "softmax"}
     options = family.transformer_options(tiny_model("qwen3_moe", moe_norm_topk_prob=False, moe_aux_loss_coeff=0.001))
