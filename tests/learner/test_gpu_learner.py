@@ -3,7 +3,8 @@
 What is tested where: TP/PP/DP parity and the CP data layout run on CPU (gloo) in the other
 files; here, on one GPU, the local spec on CUDA must give the logits of `transformers`' model on
 the same weights and learn in bf16 (no TE needed), the TE layer spec in bf16 must reproduce the
-local spec's logits on the same weights, FP8 (hybrid, each recipe) must train (finite loss and grads, loss close to bf16),
+local spec's logits on the same weights (also for Qwen3-MoE: TE's grouped-GEMM experts against the
+local per-expert MLPs, under the same canonical names), FP8 (hybrid, each recipe) must train (finite loss and grads, loss close to bf16),
 and packed THD batches must equal padded ones. CP=2 attention needs two GPUs (the last case skips
 on one); its data layout (2·CP chunking, reassembly) is tested on CPU in test_batch.py.
 """
@@ -19,6 +20,10 @@ pytestmark = pytest.mark.gpu
 
 MODEL = ModelConfig(family="qwen3", vocab_size=1000, hidden_size=256, num_layers=2, num_attention_heads=8,
                     num_query_groups=4, kv_channels=32, ffn_hidden_size=512, qk_layernorm=True)
+# The same with 8 routed experts of width 128, top-2 (load-balancing loss off).
+MOE_MODEL = ModelConfig(family="qwen3_moe", vocab_size=1000, hidden_size=256, num_layers=2, num_attention_heads=8,
+                        num_query_groups=4, kv_channels=32, ffn_hidden_size=512, qk_layernorm=True, num_experts=8,
+                        moe_router_topk=2, moe_ffn_hidden_size=128, moe_aux_loss_coeff=0.0)
 
 
 def _sequences(lengths=(48, 32, 80)):
@@ -101,29 +106,34 @@ def test_local_spec_trains_in_bf16_on_gpu(gpu_pool):
     assert history[-1][0] < history[0][0] - 0.1, history  # five steps at lr 1e-3 on one batch: it memorises
 
 
-def te_matches_local_bf16() -> float:
+def te_matches_local_bf16(model: ModelConfig = MODEL) -> tuple[float, list[str]]:
+    """(relative logits difference of the TE spec on the local spec's weights, padded and packed;
+    canonical names whose tensors the TE learner does not give back unchanged)."""
     from rlsd_megatron.learner.batch import packed_micro_batch, padded_micro_batch
     from rlsd_megatron.learner.learner import Learner
     from rlsd_megatron.parallel.state import model_parallel
 
-    cfg = Config(model=MODEL, precision=PrecisionConfig(params_dtype="bf16"))
+    cfg = Config(model=model, precision=PrecisionConfig(params_dtype="bf16"))
     with model_parallel():
         local = Learner(cfg, impl="local")
         full = local.full_state()
         te = Learner(cfg, impl="transformer_engine")
         te.load_full_state(full)
+        back = te.full_state()
         want = _logits_per_sequence(local, padded_micro_batch(_sequences()))
         got_padded = _logits_per_sequence(te, padded_micro_batch(_sequences()))
         got_packed = _logits_per_sequence(te, packed_micro_batch(_sequences()))
+    changed = sorted(name for name in full if name not in back or not torch.equal(back[name], full[name]))
     scale = max(float(w.abs().max()) for w in want)
     return max(
         max(float((g - w).abs().max()) for g, w in zip(got_padded, want)),
         max(float((g - w).abs().max()) for g, w in zip(got_packed, want)),
-    ) / scale
+    ) / scale, changed
 
 
 def test_te_spec_matches_local_spec_in_bf16(gpu_pool):
-    relative = gpu_pool(1).run(te_matches_local_bf16)[0]
+    relative, changed = gpu_pool(1).run(te_matches_local_bf16)[0]
+    assert changed == []
     assert relative < 2e-2  # bf16 kernels differ (fused attention, GEMM order): ~1e-2 relative
 
 
@@ -170,31 +180,9 @@ def test_context_parallel_matches_single_gpu(gpu_pool):
         assert relative < 2e-2
 
 
-def te_grouped_experts_match_local_bf16() -> tuple[float, list[str]]:
-    """Qwen3-MoE: Transformer Engine's grouped-GEMM experts (`TEGroupedMLP`, `weight{k}` names) on
-    the local spec's weights → (relative logits difference, canonical names that differ)."""
-    from rlsd_megatron.learner.learner import Learner
-    from rlsd_megatron.parallel.state import model_parallel
-
-    model = ModelConfig(family="qwen3_moe", vocab_size=1000, hidden_size=256, num_layers=2, num_attention_heads=8,
-                        num_query_groups=4, kv_channels=32, ffn_hidden_size=512, qk_layernorm=True, num_experts=8,
-                        moe_router_topk=2, moe_ffn_hidden_size=128, moe_aux_loss_coeff=0.0)
-    cfg = Config(model=model, precision=PrecisionConfig(params_dtype="bf16"))
-    with model_parallel():
-        local = Learner(cfg, impl="local")
-        full = local.full_state()
-        te = Learner(cfg, impl="transformer_engine")
-        te.load_full_state(full)
-        back = te.full_state()
-        mb = local.micro_batch(_sequences())
-        want = _logits_per_sequence(local, mb)
-        got = _logits_per_sequence(te, mb)
-    changed = sorted(name for name in full if name not in back or not torch.equal(back[name], full[name]))
-    scale = max(float(w.abs().max()) for w in want)
-    return max(float((g - w).abs().max()) for g, w in zip(got, want)) / scale, changed
-
-
 def test_te_grouped_experts_match_local_spec_in_bf16(gpu_pool):
-    relative, changed = gpu_pool(1).run(te_grouped_experts_match_local_bf16)[0]
-    assert changed == []  # TEGroupedMLP's weight{k} map onto the same canonical expert names
+    """Qwen3-MoE: Transformer Engine's grouped-GEMM experts (`TEGroupedMLP`, `weight{k}` names) load
+    the local spec's (`SequentialMLP`) weights under the same canonical names and give its logits."""
+    relative, changed = gpu_pool(1).run(te_matches_local_bf16, MOE_MODEL)[0]
+    assert changed == []
     assert relative < 2e-2  # bf16 kernels differ, as for the dense TE spec
