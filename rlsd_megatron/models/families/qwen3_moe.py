@@ -11,7 +11,8 @@ The load-balancing loss: `router_aux_loss_coef` becomes megatron-core's `moe_aux
 it is, but the two losses are not the same function: HF pools every layer's tokens into one loss
 E·Σ_e f_e·P_e (f_e: share of routed slots, summing to k), megatron adds one per layer and
 micro-batch with f_e summing to 1 (so 1/k of HF's for one layer), and counts the local layers'
-padding tokens. Parity tests run with it off; matching HF's scale is for a later slice.
+padding tokens. It is refused for now (config_checks): megatron-core scales its gradient by the
+micro-batch's tokens for a finalize step that our learner replaces.
 
 Tensor names: HF checkpoints keep every expert on its own (`mlp.experts.{j}.gate_proj.weight`,
 what `save_pretrained` writes and SGLang loads; transformers 5 fuses them into 3-D tensors in
