@@ -128,6 +128,11 @@ class TrainConfig:
     # PP > 1 smaller chunks leave stages idle for a larger share of the time.
     distill_chunk_micro_batches: int | None = None
     eval_interval: int = 10  # steps between validation runs (0: only after the last step)
+    # Fuse the output layer with the log-prob / entropy op (ops/fused_output.py): the logits exist for
+    # `fused_output_chunk_tokens` tokens at a time, never for the whole micro-batch ([tokens, V/TP] fp32);
+    # the backward recomputes each chunk's matmul. Not with distillation losses on whole distributions.
+    fused_output_layer: bool = False
+    fused_output_chunk_tokens: int = 1024
 
 
 @dataclass

@@ -76,6 +76,18 @@ class ModelRunner:
         self.config = getattr(model[0], "module", model[0]).config
         self.cp_size = parallel_state.get_context_parallel_world_size()
         self.cp_rank = parallel_state.get_context_parallel_rank()
+        # The last stage hands the callbacks unprojected logits (train.fused_output_layer).
+        self._output_options = {"output_processor": self._unprojected} if cfg.train.fused_output_layer else {}
+
+    def _unprojected(self, *, hidden_states: torch.Tensor, output_layer, output_weight, **_):
+        """GPTModel's `output_processor`: the last stage's [S, B, H] hidden states and output
+        weight (the embedding's when tied) instead of the output layer's logits."""
+        from rlsd_megatron.ops.fused_output import output_layer_input
+        from rlsd_megatron.ops.vocab_shard import UnprojectedLogits
+
+        hidden = output_layer_input(hidden_states, sequence_parallel=output_layer.sequence_parallel)
+        weight = output_weight if output_weight is not None else output_layer.weight
+        return UnprojectedLogits(hidden.transpose(0, 1), weight, self.cfg.train.fused_output_chunk_tokens)
 
     def micro_batch(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]] | None = None) -> MicroBatch:
         """A micro-batch in the layout this model's layers want: packed THD for Transformer
@@ -158,6 +170,7 @@ class ModelRunner:
                 mb.position_ids.to(device),
                 attention_mask=None,
                 packed_seq_params=_packed_params_on(mb.packed_seq_params, device),
+                **self._output_options,
             )
             # Called on the last stage only: targets and mask next to the logits there.
             return output, lambda logits: fn(_targets_on(mb, device), logits)
@@ -178,7 +191,7 @@ class ModelRunner:
         (with CP shards merged back to full length), on the last PP stage; None elsewhere."""
         def collect(mb: MicroBatch, logits: torch.Tensor):
             values = per_token_fn(logits, mb)
-            return logits.new_zeros(()), torch.zeros((), dtype=torch.int), {k: v.detach() for k, v in values.items()}
+            return torch.zeros((), device=logits.device), torch.zeros((), dtype=torch.int), {k: v.detach() for k, v in values.items()}
 
         for m in self.model:
             m.eval()
