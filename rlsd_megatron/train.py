@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlsd_megatron.config_checks import resolve_transformer_impl, transformer_engine_available, validate_config
     from rlsd_megatron.parallel.agreement import report_late_problem, report_problems
     from rlsd_megatron.parallel.state import Layout, destroy_model_parallel, init_distributed, initialize_model_parallel
+    from rlsd_megatron.parallel.state import new_group
 
     user_errors = user_error_types()
     cuda = torch.cuda.is_available()
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     created_world = not dist.is_initialized()
     init_distributed(timeout_minutes=(cfg or Config()).parallel.wait_timeout_minutes)
     world = dist.get_world_size()
-    errors_group = dist.new_group(backend="gloo", timeout=LATE_REPORT_TIMEOUT)
+    errors_group = new_group(backend="gloo", timeout=LATE_REPORT_TIMEOUT)
 
     def finish(status: int, *, layout: bool = False) -> int:
         stop.restore()
