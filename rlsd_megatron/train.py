@@ -105,9 +105,12 @@ def input_problems(cfg) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlsd_megatron.config_help import HelpConfigAction
+
     parser = _Parser(prog=PROG, description="RL post-training with RLSD and its baselines")
     parser.add_argument("--config", required=True, help="YAML config (see examples/configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 optimizer.lr=1e-6")
+    parser.add_argument("--help-config", action=HelpConfigAction, help="all config fields: type, default, meaning")
     args = parser.parse_intermixed_args(argv)
     from rlsd_megatron.trainer.stopping import StopController
 
