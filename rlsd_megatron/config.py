@@ -151,9 +151,10 @@ class WarmStartConfig:
     stop_accuracy: float = 0.25  # greedy accuracy on plain validation prompts that ends phase 1
     hinted_stop_accuracy: float = 0.9  # greedy accuracy on hinted prompts that ends phase 2
     lr: float = 1e-3  # constant learning rate of the supervised steps
-    # Measured on the built-in task (2026-11-25): with 0.1 the task was learned by step 390-530 in 6 of
-    # 6 seeds; with the RL's 0.01, by 250-870 in 7 of 9 and not within 1,500 steps in 2.
-    weight_decay: float = 0.1  # AdamW weight decay of the supervised steps
+    # AdamW weight decay of the supervised steps. Measured on the built-in task (2026-11-25): with 0.1
+    # the task was learned by step 390-530 in 6 of 6 seeds; with the RL's 0.01, by 250-870 in 7 of 9
+    # and not within 1,500 steps in 2.
+    weight_decay: float = 0.1
     prompts_per_step: int = 64  # (prompt, answer) pairs per supervised step
     hint_fraction: float = 0.5  # phase 2: share of the prompts shown with the teacher's hint
     eval_interval: int = 10  # supervised steps between accuracy checks
@@ -267,7 +268,7 @@ class RewardConfig:
     accuracy_weight: float = 0.9  # × the verifier's 0/1 accuracy (recipe 0.9)
     format_weight: float = 0.1  # × the 0/1 format score (recipe 0.1)
     think_tag: str = "thought"  # format: <thought>…</thought> first (common alternative: think)
-    answer_tag: str = "answer"  # format, and accuracy reads <answer>…</answer> (else the last \\boxed{})
+    answer_tag: str = "answer"  # format, and accuracy reads <answer>…</answer> (else the last \boxed{})
     overlong_buffer: int = 3072  # tokens before overlong_max_length the penalty ramps over (recipe 3072)
     overlong_factor: float = 0.1  # the penalty reaches -factor at overlong_max_length (recipe 0.1)
     overlong_max_length: int = 16384  # recipe: never reached with 4096-token responses

@@ -58,6 +58,8 @@ def field_comments(cls: type) -> dict[str, str]:
             above.insert(0, comments[row])
             row -= 1
         trailing = [comments[r] for r in range(node.lineno, node.end_lineno + 1) if r in comments]
+        if above and trailing and above[-1].endswith("."):
+            trailing[0] = trailing[0][:1].upper() + trailing[0][1:]  # a new sentence after the block
         result[node.target.id] = " ".join(above + trailing)
     return result
 
@@ -81,7 +83,7 @@ def config_fields(cls: type = Config, prefix: str = "") -> list[FieldHelp]:
 
 
 def format_config_help(width: int = 100) -> str:
-    """The text `--help-config` prints: per section its docstring's first line, then per field
+    """The text `--help-config` prints: per section its docstring's first paragraph, then per field
     `name: type = default` and its comment, wrapped to `width`."""
     hints = typing.get_type_hints(Config)
     lines = ["Config fields: set them in the YAML file (section: {field: value}) or as dotted overrides",
@@ -89,7 +91,7 @@ def format_config_help(width: int = 100) -> str:
     for section in dataclasses.fields(Config):
         cls = hints[section.name]
         summary = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
-        lines += ["", f"{section.name}: {summary}"]
+        lines += [""] + textwrap.wrap(f"{section.name}: {summary}", width, subsequent_indent="    ")
         for item in config_fields(cls, f"{section.name}."):
             lines.append(f"  {item.name}: {item.type} = {item.default}")
             lines += textwrap.wrap(item.help, width, initial_indent="      ", subsequent_indent="      ")
