@@ -105,9 +105,12 @@ def input_problems(cfg) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlsd_megatron.config_help import HelpConfigAction
+
     parser = _Parser(prog=PROG, description="RL post-training with RLSD and its baselines")
     parser.add_argument("--config", required=True, help="YAML config (see examples/configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 optimizer.lr=1e-6")
+    parser.add_argument("--help-config", action=HelpConfigAction, help="all config fields: type, default, meaning")
     args = parser.parse_intermixed_args(argv)
     from rlsd_megatron.trainer.stopping import StopController
 
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlsd_megatron.config_checks import resolve_transformer_impl, transformer_engine_available, validate_config
     from rlsd_megatron.parallel.agreement import report_late_problem, report_problems
     from rlsd_megatron.parallel.state import Layout, destroy_model_parallel, init_distributed, initialize_model_parallel
+    from rlsd_megatron.parallel.state import new_group
 
     user_errors = user_error_types()
     cuda = torch.cuda.is_available()
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     created_world = not dist.is_initialized()
     init_distributed(timeout_minutes=(cfg or Config()).parallel.wait_timeout_minutes)
     world = dist.get_world_size()
-    errors_group = dist.new_group(backend="gloo", timeout=LATE_REPORT_TIMEOUT)
+    errors_group = new_group(backend="gloo", timeout=LATE_REPORT_TIMEOUT)
 
     def finish(status: int, *, layout: bool = False) -> int:
         stop.restore()

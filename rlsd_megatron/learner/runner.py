@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from rlsd_megatron.config import Config
+from rlsd_megatron.dtypes import torch_dtype
 from rlsd_megatron.learner.batch import (
     MicroBatch,
     cp_merge,
@@ -33,9 +34,6 @@ from rlsd_megatron.models.sharding import gather_full_state, load_full_state
 
 PerTokenFn = Callable[[torch.Tensor, MicroBatch], dict[str, torch.Tensor]]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 def place_model_chunks(chunks: list[torch.nn.Module], cfg: Config) -> list[torch.nn.Module]:
     """`chunks` on this rank's GPU (when there is one) with every parameter in the model dtype
     (`precision.params_dtype`), in place; returns them."""
@@ -46,7 +44,7 @@ def place_model_chunks(chunks: list[torch.nn.Module], cfg: Config) -> list[torch
         # optimizer rejects parameters whose type() is not torch.cuda.*.
         for chunk in chunks:
             chunk.cuda(torch.cuda.current_device())
-    dtype = DTYPES[cfg.precision.params_dtype]
+    dtype = torch_dtype(cfg.precision.params_dtype)
     if dtype is not torch.float32:
         # Every parameter in the model dtype, as Megatron-LM's get_model does by wrapping
         # the chunks in Float16Module (`module.bfloat16()`). Layers that do not take

@@ -27,12 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from rlsd_megatron.config import Config, ConfigError, ModelConfig
+from rlsd_megatron.dtypes import torch_dtype
 from rlsd_megatron.models.families import family_of
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
 
 def padded_vocab_size(model: ModelConfig, tp: int) -> int:
     """Vocabulary rows Megatron allocates: rounded up to a multiple of divisible_by * tp."""
@@ -45,7 +43,7 @@ def transformer_config(cfg: Config, *, impl: str):
     from megatron.core.transformer import TransformerConfig
 
     m, p, prec = cfg.model, cfg.parallel, cfg.precision
-    dtype = _DTYPES[prec.params_dtype]
+    dtype = torch_dtype(prec.params_dtype)
     recompute = prec.recompute_granularity if prec.recompute_granularity != "none" else None
     return TransformerConfig(
         num_layers=m.num_layers,
