@@ -1,0 +1,146 @@
+"""End to end on CPU: a 2-step trainer run at TP=2 (2 gloo ranks) writes a checkpoint, and
+``python -m rlsd_megatron.eval`` evaluates it on the built-in reversed-addition benchmark files.
+
+Independent references: the checkpoint exported by ``tools/convert_megatron_to_hf.py`` and run
+by plain ``transformers`` with a hand-written greedy loop (full forward per token, no KV cache, the
+task's prompt format written out here) gives the greedy responses, and the benchmark's first rows
+take those responses as their gold answers, so avg@1 is known before the evaluation runs. Every
+metric of both benchmarks is recomputed from the per-sample JSON with exact binomials and a
+Counter vote. (Resume is tested with a scripted engine in test_runner.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from fractions import Fraction
+from math import comb
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+HELD_OUT = ROOT / "examples/benchmarks/reversed_addition/heldout_3digit.jsonl"
+MAX_NEW_TOKENS = 6
+
+
+def train_two_steps(ckpt: str) -> None:
+    from rlsd_megatron.config import load_config
+    from rlsd_megatron.parallel.state import model_parallel
+    from rlsd_megatron.trainer.trainer import Trainer
+    from tests.trainer.test_resume import TINY
+
+    cfg = load_config("examples/configs/cpu_demo.yaml", [
+        *TINY, "parallel.tp=2", "train.steps=2", "checkpoint.save_interval=2", "train.eval_interval=100",
+        f"checkpoint.dir={ckpt}", f"logging.dir={ckpt}/logs", "logging.progress_bar=false"])
+    with model_parallel(tp=2, seed=cfg.train.seed):
+        trainer = Trainer(cfg)
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+
+
+def greedy_reference(hf_dir: Path, questions: list[str]) -> list[str]:
+    """Greedy responses of the exported HF model: prompt ``<bos>`` + question + ``=``, one full
+    forward per new token, stop at ``<eos>`` or MAX_NEW_TOKENS; the text drops ``<bos>`` / ``<pad>``
+    as the task's decoding does."""
+    from transformers import AutoModelForCausalLM
+
+    from rlsd_megatron.data.reversed_addition import TOKENS
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids_of = {t: i for i, t in enumerate(TOKENS)}
+    responses = []
+    for question in questions:
+        ids = [ids_of["<bos>"], *(ids_of[c] for c in question + "=")]
+        out = []
+        with torch.no_grad():
+            for _ in range(MAX_NEW_TOKENS):
+                token = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+                if token == ids_of["<eos>"]:
+                    break
+                out.append(token)
+        responses.append("".join(TOKENS[t] for t in out if TOKENS[t] not in ("<pad>", "<bos>")))  # text only
+    return responses
+
+
+def recomputed(samples: list[dict], n: int, ks: list[int]) -> dict[str, float]:
+    problems = [samples[i:i + n] for i in range(0, len(samples), n)]
+    out = {f"avg@{n}": sum(s["score"] for s in samples) / len(samples)}
+    for k in ks:
+        total = Fraction(0)
+        for p in problems:
+            c = sum(int(s["score"]) for s in p)
+            total += 1 - Fraction(comb(n - c, k), comb(n, k))
+        out[f"pass@{k}"] = float(total / len(problems))
+    majority = 0
+    for p in problems:
+        votes = Counter(s["extracted"] for s in p if s["extracted"] is not None)
+        if votes:
+            top = max(votes.values())
+            winner = next(s for s in p if votes.get(s["extracted"]) == top)  # the first answer among the tied
+            majority += winner["score"]
+    out[f"maj@{n}"] = majority / len(problems)
+    out["mean_response_tokens"] = sum(s["tokens"] for s in samples) / len(samples)
+    out["truncation_rate"] = sum(s["finish_reason"] == "length" for s in samples) / len(samples)
+    out["problems"], out["samples"] = len(problems), len(samples)
+    return out
+
+
+def run_eval(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rlsd_megatron.eval", *args, "--no-progress"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_evaluates_a_trainer_checkpoint_and_the_numbers_recompute(dist_pool, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    dist_pool(2).run(train_two_steps, str(ckpt))
+    assert (ckpt / "iter_0000002").is_dir()
+    hf_dir = tmp_path / "hf"
+    export = subprocess.run([sys.executable, "tools/convert_megatron_to_hf.py", "--ckpt", str(ckpt), "--out",
+                             str(hf_dir), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert export.returncode == 0, export.stderr[-2000:]
+
+    rows = [json.loads(line) for line in HELD_OUT.read_text().splitlines()[:8]]
+    reference = greedy_reference(hf_dir, [r["question"] for r in rows])
+    # Rows 0-3 take the model's own greedy answer as gold (where it gave one), so avg@1 is known.
+    for row, answer in zip(rows[:4], reference[:4]):
+        row["answer"] = answer or row["answer"]
+    expected_right = sum(r["answer"] == ref for r, ref in zip(rows, reference))
+    assert expected_right >= 1  # the check below is not vacuous
+    (tmp_path / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "bench.yaml").write_text(
+        "- {name: greedy, file: bench.jsonl, n: 1, temperature: 0, max_new_tokens: %d, answer_type: exact}\n"
+        "- {name: sampled, file: bench.jsonl, n: 4, temperature: 1.0, max_new_tokens: %d, answer_type: exact,\n"
+        "   pass_k: [1, 2, 4], seed: 3}\n" % (MAX_NEW_TOKENS, MAX_NEW_TOKENS))
+
+    out = tmp_path / "eval"
+    first = run_eval("--model", str(ckpt), "--benchmarks", str(tmp_path / "bench.yaml"), "--out", str(out))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "| greedy | 8 | 1 |" in first.stdout and "| sampled | 8 | 4 |" in first.stdout
+
+    greedy = json.loads((out / "greedy.json").read_text())
+    assert [s["response"] for s in greedy["samples"]] == reference
+    assert greedy["metrics"]["avg@1"] == pytest.approx(expected_right / 8, abs=1e-12)
+    summary = json.loads((out / "summary.json").read_text())["benchmarks"]
+    for name, n, ks in (("greedy", 1, [1]), ("sampled", 4, [1, 2, 4])):
+        result = json.loads((out / f"{name}.json").read_text())
+        for s in result["samples"]:  # the exact answer type, by hand: the whole response is the answer
+            assert s["score"] == float(s["response"] == s["answer"])
+        want = recomputed(result["samples"], n, ks)
+        assert result["metrics"] == pytest.approx(want, abs=1e-12)
+        assert summary[name] == result["metrics"]
+
+
+
+def test_input_problems_exit_2_before_loading_a_model(tmp_path):
+    (tmp_path / "bench.yaml").write_text("- {name: x, file: missing.jsonl}\n")
+    result = run_eval("--model", str(tmp_path / "nope"), "--benchmarks", str(tmp_path / "bench.yaml"),
+                      "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"rlsd-eval: error: checkpoint path {tmp_path / 'nope'} does not exist. "
+                                    "rlsd-eval --model takes a Megatron checkpoint")
