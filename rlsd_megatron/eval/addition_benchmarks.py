@@ -9,7 +9,8 @@ least-significant digit first, the sum zero-padded to one digit more than the op
   operand pairs, so "held out" means "not chosen for training or for the validation set on
   purpose"; a 300-step demo run sees ~5,000 of the 10⁶ pairs.
 - ``carry_3digit``: 3-digit problems whose carry runs through every digit into the fourth
-  (units sum ≥ 10, tens and hundreds sums ≥ 9), the hardest 3-digit additions.
+  (units sum ≥ 10, tens and hundreds sums ≥ 9). Hard for a human, not for the demo's models:
+  the README's OPD teacher scored 0.66 avg@8 here against 0.54 on ``heldout_3digit``.
 - ``four_digit``: 4-digit operands, a 5-digit answer: a size the demo never trains on.
 """
 
