@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", type=int, default=1, help="data-parallel engines (sglang: engine k on GPUs "
                                                           "k*engine_tp ...)")
     p.add_argument("--engine-tp", type=int, default=1, help="tensor parallelism of each SGLang engine")
+    p.add_argument("--mem-fraction", type=float, default=0.8, help="sglang: share of GPU memory for weights + KV cache")
+    p.add_argument("--deterministic", action="store_true", help="sglang: deterministic inference, so the per-sample "
+                                                                "seeds hold (slower; the embedded engine always is)")
     p.add_argument("--tokenizer", default=None, help="chat tokenizer directory (default: the checkpoint's)")
     p.add_argument("--chunk-prompts", type=int, default=64, help="problems per generate call")
     p.add_argument("--verifier-workers", type=int, default=None, help="math-verify processes (default min(4, cpus))")
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_benchmarks(
                 specs, args.out, model_id=str(model.path), grader=grader, make_prompter=make_prompter,
                 make_engine=lambda: build_engine(model, backend, engines=args.engines, engine_tp=args.engine_tp,
-                                                 work_dir=Path(args.out)),
+                                                 work_dir=Path(args.out), mem_fraction_static=args.mem_fraction,
+                                                 deterministic=args.deterministic),
                 chunk_prompts=args.chunk_prompts, progress=not args.no_progress)
             if grader.timeouts or grader.errors:
                 print(f"warning: {grader.timeouts} math answer(s) timed out and {grader.errors} failed in the "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -102,8 +102,7 @@ class Prompter:
     stop_token_ids: list[int]
 
 
-def build_prompter(model: EvalModel, *, system_prompt: str | None = None,
-                   chat_template_kwargs: dict[str, Any] | None = None) -> Prompter:
+def build_prompter(model: EvalModel, *, system_prompt: str | None = None) -> Prompter:
     """The built-in task's prompt format and tokenizer when the checkpoint's run used one (no
     system prompt possible there), else the chat template of ``model.tokenizer_dir``."""
     if model.task:
@@ -121,16 +120,16 @@ def build_prompter(model: EvalModel, *, system_prompt: str | None = None,
         raise ValueError(f"{model.path} names no tokenizer (no hf_assets, no data.tokenizer_dir in its training "
                          f"config); pass --tokenizer DIR (the model's HF directory works).")
     tokenizer = load_chat_tokenizer(model.tokenizer_dir)
-    return Prompter(hf_chat_renderer(tokenizer, system_prompt=system_prompt, chat_template_kwargs=chat_template_kwargs),
-                    lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), [tokenizer.eos_token_id])
+    return Prompter(hf_chat_renderer(tokenizer, system_prompt=system_prompt), lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), [tokenizer.eos_token_id])
 
 
 def build_engine(model: EvalModel, backend: str, *, engines: int = 1, engine_tp: int = 1, work_dir: Path,
-                 mem_fraction_static: float = 0.8, log: Callable[[str], None] = print):
+                 mem_fraction_static: float = 0.8, deterministic: bool = False, log: Callable[[str], None] = print):
     """``engines`` rollout engines holding the model's weights, as one
     (:class:`~rlsd_megatron.rollout.data_parallel.DataParallelEngines` when more than one).
     ``backend``: ``embedded`` (CPU, weights copied in) or ``sglang`` (engine ``k`` on GPUs
-    ``k·engine_tp …``, loading an HF directory; imported only here)."""
+    ``k·engine_tp …``, loading an HF directory; imported only here). SGLang honours the
+    per-sample seeds only with ``deterministic`` (its deterministic-inference mode, slower)."""
     from rlsd_megatron.rollout.data_parallel import DataParallelEngines
 
     if backend == "embedded":
@@ -154,7 +153,9 @@ def build_engine(model: EvalModel, backend: str, *, engines: int = 1, engine_tp:
 
         hf_dir = str(model.hf_directory(work_dir, log=log))
         built = [SGLangEngine(model.model, model_path=hf_dir, engine_tp=engine_tp, base_gpu_id=k * engine_tp,
-                              mem_fraction_static=mem_fraction_static) for k in range(engines)]
+                              mem_fraction_static=mem_fraction_static,
+                              server_args={"enable_deterministic_inference": True} if deterministic else None)
+                 for k in range(engines)]
     else:
         raise ValueError(f"backend={backend!r}; expected embedded or sglang.")
     return built[0] if engines == 1 else DataParallelEngines(built)
