@@ -119,6 +119,10 @@ class TrainConfig:
     # PP > 1 smaller chunks leave stages idle for a larger share of the time.
     distill_chunk_micro_batches: int | None = None
     eval_interval: int = 10  # steps between validation runs (0: only after the last step)
+    # Benchmarks evaluated with the validation, every eval_interval steps and after the last: a YAML list in
+    # rlsd-eval's format (rlsd_megatron/eval/benchmarks.py), logged as eval/<name>/avg@n, pass@k, maj@n, ...
+    # None: none.
+    eval_sets: str | None = None
 
 
 @dataclass

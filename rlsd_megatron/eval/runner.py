@@ -24,7 +24,8 @@ from rlsd_megatron.eval.metrics import ProblemSamples, benchmark_metrics
 from rlsd_megatron.eval.model_source import Prompter
 from rlsd_megatron.rollout.engine import RolloutEngine, SamplingParams
 
-__all__ = ["ResultMismatch", "evaluate_benchmark", "markdown_table", "metrics_from_samples", "run_benchmarks"]
+__all__ = ["ResultMismatch", "evaluate_benchmark", "generate_samples", "markdown_table", "metrics_from_samples",
+           "run_benchmarks"]
 
 RESULT_VERSION = 1
 
@@ -55,10 +56,13 @@ def metrics_from_samples(samples: Sequence[dict[str, Any]], n: int, pass_k: Sequ
                               for p in problems], pass_k)
 
 
-def evaluate_benchmark(spec: BenchmarkSpec, rows: Sequence[BenchmarkRow], engine: RolloutEngine, prompter: Prompter,
-                       grader: ResponseGrader, *, chunk_prompts: int = 64, progress: bool = True) -> dict[str, Any]:
-    """Generate, grade and measure one benchmark; returns ``{"metrics", "samples"}`` (see the
-    module docstring). Seeds are per (problem, sample), so chunking does not change the samples."""
+def generate_samples(spec: BenchmarkSpec, rows: Sequence[BenchmarkRow], engine: RolloutEngine, prompter: Prompter,
+                     grader: ResponseGrader, *, index_offset: int = 0, chunk_prompts: int = 64,
+                     progress: bool = True) -> list[dict[str, Any]]:
+    """Generate and grade ``spec.n`` samples of each row; one record per sample, problem-major
+    (see the module docstring). ``rows`` may be a share of the benchmark starting at problem
+    ``index_offset``: problems are numbered and seeded by their index in the whole benchmark
+    (``sample_seed(spec.seed, problem, sample)``), so neither chunking nor sharding changes them."""
     from tqdm import tqdm
 
     prompts = [prompter.render(row.user_text(spec.prompt_template)) for row in rows]
@@ -68,18 +72,25 @@ def evaluate_benchmark(spec: BenchmarkSpec, rows: Sequence[BenchmarkRow], engine
     samples: list[dict[str, Any]] = []
     with tqdm(total=len(rows), desc=spec.name, unit="problem", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(rows), chunk_prompts):
-            chunk = rows[start:start + chunk_prompts]
-            generations = engine.generate(prompts[start:start + len(chunk)], sampling, prompt_offset=start)
+            count = len(rows[start:start + chunk_prompts])
+            generations = engine.generate(prompts[start:start + count], sampling, prompt_offset=index_offset + start)
             generations.sort(key=lambda g: (g.prompt_index, g.sample_index))
             texts = [prompter.decode(g.token_ids) for g in generations]
-            graded = grader.grade(spec, [rows[g.prompt_index] for g in generations], texts)
+            graded = grader.grade(spec, [rows[g.prompt_index - index_offset] for g in generations], texts)
             for g, text, grade in zip(generations, texts, graded):
-                row = rows[g.prompt_index]
+                row = rows[g.prompt_index - index_offset]
                 samples.append({"problem": g.prompt_index, "sample": g.sample_index, "source": row.source,
                                 "question": row.question, "answer": row.answer, "response": text,
                                 "extracted": grade.answer, "score": grade.score, "tokens": len(g.token_ids),
                                 "finish_reason": g.finish_reason})
-            bar.update(len(chunk))
+            bar.update(count)
+    return samples
+
+
+def evaluate_benchmark(spec: BenchmarkSpec, rows: Sequence[BenchmarkRow], engine: RolloutEngine, prompter: Prompter,
+                       grader: ResponseGrader, *, chunk_prompts: int = 64, progress: bool = True) -> dict[str, Any]:
+    """Generate, grade and measure one benchmark; returns ``{"metrics", "samples"}``."""
+    samples = generate_samples(spec, rows, engine, prompter, grader, chunk_prompts=chunk_prompts, progress=progress)
     return {"metrics": metrics_from_samples(samples, spec.n, spec.pass_k), "samples": samples}
 
 

@@ -1,12 +1,15 @@
-"""End to end on CPU: a 2-step trainer run at TP=2 (2 gloo ranks) writes a checkpoint, and
-``python -m rlsd_megatron.eval`` evaluates it on the built-in reversed-addition benchmark files.
+"""End to end on CPU: a 2-step trainer run on 2 data-parallel gloo ranks, with ``train.eval_sets``,
+writes a checkpoint, and ``python -m rlsd_megatron.eval`` evaluates it on the built-in
+reversed-addition benchmark files (checkpoints of other TP/PP layouts load through the same
+``checkpoint.streaming`` reader, tested at TP/PP in tests/checkpoint and tests/tools).
 
 Independent references: the checkpoint exported by ``tools/convert_megatron_to_hf.py`` and run
 by plain ``transformers`` with a hand-written greedy loop (full forward per token, no KV cache, the
 task's prompt format written out here) gives the greedy responses, and the benchmark's first rows
 take those responses as their gold answers, so avg@1 is known before the evaluation runs. Every
 metric of both benchmarks is recomputed from the per-sample JSON with exact binomials and a
-Counter vote. (Resume is tested with a scripted engine in test_runner.py.)
+Counter vote. The metrics the trainer logged for ``train.eval_sets`` at step 2 equal rlsd-eval's
+on the step-2 checkpoint. (Resume is tested with a scripted engine in test_runner.py.)
 """
 
 from __future__ import annotations
@@ -27,21 +30,27 @@ HELD_OUT = ROOT / "examples/benchmarks/reversed_addition/heldout_3digit.jsonl"
 MAX_NEW_TOKENS = 6
 
 
-def train_two_steps(ckpt: str) -> None:
+def train_two_steps(ckpt: str, eval_sets: str) -> list[tuple[int, dict]]:
+    """Two RL steps of the tiny test config on 2 data-parallel ranks with ``train.eval_sets``;
+    returns what the trainer logged."""
     from rlsd_megatron.config import load_config
     from rlsd_megatron.parallel.state import model_parallel
     from rlsd_megatron.trainer.trainer import Trainer
     from tests.trainer.test_resume import TINY
 
     cfg = load_config("examples/configs/cpu_demo.yaml", [
-        *TINY, "parallel.tp=2", "train.steps=2", "checkpoint.save_interval=2", "train.eval_interval=100",
+        *TINY, "train.steps=2", "checkpoint.save_interval=2", "train.eval_interval=2", f"train.eval_sets={eval_sets}",
         f"checkpoint.dir={ckpt}", f"logging.dir={ckpt}/logs", "logging.progress_bar=false"])
-    with model_parallel(tp=2, seed=cfg.train.seed):
+    logged = []
+    with model_parallel(seed=cfg.train.seed):
         trainer = Trainer(cfg)
+        log = trainer.logger.log
+        trainer.logger.log = lambda step, metrics: (logged.append((step, dict(metrics))), log(step, metrics))
         try:
             trainer.run()
         finally:
             trainer.close()
+    return logged
 
 
 def greedy_reference(hf_dir: Path, questions: list[str]) -> list[str]:
@@ -98,8 +107,16 @@ def run_eval(*args: str) -> subprocess.CompletedProcess:
 
 def test_evaluates_a_trainer_checkpoint_and_the_numbers_recompute(dist_pool, tmp_path):
     ckpt = tmp_path / "ckpt"
-    dist_pool(2).run(train_two_steps, str(ckpt))
+    (tmp_path / "during.yaml").write_text(
+        f"- {{name: heldout, file: {HELD_OUT}, n: 2, temperature: 1.0, max_new_tokens: {MAX_NEW_TOKENS}, "
+        "answer_type: exact, pass_k: [1, 2], seed: 5, limit: 6}\n")
+    logs = dist_pool(2).run(train_two_steps, str(ckpt), str(tmp_path / "during.yaml"))
     assert (ckpt / "iter_0000002").is_dir()
+    # train.eval_sets: each DP rank sampled 3 of the 6 problems; both ranks computed the same metrics.
+    during = [{k.removeprefix("eval/heldout/"): v for k, v in metrics.items() if k.startswith("eval/")}
+              for rank_log in logs for step, metrics in rank_log if step == 2]
+    assert during[0] == during[1] and set(during[0]) == {"avg@2", "pass@1", "pass@2", "maj@2",
+                                                         "mean_response_tokens", "truncation_rate"}
     hf_dir = tmp_path / "hf"
     export = subprocess.run([sys.executable, "tools/convert_megatron_to_hf.py", "--ckpt", str(ckpt), "--out",
                              str(hf_dir), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -134,6 +151,13 @@ def test_evaluates_a_trainer_checkpoint_and_the_numbers_recompute(dist_pool, tmp
         want = recomputed(result["samples"], n, ks)
         assert result["metrics"] == pytest.approx(want, abs=1e-12)
         assert summary[name] == result["metrics"]
+
+    # The same benchmark evaluated from the step-2 checkpoint by rlsd-eval: the same samples (per-problem
+    # seeds; same weights, engine and prompt length), so the same numbers as the trainer logged.
+    after = run_eval("--model", str(ckpt), "--benchmarks", str(tmp_path / "during.yaml"), "--out", str(tmp_path / "e2"))
+    assert after.returncode == 0, after.stderr[-3000:]
+    standalone = json.loads((tmp_path / "e2" / "heldout.json").read_text())["metrics"]
+    assert {k: v for k, v in standalone.items() if k not in ("problems", "samples")} == during[0]
 
 
 
