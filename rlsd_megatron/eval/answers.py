@@ -70,8 +70,10 @@ def _norm(text: str) -> str:
 
 
 # "The answer is (B)", "Answer: B", "the correct option is B." — the last such statement counts.
-_STATEMENT = re.compile(r"(?:answer|option|choice)\s*(?:is\s*:?|:)\s*\**\s*"
-                        r"(?:option\s+|choice\s+)?[(\[]?((?-i:[A-Z]))(?!\w)", re.IGNORECASE)
+# Possessive quantifiers: adjacent optional runs of whitespace would backtrack polynomially on a
+# degenerate response (a long run of spaces after "answer is").
+_STATEMENT = re.compile(r"(?:answer|option|choice)\s*+(?:is\s*+:?|:)[\s*]*+"
+                        r"(?:option\s++|choice\s++)?[(\[]?((?-i:[A-Z]))(?!\w)", re.IGNORECASE)
 
 
 def extract_choice(response: str, choices: Sequence[str] | None = None) -> str | None:

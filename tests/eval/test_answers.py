@@ -35,6 +35,16 @@ def test_extract_choice(response, letter):
     assert extract_choice(response, CAPITALS) == letter
 
 
+def test_degenerate_responses_take_linear_time():
+    import time
+
+    started = time.perf_counter()
+    for text in ("The answer is" + " " * 20_000 + "x", "Answer:" + " *" * 20_000, "1" * 20_000 + " /" + " " * 20_000,
+                 "(" * 20_000, "\\boxed{" * 5_000):
+        extract_choice(text, CAPITALS), extract_number(text), grade_exact(text, "B")
+    assert time.perf_counter() - started < 3.0  # measured 0.6 s; the first pattern with plain `\s*` runs took minutes
+
+
 def test_option_text_needs_whole_words():
     choices = ["5", "15", "25", "none of these"]
     assert extract_choice("I get 15 in total", choices) == "B"          # "5" inside "15" does not count
