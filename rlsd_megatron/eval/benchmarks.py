@@ -132,6 +132,9 @@ def read_benchmark_rows(spec: BenchmarkSpec) -> list[BenchmarkRow]:
     """The rows of ``spec.file`` (the first ``spec.limit``), checked: a missing or empty field, a
     non-number answer for the numeric type, or a gold answer that is no choice raises
     :class:`~rlsd_megatron.data.readers.DataError` naming the file and line."""
+    if not Path(spec.file).is_file():
+        raise DataError(f"benchmark {spec.name!r}: file {spec.file!r} does not exist (a relative path in the YAML is "
+                        "relative to the YAML file's directory).")
     rows: list[BenchmarkRow] = []
     for raw in read_rows(spec.file):
         if spec.limit is not None and len(rows) == spec.limit:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from rlsd_megatron.data.prompts import PromptDataset
     from rlsd_megatron.rollout.engine import RolloutEngine
 
-__all__ = ["TrainingBenchmarks", "training_benchmarks"]
+__all__ = ["TrainingBenchmarks", "eval_sets_problems", "training_benchmarks"]
 
 _COUNTS = ("problems", "samples")  # constant over a run: not logged
 
@@ -38,11 +38,7 @@ class TrainingBenchmarks:
     construction, before training starts."""
 
     def __init__(self, path: str, dataset: "PromptDataset", *, dp_rank: int, dp_size: int, hosts_engine: bool):
-        self.specs = load_benchmark_specs(path)
-        with_system = [s.name for s in self.specs if s.system_prompt]
-        if with_system:
-            raise ValueError(f"train.eval_sets={path!r}: benchmarks {with_system} set system_prompt; during training "
-                             f"prompts use the training data's renderer (data settings), so remove it.")
+        self.specs = _load_specs(path)
         self.rows = {spec.name: read_benchmark_rows(spec) for spec in self.specs}
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.prompter = Prompter(dataset.render_prompt, dataset.decode, [dataset.eos_id])
@@ -80,3 +76,27 @@ def training_benchmarks(train: "TrainConfig", dataset: "PromptDataset", dp_rank:
     if not train.eval_sets:
         return None
     return TrainingBenchmarks(train.eval_sets, dataset, dp_rank=dp_rank, dp_size=dp_size, hosts_engine=hosts_engine)
+
+
+def eval_sets_problems(train: "TrainConfig") -> list[str]:
+    """What is wrong with ``train.eval_sets`` (the YAML, its settings, every benchmark row), checked
+    by the trainer's input checks before the model is built; [] when it is fine or unset."""
+    if not train.eval_sets:
+        return []
+    from rlsd_megatron.data.readers import DataError
+
+    try:
+        for spec in _load_specs(train.eval_sets):
+            read_benchmark_rows(spec)
+    except (OSError, ValueError, DataError) as exc:
+        return [f"train.eval_sets={train.eval_sets!r}: {exc}"]
+    return []
+
+
+def _load_specs(path: str) -> list:
+    specs = load_benchmark_specs(path)
+    with_system = [s.name for s in specs if s.system_prompt]
+    if with_system:
+        raise ValueError(f"benchmarks {with_system} set system_prompt; during training prompts use the training "
+                         "data's renderer (data settings), so remove it.")
+    return specs

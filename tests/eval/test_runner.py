@@ -157,3 +157,23 @@ def test_benchmark_yaml_and_row_problems_are_named(tmp_path):
     assert first.user_text(spec.prompt_template) == "Capital?\n(A) Paris\n(B) Rome"
     with pytest.raises(DataError, match=r"mc.jsonl, line 2: the ground truth 'Oslo' is neither a letter"):
         read_benchmark_rows(spec)
+
+
+def test_train_eval_sets_problems_are_input_problems(tmp_path):
+    from rlsd_megatron.config import TrainConfig
+    from rlsd_megatron.eval.in_training import eval_sets_problems
+
+    assert eval_sets_problems(TrainConfig()) == []
+    (tmp_path / "e.yaml").write_text("- {name: x, file: gone.jsonl}\n")
+    assert eval_sets_problems(TrainConfig(eval_sets=str(tmp_path / "e.yaml"))) == [
+        f"train.eval_sets='{tmp_path / 'e.yaml'}': benchmark 'x': file '{tmp_path / 'gone.jsonl'}' does not exist (a "
+        "relative path in the YAML is relative to the YAML file's directory)."]
+    (tmp_path / "ok.jsonl").write_text('{"question": "1+1", "answer": "2"}\n')
+    (tmp_path / "s.yaml").write_text("- {name: x, file: ok.jsonl, system_prompt: Be brief.}\n")
+    (problem,) = eval_sets_problems(TrainConfig(eval_sets=str(tmp_path / "s.yaml")))
+    assert problem.endswith("benchmarks ['x'] set system_prompt; during training prompts use the training data's "
+                            "renderer (data settings), so remove it.")
+    (tmp_path / "g.yaml").write_text("- {name: x, file: ok.jsonl, answer_type: numeric}\n")
+    assert eval_sets_problems(TrainConfig(eval_sets=str(tmp_path / "g.yaml"))) == []
+    assert eval_sets_problems(TrainConfig(eval_sets=str(tmp_path / "missing.yaml")))[0].startswith(
+        f"train.eval_sets='{tmp_path / 'missing.yaml'}': [Errno 2] No such file or directory")
