@@ -21,7 +21,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rlsd-eval", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    p = argparse.ArgumentParser(prog="rlsd-eval", description="Evaluate a checkpoint on benchmark files.")
     p.add_argument("--model", required=True, help="Megatron checkpoint (root or iteration directory, any TP/PP) "
                                                   "or HF directory")
     p.add_argument("--benchmarks", required=True, help="YAML list of benchmarks (eval/benchmarks.py)")
@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true", help="sglang: deterministic inference, so the per-sample "
                                                                 "seeds hold (slower; the embedded engine always is)")
     p.add_argument("--tokenizer", default=None, help="chat tokenizer directory (default: the checkpoint's)")
-    p.add_argument("--chunk-prompts", type=int, default=64, help="problems per generate call")
+    p.add_argument("--chunk-prompts", type=int, default=64, help="problems per generate call (SGLang batches "
+                                                                            "internally: raise it there)")
     p.add_argument("--verifier-workers", type=int, default=None, help="math-verify processes (default min(4, cpus))")
     p.add_argument("--verifier-timeout", type=float, default=10.0, help="seconds per math answer")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
