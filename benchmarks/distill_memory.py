@@ -55,7 +55,7 @@ def make_config(args):
 
 def make_batch(num_sequences: int, args):
     """Sequences, their per-token fields as the trainer builds them, and the teacher's inputs."""
-    from rlsd_megatron.algorithms.teacher_context import TeacherSequence
+    from rlsd_megatron.data.teacher_context import TeacherSequence
 
     gen = torch.Generator().manual_seed(0)
     sequences, contexts = [], []

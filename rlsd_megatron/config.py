@@ -66,6 +66,15 @@ class ParallelConfig:
     use_distributed_optimizer: bool = True  # only takes effect when dp * cp > 1
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # Minutes a training collective (Megatron's TP / PP / CP / DP groups) waits before it fails
+    # (on GPUs NCCL's flight recorder then dumps every rank's last collectives); torch's default is 30.
+    collective_timeout_minutes: float = 10.0
+    # Minutes a rank waits for another's long work alone: generation and verification on the
+    # engine host, the engine's start-up, checkpoint writes (the world and replica groups).
+    wait_timeout_minutes: float = 60.0
+    # GPU nodes: bind each rank to whole cores of its GPU's socket, helper processes (SGLang, verifiers)
+    # to the node's cores (parallel/cpu_binding.py); srun starts the ranks unbound (slurm/common.sh).
+    bind_cpus: bool = True
 
 
 @dataclass
@@ -183,7 +192,8 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """The RL objective. One preset per method in examples/configs/ sets the recipe values."""
+    """The RL objective. One preset per method in examples/configs/ sets the recipe values; what
+    a step computes for each method is its record in algorithms/methods.py (same names)."""
 
     method: Literal["rlsd", "grpo", "dapo", "drgrpo", "opd", "opsd", "sdpo", "grpo_opsd"] = "rlsd"
     normalize_adv_std: bool = True  # False: Dr. GRPO's A = R - mean(R)

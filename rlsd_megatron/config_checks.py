@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from rlsd_megatron.config import AlgorithmConfig, Config, ConfigError
 
-HINTED_TEACHER_METHODS = ("rlsd", "opsd", "grpo_opsd")  # a teacher shown the dataset hint (spec §2)
-
 
 def transformer_engine_available() -> bool:
     """Whether Transformer Engine's PyTorch binding imports (it needs torch imported first)."""
@@ -66,6 +64,14 @@ def layout_problems(cfg: Config, world_size: int) -> list[str]:
             f"train.max_seq_length={t.max_seq_length} is not divisible by 2*parallel.cp={2 * p.cp} "
             f"(context parallelism splits each sequence into 2*cp load-balanced chunks)"
         )
+    for name in ("collective_timeout_minutes", "wait_timeout_minutes"):
+        if getattr(p, name) <= 0:
+            problems.append(f"parallel.{name}={getattr(p, name)} must be > 0 (minutes)")
+    if p.wait_timeout_minutes < p.collective_timeout_minutes:
+        problems.append(
+            f"parallel.wait_timeout_minutes={p.wait_timeout_minutes} is shorter than parallel.collective_timeout_minutes="
+            f"{p.collective_timeout_minutes}; it covers the long waits (generation, start-up, checkpoints): raise it"
+        )
     model_parallel = p.tp * p.pp * p.cp
     if world_size % model_parallel:
         problems.append(
@@ -101,23 +107,31 @@ def layout_problems(cfg: Config, world_size: int) -> list[str]:
 
 
 def algorithm_problems(cfg: Config) -> list[str]:
-    """Method settings that contradict each other."""
+    """Method settings that contradict each other (the method's record: `algorithms/methods.py`)."""
+    from rlsd_megatron.algorithms.methods import METHODS, get_method
+
     a, problems = cfg.algorithm, []
-    if a.method == "opd" and (a.teacher_weights != "separate" or not a.teacher_model):
+    method = get_method(a.method)
+    separate = [m.name for m in METHODS.values() if m.separate_teacher]
+    distilling = [m.name for m in METHODS.values() if m.distills]
+    if method.separate_teacher and (a.teacher_weights != "separate" or not a.teacher_model):
         problems.append(
-            "algorithm.method=opd scores rollouts with a separate teacher: set algorithm.teacher_weights=separate "
-            f"and algorithm.teacher_model=<checkpoint> (got teacher_weights={a.teacher_weights}, "
-            f"teacher_model={a.teacher_model})"
+            f"algorithm.method={a.method} scores rollouts with a separate teacher: set "
+            "algorithm.teacher_weights=separate and algorithm.teacher_model=<checkpoint> (got "
+            f"teacher_weights={a.teacher_weights}, teacher_model={a.teacher_model})"
         )
-    if a.teacher_weights == "separate" and a.method != "opd":
-        problems.append(f"algorithm.teacher_weights=separate is only for method opd, not {a.method}")
-    if a.method in ("opsd", "sdpo", "grpo_opsd") and a.distill_loss == "none":
+    if a.teacher_weights == "separate" and not method.separate_teacher:
+        problems.append(f"algorithm.teacher_weights=separate is only for method {' or '.join(separate)}, "
+                        f"not {a.method}")
+    if method.distills and a.distill_loss == "none":
         problems.append(f"algorithm.method={a.method} trains with a distillation loss: set algorithm.distill_loss "
                         "(jsd, topk or sampled)")
-    if a.method not in ("opsd", "sdpo", "grpo_opsd") and a.distill_loss != "none":
+    if not method.distills and a.distill_loss != "none":
         problems.append(f"algorithm.distill_loss={a.distill_loss} has no effect with method {a.method}; "
-                        "use method opsd, sdpo or grpo_opsd, or set distill_loss=none")
-    uses_group_baseline = a.method not in ("opsd", "sdpo") and not (a.method == "opd" and a.opd_reward_weight == 0)
+                        f"use method {', '.join(distilling[:-1])} or {distilling[-1]}, or set distill_loss=none")
+    # OPD's advantage holds the group-normalised one only when it mixes the reward in.
+    uses_group_baseline = method.token_advantage in ("sequence", "rlsd") or (
+        method.token_advantage == "opd" and a.opd_reward_weight != 0)
     if uses_group_baseline and cfg.rollout.n < 2:
         problems.append(f"algorithm.method={a.method} needs rollout.n >= 2 (a group baseline), got {cfg.rollout.n}")
     if a.distill_loss == "topk" and a.distill_topk > cfg.model.vocab_size:
@@ -128,9 +142,10 @@ def algorithm_problems(cfg: Config) -> list[str]:
         problems.append(f"algorithm.lam_warmup_steps={a.lam_warmup_steps} must be >= 0 (0: no warm-up)")
     if a.teacher_template is not None:
         problems += _teacher_template_problems(a)
-    if a.teacher_model and a.method != "opd":
-        problems.append(f"algorithm.teacher_model={a.teacher_model!r} is OPD's separate teacher and method "
-                        f"{a.method} does not read it; unset it or use method opd")
+    if a.teacher_model and not method.separate_teacher:
+        owners = " / ".join(name.upper() for name in separate)
+        problems.append(f"algorithm.teacher_model={a.teacher_model!r} is {owners}'s separate teacher and method "
+                        f"{a.method} does not read it; unset it or use method {' or '.join(separate)}")
     if a.kl_coef < 0:
         problems.append(f"algorithm.kl_coef={a.kl_coef} must be >= 0 (0: no KL term; textbook GRPO uses 0.04)")
     if a.kl_reference and not a.kl_coef:
@@ -140,11 +155,13 @@ def algorithm_problems(cfg: Config) -> list[str]:
 
 
 def _teacher_template_problems(a: AlgorithmConfig) -> list[str]:
-    from rlsd_megatron.algorithms.teacher_context import check_teacher_template
+    from rlsd_megatron.algorithms.methods import METHODS
+    from rlsd_megatron.data.teacher_context import check_teacher_template
 
-    if a.method not in HINTED_TEACHER_METHODS:
+    hinted = [m.name for m in METHODS.values() if m.teacher_context == "hinted"]  # a teacher shown the hint (spec §2)
+    if a.method not in hinted:
         return [f"algorithm.teacher_template has no effect with method {a.method} (only "
-                f"{', '.join(HINTED_TEACHER_METHODS)} show a teacher the dataset hint; SDPO's teacher has its own "
+                f"{', '.join(hinted)} show a teacher the dataset hint; SDPO's teacher has its own "
                 "template); unset it"]
     try:
         check_teacher_template(a.teacher_template, "algorithm.teacher_template")

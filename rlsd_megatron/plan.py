@@ -43,6 +43,7 @@ import sys
 from dataclasses import dataclass
 
 from rlsd_megatron.config import Config, ConfigError, ModelConfig, load_config
+from rlsd_megatron.models.families import family_of
 from rlsd_megatron.models.hf_config import head_dim
 from rlsd_megatron.models.provider import padded_vocab_size
 from rlsd_megatron.ops.vocab_shard import GPU_CHUNK_BYTES
@@ -121,14 +122,9 @@ class MemoryPlan:
 
 
 def layer_params(cfg: Config) -> int:
-    """Parameters of one decoder layer (QKV, output projection, SwiGLU MLP, norms, biases)."""
-    m = cfg.model
-    dim = head_dim(m)
-    q, kv = m.num_attention_heads * dim, (m.num_query_groups or m.num_attention_heads) * dim
-    attention = m.hidden_size * (q + 2 * kv) + q * m.hidden_size + (q + 2 * kv if m.qkv_bias else 0)
-    mlp = 3 * m.hidden_size * m.ffn_hidden_size
-    norms = 2 * m.hidden_size + (2 * dim if m.qk_layernorm else 0)
-    return attention + mlp + norms
+    """Parameters of one decoder layer: the HF shapes of the family's per-layer tensor rules."""
+    rules = family_of(cfg.model).tensor_rules(cfg.model)
+    return sum(math.prod(shape) for rule in rules if "{i}" in rule.megatron for shape in rule.hf_shapes)
 
 
 def stage_params(cfg: Config, *, first: bool, last: bool) -> int:

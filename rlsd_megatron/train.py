@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import socket
 import sys
 from pathlib import Path
 
@@ -56,25 +55,16 @@ class _Parser(argparse.ArgumentParser):
 def checkpoint_problems(cfg) -> list[str]:
     """The checkpoint the trainer would load (`checkpoint.resume`, else `checkpoint.init_from`):
     it exists, is a complete checkpoint, and was written for `cfg.model`. Reads metadata only."""
-    from rlsd_megatron.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint_info, resolve_checkpoint_dir
+    from rlsd_megatron.checkpoint import CheckpointError, read_checkpoint_info, resolve_checkpoint_dir
     from rlsd_megatron.checkpoint.directory import INFO_FILE, check_model_matches
+    from rlsd_megatron.trainer.training_state import resolve_resume
 
-    ckpt = cfg.checkpoint
-    key, path = None, None
-    if ckpt.resume == "auto":
-        if ckpt.dir is None:
-            return ["checkpoint.resume=auto needs checkpoint.dir (the root this run saves to and resumes from); "
-                    "set checkpoint.dir=DIR or unset checkpoint.resume"]
-        try:
-            latest = latest_checkpoint(ckpt.dir)  # None: nothing saved yet, the run starts fresh
-        except CheckpointError as exc:
-            return [f"checkpoint.resume=auto with checkpoint.dir={ckpt.dir!r}: {exc}"]
-        if latest is not None:
-            key, path = f"checkpoint.resume=auto found {latest} (checkpoint.dir={ckpt.dir!r})", latest
-    elif ckpt.resume is not None:
-        key, path = f"checkpoint.resume={ckpt.resume!r}", ckpt.resume
-    if key is None and ckpt.init_from:
-        key, path = f"checkpoint.init_from={ckpt.init_from!r}", ckpt.init_from
+    try:
+        key, path = resolve_resume(cfg.checkpoint) or (None, None)
+    except CheckpointError as exc:  # resume=auto without a readable checkpoint.dir
+        return [str(exc)]
+    if key is None and cfg.checkpoint.init_from:
+        key, path = f"checkpoint.init_from={cfg.checkpoint.init_from!r}", cfg.checkpoint.init_from
     if key is None:
         return []
     if not Path(path).exists():
@@ -115,63 +105,6 @@ def input_problems(cfg) -> list[str]:
     return problems
 
 
-def _ranks_text(ranks: list[int]) -> str:
-    """`3`, `0-3`, `0-3, 8-11`."""
-    spans: list[list[int]] = []
-    for rank in sorted(ranks):
-        if spans and rank == spans[-1][1] + 1:
-            spans[-1][1] = rank
-        else:
-            spans.append([rank, rank])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
-
-
-def format_report(reports: list[tuple[str, list[str]]]) -> list[str]:
-    """One `rlsd-train: error: ...` entry per distinct problem of `reports` (host, problems per
-    rank), naming the ranks (and hosts) that saw it unless every rank did."""
-    world = len(reports)
-    seen: dict[str, list[int]] = {}
-    for rank, (_, problems) in enumerate(reports):
-        for problem in problems:
-            seen.setdefault(problem, []).append(rank)
-    lines = []
-    for problem, ranks in seen.items():
-        where = ""
-        if len(ranks) < world:
-            hosts = sorted({reports[rank][0] for rank in ranks})
-            where = (f"on rank{'s' if len(ranks) > 1 else ''} {_ranks_text(ranks)} of {world} "
-                     f"(host{'s' if len(hosts) > 1 else ''} {', '.join(hosts[:4])}{', ...' if len(hosts) > 4 else ''}): ")
-        lines.append(f"{PROG}: error: {where}{problem}")
-    return lines
-
-
-def report_problems(problems: list[str], group=None) -> bool:
-    """Collective: every rank's problems are gathered; global rank 0 prints each distinct one once.
-    Returns whether any rank had one (the same answer on every rank)."""
-    import torch.distributed as dist
-
-    reports: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(reports, (socket.gethostname(), problems), group=group)
-    if not any(found for _, found in reports):
-        return False
-    if dist.get_rank() == 0:
-        print("\n".join(format_report(reports)), file=sys.stderr, flush=True)
-    return True
-
-
-def _report_late(error: Exception, group) -> None:
-    """Bad input found after start-up (by the Trainer, on every rank when the input is the same
-    everywhere): reported once if every rank reports within `LATE_REPORT_TIMEOUT`, else by this
-    rank, naming itself (the others are not coming)."""
-    import torch.distributed as dist
-
-    try:
-        report_problems([str(error)], group=group)
-    except Exception:  # the gloo timeout: not every rank hit this
-        print(f"{PROG}: error: on rank {dist.get_rank()} of {dist.get_world_size()} ({socket.gethostname()}): "
-              f"{error}", file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog=PROG, description="RL post-training with RLSD and its baselines")
     parser.add_argument("--config", required=True, help="YAML config (see examples/configs/)")
@@ -194,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from rlsd_megatron.config import ConfigError, load_config
+    from rlsd_megatron.config import Config, ConfigError, load_config
     from rlsd_megatron.config_checks import resolve_transformer_impl, transformer_engine_available, validate_config
+    from rlsd_megatron.parallel.agreement import report_late_problem, report_problems
     from rlsd_megatron.parallel.state import Layout, destroy_model_parallel, init_distributed, initialize_model_parallel
 
     user_errors = user_error_types()
@@ -205,8 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as error:  # reported below, once, when the ranks have agreed
         problems.append(str(error))
+    if cuda and cfg is not None and cfg.parallel.bind_cpus:  # before the threads of the groups start
+        from rlsd_megatron.parallel.cpu_binding import bind_rank_to_gpu_socket
+        from rlsd_megatron.parallel.state import launch_local_rank
+
+        bind_rank_to_gpu_socket(*launch_local_rank())
     created_world = not dist.is_initialized()
-    init_distributed()
+    init_distributed(timeout_minutes=(cfg or Config()).parallel.wait_timeout_minutes)
     world = dist.get_world_size()
     errors_group = dist.new_group(backend="gloo", timeout=LATE_REPORT_TIMEOUT)
 
@@ -233,12 +172,14 @@ def main(argv: list[str] | None = None) -> int:
                 check_fits(cfg, world)
             except ConfigError as error:
                 problems.append(str(error))
-    if report_problems(problems):
+    if report_problems(problems, prog=PROG):
         return finish(USER_ERROR_STATUS)
 
     impl = resolve_transformer_impl(cfg, cuda_available=cuda, te_available=cuda and transformer_engine_available())
     p = cfg.parallel
-    initialize_model_parallel(Layout(p.tp, p.pp, p.cp, p.vpp), seed=cfg.train.seed)
+    initialize_model_parallel(Layout(p.tp, p.pp, p.cp, p.vpp), seed=cfg.train.seed,
+                              collective_timeout_minutes=p.collective_timeout_minutes,
+                              wait_timeout_minutes=p.wait_timeout_minutes)
 
     from rlsd_megatron.trainer.trainer import Trainer
 
@@ -250,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.close()
             raise
     except user_errors as error:
-        _report_late(error, errors_group)
+        report_late_problem(error, prog=PROG, group=errors_group)
         return finish(USER_ERROR_STATUS, layout=True)
     dist.barrier()
     return finish(0, layout=True)

@@ -234,7 +234,9 @@ rlsd_export_env() {
     export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
     # Per-rank logs appear as they are written, not when a 4 KiB buffer fills.
     export PYTHONUNBUFFERED=1
-    # torchrun's default is 1 thread per process; here, the CPUs srun gives each rank.
+    # torchrun's default is 1 thread per process; here, a rank's share of the node's CPUs (on GPU
+    # nodes each rank sets its own from the cores it binds to; verifier workers get 1, SGLang's
+    # processes a rank's share: rlsd_megatron/parallel/cpu_binding.py).
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$cpus_per_task}
     # Compute nodes rarely reach the Hub; everything loads from RLSD_MODEL.
     export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
@@ -256,7 +258,7 @@ rlsd_print_layout() {
         echo "job:          ${SLURM_JOB_ID} attempt $attempt (max requeues ${RLSD_MAX_REQUEUES:-20}) on ${SLURM_JOB_NODELIST}"
         echo "rendezvous:   MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT (env://, ranks from SLURM_PROCID)"
     else
-        echo "rendezvous:   MASTER_ADDR=<first host of \$SLURM_JOB_NODELIST> MASTER_PORT=<20000 + job id mod 20000>"
+        echo "rendezvous:   MASTER_ADDR=<first host of \$SLURM_JOB_NODELIST> MASTER_PORT=<12000 + (job id + attempt) mod 8000>"
     fi
     echo "run:          $run_name (RLSD_RUN_NAME; a resubmission with the same name resumes it)"
     echo "checkpoints:  $ckpt_dir (resume=auto)"
@@ -297,10 +299,13 @@ rlsd_plan() {
 
 rlsd_srun_command() {
     srun_cmd=(srun --nodes="$nodes" --ntasks-per-node="$gpus_per_node" --cpus-per-task="$cpus_per_task"
-        --gpu-bind=none --kill-on-bad-exit=1 --output="$attempt_dir/rank-%t.log" "${container_args[@]}"
+        --gpu-bind=none --cpu-bind=none --kill-on-bad-exit=1 --output="$attempt_dir/rank-%t.log" "${container_args[@]}"
         "$python" -m rlsd_megatron.train --config "$config" "${overrides[@]}")
     # --gpu-bind=none: every rank sees all GPUs of its node (it picks cuda:LOCAL_RANK itself), so
     # an SGLang engine hosted by one rank can span engine_tp GPUs of the node.
+    # --cpu-bind=none: SLURM cannot know which GPU a rank drives; each rank binds itself to cores of
+    # its GPU's socket and starts SGLang's and the verifiers' processes on the node's CPUs
+    # (parallel.bind_cpus, rlsd_megatron/parallel/cpu_binding.py).
     # --kill-on-bad-exit=1: one rank failing ends the step rather than leaving the rest hung.
 }
 

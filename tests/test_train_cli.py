@@ -22,6 +22,7 @@ import pytest
 
 from rlsd_megatron import train
 from rlsd_megatron.config import ModelConfig, load_config
+from rlsd_megatron.parallel.agreement import format_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = "examples/configs/cpu_demo.yaml"
@@ -215,9 +216,9 @@ def test_input_checks_name_the_setting_and_the_value(tmp_path):
 
 def test_format_report_groups_ranks_and_hosts():
     reports = [("n1", ["a"]), ("n1", ["a"]), ("n2", ["a", "b"]), ("n2", ["a"]), ("n3", ["b"])]
-    assert train.format_report(reports) == ["rlsd-train: error: on ranks 0-3 of 5 (hosts n1, n2): a",
+    assert format_report(reports) == ["rlsd-train: error: on ranks 0-3 of 5 (hosts n1, n2): a",
                                             "rlsd-train: error: on ranks 2, 4 of 5 (hosts n2, n3): b"]
-    assert train.format_report([("n1", ["a"]), ("n1", ["a"])]) == ["rlsd-train: error: a"]
+    assert format_report([("n1", ["a"]), ("n1", ["a"])]) == ["rlsd-train: error: a"]
 
 
 def test_command_line_single_process(tmp_path):

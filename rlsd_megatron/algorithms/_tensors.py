@@ -16,3 +16,10 @@ def bool_mask(mask: torch.Tensor, like: torch.Tensor, name: str = "mask") -> tor
         raise ValueError(f"{name} has shape {tuple(mask.shape)} but the per-token values have shape "
                          f"{tuple(like.shape)}; pass one [B, T] mask entry per response token.")
     return mask if mask.dtype == torch.bool else mask != 0
+
+
+def check_seq_adv(seq_adv: torch.Tensor, token_tensor: torch.Tensor) -> None:
+    """Raise unless `seq_adv` is [B] and `token_tensor` [B, T] with the same B."""
+    if seq_adv.dim() != 1 or token_tensor.dim() != 2 or seq_adv.shape[0] != token_tensor.shape[0]:
+        raise ValueError(f"seq_adv must be [B] and the per-token tensors [B, T]; got seq_adv "
+                         f"{tuple(seq_adv.shape)} and {tuple(token_tensor.shape)}.")

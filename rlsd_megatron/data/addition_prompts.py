@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from rlsd_megatron.algorithms.teacher_context import TeacherContextBuilder
 from rlsd_megatron.data import reversed_addition as task
 from rlsd_megatron.data.prompts import PromptDataset, PromptRow
 from rlsd_megatron.data.readers import DataError
+from rlsd_megatron.data.teacher_context import TeacherContextBuilder
 
 __all__ = ["ADDITION_SDPO_TEMPLATE", "ADDITION_TEACHER_TEMPLATE", "ReversedAdditionPrompts"]
 

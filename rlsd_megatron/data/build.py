@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rlsd_megatron.algorithms.teacher_context import RLSD_TEACHER_TEMPLATE
 from rlsd_megatron.config import Config, DataConfig
 from rlsd_megatron.data.addition_prompts import ReversedAdditionPrompts
 from rlsd_megatron.data.prompts import MATH_STUDENT_TEMPLATE, FilePromptDataset, PromptDataset
 from rlsd_megatron.data.readers import SUPPORTED_SUFFIXES, DataError
+from rlsd_megatron.data.teacher_context import RLSD_TEACHER_TEMPLATE
 from rlsd_megatron.data.tokenizer import check_tokenizer_dir, load_chat_tokenizer
 
 __all__ = ["BUILTIN_TASKS", "build_prompt_dataset", "build_run_datasets", "data_input_problems"]

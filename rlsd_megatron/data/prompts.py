@@ -3,8 +3,8 @@
 A :class:`PromptDataset` is a sized, indexable collection of :class:`PromptRow` s plus the two
 things that turn a row into model input: ``render_prompt(user_text) -> ids`` (one user turn
 through the start of the assistant turn) and ``teacher_context``, a
-:class:`~rlsd_megatron.algorithms.TeacherContextBuilder` on that *same* renderer, so student
-and self-teacher prompts differ only in the user text (spec §2).
+:class:`~rlsd_megatron.data.teacher_context.TeacherContextBuilder` on that *same* renderer, so
+student and self-teacher prompts differ only in the user text (spec §2).
 
 Where the teacher context is built: the trainer, after generation, calls
 ``dataset.teacher_context.build(row.question, row.answer, response_ids,
@@ -25,10 +25,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from rlsd_megatron.algorithms.teacher_context import (RLSD_TEACHER_TEMPLATE, PromptRenderer, TeacherContextBuilder,
-                                                      hf_chat_renderer, hf_text_truncator)
 from rlsd_megatron.config import DataConfig
 from rlsd_megatron.data.readers import DataError, read_rows
+from rlsd_megatron.data.teacher_context import (RLSD_TEACHER_TEMPLATE, PromptRenderer, TeacherContextBuilder,
+                                                hf_chat_renderer, hf_text_truncator)
 
 __all__ = ["BAD_ROW_KINDS", "MATH_STUDENT_TEMPLATE", "FilePromptDataset", "PromptDataset", "PromptRow"]
 
@@ -102,8 +102,8 @@ class FilePromptDataset(PromptDataset):
     ``cfg.max_prompt_length`` tokens. Bad rows (:data:`BAD_ROW_KINDS`) raise :class:`DataError`
     naming file and row, or with ``cfg.bad_rows == "skip"`` are counted in
     ``stats["skipped_<kind>"]`` (the first 20 messages in ``skipped_examples``). ``system_prompt`` and ``chat_template_kwargs`` go to
-    :func:`~rlsd_megatron.algorithms.hf_chat_renderer`; ``teacher_template`` to the
-    :class:`~rlsd_megatron.algorithms.TeacherContextBuilder`.
+    :func:`~rlsd_megatron.data.teacher_context.hf_chat_renderer`; ``teacher_template`` to the
+    :class:`~rlsd_megatron.data.teacher_context.TeacherContextBuilder`.
     """
 
     def __init__(self, files: Sequence[str], cfg: DataConfig, tokenizer: Any, *,

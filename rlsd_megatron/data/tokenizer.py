@@ -42,7 +42,7 @@ def load_chat_tokenizer(tokenizer_dir: str | Path | None) -> Any:
 
     Raises :class:`DataError` when ``tokenizer_dir`` is unset, not a directory, holds no
     tokenizer files, cannot be loaded, or has no chat template (prompts are rendered through
-    it, see :func:`rlsd_megatron.algorithms.hf_chat_renderer`).
+    it, see :func:`rlsd_megatron.data.teacher_context.hf_chat_renderer`).
     """
     path = check_tokenizer_dir(tokenizer_dir)
     from transformers import AutoTokenizer

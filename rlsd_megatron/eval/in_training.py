@@ -21,6 +21,7 @@ from rlsd_megatron.eval.benchmarks import load_benchmark_specs, read_benchmark_r
 from rlsd_megatron.eval.grading import ResponseGrader
 from rlsd_megatron.eval.model_source import Prompter
 from rlsd_megatron.eval.runner import generate_samples, metrics_from_samples
+from rlsd_megatron.parallel.state import wait_for_every_rank
 
 if TYPE_CHECKING:
     from rlsd_megatron.config import TrainConfig
@@ -56,6 +57,7 @@ class TrainingBenchmarks:
                                        progress=False) if engine is not None else None]
             if dist.get_world_size(replica_group) > 1:
                 dist.broadcast_object_list(holder, src=dist.get_global_rank(replica_group, 0), group=replica_group)
+            wait_for_every_rank(f"generating benchmark {spec.name!r}")  # then the gather runs on the short timeout
             shares = [None] * dist.get_world_size(dp_group)
             dist.all_gather_object(shares, holder[0], group=dp_group)
             samples = [record for share in shares for record in share]  # DP rank order = problem order

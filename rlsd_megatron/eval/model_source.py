@@ -113,14 +113,15 @@ def build_prompter(model: EvalModel, *, system_prompt: str | None = None) -> Pro
                              f"system turn; remove system_prompt from the benchmark.")
         dataset = BUILTIN_TASKS[model.task]("train")
         return Prompter(dataset.render_prompt, dataset.decode, [dataset.eos_id])
-    from rlsd_megatron.algorithms.teacher_context import hf_chat_renderer
+    from rlsd_megatron.data.teacher_context import hf_chat_renderer
     from rlsd_megatron.data.tokenizer import load_chat_tokenizer
 
     if model.tokenizer_dir is None:
         raise ValueError(f"{model.path} names no tokenizer (no hf_assets, no data.tokenizer_dir in its training "
                          f"config); pass --tokenizer DIR (the model's HF directory works).")
     tokenizer = load_chat_tokenizer(model.tokenizer_dir)
-    return Prompter(hf_chat_renderer(tokenizer, system_prompt=system_prompt), lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), [tokenizer.eos_token_id])
+    return Prompter(hf_chat_renderer(tokenizer, system_prompt=system_prompt),
+                    lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), [tokenizer.eos_token_id])
 
 
 def build_engine(model: EvalModel, backend: str, *, engines: int = 1, engine_tp: int = 1, work_dir: Path,

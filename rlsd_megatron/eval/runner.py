@@ -120,8 +120,9 @@ def run_benchmarks(specs: Sequence[BenchmarkSpec], out: str | Path, *, model_id:
             mine = {k: done.get(k) for k in identity}
             if mine != identity:
                 changed = sorted(k for k in identity if mine[k] != identity[k])
-                raise ResultMismatch(f"{path} holds benchmark {spec.name!r} evaluated with a different {', '.join(changed)}"
-                                     f"; write to another --out directory, or delete the file to redo it.")
+                raise ResultMismatch(f"{path} holds benchmark {spec.name!r} evaluated with a different "
+                                     f"{', '.join(changed)}; write to another --out directory, or delete the file "
+                                     "to redo it.")
             summary[spec.name] = done["metrics"]
             log(f"[{spec.name}] finished before ({path}), not redone")
         else:

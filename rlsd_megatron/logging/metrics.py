@@ -6,6 +6,7 @@ others construct a disabled logger so the call sites stay unconditional.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import sys
 import time
@@ -72,3 +73,18 @@ class MetricsLogger:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+class PhaseTimer:
+    """Wall time per named phase of a step."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

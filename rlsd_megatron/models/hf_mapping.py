@@ -1,60 +1,26 @@
-"""Canonical Megatron GPT tensors ⇄ Hugging Face Llama / Qwen2 / Qwen3 tensors.
+"""Canonical Megatron tensors ⇄ Hugging Face tensors, by the rules of the model's family.
 
-One declarative table of rules per family, used in both directions by the checkpoint converters
-and the rollout weight sync (the Megatron side is the canonical, TP=1/PP=1 unpadded layout of
-`models.sharding`). Two rules are more than a rename:
-
-- `qkv`: Megatron fuses Q, K and V into `linear_qkv` grouped by KV group: for each of the G
-  groups, its H/G query heads, then its key head, then its value head (rows of head_dim each).
-  HF keeps separate `q_proj` / `k_proj` / `v_proj`.
-- `gate_up`: Megatron's SwiGLU `linear_fc1` is [gate; up] stacked on rows; HF has `gate_proj` and
-  `up_proj`.
-Every tensor is converted on its own, so both directions stream with memory bounded by a few
-tensors.
+Used in both directions by the checkpoint converters and the rollout weight sync (the Megatron
+side is the canonical, TP=1/PP=1 unpadded layout of `models.sharding`). Each family states its
+rules (`models.families`: which HF tensor(s) each Megatron tensor is, their shapes and how they
+combine: `copy`, `qkv` or `gate_up`); this module applies them. Every tensor is converted on its
+own, so both directions stream with memory bounded by a few tensors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
 from rlsd_megatron.config import ModelConfig
+from rlsd_megatron.models.families import TensorRule, family_of
 from rlsd_megatron.models.hf_config import head_dim
 
 
-@dataclass(frozen=True)
-class TensorRule:
-    megatron: str  # canonical Megatron name; "{i}" is the layer index
-    hf: tuple[str, ...]  # HF name(s) it corresponds to
-    kind: Literal["copy", "qkv", "gate_up"] = "copy"
-
-
 def family_rules(model: ModelConfig) -> list[TensorRule]:
-    """The rules of `model`'s family and options (untied head, QKV bias, q/k norm)."""
-    attn = "model.layers.{i}.self_attn"
-    rules = [
-        TensorRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
-        TensorRule("decoder.layers.{i}.input_layernorm.weight", ("model.layers.{i}.input_layernorm.weight",)),
-        TensorRule("decoder.layers.{i}.self_attention.linear_qkv.weight",
-                   (f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"), "qkv"),
-        TensorRule("decoder.layers.{i}.self_attention.linear_proj.weight", (f"{attn}.o_proj.weight",)),
-        TensorRule("decoder.layers.{i}.pre_mlp_layernorm.weight", ("model.layers.{i}.post_attention_layernorm.weight",)),
-        TensorRule("decoder.layers.{i}.mlp.linear_fc1.weight",
-                   ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "gate_up"),
-        TensorRule("decoder.layers.{i}.mlp.linear_fc2.weight", ("model.layers.{i}.mlp.down_proj.weight",)),
-        TensorRule("decoder.final_layernorm.weight", ("model.norm.weight",)),
-    ]
-    if model.qkv_bias:
-        rules.append(TensorRule("decoder.layers.{i}.self_attention.linear_qkv.bias",
-                                (f"{attn}.q_proj.bias", f"{attn}.k_proj.bias", f"{attn}.v_proj.bias"), "qkv"))
-    if model.qk_layernorm:
-        rules.append(TensorRule("decoder.layers.{i}.self_attention.q_layernorm.weight", (f"{attn}.q_norm.weight",)))
-        rules.append(TensorRule("decoder.layers.{i}.self_attention.k_layernorm.weight", (f"{attn}.k_norm.weight",)))
-    if not model.tie_word_embeddings:
-        rules.append(TensorRule("output_layer.weight", ("lm_head.weight",)))
-    return rules
+    """The tensor rules of `model`'s family and options (untied head, QKV bias, q/k norm)."""
+    return family_of(model).tensor_rules(model)
 
 
 def _expand(rule: TensorRule, num_layers: int) -> Iterator[tuple[str, tuple[str, ...]]]:
@@ -99,22 +65,10 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: ModelConf
 
 def expected_hf_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every HF tensor of `model` (for validating checkpoints before converting)."""
-    groups, per_group, dim = _qkv_sizes(model)
-    h, f, v = model.hidden_size, model.ffn_hidden_size, model.vocab_size
-    by_suffix = {
-        "embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "norm.weight": (h,),
-        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-        "q_proj.weight": (groups * per_group * dim, h), "k_proj.weight": (groups * dim, h),
-        "v_proj.weight": (groups * dim, h), "q_proj.bias": (groups * per_group * dim,),
-        "k_proj.bias": (groups * dim,), "v_proj.bias": (groups * dim,),
-        "o_proj.weight": (h, groups * per_group * dim), "q_norm.weight": (dim,), "k_norm.weight": (dim,),
-        "gate_proj.weight": (f, h), "up_proj.weight": (f, h), "down_proj.weight": (h, f),
-    }
     shapes = {}
-    for _, hf_names, _ in name_pairs(model):
-        for name in hf_names:
-            suffix = max((s for s in by_suffix if name == s or name.endswith("." + s)), key=len)
-            shapes[name] = by_suffix[suffix]
+    for rule in family_rules(model):
+        for _, hf_names in _expand(rule, model.num_layers):
+            shapes.update(zip(hf_names, rule.hf_shapes))
     return shapes
 
 
@@ -163,9 +117,7 @@ def hf_to_megatron(get_hf: Callable[[str], torch.Tensor], model: ModelConfig) ->
 def check_hf_names(hf_names: set[str], model: ModelConfig) -> None:
     """Raise if an HF checkpoint has tensors the model would silently ignore, or lacks some."""
     expected = set(expected_hf_shapes(model))
-    ignorable = {n for n in hf_names if n.endswith("rotary_emb.inv_freq")}
-    if model.tie_word_embeddings:
-        ignorable |= {"lm_head.weight"} & hf_names  # some tied checkpoints store the copy
+    ignorable = family_of(model).ignorable_hf_names(model, hf_names)
     unknown = sorted(hf_names - expected - ignorable)
     missing = sorted(expected - hf_names)
     if unknown or missing:

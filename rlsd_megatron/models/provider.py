@@ -1,14 +1,22 @@
-"""Builds megatron-core `GPTModel` chunks for Llama / Qwen2 / Qwen3-style configs.
+"""Builds megatron-core `GPTModel` chunks for the registered model families (`models.families`).
 
-Why `GPTModel` and not `HybridModel`: megatron-core 0.19 marks `GPTModel` deprecated (critical
-fixes only), but it is the dense-decoder model every Megatron RL framework (slime, veRL,
-NeMo-RL) and Megatron-Bridge build on, its parameter names are the ones checkpoint tooling
-knows, and `HybridModel` adds nothing for a dense Llama/Qwen decoder. Only this module names
-the model class, so a later switch touches one file.
+Why `GPTModel` and not its successor `HybridModel` (tried on megatron-core 0.19.2): a dense
+Llama layer is the pattern `*-` (an attention sublayer, then an MLP sublayer), and `HybridModel`
+built from the GPT local submodules gives bit-identical logits on CPU, but only after working
+around three things, the last of which is a format change: (1) `HybridStack` always makes its
+final norm a `TENorm` (hybrid_block.py:215), which raises without Transformer Engine, and
+megatron-core ships TE hybrid specs only, without q/k norm (hybrid_layer_specs.py); (2) it has
+no Llama-3 RoPE-scaling argument (hybrid_model.py:247 builds `RotaryEmbedding` without it);
+(3) its checkpoints key each sublayer on its own (`decoder.layers.{2i}.input_layernorm.weight`,
+`decoder.final_norm.weight`) where `GPTModel` stacks layers (`decoder.layers.self_attention.
+linear_qkv.layer_norm_weight` with a layer axis), so checkpoints written so far, the converters'
+streaming layout and Megatron-LM's `pretrain_gpt.py` would not load them. Switch when a family
+needs non-dense layers (MoE, linear attention) and that format change is accepted.
 
-The TE/local choice is made once, here, from the resolved `transformer_impl`: Transformer
-Engine layers (required for FP8 and context parallelism) on GPUs, megatron-core's local layers
-otherwise.
+The shared decoder settings are here; what differs by family (QKV bias, q/k norm, ...) comes
+from the family's `transformer_options`. The TE/local choice is made once, here, from the
+resolved `transformer_impl`: Transformer Engine layers (required for FP8 and context
+parallelism) on GPUs, megatron-core's local layers otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from rlsd_megatron.config import Config, ConfigError, ModelConfig
+from rlsd_megatron.models.families import family_of
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +59,6 @@ def transformer_config(cfg: Config, *, impl: str):
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=m.qkv_bias,
-        qk_layernorm=m.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
@@ -87,17 +94,19 @@ def transformer_config(cfg: Config, *, impl: str):
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
         deallocate_pipeline_outputs=True,
+        **family_of(m).transformer_options(m),
     )
 
 
-def layer_spec(cfg: Config, *, impl: str):
-    """The decoder-layer `ModuleSpec`: Transformer Engine or megatron-core local modules."""
+def layer_spec(config, *, impl: str):
+    """The decoder-layer `ModuleSpec` for a `TransformerConfig`: Transformer Engine or
+    megatron-core local modules."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if impl == "transformer_engine":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     if impl == "local":
-        return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=cfg.model.qk_layernorm, normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
     raise ConfigError(f"transformer_impl must be local or transformer_engine, got {impl!r}")
 
 
@@ -112,7 +121,7 @@ def build_model_chunks(cfg: Config, *, impl: str) -> list[torch.nn.Module]:
 
     m = cfg.model
     config = transformer_config(cfg, impl=impl)
-    spec = layer_spec(cfg, impl=impl)
+    spec = layer_spec(config, impl=impl)
     vocab = padded_vocab_size(m, cfg.parallel.tp)
     chunks = []
     stages = cfg.parallel.vpp or 1

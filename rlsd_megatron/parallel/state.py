@@ -1,7 +1,7 @@
 """Process groups: torch.distributed start-up and megatron-core's model-parallel layout.
 
-All groups live in `megatron.core.parallel_state`; the rest of the project asks it for them
-and never creates its own. The backend is chosen once here: NCCL on GPUs, gloo on CPU (with
+Megatron's groups live in `megatron.core.parallel_state`, the replica and waiting groups here;
+the rest of the project asks for them and never creates its own. The backend is chosen once here: NCCL on GPUs, gloo on CPU (with
 the shims of `cpu_compat`).
 """
 
@@ -62,14 +62,26 @@ def launch_rank() -> int:
     return 0
 
 
+def launch_local_rank() -> tuple[int, int]:
+    """(this process's rank on its node, the ranks on its node) from the launcher's variables
+    (torchrun's, else SLURM's), before torch.distributed starts; (0, 1) without a launcher."""
+    local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    # SLURM_NTASKS_PER_NODE is "8" or, on uneven allocations, "8(x2),4"; this node's is SLURM_TASKS_PER_NODE's too.
+    local_world = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1")
+    return int(local_rank), int(local_world.split("(")[0].split(",")[0])
+
+
 # On GPUs every group (Megatron's inherit the default's backends) runs CUDA tensors over NCCL and
 # CPU tensors over gloo: the trainer reduces CPU scalars (metrics, stop flags, rewards) and
 # broadcasts pickled rollouts, which an NCCL-only group refuses.
 GPU_BACKEND = "cpu:gloo,cuda:nccl"
 
 
-def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> str:
+def init_distributed(backend: str | None = None, timeout_minutes: float = 60.0) -> str:
     """Initialise torch.distributed from env:// (torchrun or SLURM variables); return the backend.
+
+    `timeout_minutes` is the default (world) group's, where checkpoints are written and read:
+    the trainer gives it `parallel.wait_timeout_minutes`.
 
     With no backend given: `GPU_BACKEND` when CUDA is available, gloo otherwise (then the
     megatron-core compatibility shims are installed). A single process with no launcher
@@ -97,8 +109,17 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> s
     return backend
 
 
-def initialize_model_parallel(layout: Layout, seed: int = 1234) -> None:
-    """Create megatron-core's TP/PP/CP/DP groups for `layout` and seed every RNG per rank.
+def initialize_model_parallel(layout: Layout, seed: int = 1234, *, collective_timeout_minutes: float = 10.0,
+                              wait_timeout_minutes: float = 60.0) -> None:
+    """Create megatron-core's TP/PP/CP/DP groups for `layout`, the replica and waiting groups, and
+    seed every RNG per rank.
+
+    Two timeouts (`parallel.*_timeout_minutes`): Megatron's groups, where every collective of a
+    training step runs and all ranks arrive within seconds of each other, fail after
+    `collective_timeout_minutes`, so that a hung rank is reported (and NCCL's flight recorder
+    dumps) soon. Where ranks legitimately wait minutes for one rank's work alone (the engine host
+    generating and verifying, the engine starting) they wait in the replica group or in
+    `wait_for_every_rank`, gloo groups with `wait_timeout_minutes`.
 
     Seeds follow Megatron: the default generators get `seed + 100 * pp_rank` (identical across
     TP ranks so that non-parallel regions agree), the tensor-parallel tracker state differs per
@@ -112,38 +133,61 @@ def initialize_model_parallel(layout: Layout, seed: int = 1234) -> None:
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
         context_parallel_size=layout.cp,
+        distributed_timeout_minutes=collective_timeout_minutes,
     )
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    global _REPLICA_GROUP
-    _REPLICA_GROUP = _new_replica_group() if layout.cp > 1 else parallel_state.get_model_parallel_group()
+    global _REPLICA_GROUP, _WAIT_GROUP, _WAIT_TIMEOUT
+    _WAIT_TIMEOUT = datetime.timedelta(minutes=wait_timeout_minutes)
+    _REPLICA_GROUP = _new_replica_group(_WAIT_TIMEOUT)
+    _WAIT_GROUP = dist.new_group(backend="gloo", timeout=_WAIT_TIMEOUT)
 
 
 _REPLICA_GROUP = None
+_WAIT_GROUP = None
+_WAIT_TIMEOUT = None
 
 
 def replica_group():
-    """The ranks holding one model replica: TP x CP x PP of this rank's data-parallel index.
+    """The ranks holding one model replica: TP x CP x PP of this rank's data-parallel index (a
+    gloo group with the long `wait_timeout_minutes`: its ranks wait there for their host's rollouts).
 
     Rollouts are generated once per replica and broadcast over it (every CP rank must train on
-    the same sequences). Megatron's model-parallel group is TP x PP only; with CP = 1 it is this.
-    Its first rank (TP, CP and PP rank 0) hosts the replica's engine."""
+    the same sequences). Its first rank (TP, CP and PP rank 0) hosts the replica's engine."""
     if _REPLICA_GROUP is None:
         raise RuntimeError("replica_group() before initialize_model_parallel()")
     return _REPLICA_GROUP
 
 
-def _new_replica_group():
-    """One group per data-parallel index (collective: every rank creates every group, in order)."""
+def wait_for_every_rank(what: str) -> None:
+    """Block until every rank of the world gets here, for up to `wait_timeout_minutes`.
+
+    Called after work that one rank does alone for minutes (generation, the engine's start-up):
+    the ranks then enter the next training collectives together, which lets those run under the
+    short `collective_timeout_minutes`. On a timeout the error names the ranks that never came."""
+    if _WAIT_GROUP is None:
+        raise RuntimeError("wait_for_every_rank() before initialize_model_parallel()")
+    if dist.get_world_size() == 1:
+        return
+    try:
+        # Its own timeout: monitored_barrier's default is the world group's, not its group's.
+        dist.monitored_barrier(group=_WAIT_GROUP, timeout=_WAIT_TIMEOUT, wait_all_ranks=True)
+    except RuntimeError as error:
+        raise RuntimeError(f"waiting for every rank after {what}: {error}") from error
+
+
+def _new_replica_group(timeout: datetime.timedelta):
+    """One gloo group per data-parallel index (collective: every rank creates every group, in order)."""
     from megatron.core import parallel_state
 
     dp_ranks: list = [None] * dist.get_world_size()
     dist.all_gather_object(dp_ranks, parallel_state.get_data_parallel_rank())
     mine = None
     for index in sorted(set(dp_ranks)):
-        group = dist.new_group([rank for rank, dp in enumerate(dp_ranks) if dp == index])
+        group = dist.new_group([rank for rank, dp in enumerate(dp_ranks) if dp == index], backend="gloo",
+                               timeout=timeout)
         if index == parallel_state.get_data_parallel_rank():
             mine = group
     return mine
@@ -158,8 +202,8 @@ def destroy_model_parallel() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    global _REPLICA_GROUP
-    _REPLICA_GROUP = None
+    global _REPLICA_GROUP, _WAIT_GROUP
+    _REPLICA_GROUP = _WAIT_GROUP = None
     world = dist.group.WORLD
     for group in list(dist.distributed_c10d._world.pg_map):
         if group is not world:
@@ -167,12 +211,14 @@ def destroy_model_parallel() -> None:
 
 
 @contextlib.contextmanager
-def model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None, seed: int = 1234):
+def model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None, seed: int = 1234,
+                   **timeouts: float):
     """Context manager: megatron-core groups for one layout over the current world, torn down after.
 
     Lets one long-lived set of processes (see `local_pool`) run cases with different layouts.
+    `timeouts`: `initialize_model_parallel`'s.
     """
-    initialize_model_parallel(Layout(tp=tp, pp=pp, cp=cp, vpp=vpp), seed=seed)
+    initialize_model_parallel(Layout(tp=tp, pp=pp, cp=cp, vpp=vpp), seed=seed, **timeouts)
     try:
         yield
     finally:

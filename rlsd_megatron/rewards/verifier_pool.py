@@ -35,6 +35,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+from rlsd_megatron.parallel.cpu_binding import helper_process_cpus
 from rlsd_megatron.parallel.signals import stop_signals_blocked
 
 __all__ = ["Outcome", "VerifierPool", "VerifierPoolError", "resolve_dotted"]
@@ -119,7 +120,8 @@ class VerifierPool:
         # slurm/common.sh) would oversubscribe the CPUs the trainer and the engine need.
         env["OMP_NUM_THREADS"] = "1"
         try:
-            with stop_signals_blocked():  # a SLURM stop signal is the trainer's, not the worker's
+            # A SLURM stop signal is the trainer's, not the worker's; the node's CPUs, not the rank's share.
+            with stop_signals_blocked(), helper_process_cpus(omp_threads=None):
                 process = subprocess.Popen(
                     [sys.executable, "-m", "rlsd_megatron.rewards.verifier_pool", str(child_sock.fileno())],
                     pass_fds=[child_sock.fileno()], env=env, stdin=subprocess.DEVNULL)

@@ -74,6 +74,7 @@ import torch.distributed as dist
 
 from rlsd_megatron.config import ConfigError, ModelConfig
 from rlsd_megatron.models.hf_mapping import MappingError, expected_hf_shapes
+from rlsd_megatron.parallel.cpu_binding import helper_process_cpus
 from rlsd_megatron.parallel.signals import stop_signals_blocked
 from rlsd_megatron.rollout.engine import EngineHealth, Generation, RolloutEngine, SamplingParams, sample_seed
 from rlsd_megatron.rollout.fp8 import Fp8BlockConfig, fp8_block_quantization_config, fp8_quant_config
@@ -288,7 +289,9 @@ class SGLangEngine(RolloutEngine):
             log_level="error", nccl_port=free_port_below_ephemeral(),
         )
         self.server_args.update(server_args or {})
-        with stop_signals_blocked():  # its scheduler / detokenizer processes must outlive a SLURM stop signal
+        # Its scheduler / detokenizer processes must outlive a SLURM stop signal; they run on the node's
+        # CPUs (the learner is idle while they work) with a learner rank's thread count each.
+        with stop_signals_blocked(), helper_process_cpus(omp_threads=None):
             self.engine = Engine(**self.server_args)
 
     # -- generation ------------------------------------------------------------------------

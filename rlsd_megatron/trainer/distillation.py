@@ -23,8 +23,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from rlsd_megatron.algorithms.teacher_context import TeacherSequence
 from rlsd_megatron.config import Config
+from rlsd_megatron.data.teacher_context import TeacherSequence
 from rlsd_megatron.learner.batch import MicroBatch
 
 

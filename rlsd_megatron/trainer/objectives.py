@@ -1,11 +1,12 @@
 """Per-method glue between the algorithm math and the learner: token advantages and the loss.
 
-Every method runs the same step; the config decides
+Every method runs the same step; its record (`algorithms/methods.py`) and the config decide
 - which sequence advantage (`group_advantages`, with or without std: GRPO / Dr.GRPO),
-- which token advantage: the sequence advantage broadcast (grpo, dapo, drgrpo, grpo_opsd),
-  RLSD's teacher-weighted one (rlsd), OPD's teacher − student log-ratio (opd), none (opsd, sdpo:
-  distillation only); with `distill_loss=sampled` the distillation methods add the sampled-token
-  reverse-KL advantage `distill_coef · (log π_T − log π_S)` instead of a loss on the logits,
+- which token advantage (`Method.token_advantage`): the sequence advantage broadcast (grpo, dapo,
+  drgrpo, grpo_opsd), RLSD's teacher-weighted one (rlsd), OPD's teacher − student log-ratio
+  (opd), none (opsd, sdpo: distillation only); with `distill_loss=sampled` the distillation
+  methods add the sampled-token reverse-KL advantage `distill_coef · (log π_T − log π_S)` instead
+  of a loss on the logits,
 - and the loss: the clipped surrogate (`policy_loss`) plus optional distillation, KL and entropy
   terms, all normalised by global counts so micro-batching and data parallelism do not change
   the gradient.
@@ -18,36 +19,37 @@ from dataclasses import dataclass
 import torch
 
 from rlsd_megatron import algorithms as alg
+from rlsd_megatron.algorithms.methods import get_method
 from rlsd_megatron.config import AlgorithmConfig, Config
 
-TEACHER_LOGPROB_METHODS = ("rlsd", "opd")  # the teacher's log-prob of each sampled token
-DISTILL_METHODS = ("opsd", "sdpo", "grpo_opsd")  # a distillation term toward the teacher
 DISTRIBUTION_LOSSES = ("jsd", "topk")  # distillation losses on the teacher's distribution at each token
 
 
 def uses_sampled_distillation(cfg: AlgorithmConfig) -> bool:
     """The distillation term is a policy-gradient advantage on the sampled tokens (`distill_loss=sampled`)."""
-    return cfg.method in DISTILL_METHODS and cfg.distill_loss == "sampled"
+    return get_method(cfg.method).distills and cfg.distill_loss == "sampled"
 
 
 def uses_teacher_log_probs(cfg: AlgorithmConfig) -> bool:
     """The step needs the teacher's log-prob of each sampled token (RLSD, OPD, sampled distillation)."""
-    return cfg.method in TEACHER_LOGPROB_METHODS or uses_sampled_distillation(cfg)
+    return get_method(cfg.method).reads_teacher_log_probs or uses_sampled_distillation(cfg)
 
 
 def uses_distillation(cfg: AlgorithmConfig) -> bool:
     """The step needs the teacher's logits at each token (a distillation loss on distributions)."""
-    return cfg.method in DISTILL_METHODS and cfg.distill_loss in DISTRIBUTION_LOSSES
+    return get_method(cfg.method).distills and cfg.distill_loss in DISTRIBUTION_LOSSES
 
 
 def uses_surrogate(cfg: AlgorithmConfig) -> bool:
     """The loss has the clipped policy-gradient surrogate: every method whose token advantages
     are not all zero (OPSD and SDPO only with sampled distillation)."""
-    return cfg.method not in ("opsd", "sdpo") or uses_sampled_distillation(cfg)
+    return get_method(cfg.method).surrogate or uses_sampled_distillation(cfg)
 
 
 @dataclass
 class TokenAdvantages:
+    """One step's token advantages and what their method logs about them."""
+
     values: torch.Tensor  # [B, T] response-aligned, 0 on masked positions
     metrics: dict[str, float]
 
@@ -60,20 +62,19 @@ def token_advantages(cfg: AlgorithmConfig, step: int, seq_adv: torch.Tensor, mas
     teacher (an SDPO sample without a successful sibling has none); None: all."""
     mask = mask.bool()
     metrics: dict[str, float] = {}
-    if cfg.method == "rlsd":
-        lam = alg.rlsd_lambda(step, lam0=cfg.lam0, decay_steps=cfg.lam_decay_steps, warmup_steps=cfg.lam_warmup_steps)
-        weights = alg.rlsd_token_weights(seq_adv, teacher_logp, student_logp, mask, clip_eps=cfg.weight_clip_eps)
-        values = alg.rlsd_token_advantages(seq_adv, teacher_logp, student_logp, mask, lam=lam,
-                                           clip_eps=cfg.weight_clip_eps, negative_only=cfg.negative_only)
-        metrics.update(_rlsd_metrics(lam, weights, values, seq_adv, mask))
-    elif cfg.method == "opd":
+    kind = get_method(cfg.method).token_advantage
+    if kind == "rlsd":
+        values, metrics = alg.rlsd_advantages_and_metrics(
+            seq_adv, teacher_logp, student_logp, mask, step=step, lam0=cfg.lam0, decay_steps=cfg.lam_decay_steps,
+            warmup_steps=cfg.lam_warmup_steps, clip_eps=cfg.weight_clip_eps, negative_only=cfg.negative_only)
+    elif kind == "opd":
         values = alg.opd_token_advantages(teacher_logp, student_logp, mask, seq_adv=seq_adv,
                                           reward_weight=cfg.opd_reward_weight)
         # log π_S − log π_T of the sampled tokens: a one-sample estimate of KL(π_S‖π_T), which OPD minimises.
         metrics["opd/reverse_kl"] = float(((student_logp - teacher_logp) * mask).sum() / mask.sum().clamp_min(1))
-    elif cfg.method in ("grpo", "dapo", "drgrpo", "grpo_opsd"):
+    elif kind == "sequence":
         values = seq_adv[:, None].float() * mask
-    else:  # opsd, sdpo: the distillation term carries the signal
+    else:  # none (opsd, sdpo): the distillation term carries the signal
         values = torch.zeros(mask.shape)
     if uses_sampled_distillation(cfg):
         # The sampled-token form of KL(π_S‖π_T) must be a policy-gradient term: the pathwise gradient
@@ -86,27 +87,6 @@ def token_advantages(cfg: AlgorithmConfig, step: int, seq_adv: torch.Tensor, mas
         metrics["distill/sampled_kl"] = float(-log_ratio.sum() / n)  # k1 estimate of the per-token KL(π_S‖π_T)
         metrics["distill/sampled_abs_log_ratio"] = float(log_ratio.abs().sum() / n)
     return TokenAdvantages(values.detach(), metrics)
-
-
-def _rlsd_metrics(lam: float, weights: alg.RLSDTokenWeights, values: torch.Tensor, seq_adv: torch.Tensor,
-                  mask: torch.Tensor) -> dict[str, float]:
-    """RLSD's evidence: Δ (mean, |Δ|, by outcome), ŵ, and how far Â_t = A·m_t moves from GRPO's A
-    (`reweight_abs_dev`: mean |m_t − 1| over tokens of rollouts with A ≠ 0; 0 means RLSD is GRPO)."""
-    n = mask.sum().clamp_min(1)
-    success = (seq_adv > 0)[:, None] & mask
-    failure = (seq_adv < 0)[:, None] & mask
-    scored = success | failure
-    reweight = torch.where(scored, values / torch.where(scored, seq_adv[:, None].float(), 1.0), 1.0)
-    return {
-        "rlsd/lambda": lam,
-        "rlsd/delta_mean": float((weights.delta * mask).sum() / n),
-        "rlsd/delta_abs_mean": float((weights.delta.abs() * mask).sum() / n),
-        "rlsd/delta_success": float((weights.delta * success).sum() / success.sum().clamp_min(1)),
-        "rlsd/delta_failure": float((weights.delta * failure).sum() / failure.sum().clamp_min(1)),
-        "rlsd/weight_mean": float((weights.clipped * mask).sum() / n),
-        "rlsd/weight_clipped_frac": float(((weights.weight != weights.clipped) & mask).sum() / n),
-        "rlsd/reweight_abs_dev": float(((reweight - 1).abs() * scored).sum() / scored.sum().clamp_min(1)),
-    }
 
 
 def sequence_advantages(cfg: Config, rewards: torch.Tensor) -> torch.Tensor:

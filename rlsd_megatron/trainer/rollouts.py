@@ -1,5 +1,6 @@
-"""Rollouts of one step on one data-parallel rank: generation, rewards, and the tensors the
-learner needs.
+"""Rollouts of one step on one data-parallel rank: generation, rewards (refilled under DAPO's
+dynamic sampling: `collect_rollouts`), the tensors the learner needs, and the log-probs the step
+scores them with (`StepScores`).
 
 The engine lives on the first rank of each model-parallel (TP×PP) group; that rank generates
 its group's prompts and scores them, then broadcasts the results to the rest of the group, so
@@ -9,12 +10,16 @@ every rank of a data-parallel replica holds the same `Rollouts`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from rlsd_megatron import algorithms as alg
 from rlsd_megatron.data.prompts import PromptDataset, PromptRow
+from rlsd_megatron.data.teacher_context import TeacherSequence
 from rlsd_megatron.rollout.engine import Generation, RolloutEngine, SamplingParams
+from rlsd_megatron.rollout.mismatch import LogProbMismatch
 
 
 @dataclass
@@ -39,10 +44,27 @@ class Rollouts:
         """Student sequences: prompt ids + response ids."""
         return [torch.tensor(self.row_of(i).prompt_ids + r) for i, r in enumerate(self.responses)]
 
+    def prompt_lengths(self) -> list[int]:
+        """The prompt tokens before each response in its student sequence [P·G]."""
+        return [len(self.row_of(i).prompt_ids) for i in range(len(self.responses))]
+
+    def padded_response_mask(self) -> torch.Tensor:
+        """[P·G, T] bool, True on each response's tokens (T: the longest response)."""
+        return response_tensors([[1.0] * len(r) for r in self.responses]).bool()
+
+    def on_sequences(self, values: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+        """Response-aligned values ([P·G, T] or one tensor per response, at least as long) placed
+        on the student sequences: per sequence a float [prompt + response] tensor, 0 on the prompt."""
+        return [torch.cat([torch.zeros(n), v[: len(r)]])
+                for n, v, r in zip(self.prompt_lengths(), values, self.responses)]
+
+    def on_responses(self, per_sequence: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-token values of the student sequences (as `sequences()`) restricted to the responses."""
+        return [v[n:] for v, n in zip(per_sequence, self.prompt_lengths())]
+
     def response_mask(self) -> list[torch.Tensor]:
         """1 on response tokens of each student sequence (aligned with `sequences()`)."""
-        return [torch.cat([torch.zeros(len(self.row_of(i).prompt_ids)), torch.ones(len(r))])
-                for i, r in enumerate(self.responses)]
+        return self.on_sequences([torch.ones(len(r)) for r in self.responses])
 
     def select_groups(self, keep: torch.Tensor) -> "Rollouts":
         """The prompts (and their G responses) where `keep` [P] is True."""
@@ -67,6 +89,18 @@ class Rollouts:
             rewards=torch.cat([p.rewards for p in parts]) if parts else torch.zeros(0),
             reward_metrics=parts[0].reward_metrics if parts else {},  # the unfiltered first draw
         )
+
+
+@dataclass(frozen=True)
+class StepScores:
+    """Per-token log-probs of one step's rollouts, temperature-scaled as the engine samples."""
+
+    sequences: list[torch.Tensor]  # the student sequences: prompt + response ids
+    student: list[torch.Tensor]  # per sequence, aligned with its tokens (the ratio's old log-probs)
+    reference: list[torch.Tensor] | None  # the KL reference's, aligned the same way; None: no KL term
+    teacher_contexts: list[TeacherSequence] | None  # None: no teacher read this step
+    teacher: list[torch.Tensor] | None  # the teacher's, of each response's tokens; None: not read
+    mismatch: LogProbMismatch  # the student's vs the engine's log-probs of the response tokens
 
 
 def response_tensors(values: list[list[float]] | list[torch.Tensor], width: int | None = None) -> torch.Tensor:
@@ -104,3 +138,26 @@ def generate_and_score(rows: list[PromptRow], dataset: PromptDataset, engine: Ro
         dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0), group=group)
         payload = holder[0]
     return payload
+
+
+def collect_rollouts(draw: Callable[[], Rollouts], *, want: int, group_size: int, dynamic_sampling: bool,
+                     max_rounds: int) -> Rollouts:
+    """This rank's rollouts of `want` prompts: one `draw()` (the next batch of prompts, generated
+    and scored), or under DAPO's dynamic sampling draws, at most `max_rounds`, that keep only
+    the prompts whose `group_size` rewards are not all equal until `want` are kept (the first
+    `want` of them; `rollout/kept_prompt_frac` is the share of drawn prompts kept)."""
+    parts: list[Rollouts] = []
+    kept = 0
+    for _ in range(max_rounds if dynamic_sampling else 1):
+        batch = draw()
+        if dynamic_sampling:
+            batch = batch.select_groups(alg.dynamic_sampling_keep_mask(batch.rewards, group_size))
+        parts.append(batch)
+        kept += len(batch.rows)
+        if kept >= want:
+            break
+    rollouts = Rollouts.concat(parts)
+    if dynamic_sampling:
+        rollouts = rollouts.select_groups(torch.arange(len(rollouts.rows)) < want)
+        rollouts.reward_metrics = {**rollouts.reward_metrics, "rollout/kept_prompt_frac": kept / (want * len(parts))}
+    return rollouts

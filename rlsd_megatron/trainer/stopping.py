@@ -112,6 +112,24 @@ class StopController:
         return "time" if self.out_of_time() else None
 
 
+def fault_injection_point(step: int) -> None:
+    """Test hook: `RLSD_KILL_AT_STEP=N` SIGKILLs this process after step N's update and before
+    its checkpoint (what a node failure mid-step does), for the exact-resume test."""
+    if os.environ.get("RLSD_KILL_AT_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_end_message(reason: str | None, step: int, *, logging_dir: str, checkpoint_dir: str | None) -> str:
+    """The console's last line of a run that ended after `step`: done, or why it stopped early
+    (`reason`, from `agreed_stop_reason`) and whether a checkpoint was saved."""
+    if reason is None:
+        where = f"; checkpoints in {checkpoint_dir}" if checkpoint_dir else ""
+        return f"done: {step} steps; logs in {logging_dir} (tensorboard --logdir {logging_dir}){where}"
+    saved = "checkpoint saved" if checkpoint_dir else "no checkpoint.dir, nothing saved"
+    why = "too little time left in the job for another step" if reason == "time" else f"stopped by {reason}"
+    return f"{why} after step {step}; {saved}"
+
+
 def report_stop(reason: str) -> None:
     """Tell the launcher why the run stopped early (one rank calls it, after the checkpoint)."""
     path = os.environ.get(STOP_FILE_VARIABLE)

@@ -1,27 +1,22 @@
-"""The RL loop: data → rollouts → rewards → log-probs (student, self-teacher) → update → sync.
+"""The RL loop: `Trainer(cfg).run()` on every rank of an initialised world.
 
-`Trainer(cfg).run()` on every rank of an initialised world. One step, top to bottom:
-
-1. draw this data-parallel rank's prompts; the engine (first rank of each model-parallel group)
-   generates G responses per prompt and scores them; DAPO's dynamic sampling drops all-equal
-   groups and draws again until the batch is full;
-2. the learner recomputes the student's log-probs of the rollout tokens (the ratio's "old"
-   log-probs: with one optimizer step per rollout batch they are the current policy's, so the
-   first ratio is exactly 1); for teacher methods, the teacher's log-probs of the same tokens in
-   the privileged context, with the teacher-weight policy's weights (OPD: its separate teacher
-   model, in the student's own context); with a KL term, the reference policy's log-probs;
-3. sequence advantages (group-normalised rewards) → token advantages per method;
-4. one or more optimizer steps through Megatron's schedules, loss normalised by global counts;
-   distillation methods get the teacher's logits inside each step, for a chunk of micro-batches
-   right before their forward/backward (trainer/distillation.py);
-5. the teacher policy updates its copy; weights are pushed to the engines; metrics are logged.
+One step, `Trainer.train_step`, in its verbs:
+- collect: draw this data-parallel rank's prompts; the engine (first rank of each model-parallel
+  group) generates G responses per prompt and rewards them; DAPO's dynamic sampling drops
+  all-equal groups and draws again until the batch is full (`rollouts.py`);
+- score: the student's log-probs of the rollout tokens (the ratio's "old" log-probs: with one
+  optimizer step per rollout batch they are the current policy's, so the first ratio is exactly
+  1), the KL reference's, and for teacher methods the teacher's in its context (`teacher.py`);
+- advantages: group-normalised rewards → the method's token advantages (`objectives.py`, by the
+  method's record in `algorithms/methods.py`);
+- update: optimizer steps through Megatron's schedules, the loss normalised by global counts;
+  distillation methods get the teacher's logits inside each step, a chunk of micro-batches at a
+  time (`distillation.py`); then the teacher policy updates its copy;
+- sync: the learner's weights are pushed to the engines; the step's metrics are logged.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import time
 
 import torch
@@ -30,47 +25,23 @@ import torch.distributed as dist
 from rlsd_megatron import algorithms as alg
 from rlsd_megatron.config import Config, config_to_dict
 from rlsd_megatron.eval.in_training import training_benchmarks
+from rlsd_megatron.logging.metrics import PhaseTimer
 from rlsd_megatron.parallel.agreement import same_on_every_rank
-from rlsd_megatron.parallel.state import replica_group
+from rlsd_megatron.parallel.state import replica_group, wait_for_every_rank
 from rlsd_megatron.trainer import distillation, objectives
-from rlsd_megatron.trainer.rollouts import Rollouts, generate_and_score, response_tensors
-from rlsd_megatron.trainer.state import (
-    load_training_state,
-    prune_checkpoints,
-    resolve_resume,
-    rng_state,
-    save_training_state,
-    set_rng_state,
-)
-from rlsd_megatron.trainer.stopping import StepAbandoned, StopController, agreed_stop_reason, report_stop
+from rlsd_megatron.trainer.rollouts import (Rollouts, StepScores, collect_rollouts, generate_and_score,
+                                            response_tensors)
+from rlsd_megatron.trainer.stopping import (StepAbandoned, StopController, agreed_stop_reason, fault_injection_point,
+                                            report_stop, run_end_message)
+from rlsd_megatron.trainer.teacher import teacher_contexts, teacher_response_outputs
+from rlsd_megatron.trainer.training_state import (load_training_state, prune_checkpoints, resolve_resume, rng_state,
+                                                  save_training_state, set_rng_state)
 from rlsd_megatron.trainer.update import update_policy
 
 
 def _every(step: int, interval: int) -> bool:
     """Periodic work (validation, checkpoints) is due at this step; an interval of 0 disables it."""
     return interval > 0 and step % interval == 0
-
-
-def _fault_injection_point(step: int) -> None:
-    """Test hook: `RLSD_KILL_AT_STEP=N` SIGKILLs this process after step N's update and before
-    its checkpoint (what a node failure mid-step does), for the exact-resume test."""
-    if os.environ.get("RLSD_KILL_AT_STEP") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class PhaseTimer:
-    """Wall time per named phase of a step."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 class Trainer:
@@ -102,7 +73,7 @@ class Trainer:
         # Inputs first: a bad data row or a missing checkpoint stops every rank here, in seconds,
         # not after the model (minutes per rank at 70B) and the engine are built.
         self.dataset, val_dataset = same_on_every_rank(lambda: build_run_datasets(cfg), DataError)
-        resume = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
+        resume = resolve_resume(cfg.checkpoint)
         self.engine = self.scorer = self.benchmarks = None
         self.learner = Learner(cfg, impl=impl)
         # The frozen scorers before the engine, which sizes its KV cache by the memory still free.
@@ -113,6 +84,7 @@ class Trainer:
             # The engine takes engine_tp GPUs from the host's own: its replica's first GPUs.
             first_gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0
             self.engine = create_engine(cfg, base_gpu_id=first_gpu) if self.hosts_engine else None
+            wait_for_every_rank("the rollout engines' start-up")
             self.loader = PromptLoader(self.dataset, global_batch_size=cfg.train.prompts_per_step,
                                        dp_rank=self.dp_rank, dp_size=self.dp_size, seed=cfg.train.seed,
                                        shuffle=cfg.data.shuffle)
@@ -136,9 +108,9 @@ class Trainer:
                                     "event file(s) of an earlier run, which tensorboard will mix with this one's; "
                                     "give this run its own logging.dir")
             if resume is not None:
-                load_training_state(self, resume)
+                load_training_state(self, resume.path)
                 self._saved_step = self.step
-                self.logger.message(f"resumed from {resume} at step {self.step}")
+                self.logger.message(f"resumed from {resume.path} at step {self.step}")
             elif cfg.checkpoint.init_from:
                 from rlsd_megatron.checkpoint import load_checkpoint
 
@@ -187,21 +159,15 @@ class Trainer:
             if self._last_save_seconds is not None:
                 metrics["perf/save_seconds"] = self._last_save_seconds
             self.logger.log(self.step, metrics)
-            _fault_injection_point(self.step)
+            fault_injection_point(self.step)
             if last or _every(self.step, self.cfg.checkpoint.save_interval):
                 self.save()
-        if reason is None:
-            where = f"; checkpoints in {self.cfg.checkpoint.dir}" if self.cfg.checkpoint.dir else ""
-            self.logger.message(f"done: {self.step} steps; logs in {self.cfg.logging.dir} (tensorboard --logdir "
-                                f"{self.cfg.logging.dir}){where}")
-            return
-        if self._saved_step != self.step:
+        if reason is not None and self._saved_step != self.step:
             self.save()
-        if dist.get_rank() == 0:
+        if reason is not None and dist.get_rank() == 0:
             report_stop(reason)
-        saved = "checkpoint saved" if self.cfg.checkpoint.dir else "no checkpoint.dir, nothing saved"
-        why = "too little time left in the job for another step" if reason == "time" else f"stopped by {reason}"
-        self.logger.message(f"{why} after step {self.step}; {saved}")
+        self.logger.message(run_end_message(reason, self.step, logging_dir=self.cfg.logging.dir,
+                                            checkpoint_dir=self.cfg.checkpoint.dir))
 
     def save(self) -> None:
         """A training-state checkpoint of this step under `checkpoint.dir` (if set)."""
@@ -236,119 +202,129 @@ class Trainer:
 
     def warm_start(self) -> None:
         """Supervised warm start (`warm_start` config), then RL starts from its weights."""
-        from rlsd_megatron.data.loader import PromptLoader
-        from rlsd_megatron.trainer.warm_start import run_warm_start
+        from rlsd_megatron.trainer.warm_start import warm_start_learner
 
-        loader = PromptLoader(self.dataset, global_batch_size=self.cfg.warm_start.prompts_per_step,
-                              dp_rank=self.dp_rank, dp_size=self.dp_size, seed=self.cfg.train.seed + 1)
-        full = run_warm_start(self.cfg, self.dataset, self.val_rows, loader, self.logger, impl=self.learner.impl)
-        self.learner.load_full_state(full)
+        warm_start_learner(self.cfg, self.learner, self.dataset, self.val_rows, self.logger, dp_rank=self.dp_rank,
+                           dp_size=self.dp_size)
         self.start_from_learner_weights()
-        if self.cfg.warm_start.output:
-            from rlsd_megatron.checkpoint import save_checkpoint
-
-            path = save_checkpoint(self.cfg.warm_start.output, self.learner.model, self.cfg, iteration=0, release=True)
-            self.logger.message(f"saved the warm-started weights to {path}")
 
     def train_step(self) -> dict[str, float]:
-        cfg, timer = self.cfg, PhaseTimer()
+        """One RL step, the step's verbs in order: collect this rank's rollouts (generate and
+        reward), score them (student, reference and teacher log-probs), turn rewards into token
+        advantages, update the policy, sync the engines' weights; returns the step's metrics,
+        means over data-parallel ranks. Raises `StepAbandoned`, with the step rewound, when a
+        stop was agreed during generation."""
+        timer = PhaseTimer()
         with timer("generate"):
-            start = self._step_start()
-            rollouts = self.collect_rollouts()
+            start, rollouts = self._step_start(), self.collect_rollouts()
             if self.engine is not None:  # colocated: the learner's phases need the engine's GPU memory
                 self.engine.sleep()
-        # A safe point: a stop signal that arrived during generation (the longest phase) is honoured
-        # now rather than after the update, by rewinding the step: its checkpoint is the previous one.
-        reason = agreed_stop_reason(self.stop, include_time=False)
-        if reason is not None:
-            self._rewind(start)
-            raise StepAbandoned(reason)
+        self._abandon_if_stopped(start)
         with timer("score"):
-            sequences, masks = rollouts.sequences(), rollouts.response_mask()
-            student = self.log_probs(sequences)
-            reference = self.reference.outputs(sequences, self._log_prob_fn)["logp"] \
-                if self.reference is not None else None
-            prompt_lengths = [len(rollouts.row_of(i).prompt_ids) for i in range(len(sequences))]
-            student_resp = [lp[n:] for lp, n in zip(student, prompt_lengths)]
-            resp_mask = response_tensors([[1.0] * len(r) for r in rollouts.responses]).bool()
-            contexts = self.teacher_contexts(rollouts) if objectives.uses_teacher_log_probs(cfg.algorithm) or \
-                objectives.uses_distillation(cfg.algorithm) else None
-            teacher_resp = self.teacher_outputs(contexts, self._log_prob_fn)["logp"] \
-                if objectives.uses_teacher_log_probs(cfg.algorithm) else None
-            seq_adv = objectives.sequence_advantages(cfg, rollouts.rewards)
-            advantages = objectives.token_advantages(
-                cfg.algorithm, self.step, seq_adv, resp_mask, response_tensors(student_resp, resp_mask.shape[1]),
-                response_tensors(teacher_resp, resp_mask.shape[1]) if teacher_resp is not None else None,
-                teacher_mask=torch.tensor([c.has_teacher for c in contexts]) if contexts is not None else None)
-            mismatch = self.mismatch.check(response_tensors(student_resp), response_tensors(rollouts.engine_log_probs),
-                                           resp_mask, group=self.dp_group, version=self.step - 1)
+            scores = self.score(rollouts)
+            advantages = self.advantages(rollouts, scores)
         with timer("train"):
-            fields = {
-                "old_logp": student,
-                "loss_mask": masks,
-                "advantages": [torch.cat([torch.zeros(n), adv[: len(r)]])
-                               for n, adv, r in zip(prompt_lengths, advantages.values, rollouts.responses)],
-            }
-            if reference is not None:
-                fields["ref_logp"] = reference
-            if cfg.algorithm.tis_cap:
-                tis = alg.tis_weights(response_tensors(student_resp), response_tensors(rollouts.engine_log_probs),
-                                      resp_mask, cap=cfg.algorithm.tis_cap)
-                fields["tis_weight"] = [torch.cat([torch.zeros(n), w[: len(r)]])
-                                        for n, w, r in zip(prompt_lengths, tis, rollouts.responses)]
-            teacher = None
-            if objectives.uses_distillation(cfg.algorithm):
-                fields["distill_mask"] = [m * float(c.has_teacher) for m, c in zip(masks, contexts)]
-                updates = cfg.train.ppo_epochs * cfg.train.optimizer_steps_per_batch
-                teacher = distillation.TeacherInputs(contexts, prompt_lengths, distillation.teacher_weights_for_update(
-                    self.teacher.teacher_state(), self.learner, updates))
-            train_stats = self.update(sequences, fields, teacher)
+            train_stats = self.update(scores.sequences, *self.update_inputs(rollouts, scores, advantages))
             self.teacher.on_step(self.step, self.learner.local_weights())
         with timer("sync"):
             sync = self.sync_weights()
-        tokens = sum(len(s) for s in sequences)
-        metrics = {
+        return self.step_metrics(rollouts, scores, advantages, train_stats, sync, timer)
+
+    def step_metrics(self, rollouts: Rollouts, scores: StepScores, advantages: objectives.TokenAdvantages,
+                     train_stats: dict[str, float], sync, timer: PhaseTimer) -> dict[str, float]:
+        """What one step logs, as means over data-parallel ranks (`reduce_over_data_parallel`)."""
+        tokens = sum(len(s) for s in scores.sequences)
+        responses = max(len(rollouts.responses), 1)
+        return self.reduce_over_data_parallel({
             **rollouts.reward_metrics,
-            "rollout/response_length": float(sum(len(r) for r in rollouts.responses) / max(len(rollouts.responses), 1)),
-            "rollout/truncated_frac": sum(f == "length" for f in rollouts.finish_reasons) / max(len(rollouts.responses), 1),
-            **mismatch.metrics(),
+            "rollout/response_length": float(sum(len(r) for r in rollouts.responses) / responses),
+            "rollout/truncated_frac": sum(f == "length" for f in rollouts.finish_reasons) / responses,
+            **scores.mismatch.metrics(),
             **advantages.metrics,
             **{f"train/{k}": v for k, v in train_stats.items()},
             **sync.metrics(),
             **{f"perf/{k}_seconds": v for k, v in timer.seconds.items()},
             "perf/tokens_per_s": tokens / max(sum(timer.seconds.values()), 1e-9),
-        }
-        return self.reduce_over_data_parallel(metrics)
+        })
+
+    def _abandon_if_stopped(self, start: dict) -> None:
+        """A safe point: a stop signal that arrived during generation (the longest phase) is honoured
+        now rather than after the update, by rewinding the step: its checkpoint is the previous one."""
+        reason = agreed_stop_reason(self.stop, include_time=False)
+        if reason is not None:
+            self._rewind(start)
+            raise StepAbandoned(reason)
+
+    def score(self, rollouts: Rollouts) -> StepScores:
+        """The log-probs the step's advantages and loss read: the student's (the ratio's "old"
+        log-probs), the KL reference's, and for teacher methods the teacher's in its context; and
+        how far the student's are from the engine's."""
+        algorithm = self.cfg.algorithm
+        sequences = rollouts.sequences()
+        student = self.log_probs(sequences)
+        reference = self.reference.outputs(sequences, self._log_prob_fn)["logp"] if self.reference is not None else None
+        contexts = teacher_contexts(algorithm, rollouts, self.dataset) \
+            if alg.get_method(algorithm.method).has_teacher else None
+        teacher_logp = teacher_response_outputs(
+            contexts, self._log_prob_fn, learner=self.learner, weights=self.teacher.teacher_state(),
+            teacher_model=self.teacher_model)["logp"] if objectives.uses_teacher_log_probs(algorithm) else None
+        mismatch = self.mismatch.check(response_tensors(rollouts.on_responses(student)),
+                                       response_tensors(rollouts.engine_log_probs), rollouts.padded_response_mask(),
+                                       group=self.dp_group, version=self.step - 1)
+        return StepScores(sequences, student, reference, contexts, teacher_logp, mismatch)
+
+    def advantages(self, rollouts: Rollouts, scores: StepScores) -> objectives.TokenAdvantages:
+        """Group-normalised sequence advantages of the rewards → the method's token advantages."""
+        mask = rollouts.padded_response_mask()
+        width = mask.shape[1]
+        contexts = scores.teacher_contexts
+        return objectives.token_advantages(
+            self.cfg.algorithm, self.step, objectives.sequence_advantages(self.cfg, rollouts.rewards), mask,
+            response_tensors(rollouts.on_responses(scores.student), width),
+            response_tensors(scores.teacher, width) if scores.teacher is not None else None,
+            teacher_mask=torch.tensor([c.has_teacher for c in contexts]) if contexts is not None else None)
+
+    def update_inputs(self, rollouts: Rollouts, scores: StepScores, advantages: objectives.TokenAdvantages
+                      ) -> tuple[dict[str, list[torch.Tensor]], distillation.TeacherInputs | None]:
+        """The loss's per-token fields of each student sequence (`objectives.policy_loss_fn`), and
+        for a distillation loss on distributions what the teacher scores inside each update."""
+        algorithm, masks = self.cfg.algorithm, rollouts.response_mask()
+        fields = {"old_logp": scores.student, "loss_mask": masks,
+                  "advantages": rollouts.on_sequences(advantages.values)}
+        if scores.reference is not None:
+            fields["ref_logp"] = scores.reference
+        if algorithm.tis_cap:
+            fields["tis_weight"] = rollouts.on_sequences(alg.tis_weights(
+                response_tensors(rollouts.on_responses(scores.student)), response_tensors(rollouts.engine_log_probs),
+                rollouts.padded_response_mask(), cap=algorithm.tis_cap))
+        if not objectives.uses_distillation(algorithm):
+            return fields, None
+        contexts = scores.teacher_contexts
+        fields["distill_mask"] = [m * float(c.has_teacher) for m, c in zip(masks, contexts)]
+        updates = self.cfg.train.ppo_epochs * self.cfg.train.optimizer_steps_per_batch
+        weights = distillation.teacher_weights_for_update(self.teacher.teacher_state(), self.learner, updates)
+        return fields, distillation.TeacherInputs(contexts, rollouts.prompt_lengths(), weights)
 
     # ------------------------------------------------------------------------------------------
     def collect_rollouts(self) -> Rollouts:
         """This rank's G responses for each of its prompts (refilled under dynamic sampling)."""
+        a = self.cfg.algorithm
+        rollouts = collect_rollouts(self._draw_rollouts, want=self.cfg.train.prompts_per_step // self.dp_size,
+                                    group_size=self.cfg.rollout.n, dynamic_sampling=a.dynamic_sampling,
+                                    max_rounds=a.dynamic_sampling_max_rounds)
+        wait_for_every_rank("generation")  # replicas differ in generation time (and dynamic-sampling rounds)
+        return rollouts
+
+    def _draw_rollouts(self) -> Rollouts:
+        """The next batch of this rank's prompts, generated with the draw's own seed and scored."""
         from rlsd_megatron.rollout.provider import sampling_params
 
-        cfg = self.cfg
-        want = cfg.train.prompts_per_step // self.dp_size
-        parts: list[Rollouts] = []
-        kept = 0
-        rounds = cfg.algorithm.dynamic_sampling_max_rounds if cfg.algorithm.dynamic_sampling else 1
-        for _ in range(rounds):
-            rows = self.loader.next_batch()
-            sampling = sampling_params(cfg.rollout, stop_token_ids=[self.dataset.eos_id],
-                                       seed=cfg.train.seed * 1_000_003 + self._draws)
-            self._draws += 1
-            batch = generate_and_score(rows, self.dataset, self.engine, sampling, self.scorer,
-                                       group=self.replica_group, prompt_offset=self.dp_rank * len(rows))
-            if cfg.algorithm.dynamic_sampling:
-                batch = batch.select_groups(alg.dynamic_sampling_keep_mask(batch.rewards, cfg.rollout.n))
-            parts.append(batch)
-            kept += len(batch.rows)
-            if kept >= want:
-                break
-        rollouts = Rollouts.concat(parts)
-        if cfg.algorithm.dynamic_sampling:
-            keep = torch.arange(len(rollouts.rows)) < want
-            rollouts = rollouts.select_groups(keep)
-            rollouts.reward_metrics = {**rollouts.reward_metrics, "rollout/kept_prompt_frac": kept / (want * len(parts))}
-        return rollouts
+        rows = self.loader.next_batch()
+        sampling = sampling_params(self.cfg.rollout, stop_token_ids=[self.dataset.eos_id],
+                                   seed=self.cfg.train.seed * 1_000_003 + self._draws)
+        self._draws += 1
+        return generate_and_score(rows, self.dataset, self.engine, sampling, self.scorer, group=self.replica_group,
+                                  prompt_offset=self.dp_rank * len(rows))
 
     def _log_prob_fn(self, logits: torch.Tensor, mb) -> dict[str, torch.Tensor]:
         from rlsd_megatron.ops import token_log_probs
@@ -359,37 +335,6 @@ class Trainer:
     def log_probs(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-token log-probs under the learner's current weights (aligned with tokens)."""
         return self.learner.forward_sequences(sequences, self._log_prob_fn)["logp"]
-
-    def teacher_contexts(self, rollouts: Rollouts) -> list:
-        """The teacher's input for each response: the privileged hint (dataset answer or
-        reference solution) in the user turn, for SDPO a successful sibling's response, for OPD
-        (a separate teacher model) the student's own prompt."""
-        a = self.cfg.algorithm
-        if a.method == "opd":
-            return [alg.TeacherSequence(rollouts.row_of(i).prompt_ids + response, len(rollouts.row_of(i).prompt_ids),
-                                        len(response))
-                    for i, response in enumerate(rollouts.responses)]
-        if a.method == "sdpo":
-            demos = alg.select_sdpo_demonstrations(rollouts.rewards, rollouts.group_size,
-                                                   success_threshold=a.sdpo_success_threshold)
-            return [self.dataset.teacher_context.build_sdpo(
-                        rollouts.row_of(i).question, response,
-                        solution=self.dataset.decode(rollouts.responses[d]) if d is not None else None)
-                    for i, (response, d) in enumerate(zip(rollouts.responses, demos))]
-        return [self.dataset.teacher_context.build(rollouts.row_of(i).question, rollouts.row_of(i).answer, response,
-                                                   reference_solution=rollouts.row_of(i).reference_solution)
-                for i, response in enumerate(rollouts.responses)]
-
-    def teacher_outputs(self, contexts: list, per_token) -> dict[str, list[torch.Tensor]]:
-        """`per_token` outputs on the teacher contexts, with the teacher policy's weights (or
-        the separate teacher model), restricted to the response tokens."""
-        weights = self.teacher.teacher_state()
-        scope = self.learner.use_weights(weights) if weights is not None else contextlib.nullcontext()
-        scorer = self.teacher_model if self.teacher_model is not None else self.learner
-        with scope:
-            full = scorer.forward_sequences([torch.tensor(c.input_ids) for c in contexts], per_token)
-        return {name: [v[c.response_start: c.response_start + c.response_length] for v, c in zip(values, contexts)]
-                for name, values in full.items()}
 
     def update(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]],
                teacher: distillation.TeacherInputs | None = None) -> dict[str, float]:
@@ -426,6 +371,7 @@ class Trainer:
                                    seed=self.cfg.train.seed)
         batch = generate_and_score(self.val_rows, self.dataset, self.engine, sampling, self.scorer,
                                    group=self.replica_group, prompt_offset=self.dp_rank)
+        wait_for_every_rank("validation generation")
         totals = torch.tensor([float(batch.rewards.sum()), float(len(batch.rewards))], dtype=torch.float64)
         dist.all_reduce(totals, group=self.dp_group)
         return {**metrics, "val/reward": float(totals[0] / totals[1])}

@@ -133,3 +133,20 @@ def run_warm_start(cfg: Config, dataset: PromptDataset, val_rows: list[PromptRow
                        f"(greedy accuracy {accuracy:.3f}, with hint {hinted_accuracy:.3f}); RL from here will "
                        "learn little or nothing. Raise warm_start.max_steps or try another train.seed.")
     return learner.full_state()
+
+
+def warm_start_learner(cfg: Config, learner, dataset: PromptDataset, val_rows: list[PromptRow], logger, *,
+                       dp_rank: int, dp_size: int) -> None:
+    """`run_warm_start` on prompt batches of its own (`warm_start.prompts_per_step`, seed
+    `train.seed + 1`), its weights loaded into the RL `learner` and, with `warm_start.output`,
+    saved there as a release checkpoint."""
+    from rlsd_megatron.data.loader import PromptLoader
+
+    loader = PromptLoader(dataset, global_batch_size=cfg.warm_start.prompts_per_step, dp_rank=dp_rank,
+                          dp_size=dp_size, seed=cfg.train.seed + 1)
+    learner.load_full_state(run_warm_start(cfg, dataset, val_rows, loader, logger, impl=learner.impl))
+    if cfg.warm_start.output:
+        from rlsd_megatron.checkpoint import save_checkpoint
+
+        path = save_checkpoint(cfg.warm_start.output, learner.model, cfg, iteration=0, release=True)
+        logger.message(f"saved the warm-started weights to {path}")

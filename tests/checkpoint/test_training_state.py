@@ -1,4 +1,4 @@
-"""Training-state checkpoints (`trainer.state.save_training_state` / resume) with bf16 params, on
+"""Training-state checkpoints (`trainer.training_state.save_training_state` / resume) with bf16 params, on
 a 2-rank gloo pool: TP=2 (data parallel 1: Megatron's non-distributed
 `Float16OptimizerWithFloat16Params`) and TP=1 (data parallel 2: the distributed optimizer).
 
@@ -53,7 +53,7 @@ def save_then_resume(root: str, tp: int) -> dict:
 
     from rlsd_megatron.config import load_config
     from rlsd_megatron.parallel.state import model_parallel
-    from rlsd_megatron.trainer.state import save_training_state
+    from rlsd_megatron.trainer.training_state import save_training_state
     from rlsd_megatron.trainer.trainer import Trainer
 
     cfg = load_config("examples/configs/cpu_demo.yaml", [*TINY, f"parallel.tp={tp}", f"checkpoint.dir={root}",

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rlsd_megatron.algorithms import RLSD_TEACHER_TEMPLATE, hf_chat_renderer
+from rlsd_megatron.data.teacher_context import RLSD_TEACHER_TEMPLATE, hf_chat_renderer
 from rlsd_megatron.config import DataConfig, load_config
 from rlsd_megatron.data import (DataError, FilePromptDataset, ReversedAdditionPrompts, build_prompt_dataset,
                                 build_run_datasets, load_chat_tokenizer)

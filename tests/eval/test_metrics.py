@@ -45,7 +45,8 @@ def test_majority_ties_go_to_the_answer_given_first_and_none_does_not_vote():
 def test_benchmark_metrics_hand_computed():
     # n = 4, three problems.
     problems = [
-        problem([1, 0, 0, 1], ["7", "8", "8", "7"], [3, 5, 4, 4], [False, True, False, False]),  # tie 7/8: "7" first, right
+        # a 2-2 tie of "7" and "8": "7" came first, and is right
+        problem([1, 0, 0, 1], ["7", "8", "8", "7"], [3, 5, 4, 4], [False, True, False, False]),
         problem([0, 0, 1, 0], ["2", "2", "5", None], [10, 10, 2, 2], [True, True, False, False]),  # majority "2", wrong
         problem([0, 0, 0, 0], [None, None, None, None], [1, 1, 1, 1]),                            # nobody answered
     ]

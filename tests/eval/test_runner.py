@@ -45,8 +45,8 @@ class ScriptedEngine(RolloutEngine):
         raise NotImplementedError
 
 
-PROMPTER = Prompter(render=lambda text: [ord(c) for c in text], decode=lambda ids: "".join(chr(i) for i in ids if i != EOS),
-                    stop_token_ids=[EOS])
+PROMPTER = Prompter(render=lambda text: [ord(c) for c in text],
+                    decode=lambda ids: "".join(chr(i) for i in ids if i != EOS), stop_token_ids=[EOS])
 
 
 @pytest.fixture

@@ -76,7 +76,7 @@ def chat_sequences(real_tokenizer) -> list[torch.Tensor]:
 def reference_greedy(hf_model, real_tokenizer) -> list[list[int]]:
     """transformers' greedy `generate` for each of `QUESTIONS` (rendered as the trainer renders a
     student prompt), one prompt at a time, up to and including the EOS token."""
-    from rlsd_megatron.algorithms import hf_chat_renderer
+    from rlsd_megatron.data.teacher_context import hf_chat_renderer
 
     render = hf_chat_renderer(real_tokenizer)
     out = []

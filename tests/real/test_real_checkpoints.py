@@ -123,7 +123,7 @@ def test_tp1_pp2_learner_logits_and_round_trip(pp2_checkpoint, real_model_dir, r
 
 def test_weight_sync_into_embedded_engine_then_greedy_generation(pp2_checkpoint, real_model_dir, real_model,
                                                                   real_tokenizer, reference_greedy, dist_pool):
-    from rlsd_megatron.algorithms import hf_chat_renderer
+    from rlsd_megatron.data.teacher_context import hf_chat_renderer
 
     render = hf_chat_renderer(real_tokenizer)
     prompts = [render(q) for q in QUESTIONS]

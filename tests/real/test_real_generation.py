@@ -32,7 +32,7 @@ def engine(real_model, real_model_dir):
 
 
 def test_greedy_generation_matches_transformers(engine, real_tokenizer, hf_model, reference_greedy):
-    from rlsd_megatron.algorithms import hf_chat_renderer
+    from rlsd_megatron.data.teacher_context import hf_chat_renderer
     from rlsd_megatron.rollout import SamplingParams
 
     render = hf_chat_renderer(real_tokenizer)

@@ -1,6 +1,7 @@
 """VerifierPool: isolated workers, per-item limits, replacement, start-up errors, shutdown."""
 
 import os
+import time
 
 import pytest
 
@@ -64,14 +65,20 @@ def test_workers_outlive_the_stop_signals_that_slurm_sends_to_the_whole_step():
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
     try:
         with VerifierPool(f"{FNS}:worker_state", num_workers=2, timeout_s=5.0) as pool:
-            pids = {int(o.value["reward"]) for o in pool.map([(["r", "g"], {})] * 4)}
+            pids: set[int] = set()
+            deadline = time.monotonic() + 60
+            while len(pids) < 2 and time.monotonic() < deadline:  # one worker takes every item until the other is up
+                pids |= {int(o.value["reward"]) for o in pool.map([(["r", "g"], {})] * 4)}
+                time.sleep(0.1)
+            assert len(pids) == 2, pids
             for pid in pids:
                 for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2):
                     os.kill(pid, sig)
             os.kill(os.getpid(), signal.SIGUSR1)
             after = pool.map([(["r", "g"], {})] * 4)
             assert all(o.status == "ok" for o in after) and pool.restarts == 0
-            assert {int(o.value["reward"]) for o in after} == pids  # the same workers, alive
+            assert {int(o.value["reward"]) for o in after} <= pids  # the same workers,
+            assert all(_alive(pid) for pid in pids)  # all alive
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert received == [signal.SIGUSR1]

@@ -13,7 +13,7 @@ own stdout). Like real SLURM:
 - failures are reported on stderr as "srun: error: <node>: task <rank>: Exited with exit code <n>"
   (or ": Killed" for the tasks srun killed), nodes named node01, node02, ...
 Each call appends "srun <options>" to $FAKE_SLURM_LOG. FAKE_SLURM_FAULT=RANK:STEP makes that task
-die (SIGKILL) after training step STEP, as a failing node would (RLSD_KILL_AT_STEP, trainer.py). `scontrol show hostnames LIST` prints one
+die (SIGKILL) after training step STEP, as a failing node would (RLSD_KILL_AT_STEP, stopping.py). `scontrol show hostnames LIST` prints one
 127.0.0.1 per node of $FAKE_SLURM_NODES; `scontrol requeue JOB` and `scontrol update ARGS` append
 "requeue JOB" / "update ARGS" to $FAKE_SLURM_LOG; `squeue -h -j JOB -o %e` prints the job's end
 time, $FAKE_SLURM_END_TIME (as SLURM does: local time, 2026-12-04T18:00:00), or N/A.

@@ -58,7 +58,7 @@ def make_batch(vocab: int):
     """Student sequences (prompt + response), the teacher's contexts (another prompt + the same
     response) and per-sequence advantages, identical on every rank. The last sequence has no
     teacher (an SDPO sample without a successful sibling: distillation weight 0)."""
-    from rlsd_megatron.algorithms.teacher_context import TeacherSequence
+    from rlsd_megatron.data.teacher_context import TeacherSequence
 
     gen = torch.Generator().manual_seed(11)
 

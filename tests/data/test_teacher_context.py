@@ -6,12 +6,11 @@ import torch
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from rlsd_megatron.algorithms import (
+from rlsd_megatron.data.teacher_context import (
     TeacherContextBuilder,
     collate_teacher_sequences,
     hf_chat_renderer,
     remove_thinking,
-    select_sdpo_demonstrations,
 )
 
 CHAT_TEMPLATE = (
@@ -158,18 +157,6 @@ def test_sdpo_teacher_with_sibling_and_fallbacks(tokenizer):
     assert fallback.has_teacher and "Here is a reference solution:\n5" in tokenizer.decode(fallback.input_ids)
     batch = collate_teacher_sequences([with_sibling, alone, fallback], pad_id=tokenizer.pad_token_id)
     assert batch.has_teacher.tolist() == [True, False, True]
-
-
-def test_select_sdpo_demonstrations_hand_case():
-    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 0.2, 0.0, 0.0])
-    # Group 0: successes at 0 and 2. Each rollout takes the first success that is not itself.
-    assert select_sdpo_demonstrations(rewards, 4) == [2, 0, 0, 0, None, None, None, None]
-    assert select_sdpo_demonstrations(rewards, 4, exclude_self=False)[:4] == [0, 0, 0, 0]
-    # Shortest successful sibling when lengths are given: len(0) = 9 > len(2) = 3.
-    lengths = torch.tensor([9, 5, 3, 7, 1, 1, 1, 1])
-    assert select_sdpo_demonstrations(rewards, 4, lengths=lengths)[:4] == [2, 2, 0, 2]
-    # Threshold: 0.2 succeeds at threshold 0.1 → rollout 5's siblings use it, rollout 5 has none.
-    assert select_sdpo_demonstrations(rewards, 4, success_threshold=0.1)[4:] == [5, None, 5, 5]
 
 
 def test_remove_thinking():

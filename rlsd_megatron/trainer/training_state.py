@@ -9,17 +9,19 @@ A checkpoint holds, besides the model weights (resharded on load to any TP/PP):
 - common: step, prompt batches drawn (they number the sampling seeds), the data position.
 Frozen models loaded from a path (OPD's teacher, a KL reference checkpoint) are not saved: the
 trainer loads them from their path again. Saves are atomic (see `checkpoint.model_checkpoint`);
-`resolve_resume` finds the latest complete one for `checkpoint.resume=auto`.
+`resolve_resume` finds the checkpoint to resume from (for `auto`, the latest complete one).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from rlsd_megatron.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from rlsd_megatron.config import CheckpointConfig
 
 
 # Megatron's distributed-optimizer format that saves each rank's buffers as they are (no
@@ -125,16 +127,32 @@ def _layout_key() -> dict:
     }
 
 
-def resolve_resume(resume: str | None, checkpoint_dir: str | None) -> Path | None:
-    """The checkpoint to resume from: `auto` → the latest complete one in `checkpoint.dir` (None
-    when there is none yet), a path → that checkpoint, None → start fresh."""
-    if resume is None:
+class ResumePoint(NamedTuple):
+    """The checkpoint a run resumes from, and the setting that named it (for messages)."""
+
+    setting: str
+    path: Path
+
+
+def resolve_resume(ckpt: CheckpointConfig) -> ResumePoint | None:
+    """The checkpoint this run resumes from and the setting that names it, or None
+    to start fresh: `checkpoint.resume=auto` → the latest complete one in `checkpoint.dir` (None
+    when nothing is saved yet), a path → that path (not checked here: `train.checkpoint_problems`
+    checks it before start-up). Raises CheckpointError when `auto` has no readable directory."""
+    if ckpt.resume is None:
         return None
-    if resume == "auto":
-        if checkpoint_dir is None:
-            raise CheckpointError("checkpoint.resume=auto needs checkpoint.dir")
-        return latest_checkpoint(checkpoint_dir)
-    return Path(resume)
+    if ckpt.resume != "auto":
+        return ResumePoint(f"checkpoint.resume={ckpt.resume!r}", Path(ckpt.resume))
+    if ckpt.dir is None:
+        raise CheckpointError("checkpoint.resume=auto needs checkpoint.dir (the root this run saves to and resumes "
+                              "from); set checkpoint.dir=DIR or unset checkpoint.resume")
+    try:
+        latest = latest_checkpoint(ckpt.dir)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint.resume=auto with checkpoint.dir={ckpt.dir!r}: {exc}") from None
+    if latest is None:
+        return None
+    return ResumePoint(f"checkpoint.resume=auto found {latest} (checkpoint.dir={ckpt.dir!r})", latest)
 
 
 def prune_checkpoints(root: str | Path, *, keep_last: int) -> None:

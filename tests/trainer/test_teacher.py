@@ -1,0 +1,61 @@
+"""What the teacher reads, per method record, on the built-in task's prompts (texts written out by hand)."""
+
+import pytest
+import torch
+
+from rlsd_megatron.config import load_config
+from rlsd_megatron.data import ReversedAdditionPrompts
+from rlsd_megatron.trainer.rollouts import Rollouts
+from rlsd_megatron.trainer.teacher import teacher_contexts
+
+DATASET = ReversedAdditionPrompts("train")
+
+
+def two_prompts_two_responses() -> Rollouts:
+    """Two prompts, each with a right response (the row's answer) and a wrong one."""
+    rows = [DATASET[12 * 1000 + 34], DATASET[5 * 1000 + 6]]
+    texts = [rows[0].answer, "99", "11", rows[1].answer]
+    responses = [DATASET.tokenizer.encode(t) for t in texts]
+    return Rollouts(rows, responses, [[0.0] * len(r) for r in responses], ["stop"] * 4,
+                    rewards=torch.tensor([1.0, 0.0, 0.0, 1.0]))
+
+
+def algorithm(method: str):
+    return load_config("examples/configs/cpu_demo.yaml", [f"algorithm.method={method}"]).algorithm
+
+
+def teacher_prompts(method: str) -> list[str]:
+    rollouts = two_prompts_two_responses()
+    contexts = teacher_contexts(algorithm(method), rollouts, DATASET)
+    for context, response in zip(contexts, rollouts.responses):  # the student's own tokens, after the prompt
+        assert context.input_ids[context.response_start:] == response
+        assert context.response_length == len(response)
+    return [DATASET.decode(c.input_ids[1: c.response_start]) for c in contexts]  # without BOS
+
+
+def test_hinted_methods_show_the_dataset_answer():
+    rows = two_prompts_two_responses().rows
+    hinted = [f"{rows[0].question}|{rows[0].answer}="] * 2 + [f"{rows[1].question}|{rows[1].answer}="] * 2
+    for method in ("rlsd", "opsd", "grpo_opsd"):
+        assert teacher_prompts(method) == hinted, method
+
+
+def test_sdpo_shows_a_successful_sibling_or_nothing():
+    rows = two_prompts_two_responses().rows
+    # Prompt 0: response 0 is the only success, so response 1 sees it and response 0 (excluding
+    # itself) sees no hint; prompt 1 the same with response 3.
+    assert teacher_prompts("sdpo") == [f"{rows[0].question}=", f"{rows[0].question}|{rows[0].answer}=",
+                                       f"{rows[1].question}|{rows[1].answer}=", f"{rows[1].question}="]
+    contexts = teacher_contexts(algorithm("sdpo"), two_prompts_two_responses(), DATASET)
+    assert [c.has_teacher for c in contexts] == [False, True, True, False]
+
+
+def test_opd_reads_the_students_own_prompt():
+    rollouts = two_prompts_two_responses()
+    contexts = teacher_contexts(algorithm("opd"), rollouts, DATASET)
+    assert [c.input_ids for c in contexts] == [s.tolist() for s in rollouts.sequences()]
+
+
+def test_methods_without_a_teacher_are_refused():
+    with pytest.raises(ValueError, match="algorithm.method=grpo has no teacher"):
+        teacher_contexts(algorithm("grpo"), two_prompts_two_responses(), DATASET)
