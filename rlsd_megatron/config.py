@@ -139,7 +139,11 @@ class TrainConfig:
     # `fused_output_chunk_tokens` tokens at a time, never for the whole micro-batch ([tokens, V/TP] fp32);
     # the backward recomputes each chunk's matmul. Not with distillation losses on whole distributions.
     fused_output_layer: bool = False
-    fused_output_chunk_tokens: int = 1024
+    fused_output_chunk_tokens: int = 1024  # tokens per chunk of the fused output layer (its logits: chunk x V/TP fp32)
+    # Benchmarks evaluated with the validation, every eval_interval steps and after the last: a YAML list in
+    # rlsd-eval's format (rlsd_megatron/eval/benchmarks.py), logged as eval/<name>/avg@n, pass@k, maj@n, ...
+    # None: none.
+    eval_sets: str | None = None
 
 
 @dataclass

@@ -82,8 +82,9 @@ def checkpoint_problems(cfg) -> list[str]:
 def input_problems(cfg) -> list[str]:
     """Bad inputs that are cheap to see before the model is built: no model named for a prompt
     dataset, data files and tokenizer directory, the checkpoint to resume or start from, the
-    frozen models to load (OPD's teacher, a KL reference), the custom reward function."""
+    train.eval_sets benchmarks, the frozen models to load (OPD's teacher, a KL reference), the custom reward function."""
     from rlsd_megatron.data.build import data_input_problems
+    from rlsd_megatron.eval.in_training import eval_sets_problems
     from rlsd_megatron.learner.frozen_model import frozen_model_inputs, frozen_model_problems
     from rlsd_megatron.plan import names_no_model
     from rlsd_megatron.rewards.custom import RewardFunctionError, load_reward_fn
@@ -93,7 +94,7 @@ def input_problems(cfg) -> list[str]:
         problems.append("the config names no model (no model.hf_config and no model.* shape fields), so this would "
                         "train the built-in placeholder on your prompts; set model.hf_config=/path/to/hf_model_dir "
                         "(and checkpoint.init_from=… for its weights)")
-    problems += data_input_problems(cfg.data) + checkpoint_problems(cfg)
+    problems += data_input_problems(cfg.data) + checkpoint_problems(cfg) + eval_sets_problems(cfg.train)
     for setting, path in frozen_model_inputs(cfg):
         problems += frozen_model_problems(cfg, path, setting)
     if cfg.reward.custom_fn:
