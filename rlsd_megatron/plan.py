@@ -13,7 +13,8 @@ last: output layer + logits):
   ×PP micro-batches in flight on the first stage under 1F1B (×(1 + (PP−1)/(PP·VPP)) interleaved);
   full recomputation keeps only each layer's input. Tokens per micro-batch are divided by CP.
 - the last stage's logits in fp32 for one micro-batch ([tokens, V/TP]) plus one chunk of the
-  vocabulary-parallel ops' workspace.
+  vocabulary-parallel ops' workspace; with `train.fused_output_layer` one chunk's logits and
+  their gradient ([fused_output_chunk_tokens, V/TP] each) instead of the micro-batch's.
 - a frozen / EMA teacher copy (weights, fp32 for EMA), when the teacher policy holds one (frozen,
   frozen_sync, ema).
 - distillation (opsd, sdpo, grpo_opsd), training phase only: the teacher's logits of one chunk of
@@ -203,7 +204,11 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
     else:
         activations = tokens * layers * full_layer * in_flight
     vocab_local = padded_vocab_size(cfg.model, p.tp) // p.tp
-    logits = tokens * vocab_local * 4 + min(tokens, 4096) * vocab_local * 4
+    if cfg.train.fused_output_layer:  # one chunk's logits and their gradient at a time (ops/fused_output.py)
+        chunk = min(tokens, cfg.train.fused_output_chunk_tokens)
+        logits = 2 * chunk * vocab_local * 4 + min(chunk, 4096) * vocab_local * 4
+    else:
+        logits = tokens * vocab_local * 4 + min(tokens, 4096) * vocab_local * 4
     holds_copy = cfg.algorithm.teacher_weights in ("frozen", "frozen_sync", "ema")
     frozen = frozen_model_bytes(cfg)
     # Without a kl_reference checkpoint the reference is a copy of the initial policy's weights.

@@ -212,3 +212,18 @@ def test_cli_opsd_at_8b_counts_the_frozen_teacher_and_one_chunk_of_its_logits(ca
     assert rows["distillation (one chunk)"] == round(expected / 2**30, 2) == 3.52
     assert rows["training phase peak"] <= rows["budget"] and rows["rollout phase peak"] <= rows["budget"]
     assert "distillation on the host: none" in out and out.splitlines()[-1] == "fits"
+
+
+def test_fused_output_layer_counts_one_chunk_of_logits():
+    """8K tokens per micro-batch at TP=8: 8192 x 16128 (the padded vocabulary's shard) x 4 B of
+    logits plus a 4096-token workspace; fused with 1024-token chunks: a chunk's logits, their
+    gradient and its workspace (a quarter)."""
+    plain = config(tp=8, pp=4, dp=2)
+    plain.train.max_seq_length = 8192
+    fused = config(tp=8, pp=4, dp=2)
+    fused.train.max_seq_length = 8192
+    fused.train.fused_output_layer = True
+    vocab_local = 129024 // 8  # 128256 padded to a multiple of 128 x TP
+    assert plan_memory(plain).logits == (8192 + 4096) * vocab_local * 4
+    assert plan_memory(fused).logits == 3 * 1024 * vocab_local * 4
+    assert plan_memory(plain).training_peak - plan_memory(fused).training_peak == (12288 - 3072) * vocab_local * 4
