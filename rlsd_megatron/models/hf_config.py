@@ -48,6 +48,10 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
 def model_fields_from_hf(source: str | Path | dict) -> dict[str, Any]:
     """`ModelConfig` field values for an HF config (a path or an already-loaded dict)."""
     hf = source if isinstance(source, dict) else read_hf_config(source)
+    from rlsd_megatron.models.vision_config import is_vision_language, vision_language_fields
+
+    if is_vision_language(hf):
+        return vision_language_fields(hf, model_fields_from_hf)
     archs = hf.get("architectures") or []
     family = next((_ARCHITECTURES[a] for a in archs if a in _ARCHITECTURES), None)
     if family is None:

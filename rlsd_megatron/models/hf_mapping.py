@@ -54,6 +54,10 @@ def family_rules(model: ModelConfig) -> list[TensorRule]:
         rules.append(TensorRule("decoder.layers.{i}.self_attention.k_layernorm.weight", (f"{attn}.k_norm.weight",)))
     if not model.tie_word_embeddings:
         rules.append(TensorRule("output_layer.weight", ("lm_head.weight",)))
+    if model.vision is not None:
+        from rlsd_megatron.models.vision_config import vision_language_rules
+
+        rules = vision_language_rules(rules, model)
     return rules
 
 
@@ -111,8 +115,14 @@ def expected_hf_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
         "gate_proj.weight": (f, h), "up_proj.weight": (f, h), "down_proj.weight": (h, f),
     }
     shapes = {}
+    if model.vision is not None:
+        from rlsd_megatron.models.vision_config import HF_VISION_PREFIX, vision_tensor_shapes
+
+        shapes = {HF_VISION_PREFIX + name: shape for name, shape in vision_tensor_shapes(model).items()}
     for _, hf_names, _ in name_pairs(model):
         for name in hf_names:
+            if name in shapes:
+                continue
             suffix = max((s for s in by_suffix if name == s or name.endswith("." + s)), key=len)
             shapes[name] = by_suffix[suffix]
     return shapes

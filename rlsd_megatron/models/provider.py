@@ -1,4 +1,5 @@
-"""Builds megatron-core `GPTModel` chunks for Llama / Qwen2 / Qwen3-style configs.
+"""Builds megatron-core `GPTModel` chunks for Llama / Qwen2 / Qwen3-style configs, and for
+vision-language ones (`model.vision`: `models.vision_language.VisionLanguageModel`, a GPTModel).
 
 Why `GPTModel` and not `HybridModel`: megatron-core 0.19 marks `GPTModel` deprecated (critical
 fixes only), but it is the dense-decoder model every Megatron RL framework (slime, veRL,
@@ -13,12 +14,13 @@ otherwise.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 import torch.nn.functional as F
 
-from rlsd_megatron.config import Config, ConfigError, ModelConfig
+from rlsd_megatron.config import Config, ConfigError, ModelConfig, VisionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ def transformer_config(cfg: Config, *, impl: str):
     m, p, prec = cfg.model, cfg.parallel, cfg.precision
     dtype = _DTYPES[prec.params_dtype]
     recompute = prec.recompute_granularity if prec.recompute_granularity != "none" else None
+    vision: VisionConfig | None = m.vision
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -87,6 +90,7 @@ def transformer_config(cfg: Config, *, impl: str):
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
         deallocate_pipeline_outputs=True,
+        mrope_section=list(vision.mrope_section) if vision is not None else None,
     )
 
 
@@ -114,11 +118,17 @@ def build_model_chunks(cfg: Config, *, impl: str) -> list[torch.nn.Module]:
     config = transformer_config(cfg, impl=impl)
     spec = layer_spec(cfg, impl=impl)
     vocab = padded_vocab_size(m, cfg.parallel.tp)
+    model_class, rope = GPTModel, {"position_embedding_type": "rope"}
+    if m.vision is not None:
+        from rlsd_megatron.models.vision_language import VisionLanguageModel
+
+        model_class = functools.partial(VisionLanguageModel, vision=m.vision, freeze_vision_tower=m.freeze_vision_tower)
+        rope = {}  # M-RoPE, set by the class
     chunks = []
     stages = cfg.parallel.vpp or 1
     for vp_stage in range(stages):
         vp = vp_stage if cfg.parallel.vpp else None
-        chunk = GPTModel(
+        chunk = model_class(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=vocab,
@@ -127,7 +137,7 @@ def build_model_chunks(cfg: Config, *, impl: str) -> list[torch.nn.Module]:
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             parallel_output=True,
             share_embeddings_and_output_weights=m.tie_word_embeddings,
-            position_embedding_type="rope",
+            **rope,
             rotary_base=int(m.rope_theta),
             rope_scaling=m.rope_scaling_factor is not None,
             rope_scaling_factor=m.rope_scaling_factor or 8.0,
