@@ -107,6 +107,7 @@ def run_learner(hf_state: dict, tp: int, pp: int) -> dict:
     with model_parallel(tp=tp, pp=pp):
         learner = Learner(cfg)
         learner.load_full_state(dict(hf_to_megatron(hf_state.__getitem__, MODEL)))
+        before = learner.full_state()
         micro_batches = [vision_micro_batch([sequences[i] for i in idx], [images[i] for i in idx], MODEL.vision)
                          for idx in split]
         outputs = learner.forward(micro_batches, lambda logits, mb: {"logits": gather_vocab(logits, vocab)})
@@ -116,6 +117,14 @@ def run_learner(hf_state: dict, tp: int, pp: int) -> dict:
                             dtype=torch.float64)
         dist.all_reduce(loss)
         grads = learner.full_state(grads=True)
+        after = learner.full_state()
+        # The tower is replicated over TP: every TP rank must hold the same gradient (full_state reads rank 0's).
+        local = {name: p.main_grad.clone() for name, p in learner.named_parameters() if name.startswith("vision_model.")}
+        replicas = [None] * parallel_state.get_tensor_model_parallel_world_size()
+        dist.all_gather_object(replicas, local, group=parallel_state.get_tensor_model_parallel_group())
+        for replica in replicas[1:]:
+            for name, grad in replica.items():
+                torch.testing.assert_close(grad, local[name], rtol=0, atol=0, msg=f"{name} differs across TP ranks")
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, outputs)
     outputs = next(o for o in per_rank if o is not None)
@@ -126,7 +135,9 @@ def run_learner(hf_state: dict, tp: int, pp: int) -> dict:
     hf_grads = {}
     for name, grad in grads.items():
         hf_grads.update(megatron_to_hf(name, grad, MODEL))
-    return {"logits": [logits[i] for i in range(len(sequences))], "loss": float(loss), "grads": hf_grads}
+    updated = {name for name in before if not torch.equal(before[name], after[name])}
+    return {"logits": [logits[i] for i in range(len(sequences))], "loss": float(loss), "grads": hf_grads,
+            "updated": updated, "names": set(before)}
 
 
 def run_layouts(hf_state: dict, layouts: list[tuple[int, int]]) -> dict:
@@ -152,6 +163,7 @@ def assert_matches_hf(case: dict, ref: dict) -> None:
         assert scale > 0, f"{name}: HF gradient is zero, the comparison would prove nothing"
         diff = (case["grads"][name] - want).abs().max() / scale
         assert diff < GRAD_TOL, f"grad {name}: relative diff {diff:.2e}"
+    assert case["updated"] == case["names"], f"not updated by the step: {sorted(case['names'] - case['updated'])}"
 
 
 def test_mrope_positions_match_transformers(reference):
@@ -189,6 +201,48 @@ def test_hf_config_round_trip(tmp_path):
     cfg = load_config(None, [f"model.hf_config={tmp_path}", "model.freeze_vision_tower=true"])
     assert cfg.model.vision == MODEL.vision
     assert ModelConfig(**{**vars(cfg.model), "hf_config": None, "freeze_vision_tower": False}) == MODEL
+
+
+def run_frozen(hf_state: dict) -> dict:
+    """One train step at TP=1 with `freeze_vision_tower`: logits per sequence, which weights the
+    step changed, and whether any vision parameter wants gradients or sits in the optimizer."""
+    import dataclasses
+
+    from rlsd_megatron.learner.learner import Learner
+    from rlsd_megatron.learner.vision_batch import vision_micro_batch
+    from rlsd_megatron.models.hf_mapping import hf_to_megatron
+    from rlsd_megatron.parallel.state import model_parallel
+
+    model = dataclasses.replace(MODEL, freeze_vision_tower=True)
+    cfg = Config(model=model, optimizer=OptimizerConfig(lr=1e-3), train=TrainConfig(steps=10))
+    sequences, images = make_inputs()
+    with model_parallel():
+        learner = Learner(cfg)
+        learner.load_full_state(dict(hf_to_megatron(hf_state.__getitem__, model)))
+        before = learner.full_state()
+        mb = vision_micro_batch(sequences, images, model.vision)
+        out = learner.forward([mb], lambda logits, mb: {"logits": logits[..., :model.vocab_size]})[0]
+        learner.train_step([mb], nll_loss_fn(model.vocab_size, sum(len(s) - 1 for s in sequences)))
+        after = learner.full_state()
+        vision = [p for name, p in learner.named_parameters() if name.startswith("vision_model.")]
+        in_optimizer = {id(p) for group in learner.optimizer.param_groups for p in group["params"]}
+        return {
+            "logits": [out["logits"][i, :len(s)] for i, s in enumerate(sequences)],
+            "updated": {name for name in before if not torch.equal(before[name], after[name])},
+            "names": set(before),
+            "vision_wants_grad": any(p.requires_grad for p in vision),
+            "vision_in_optimizer": any(id(p) in in_optimizer for p in vision),
+        }
+
+
+def test_freeze_vision_tower(dist_pool, reference):
+    """A frozen tower still embeds the images (HF's logits) but gets no gradient and no update."""
+    case = dist_pool(1).run(run_frozen, reference["state"], timeout=600)[0]
+    for i, (got, want) in enumerate(zip(case["logits"], reference["logits"])):
+        torch.testing.assert_close(got, want, rtol=0, atol=LOGITS_TOL, msg=f"logits of sequence {i}")
+    vision = {name for name in case["names"] if name.startswith("vision_model.")}
+    assert vision and not case["vision_wants_grad"] and not case["vision_in_optimizer"]
+    assert case["updated"] == case["names"] - vision
 
 
 def test_parity_with_transformers(dist_pool, reference):
