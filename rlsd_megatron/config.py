@@ -77,6 +77,10 @@ class ModelConfig:
     vision: VisionConfig | None = None
     freeze_vision_tower: bool = False  # the authors' VL recipe trains it (false)
 
+    def __post_init__(self):
+        if isinstance(self.vision, dict):  # ModelConfig(**model_fields_from_hf(...)), a checkpoint's record
+            self.vision = VisionConfig(**self.vision)
+
 
 @dataclass
 class ParallelConfig:

@@ -253,3 +253,32 @@ def test_parity_with_transformers(dist_pool, reference):
             assert_matches_hf(case, reference)
         except AssertionError as exc:
             raise AssertionError(f"tp={tp} pp={pp}: {exc}") from exc
+
+
+def save_and_reload(root: str) -> dict:
+    """A VL learner saved at TP=2 and loaded at PP=2 (dist_checkpointing reshards): canonical
+    weights of both, on every rank."""
+    from rlsd_megatron.checkpoint import load_checkpoint, save_checkpoint
+    from rlsd_megatron.config import CheckpointConfig
+    from rlsd_megatron.learner.learner import Learner
+    from rlsd_megatron.parallel.state import model_parallel
+
+    with model_parallel(tp=2, seed=5):
+        cfg = Config(model=MODEL, parallel=ParallelConfig(tp=2))
+        learner = Learner(cfg)
+        save_checkpoint(root, learner.model, cfg, iteration=1)
+        saved = learner.full_state()
+    with model_parallel(pp=2, seed=9):
+        learner = Learner(Config(model=MODEL, parallel=ParallelConfig(pp=2), checkpoint=CheckpointConfig(init_from=root)))
+        load_checkpoint(root, learner.model, model=MODEL)
+        loaded = learner.full_state()
+    return {"saved": saved, "loaded": loaded}
+
+
+def test_checkpoint_reshards_vision_tower(dist_pool, tmp_path):
+    """The replicated tower is saved once under TP=2 and comes back whole on the first stage of PP=2."""
+    result = dist_pool(2).run(save_and_reload, str(tmp_path), timeout=600)[0]
+    assert any(name.startswith("vision_model.") for name in result["saved"])
+    assert set(result["loaded"]) == set(result["saved"])
+    for name, tensor in result["saved"].items():
+        assert torch.equal(result["loaded"][name], tensor), name
