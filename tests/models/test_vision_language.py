@@ -1,7 +1,8 @@
 """Qwen2.5-VL on the Megatron learner against transformers' own model (issue 19).
 
 A tiny random Qwen2.5-VL (tests.hf_models) and three sequences: two images inside one sequence,
-one image in another, a text-only one, right-padded in one batch. Our learner, loaded from the HF
+one image in another, a text-only one, right-padded in one batch (one image through transformers'
+image processor, the others random patches). Our learner, loaded from the HF
 state dict through the HF ⇄ Megatron mapping, must give transformers' logits, loss and the
 gradient of every HF tensor (vision tower included) at TP=1, TP=2 and PP=2, in fp32:
 logits and loss within 1e-5 absolute (values of order 1), gradients within 1e-5 relative to the
@@ -43,7 +44,8 @@ def make_inputs() -> tuple[list[torch.Tensor], list]:
         pixels = torch.randn(t * h * w, patch_width, generator=gen)
         return tokens, pixels
 
-    (a_tokens, a_pixels), (b_tokens, b_pixels), (c_tokens, c_pixels) = (image(g) for g in GRIDS)
+    (a_tokens, _), (b_tokens, b_pixels), (c_tokens, c_pixels) = (image(g) for g in GRIDS)
+    a_pixels = processed_image(vision, height=16, width=24, grid=GRIDS[0])
     sequences = [
         torch.cat([text(4), a_tokens, text(3), b_tokens, text(2)]),
         torch.cat([text(3), c_tokens, text(5)]),
@@ -55,6 +57,21 @@ def make_inputs() -> tuple[list[torch.Tensor], list]:
         None,
     ]
     return sequences, images
+
+
+def processed_image(vision, *, height: int, width: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Pixel patches of a random in-memory RGB image through transformers' Qwen2-VL image processor
+    (the one Qwen2.5-VL uses: resize to multiples of patch·merge, normalise, cut into patches)."""
+    import numpy as np
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    processor = Qwen2VLImageProcessorPil(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                                         merge_size=vision.spatial_merge_size, min_pixels=64, max_pixels=4096)
+    rgb = (np.random.RandomState(1).rand(height, width, 3) * 255).astype("uint8")
+    out = processor(images=[Image.fromarray(rgb)], return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [list(grid)]
+    return out["pixel_values"]
 
 
 def hf_reference() -> dict:
