@@ -86,7 +86,9 @@ def transformer_config(cfg: Config, *, impl: str):
         gradient_accumulation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
-        apply_rope_fusion=impl == "transformer_engine",
+        # TE's fused RoPE takes one rotation per position for the whole batch; M-RoPE's differ per
+        # sequence (megatron-core falls back with a warning), so VL models use the unfused path.
+        apply_rope_fusion=impl == "transformer_engine" and vision is None,
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
         deallocate_pipeline_outputs=True,

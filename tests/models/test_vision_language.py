@@ -104,9 +104,9 @@ def hf_reference() -> dict:
     }
 
 
-def run_learner(hf_state: dict, tp: int, pp: int) -> dict:
-    """Our learner at (tp, pp) loaded from `hf_state`: logits per sequence, loss and every gradient
-    under HF names (on every rank)."""
+def run_learner(hf_state: dict, tp: int, pp: int, impl: str = "local") -> dict:
+    """Our learner at (tp, pp) with `impl` layers loaded from `hf_state`: logits per sequence, loss
+    and every gradient under HF names (on every rank), what the step updated."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -122,7 +122,7 @@ def run_learner(hf_state: dict, tp: int, pp: int) -> dict:
     # Two micro-batches (gradient accumulation): sequences 0 and 2, then 1.
     split = [[0, 2], [1]]
     with model_parallel(tp=tp, pp=pp):
-        learner = Learner(cfg)
+        learner = Learner(cfg, impl=impl)
         learner.load_full_state(dict(hf_to_megatron(hf_state.__getitem__, MODEL)))
         before = learner.full_state()
         micro_batches = [vision_micro_batch([sequences[i] for i in idx], [images[i] for i in idx], MODEL.vision)
@@ -148,7 +148,7 @@ def run_learner(hf_state: dict, tp: int, pp: int) -> dict:
     logits = {}
     for idx, out, mb in zip(split, outputs, micro_batches):
         for row, i in enumerate(idx):
-            logits[i] = out["logits"][row, :len(sequences[i])]
+            logits[i] = out["logits"][row, :len(sequences[i])].cpu()
     hf_grads = {}
     for name, grad in grads.items():
         hf_grads.update(megatron_to_hf(name, grad, MODEL))
@@ -299,3 +299,16 @@ def test_checkpoint_reshards_vision_tower(dist_pool, tmp_path):
     assert set(result["loaded"]) == set(result["saved"])
     for name, tensor in result["saved"].items():
         assert torch.equal(result["loaded"][name], tensor), name
+
+
+@pytest.mark.gpu
+def test_te_layers_match_transformers_on_gpu(gpu_pool, reference):
+    """Transformer Engine's layers (unfused M-RoPE, padded batches) on one GPU, fp32: transformers'
+    logits within 1e-4 and gradients within 1e-3 relative (TE's kernels sum in other orders)."""
+    case = gpu_pool(1).run(run_learner, reference["state"], 1, 1, "transformer_engine", timeout=600)[0]
+    for i, (got, want) in enumerate(zip(case["logits"], reference["logits"])):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=f"logits of sequence {i}")
+    for name, want in reference["grads"].items():
+        if name in case["grads"]:
+            diff = (case["grads"][name] - want).abs().max() / want.abs().max()
+            assert diff < 1e-3, f"grad {name}: relative diff {diff:.2e}"
