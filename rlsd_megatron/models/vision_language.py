@@ -3,8 +3,8 @@
 Design (issue 19):
 - **The vision tower is transformers' own** (`Qwen2_5_VisionTransformerPretrainedModel`: patch
   embedding, windowed-attention ViT blocks, patch merger), run inside the learner on the first
-  pipeline stage and replicated over TP. It is small next to the language model (0.7B of
-  Qwen2.5-VL-7B's 8B, 0.6B of Qwen3-VL-8B's), so sharding it buys little, while running HF's code
+  pipeline stage and replicated over TP. It is small next to the language model (about 0.7B of
+  Qwen2.5-VL-7B's 8B, about 0.6B of Qwen3-VL-8B's), so sharding it buys little, while running HF's code
   makes its numerics HF's by construction and keeps its weights in HF's layout (no second
   mapping to get wrong; checkpoints, the converters and the SGLang sync name them as HF does).
   megatron-core's own vision modules (`CLIPViTModel` / `RADIOViTModel` of `llava_model.py`) have
