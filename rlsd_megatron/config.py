@@ -28,6 +28,28 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class VisionConfig:
+    """The vision tower of a Qwen2.5-VL policy, in the terms of HF's `vision_config` (read from
+    `model.hf_config`), plus where its embeddings go in the text: the image placeholder token and the
+    split of each head's rotary channels over (time, height, width) positions (M-RoPE)."""
+
+    depth: int = 2  # vision transformer blocks
+    hidden_size: int = 32  # vision transformer width
+    intermediate_size: int = 64  # vision MLP inner width
+    num_heads: int = 2  # vision attention heads
+    out_hidden_size: int = 64  # = the language model's hidden size
+    in_channels: int = 3  # image channels (RGB)
+    patch_size: int = 14  # pixels per patch side
+    temporal_patch_size: int = 2  # frames per patch (a still image is repeated)
+    spatial_merge_size: int = 2  # merged patches per side: one image token per merge² patches
+    window_size: int = 112  # pixels per side of a windowed-attention window
+    fullatt_block_indexes: list[int] = field(default_factory=lambda: [1])  # blocks with full attention
+    hidden_act: str = "silu"  # the vision MLP's activation
+    image_token_id: int = 1  # the placeholder token the image embeddings replace
+    mrope_section: list[int] = field(default_factory=lambda: [2, 3, 3])  # rotary pairs per (t, h, w); sums to head_dim/2
+
+
+@dataclass
 class ModelConfig:
     """Architecture of a Llama / Qwen2 / Qwen3-style decoder.
 
@@ -53,6 +75,13 @@ class ModelConfig:
     tie_word_embeddings: bool = False  # the output layer reuses the input embedding matrix
     make_vocab_size_divisible_by: int = 128  # padded vocab: a multiple of this times TP
     init_method_std: float = 0.02  # std of the normal init of weights no checkpoint overwrites
+    # A vision-language policy (Qwen2.5-VL): the decoder above plus this vision tower; None: text only.
+    vision: VisionConfig | None = None
+    freeze_vision_tower: bool = False  # the authors' VL recipe trains it (false)
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):  # ModelConfig(**model_fields_from_hf(...)), a checkpoint's record
+            self.vision = VisionConfig(**self.vision)
 
 
 @dataclass
@@ -411,6 +440,9 @@ def _build(cls: type, raw: dict, where: str) -> Any:
     for name, value in raw.items():
         key = f"{where}.{name}".lstrip(".")
         annotation = hints[name]
+        optional = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]) and value is not None:
+            annotation = optional[0]  # an optional sub-section (`model.vision`)
         if dataclasses.is_dataclass(annotation):
             kwargs[name] = _build(annotation, value, key)
         else:

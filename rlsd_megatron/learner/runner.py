@@ -163,12 +163,14 @@ class ModelRunner:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
+            images = {"images": mb.images.to(device)} if mb.images is not None else {}
             output = model(
                 mb.tokens.to(device),
                 mb.position_ids.to(device),
                 attention_mask=None,
                 packed_seq_params=_packed_params_on(mb.packed_seq_params, device),
                 **self._output_options,
+                **images,
             )
             # Called on the last stage only: targets and mask next to the logits there.
             return output, lambda logits: fn(_targets_on(mb, device), logits)
