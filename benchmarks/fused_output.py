@@ -3,6 +3,7 @@ output layer (rlsd_megatron/ops/fused_output.py) against the output layer follow
 
     PYTHONPATH=. .venv/bin/python benchmarks/fused_output.py                   # 2048 tokens, 152K vocabulary
     PYTHONPATH=. .venv/bin/python benchmarks/fused_output.py --tokens 8192 --chunk 1024
+    python benchmarks/fused_output.py --device cuda --tokens 8192 --hidden 4096 --chunk 1024   # on a GPU
 
 One process, TP = 1, fp32, Qwen's 151,936-token vocabulary, hidden size `--hidden`:
 - ``today``: ``logits = h · Wᵀ`` (what Megatron's output layer writes for the whole micro-batch),
@@ -18,7 +19,8 @@ logits are twice ∂W). Time: median
 over `--rounds` rounds of wall-clock and of process CPU time (on an oversubscribed shared box the CPU
 time is the trustworthy one), the variants interleaved round by round so they share the machine's
 load; ratios are medians of per-round ratios.
-The goal (issue 22): fused ≤ 0.1x today's memory at ≤ 1.1x its time; on a GPU the matmul is the
+On a GPU (``--device cuda``) memory is the peak of torch's allocator above what was allocated
+before the variant ran, and times are synchronised. The goal (issue 22): fused ≤ 0.1x today's memory at ≤ 1.1x its time; on a GPU the matmul is the
 cheap part, on this CPU it dominates, so the recompute weighs more here.
 """
 
@@ -58,15 +60,18 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=QWEN_VOCAB)
     parser.add_argument("--chunk", type=int, default=128, help="tokens per chunk of the fused path")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     from rlsd_megatron.ops.vocab_shard import release_cached_gradients
 
     libc = ctypes.CDLL("libc.so.6")
     use_mmap_above(libc)
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(args.tokens, args.hidden, generator=gen).requires_grad_()
-    weight = (torch.randn(args.vocab, args.hidden, generator=gen) / args.hidden**0.5).requires_grad_()
-    targets = torch.randint(0, args.vocab, (args.tokens,), generator=gen)
+    device = torch.device(args.device)
+    hidden = torch.randn(args.tokens, args.hidden, generator=gen).to(device).requires_grad_()
+    weight = (torch.randn(args.vocab, args.hidden, generator=gen) / args.hidden**0.5).to(device).requires_grad_()
+    targets = torch.randint(0, args.vocab, (args.tokens,), generator=gen).to(device)
+    cuda = device.type == "cuda"
     logits_mib = args.tokens * args.vocab * 4 / 2**20
     print(f"log-prob + entropy + backward, {args.tokens} tokens x {args.vocab} vocabulary (fp32 logits "
           f"{logits_mib:.0f} MiB), hidden {args.hidden}, fused chunk {args.chunk} tokens, {torch.get_num_threads()} "
@@ -80,12 +85,18 @@ def main() -> None:
             weight.grad = torch.zeros_like(weight)  # W's gradient buffer exists in training (DDP's main_grad)
             release_cached_gradients()
             gc.collect()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             with peak_rss_growth(libc) as peak:
                 started, started_cpu = time.perf_counter(), time.process_time()
                 run(variant, hidden, weight, targets, args.chunk)
+                if cuda:
+                    torch.cuda.synchronize()
                 wall[variant].append(time.perf_counter() - started)
                 cpu[variant].append(time.process_time() - started_cpu)
-            peaks[variant].append(peak["bytes"] / 2**20)
+            peaks[variant].append((torch.cuda.max_memory_allocated() - before if cuda else peak["bytes"]) / 2**20)
             print(f"  {variant:5s}  peak +{peaks[variant][-1]:8.1f} MiB  {wall[variant][-1]:7.2f} s wall  "
                   f"{cpu[variant][-1]:7.2f} s CPU", flush=True)
 
