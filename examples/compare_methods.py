@@ -7,7 +7,10 @@ method from those weights (`checkpoint.init_from`), each `torchrun --nproc-per-n
 rlsd_megatron.train --config examples/configs/cpu_demo.yaml`. Reads `val/reward` from the
 tensorboard logs, writes `<out>/val_reward.png` (mean ± standard error over seeds per method)
 and prints, per method, the steps each seed needed to reach each threshold and the mean reward
-over the run. Runs finished by an earlier invocation (same --out, --steps) are reused. The RLSD paper reports RLSD reaching GRPO's accuracy in about half the steps on
+over the run. Each run's final checkpoint is evaluated by `rlsd-eval` on `--benchmarks` (default
+the built-in reversed-addition files) and the paper-style table — a row per method, a column per
+benchmark (avg@n, mean ± s.e. over seeds) and the mean — is printed and written to
+`<out>/benchmarks.md`. Runs finished by an earlier invocation (same --out, --steps) are reused. The RLSD paper reports RLSD reaching GRPO's accuracy in about half the steps on
 8B vision-language models; this task is a 0.6M-parameter model trained from scratch, where
 shared/notes/cpu-demo.md measured no difference — the script reports what it measures.
 """
@@ -15,6 +18,7 @@ shared/notes/cpu-demo.md measured no difference — the script reports what it m
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import subprocess
@@ -50,6 +54,16 @@ def val_rewards(log_dir: Path) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars("val/reward")}
 
 
+def evaluate(log_dir: Path, benchmarks: str) -> dict:
+    """rlsd-eval of the run's final checkpoint (resumable: finished benchmarks are not redone)."""
+    command = [sys.executable, "-m", "rlsd_megatron.eval", "--model", str(log_dir / "ckpt"), "--benchmarks",
+               benchmarks, "--out", str(log_dir / "eval"), "--no-progress"]
+    with (log_dir / "eval.log").open("w") as out:
+        if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode:
+            sys.exit(f"evaluation failed; see {log_dir / 'eval.log'}")
+    return json.loads((log_dir / "eval" / "summary.json").read_text())["benchmarks"]
+
+
 def first_step_reaching(curve: dict[int, float], threshold: float) -> int | None:
     return next((step for step in sorted(curve) if curve[step] >= threshold), None)
 
@@ -61,9 +75,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     parser.add_argument("--out", default="runs/compare_methods")
+    parser.add_argument("--benchmarks", default="examples/benchmarks/reversed_addition.yaml",
+                        help="rlsd-eval benchmark list run on each final checkpoint")
     args = parser.parse_args()
     out = Path(args.out)
     curves: dict[str, list[dict[int, float]]] = {m: [] for m in args.methods}
+    evaluations: dict[str, list[dict]] = {m: [] for m in args.methods}
     for seed in args.seeds:
         warm = out / f"seed{seed}" / "warm_start"
         if not (warm / "latest_checkpointed_iteration.txt").exists():
@@ -74,21 +91,28 @@ def main() -> None:
         for method in args.methods:
             log_dir = out / f"seed{seed}" / method
             earlier = val_rewards(log_dir) if log_dir.exists() else {}
-            if args.steps in earlier:  # finished by an earlier invocation
+            if args.steps in earlier and (log_dir / "ckpt").is_dir():  # finished by an earlier invocation
                 print(f"seed {seed}: {method} (done)", flush=True)
                 curves[method].append(earlier)
-                continue
-            shutil.rmtree(log_dir, ignore_errors=True)
-            print(f"seed {seed}: {method}", flush=True)
-            train([f"train.seed={seed}", f"train.steps={args.steps}", "warm_start.max_steps=0",
-                   f"checkpoint.init_from={warm}", f"logging.dir={log_dir}", *METHOD_OVERRIDES[method]],
-                  out / f"seed{seed}" / f"{method}.log")
-            curves[method].append(val_rewards(log_dir))
+            else:
+                shutil.rmtree(log_dir, ignore_errors=True)
+                print(f"seed {seed}: {method}", flush=True)
+                train([f"train.seed={seed}", f"train.steps={args.steps}", "warm_start.max_steps=0",
+                       f"checkpoint.init_from={warm}", f"logging.dir={log_dir}", f"checkpoint.dir={log_dir / 'ckpt'}",
+                       f"checkpoint.save_interval={args.steps}", *METHOD_OVERRIDES[method]],
+                      out / f"seed{seed}" / f"{method}.log")
+                curves[method].append(val_rewards(log_dir))
+            evaluations[method].append(evaluate(log_dir, args.benchmarks))
     for seed in args.seeds:  # a seed whose warm start did not learn the task gives RL nothing to work with
         lines = [line for line in (out / f"seed{seed}" / "warm_start.log").read_text().splitlines()
                  if "[warm start" in line]
         print(f"seed {seed} warm start ended: {lines[-1].split('] ', 1)[-1] if lines else 'unknown'}")
     report(curves, args.thresholds, out)
+    from rlsd_megatron.eval.comparison import comparison_table
+
+    table = comparison_table(evaluations)
+    (out / "benchmarks.md").write_text(table)
+    print(f"benchmarks ({args.benchmarks}, final checkpoints):\n{table}", end="")
 
 
 def report(curves: dict[str, list[dict[int, float]]], thresholds: list[float], out: Path) -> None:

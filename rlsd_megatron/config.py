@@ -5,8 +5,10 @@ YAML, applies the overrides (values parsed as YAML scalars), rejects unknown key
 mistyped values, and returns a `Config`. Layout and hardware checks that need the world size
 live in `rlsd_megatron.config_checks.validate_config`, called before any process group starts.
 
-Defaults are the spec's reference recipe (`shared/spec/rlsd.md` §5) where it sets a value;
-the paper's value is stated next to a field when the library default differs.
+Defaults are the spec's reference recipe (`shared/spec/rlsd.md` §5) where it sets a value.
+Every field has a comment (the lines right above it and/or the end of its line): its meaning, its
+unit, and the recipe's value where the default differs; `rlsd-train --help-config` prints them
+with the types and defaults (`rlsd_megatron.config_help`), so keep each comment next to its field.
 """
 
 from __future__ import annotations
@@ -26,6 +28,28 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class VisionConfig:
+    """The vision tower of a Qwen2.5-VL policy, in the terms of HF's `vision_config` (read from
+    `model.hf_config`), plus where its embeddings go in the text: the image placeholder token and the
+    split of each head's rotary channels over (time, height, width) positions (M-RoPE)."""
+
+    depth: int = 2  # vision transformer blocks
+    hidden_size: int = 32  # vision transformer width
+    intermediate_size: int = 64  # vision MLP inner width
+    num_heads: int = 2  # vision attention heads
+    out_hidden_size: int = 64  # = the language model's hidden size
+    in_channels: int = 3  # image channels (RGB)
+    patch_size: int = 14  # pixels per patch side
+    temporal_patch_size: int = 2  # frames per patch (a still image is repeated)
+    spatial_merge_size: int = 2  # merged patches per side: one image token per merge² patches
+    window_size: int = 112  # pixels per side of a windowed-attention window
+    fullatt_block_indexes: list[int] = field(default_factory=lambda: [1])  # blocks with full attention
+    hidden_act: str = "silu"  # the vision MLP's activation
+    image_token_id: int = 1  # the placeholder token the image embeddings replace
+    mrope_section: list[int] = field(default_factory=lambda: [2, 3, 3])  # rotary pairs per (t, h, w); sums to head_dim/2
+
+
+@dataclass
 class ModelConfig:
     """Architecture of a Llama / Qwen2 / Qwen3-style decoder.
 
@@ -33,48 +57,55 @@ class ModelConfig:
     are then read from it) or the architecture fields directly.
     """
 
-    hf_config: str | None = None
-    family: Literal["llama", "qwen2", "qwen3", "qwen3_moe"] = "llama"
-    vocab_size: int = 128
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_attention_heads: int = 4
+    hf_config: str | None = None  # HF model directory or its config.json; the architecture then comes from it
+    family: Literal["llama", "qwen2", "qwen3", "qwen3_moe"] = "llama"  # llama (Llama 2/3), qwen2 (QKV bias), qwen3 (QK layernorm), qwen3_moe (Qwen3 with routed experts)
+    vocab_size: int = 128  # tokenizer vocabulary, unpadded (see make_vocab_size_divisible_by)
+    hidden_size: int = 64  # model width
+    num_layers: int = 2  # decoder layers
+    num_attention_heads: int = 4  # query heads
     num_query_groups: int | None = None  # None: multi-head attention (no GQA)
-    ffn_hidden_size: int = 256
+    ffn_hidden_size: int = 256  # SwiGLU MLP inner width
     kv_channels: int | None = None  # head dim; None: hidden_size // num_attention_heads
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048  # longest position (tokens) the RoPE tables cover
+    rope_theta: float = 10000.0  # RoPE base frequency
     rope_scaling_factor: float | None = None  # Llama-3.1 style scaling (low 1, high 4, orig 8192)
-    norm_epsilon: float = 1e-6
-    qkv_bias: bool = False  # Qwen2
-    qk_layernorm: bool = False  # Qwen3
-    tie_word_embeddings: bool = False
+    norm_epsilon: float = 1e-6  # RMSNorm epsilon
+    qkv_bias: bool = False  # bias on the Q, K, V projections (Qwen2)
+    qk_layernorm: bool = False  # RMSNorm on each head's queries and keys (Qwen3)
+    tie_word_embeddings: bool = False  # the output layer reuses the input embedding matrix
     make_vocab_size_divisible_by: int = 128  # padded vocab: a multiple of this times TP
-    init_method_std: float = 0.02
+    init_method_std: float = 0.02  # std of the normal init of weights no checkpoint overwrites
     # Mixture of experts (family qwen3_moe: every layer's MLP is routed experts; HF names in brackets).
     num_experts: int | None = None  # routed experts per layer (num_experts); None: a dense model
     moe_router_topk: int = 2  # experts each token goes to (num_experts_per_tok)
     moe_ffn_hidden_size: int | None = None  # one expert's SwiGLU width (moe_intermediate_size)
     moe_norm_topk_prob: bool = True  # rescale the top-k routing probabilities to sum to 1 (norm_topk_prob)
     moe_aux_loss_coeff: float = 0.0  # load-balancing loss weight (router_aux_loss_coef); only 0 (off) for now
+    # A vision-language policy (Qwen2.5-VL): the decoder above plus this vision tower; None: text only.
+    vision: VisionConfig | None = None
+    freeze_vision_tower: bool = False  # the authors' VL recipe trains it (false)
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):  # ModelConfig(**model_fields_from_hf(...)), a checkpoint's record
+            self.vision = VisionConfig(**self.vision)
 
 
 @dataclass
 class ParallelConfig:
     """Megatron parallel layout; data parallelism is what remains of the world size."""
 
-    tp: int = 1
-    pp: int = 1
+    tp: int = 1  # tensor-parallel size: ranks splitting each layer
+    pp: int = 1  # pipeline-parallel size: stages of consecutive layers
     vpp: int | None = None  # virtual pipeline stages per rank (interleaved schedule)
-    cp: int = 1
+    cp: int = 1  # context-parallel size: ranks splitting each sequence
     # Expert parallelism: each MoE layer's experts are split over ep ranks, carved out of the
     # data-parallel ranks (dense layers stay data-parallel there); experts use tp as their own TP.
     ep: int = 1
     dp: int | None = None  # None: world_size // (tp * pp * cp); if set, it is checked
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # Megatron SP: activations outside attention/MLP split over the TP ranks
     use_distributed_optimizer: bool = True  # only takes effect when dp * cp > 1
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
+    overlap_grad_reduce: bool = False  # overlap the data-parallel gradient reduction with backward
+    overlap_param_gather: bool = False  # distributed optimizer: overlap the parameter all-gather with forward
     # Minutes a training collective (Megatron's TP / PP / CP / DP groups) waits before it fails
     # (on GPUs NCCL's flight recorder then dumps every rank's last collectives); torch's default is 30.
     collective_timeout_minutes: float = 10.0
@@ -90,46 +121,51 @@ class ParallelConfig:
 class PrecisionConfig:
     """Numerics. `transformer_impl=auto` picks Transformer Engine on a GPU with TE, local otherwise."""
 
-    params_dtype: Literal["fp32", "bf16"] = "fp32"
+    params_dtype: Literal["fp32", "bf16"] = "fp32"  # weights, activations, rollout engine; recipe bf16 (presets)
+    # transformer_engine (fused kernels, needed for FP8) or megatron-core's local torch layers; auto: see above.
     transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
-    fp8: Literal["none", "e4m3", "hybrid"] = "none"
+    fp8: Literal["none", "e4m3", "hybrid"] = "none"  # FP8 training (TE): e4m3, or hybrid (e4m3 forward, e5m2 grads)
     # Megatron/TE recipe names: delayed scaling, tensorwise (= per-tensor current scaling),
     # blockwise (DeepSeek-style 1x128/128x128 blocks), mxfp8 (Blackwell only).
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "tensorwise"
-    fp8_amax_history_len: int = 1024
+    fp8_amax_history_len: int = 1024  # delayed scaling: steps of amax history a scale is taken from
+    # Activation recomputation in backward: full (whole layers, as recompute_method says), selective
+    # (the attention core only) or none.
     recompute_granularity: Literal["none", "full", "selective"] = "none"
+    # Full recomputation: uniform (every layer, in groups of recompute_num_layers) or block (only the
+    # first recompute_num_layers layers of each pipeline stage).
     recompute_method: Literal["uniform", "block"] | None = None
-    recompute_num_layers: int | None = None
+    recompute_num_layers: int | None = None  # the layer count recompute_method uses
 
 
 @dataclass
 class OptimizerConfig:
     """AdamW through megatron.core.optimizer (fused Adam from TE/apex when present, torch otherwise)."""
 
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    lr_warmup_steps: int = 0
-    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
-    lr_decay_steps: int | None = None  # None: train.steps
+    lr: float = 1e-6  # peak learning rate (recipe 1e-6)
+    min_lr: float = 0.0  # where the decay ends
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (recipe 0.01)
+    adam_beta1: float = 0.9  # AdamW β1
+    adam_beta2: float = 0.999  # AdamW β2
+    adam_eps: float = 1e-8  # AdamW ε
+    clip_grad: float = 1.0  # global gradient-norm clip (recipe 1.0)
+    lr_warmup_steps: int = 0  # optimizer steps of linear warm-up from 0 to lr
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"  # schedule from lr to min_lr after the warm-up
+    lr_decay_steps: int | None = None  # optimizer steps of warm-up + decay; None: train.steps
 
 
 @dataclass
 class TrainConfig:
     """Step budget and batch arithmetic of the learner."""
 
-    steps: int = 100
-    seed: int = 1234
+    steps: int = 100  # RL steps, one rollout batch each
+    seed: int = 1234  # model init, data order and the rollouts' sampling seeds
     prompts_per_step: int = 256  # recipe: 256 prompts x G = 8 rollouts
     micro_batch_size: int = 1  # sequences per micro-batch (padded path)
     max_tokens_per_micro_batch: int | None = None  # dynamic micro-batching by token budget
-    ppo_epochs: int = 1
+    ppo_epochs: int = 1  # passes over each rollout batch (recipe 1)
     optimizer_steps_per_batch: int = 1  # recipe: one optimizer step per rollout batch
-    max_seq_length: int = 2048  # prompt + response, for activation memory and validation
+    max_seq_length: int = 2048  # prompt + response tokens, for activation memory and validation (recipe 20480)
     # Distillation (opsd, sdpo, grpo_opsd): the teacher's logits ([tokens, V/TP] per rank) exist for this many
     # of the student's micro-batches at a time, computed right before their forward/backward and dropped after
     # it (one optimizer step over all of them), so distillation memory is this many micro-batches' teacher
@@ -137,6 +173,15 @@ class TrainConfig:
     # PP > 1 smaller chunks leave stages idle for a larger share of the time.
     distill_chunk_micro_batches: int | None = None
     eval_interval: int = 10  # steps between validation runs (0: only after the last step)
+    # Fuse the output layer with the log-prob / entropy op (ops/fused_output.py): the logits exist for
+    # `fused_output_chunk_tokens` tokens at a time, never for the whole micro-batch ([tokens, V/TP] fp32);
+    # the backward recomputes each chunk's matmul. Not with distillation losses on whole distributions.
+    fused_output_layer: bool = False
+    fused_output_chunk_tokens: int = 1024  # tokens per chunk of the fused output layer (its logits: chunk x V/TP fp32)
+    # Benchmarks evaluated with the validation, every eval_interval steps and after the last: a YAML list in
+    # rlsd-eval's format (rlsd_megatron/eval/benchmarks.py), logged as eval/<name>/avg@n, pass@k, maj@n, ...
+    # None: none.
+    eval_sets: str | None = None
 
 
 @dataclass
@@ -149,16 +194,17 @@ class WarmStartConfig:
     solving the plain prompts (`stop_accuracy`). `max_steps`
     bounds both; 0 disables the warm start."""
 
-    max_steps: int = 0
-    stop_accuracy: float = 0.25
-    hinted_stop_accuracy: float = 0.9
-    lr: float = 1e-3
-    # Measured on the built-in task (2026-11-25): with 0.1 the task was learned by step 390-530 in 6 of
-    # 6 seeds; with the RL's 0.01, by 250-870 in 7 of 9 and not within 1,500 steps in 2.
+    max_steps: int = 0  # supervised steps at most, both phases; 0: no warm start
+    stop_accuracy: float = 0.25  # greedy accuracy on plain validation prompts that ends phase 1
+    hinted_stop_accuracy: float = 0.9  # greedy accuracy on hinted prompts that ends phase 2
+    lr: float = 1e-3  # constant learning rate of the supervised steps
+    # AdamW weight decay of the supervised steps. Measured on the built-in task (2026-11-25): with 0.1
+    # the task was learned by step 390-530 in 6 of 6 seeds; with the RL's 0.01, by 250-870 in 7 of 9
+    # and not within 1,500 steps in 2.
     weight_decay: float = 0.1
-    prompts_per_step: int = 64
-    hint_fraction: float = 0.5
-    eval_interval: int = 10
+    prompts_per_step: int = 64  # (prompt, answer) pairs per supervised step
+    hint_fraction: float = 0.5  # phase 2: share of the prompts shown with the teacher's hint
+    eval_interval: int = 10  # supervised steps between accuracy checks
     output: str | None = None  # also save the warm-started weights here (a checkpoint.init_from)
 
 
@@ -166,20 +212,20 @@ class WarmStartConfig:
 class RolloutConfig:
     """Generation. `backend=auto` uses SGLang on GPU and the embedded HF engine on CPU."""
 
-    backend: Literal["auto", "sglang", "embedded"] = "auto"
+    backend: Literal["auto", "sglang", "embedded"] = "auto"  # embedded: HF transformers in the trainer's process (CPU)
     n: int = 8  # G: rollouts per prompt (recipe 8)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 4096
-    val_temperature: float = 0.7
-    val_top_p: float = 0.8
-    val_top_k: int = 20
+    temperature: float = 1.0  # sampling temperature; log-probs use logits / T too (recipe 1.0)
+    top_p: float = 1.0  # nucleus sampling; 1.0: off (recipe)
+    top_k: int = -1  # top-k sampling; -1: off
+    max_new_tokens: int = 4096  # response length limit in tokens (recipe 4096)
+    val_temperature: float = 0.7  # validation sampling (recipe 0.7)
+    val_top_p: float = 0.8  # validation nucleus sampling (recipe 0.8)
+    val_top_k: int = 20  # validation top-k (recipe 20)
     val_presence_penalty: float = 0.0  # recipe 1.5 (the presets); validation sampling only
-    val_n: int = 1
-    engine_tp: int = 1
+    val_n: int = 1  # samples per validation prompt (recipe 1)
+    engine_tp: int = 1  # SGLang tensor parallelism: GPUs per engine (independent of parallel.tp)
     mem_fraction_static: float = 0.5  # SGLang's share (weights + KV cache) of the GPU memory free at its start
-    weight_sync_bucket_mb: int = 512
+    weight_sync_bucket_mb: int = 512  # MiB per bucket of weights pushed to the engine
     max_logprob_mismatch: float | None = None  # error when mean |logp_learner - logp_engine| exceeds it
     # Push the projection weights to SGLang as FP8 (e4m3, one fp32 scale per 128x128 block, quantised on
     # each sync; rollout/fp8.py): half the bytes and FP8 GEMMs in the engine, log-probs drift further from
@@ -200,10 +246,11 @@ class AlgorithmConfig:
     """The RL objective. One preset per method in examples/configs/ sets the recipe values; what
     a step computes for each method is its record in algorithms/methods.py (same names)."""
 
+    # rlsd or a baseline (spec §6): which advantage, teacher and loss a step computes.
     method: Literal["rlsd", "grpo", "dapo", "drgrpo", "opd", "opsd", "sdpo", "grpo_opsd"] = "rlsd"
     normalize_adv_std: bool = True  # False: Dr. GRPO's A = R - mean(R)
     # RLSD (spec §3): λ_s = lam0·max(0, 1 - s/D); ŵ clipped to [1-ε_w, 1+ε_w].
-    lam0: float = 0.5
+    lam0: float = 0.5  # λ0 (recipe 0.5)
     lam_decay_steps: int | None = 60  # recipe script's D (the paper gives none); None: no decay
     # λ warm-up (authors' rlsd_lambda_warmup_steps): λ_s = lam0·s/W for s < W, then the decay counts
     # from W: lam0·max(0, 1 - (s-W)/D). 0 (the authors' default and the recipe's): no warm-up.
@@ -211,30 +258,32 @@ class AlgorithmConfig:
     # Reweight failed rollouts (A < 0) only; successful ones keep GRPO's A on every token (authors'
     # rlsd_negative_only). False in the authors' default and the recipe.
     negative_only: bool = False
-    weight_clip_eps: float = 0.2
+    weight_clip_eps: float = 0.2  # ε_w (recipe 0.2)
     # Surrogate (spec §4): clip-higher 0.2/0.28, dual clip 3.0, token-mean over the global batch.
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    dual_clip: float | None = 3.0
+    clip_low: float = 0.2  # the ratio is clipped below at 1 - clip_low
+    clip_high: float = 0.28  # ... and above at 1 + clip_high (clip-higher; textbook GRPO 0.2)
+    dual_clip: float | None = 3.0  # A < 0 tokens: loss capped at -A·dual_clip; None: off
+    # How token losses are averaged: token-mean over every response token of the global batch;
+    # seq-mean-token-mean: per sequence, then over sequences (textbook GRPO); seq-mean-token-sum-norm:
+    # per-sequence sums over a constant (Dr. GRPO, loss_norm_constant).
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     loss_norm_constant: int | None = None  # Dr. GRPO's constant normaliser; None: rollout.max_new_tokens
-    # KL to a reference policy (textbook GRPO: 0.04); 0: none, as in the recipe. The estimator of
-    # KL(π_θ‖π_ref) per sampled token: k1 = log π_θ − log π_ref, k2 = ½(k1)², k3 = exp(−k1) + k1 − 1,
-    # low_var_kl = k3 clamped (veRL).
-    kl_coef: float = 0.0
+    kl_coef: float = 0.0  # weight of the KL to a reference policy (textbook GRPO 0.04); 0: none (recipe)
+    # The estimator of KL(π_θ‖π_ref) per sampled token: k1 = log π_θ − log π_ref, k2 = ½(k1)²,
+    # k3 = exp(−k1) + k1 − 1, low_var_kl = k3 clamped (veRL).
     kl_kind: Literal["k1", "k2", "k3", "low_var_kl"] = "k3"
     # The reference: None = the policy RL starts from (after the warm start / checkpoint.init_from),
     # a frozen copy of its weights, saved in training-state checkpoints; or a Megatron checkpoint path
     # (same vocabulary, any architecture; loaded frozen under the policy's TP/PP layout, like
     # teacher_model).
     kl_reference: str | None = None
-    entropy_coef: float = 0.0
+    entropy_coef: float = 0.0  # weight of an entropy bonus; 0: none (recipe)
     # Which weights score the teacher (spec §2). Library default live; the RLSD recipe uses
     # frozen_sync every 20 steps; OPSD a frozen initial model; SDPO an EMA (rate 0.05);
     # OPD a separate, larger model (teacher_model).
     teacher_weights: Literal["live", "frozen", "frozen_sync", "ema", "separate"] = "live"
-    teacher_sync_interval: int = 20
-    teacher_ema_rate: float = 0.05
+    teacher_sync_interval: int = 20  # frozen_sync: steps between re-syncs from the policy (recipe 20)
+    teacher_ema_rate: float = 0.05  # ema: θ_T ← (1 − rate)·θ_T + rate·θ after each update (SDPO 0.05)
     # OPD's teacher (teacher_weights=separate): a Megatron checkpoint (tools/convert_hf_to_megatron.py,
     # warm_start.output, a checkpoint.dir) of a model with the policy's vocabulary, any size and shape
     # (read from its rlsd_checkpoint.json). Loaded once, frozen, under the policy's TP/PP layout; it
@@ -246,16 +295,16 @@ class AlgorithmConfig:
     teacher_template: str | None = None
     # Distillation (OPSD, SDPO, GRPO+OPSD): generalised JSD_β, over the full vocabulary, a top-k
     # support (SDPO: the student's top-100 plus a tail bucket) or the sampled token only.
-    distill_loss: Literal["none", "jsd", "topk", "sampled"] = "none"
-    distill_coef: float = 1.0
-    distill_beta: float = 0.5
-    distill_topk: int = 100
-    distill_support: Literal["teacher", "student"] = "teacher"
-    distill_tail_bucket: bool = True
+    distill_loss: Literal["none", "jsd", "topk", "sampled"] = "none"  # none: no distillation loss (the RL methods)
+    distill_coef: float = 1.0  # weight of the distillation loss (OPD: of its reverse-KL advantage)
+    distill_beta: float = 0.5  # β of JSD_β: 0 gives KL(T‖S), 1 gives KL(S‖T) (OPSD, SDPO 0.5)
+    distill_topk: int = 100  # topk: support size (SDPO 100)
+    distill_support: Literal["teacher", "student"] = "teacher"  # topk: whose top-k ids form the support (SDPO: student)
+    distill_tail_bucket: bool = True  # topk: one more bucket for the mass outside the support
     sdpo_success_threshold: float = 0.5  # a sibling counts as a demonstration at this reward
     opd_reward_weight: float = 0.0  # OPD: mix in c·A of the verifiable reward
     dynamic_sampling: bool = False  # DAPO: drop all-equal groups and re-sample to fill the batch
-    dynamic_sampling_max_rounds: int = 4
+    dynamic_sampling_max_rounds: int = 4  # DAPO: generation rounds per step at most to fill the batch
     tis_cap: float | None = None  # truncated importance sampling (rollout vs learner log-probs)
 
 
@@ -263,36 +312,37 @@ class AlgorithmConfig:
 class RewardConfig:
     """Math reward: R = accuracy_weight·acc + format_weight·format + overlong penalty."""
 
-    accuracy_weight: float = 0.9
-    format_weight: float = 0.1
-    think_tag: str = "thought"
-    answer_tag: str = "answer"
-    overlong_buffer: int = 3072
-    overlong_factor: float = 0.1
+    accuracy_weight: float = 0.9  # × the verifier's 0/1 accuracy (recipe 0.9)
+    format_weight: float = 0.1  # × the 0/1 format score (recipe 0.1)
+    think_tag: str = "thought"  # format: <thought>…</thought> first (common alternative: think)
+    answer_tag: str = "answer"  # format, and accuracy reads <answer>…</answer> (else the last \boxed{})
+    overlong_buffer: int = 3072  # tokens before overlong_max_length the penalty ramps over (recipe 3072)
+    overlong_factor: float = 0.1  # the penalty reaches -factor at overlong_max_length (recipe 0.1)
     overlong_max_length: int = 16384  # recipe: never reached with 4096-token responses
-    timeout_s: float = 5.0
-    custom_fn: str | None = None  # dotted path "package.module:function"
+    timeout_s: float = 5.0  # seconds per answer for the verifier (math or custom); a timeout scores 0
+    custom_fn: str | None = None  # "package.module:function" replacing the math reward (rewards/custom.py)
 
 
 @dataclass
 class DataConfig:
     """Prompts and privileged information."""
 
-    task: str | None = None  # a built-in task name instead of files
-    train_files: list[str] = field(default_factory=list)
-    val_files: list[str] = field(default_factory=list)
-    question_key: str = "question"
-    answer_key: str = "answer"
+    task: str | None = None  # a built-in task instead of files: reversed_addition
+    train_files: list[str] = field(default_factory=list)  # .jsonl / .json / .parquet files, one prompt per row
+    val_files: list[str] = field(default_factory=list)  # validation rows, same format; empty: no validation
+    question_key: str = "question"  # column holding the raw problem text
+    answer_key: str = "answer"  # column holding the ground-truth answer
     # A per-row teacher hint (the authors' data.trajectory_key): a column whose text replaces the
     # answer in the teacher template's {answer} slot (cut to max_solution_tokens); rows where it is
     # missing, null or blank fall back to the answer. None: the answer for every row (the recipe,
     # whose trajectory_key is the answer column).
     solution_key: str | None = None
-    tokenizer_dir: str | None = None
-    max_prompt_length: int = 16384
-    max_solution_tokens: int = 12000
+    tokenizer_dir: str | None = None  # HF tokenizer directory (with its chat template)
+    max_prompt_length: int = 16384  # tokens; a longer prompt is a bad row (recipe 16384)
+    max_solution_tokens: int = 12000  # the teacher's hint is cut to this many tokens (recipe 12000)
+    # A malformed or too long row: error (stop, naming file and row) or skip (counted, warned).
     bad_rows: Literal["error", "skip"] = "error"
-    shuffle: bool = True
+    shuffle: bool = True  # training rows in a new seeded order each epoch
 
 
 @dataclass
@@ -308,14 +358,18 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    dir: str = "runs/default"
-    tensorboard: bool = True
-    log_interval: int = 1
-    progress_bar: bool = True
+    """Metrics: tensorboard event files and the console progress line."""
+
+    dir: str = "runs/default"  # tensorboard event files go here
+    tensorboard: bool = True  # write tensorboard event files
+    log_interval: int = 1  # steps between console progress lines (validation steps always print one)
+    progress_bar: bool = True  # print the console progress line
 
 
 @dataclass
 class Config:
+    """The whole tree; a YAML config sets any of its sections."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -395,6 +449,9 @@ def _build(cls: type, raw: dict, where: str) -> Any:
     for name, value in raw.items():
         key = f"{where}.{name}".lstrip(".")
         annotation = hints[name]
+        optional = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]) and value is not None:
+            annotation = optional[0]  # an optional sub-section (`model.vision`)
         if dataclasses.is_dataclass(annotation):
             kwargs[name] = _build(annotation, value, key)
         else:

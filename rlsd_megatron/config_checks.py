@@ -145,6 +145,13 @@ def algorithm_problems(cfg: Config) -> list[str]:
 
     a, problems = cfg.algorithm, []
     method = get_method(a.method)
+    if cfg.train.fused_output_layer and method.distills and a.distill_loss in ("jsd", "topk"):
+        problems.append(
+            f"train.fused_output_layer=true computes token log-probs and entropy only, but algorithm.method={a.method} "
+            f"with distill_loss={a.distill_loss} needs whole distributions: set train.fused_output_layer=false or "
+            "algorithm.distill_loss=sampled")
+    if cfg.train.fused_output_chunk_tokens < 1:
+        problems.append(f"train.fused_output_chunk_tokens={cfg.train.fused_output_chunk_tokens} must be >= 1")
     separate = [m.name for m in METHODS.values() if m.separate_teacher]
     distilling = [m.name for m in METHODS.values() if m.distills]
     if method.separate_teacher and (a.teacher_weights != "separate" or not a.teacher_model):

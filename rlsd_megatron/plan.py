@@ -13,7 +13,8 @@ last: output layer + logits):
   ×PP micro-batches in flight on the first stage under 1F1B (×(1 + (PP−1)/(PP·VPP)) interleaved);
   full recomputation keeps only each layer's input. Tokens per micro-batch are divided by CP.
 - the last stage's logits in fp32 for one micro-batch ([tokens, V/TP]) plus one chunk of the
-  vocabulary-parallel ops' workspace.
+  vocabulary-parallel ops' workspace; with `train.fused_output_layer` one chunk's logits and
+  their gradient ([fused_output_chunk_tokens, V/TP] each) instead of the micro-batch's.
 - a frozen / EMA teacher copy (weights, fp32 for EMA), when the teacher policy holds one (frozen,
   frozen_sync, ema).
 - distillation (opsd, sdpo, grpo_opsd), training phase only: the teacher's logits of one chunk of
@@ -43,6 +44,7 @@ import sys
 from dataclasses import dataclass
 
 from rlsd_megatron.config import Config, ConfigError, ModelConfig, load_config
+from rlsd_megatron.dtypes import bytes_per_element
 from rlsd_megatron.models.families import family_of
 from rlsd_megatron.models.hf_config import head_dim
 from rlsd_megatron.models.provider import padded_vocab_size
@@ -51,7 +53,6 @@ from rlsd_megatron.trainer.distillation import chunk_micro_batches
 from rlsd_megatron.trainer.objectives import uses_distillation
 
 GiB = 2**30
-_DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def frozen_model_bytes(cfg: Config) -> dict[str, int]:
             model = frozen_model_config(path, cfg.model, setting)
         except CheckpointError as exc:
             raise ConfigError(f"the memory plan needs the architecture of {setting}: {exc}") from None
-        sizes[setting] = gpu_params(dataclasses.replace(cfg, model=model)) * _DTYPE_BYTES[cfg.precision.params_dtype]
+        sizes[setting] = gpu_params(dataclasses.replace(cfg, model=model)) * bytes_per_element(cfg.precision.params_dtype)
     return sizes
 
 
@@ -179,8 +180,7 @@ def activation_bytes_per_token_layer(cfg: Config) -> float:
     q, kv = m.num_attention_heads * dim, (m.num_query_groups or m.num_attention_heads) * dim
     replicated = 4 * h  # norm inputs/outputs on the residual stream (split by TP only with SP)
     split = (q + 2 * kv) + 2 * q + 2 * f + 2 * f  # QKV, attention out + proj input, fc1 out, SwiGLU parts
-    bytes_per_element = 2 if cfg.precision.params_dtype == "bf16" else 4
-    return bytes_per_element * (replicated / (t if p.sequence_parallel else 1) + split / t)
+    return bytes_per_element(cfg.precision.params_dtype) * (replicated / (t if p.sequence_parallel else 1) + split / t)
 
 
 def micro_batch_tokens(cfg: Config) -> int:
@@ -193,7 +193,7 @@ def micro_batch_tokens(cfg: Config) -> int:
 def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
     """Per-GPU memory of `cfg` on `hardware` (see the module docstring for what is counted)."""
     p, prec = cfg.parallel, cfg.precision
-    dtype_bytes = _DTYPE_BYTES[prec.params_dtype]
+    dtype_bytes = bytes_per_element(prec.params_dtype)
     params = gpu_params(cfg)
     dp_cp = (p.dp or 1) * p.cp
     optimizer_shards = dp_cp if p.use_distributed_optimizer else 1
@@ -208,7 +208,11 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
     else:
         activations = tokens * layers * full_layer * in_flight
     vocab_local = padded_vocab_size(cfg.model, p.tp) // p.tp
-    logits = tokens * vocab_local * 4 + min(tokens, 4096) * vocab_local * 4
+    if cfg.train.fused_output_layer:  # one chunk's logits and their gradient at a time (ops/fused_output.py)
+        chunk = min(tokens, cfg.train.fused_output_chunk_tokens)
+        logits = 2 * chunk * vocab_local * 4 + min(chunk, 4096) * vocab_local * 4
+    else:
+        logits = tokens * vocab_local * 4 + min(tokens, 4096) * vocab_local * 4
     holds_copy = cfg.algorithm.teacher_weights in ("frozen", "frozen_sync", "ema")
     frozen = frozen_model_bytes(cfg)
     # Without a kl_reference checkpoint the reference is a copy of the initial policy's weights.
@@ -244,7 +248,7 @@ def distillation_bytes(cfg: Config, vocab_local: int, *, weights: int) -> int:
     if not uses_distillation(cfg.algorithm):
         return 0
     p, t = cfg.parallel, cfg.train
-    dtype_bytes = _DTYPE_BYTES[cfg.precision.params_dtype]
+    dtype_bytes = bytes_per_element(cfg.precision.params_dtype)
     chunk_tokens = chunk_micro_batches(cfg) * micro_batch_tokens(cfg)
     teacher_logits = chunk_tokens * vocab_local * dtype_bytes
     if p.cp > 1:

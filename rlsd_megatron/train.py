@@ -82,8 +82,9 @@ def checkpoint_problems(cfg) -> list[str]:
 def input_problems(cfg) -> list[str]:
     """Bad inputs that are cheap to see before the model is built: no model named for a prompt
     dataset, data files and tokenizer directory, the checkpoint to resume or start from, the
-    frozen models to load (OPD's teacher, a KL reference), the custom reward function."""
+    train.eval_sets benchmarks, the frozen models to load (OPD's teacher, a KL reference), the custom reward function."""
     from rlsd_megatron.data.build import data_input_problems
+    from rlsd_megatron.eval.in_training import eval_sets_problems
     from rlsd_megatron.learner.frozen_model import frozen_model_inputs, frozen_model_problems
     from rlsd_megatron.plan import names_no_model
     from rlsd_megatron.rewards.custom import RewardFunctionError, load_reward_fn
@@ -93,7 +94,7 @@ def input_problems(cfg) -> list[str]:
         problems.append("the config names no model (no model.hf_config and no model.* shape fields), so this would "
                         "train the built-in placeholder on your prompts; set model.hf_config=/path/to/hf_model_dir "
                         "(and checkpoint.init_from=… for its weights)")
-    problems += data_input_problems(cfg.data) + checkpoint_problems(cfg)
+    problems += data_input_problems(cfg.data) + checkpoint_problems(cfg) + eval_sets_problems(cfg.train)
     for setting, path in frozen_model_inputs(cfg):
         problems += frozen_model_problems(cfg, path, setting)
     if cfg.reward.custom_fn:
@@ -105,9 +106,12 @@ def input_problems(cfg) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlsd_megatron.config_help import HelpConfigAction
+
     parser = _Parser(prog=PROG, description="RL post-training with RLSD and its baselines")
     parser.add_argument("--config", required=True, help="YAML config (see examples/configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 optimizer.lr=1e-6")
+    parser.add_argument("--help-config", action=HelpConfigAction, help="all config fields: type, default, meaning")
     args = parser.parse_intermixed_args(argv)
     from rlsd_megatron.trainer.stopping import StopController
 
@@ -130,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlsd_megatron.config_checks import resolve_transformer_impl, transformer_engine_available, validate_config
     from rlsd_megatron.parallel.agreement import report_late_problem, report_problems
     from rlsd_megatron.parallel.state import Layout, destroy_model_parallel, init_distributed, initialize_model_parallel
+    from rlsd_megatron.parallel.state import new_group
 
     user_errors = user_error_types()
     cuda = torch.cuda.is_available()
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     created_world = not dist.is_initialized()
     init_distributed(timeout_minutes=(cfg or Config()).parallel.wait_timeout_minutes)
     world = dist.get_world_size()
-    errors_group = dist.new_group(backend="gloo", timeout=LATE_REPORT_TIMEOUT)
+    errors_group = new_group(backend="gloo", timeout=LATE_REPORT_TIMEOUT)
 
     def finish(status: int, *, layout: bool = False) -> int:
         stop.restore()

@@ -8,7 +8,8 @@
 #   3. every method on the GPU for a few steps (local spec, embedded engine, 1 process): OPSD and
 #      SDPO (chunked teacher logits on the device), textbook GRPO with KL to the initial policy,
 #      OPD with a teacher model warm-started here, RLSD stopped by SIGUSR1 and resumed;
-#   4. benchmarks/learner_step.py, vocab_parallel_ops.py and weight_sync.py on CUDA.
+#      and RLSD with the fused output layer;
+#   4. benchmarks/learner_step.py, vocab_parallel_ops.py, weight_sync.py and fused_output.py on CUDA.
 # A machine without megatron-core etc. gets them from wheels in .whl/ (see the issue note on how
 # they were fetched): pip install --target /tmp/site, no network needed.
 #   bash scripts/gpu_check.sh              # everything, ~8 min
@@ -67,6 +68,7 @@ case " $steps " in *" methods "*)
     method grpo_kl 60 algorithm.method=grpo algorithm.kl_coef=0.04 algorithm.clip_high=0.2 algorithm.dual_clip=null
     method opd_teacher 60 model.hidden_size=192 model.num_layers=4 model.ffn_hidden_size=512 warm_start.max_steps=20 \
         warm_start.output="$run_dir/teacher" train.steps=0
+    method fused 60 train.fused_output_layer=true train.fused_output_chunk_tokens=64
     method opd 60 algorithm.method=opd algorithm.teacher_weights=separate algorithm.teacher_model="$run_dir/teacher"
     # A stop signal from outside mid-run: checkpoint, exit 0; then resume to the end.
     (   # to the training process, not torchrun's launcher (whose cmdline names the module too)
@@ -83,5 +85,6 @@ case " $steps " in *" bench "*)
     step learner_step 100 "$python" benchmarks/learner_step.py --device cuda --hidden 1024 --layers 8 --batch 8 \
         --seq-len 1024 --vocab 32000 --steps 10 --warmup 3
     step vocab_ops 60 "$python" benchmarks/vocab_parallel_ops.py --device cuda --tp 1 --tokens 4096
-    step weight_sync 80 "$python" benchmarks/weight_sync.py --device cuda ;;
+    step weight_sync 80 "$python" benchmarks/weight_sync.py --device cuda
+    step fused_output 60 "$python" benchmarks/fused_output.py --device cuda --tokens 8192 --hidden 4096 --chunk 1024 ;;
 esac

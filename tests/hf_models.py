@@ -64,3 +64,31 @@ def hf_checkpoint_state(hf, tensors: dict[str, torch.Tensor] | None = None) -> d
         else:
             state[name] = tensor
     return state
+def tiny_vision_language_model(**fields) -> ModelConfig:
+    """A tiny Qwen2.5-VL `ModelConfig`: `tiny_model("qwen2")` (head dim 16: M-RoPE sections 2/3/3
+    pairs) under a 2-block ViT of width 32 with 4-pixel patches, 2x2 merging and 16-pixel windows (so
+    images of a few merged tokens per side span several windows), image token 96; `fields`
+    override the text fields."""
+    from rlsd_megatron.config import VisionConfig
+
+    vision = VisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                          patch_size=4, temporal_patch_size=2, spatial_merge_size=2, window_size=16,
+                          fullatt_block_indexes=[1], image_token_id=96, mrope_section=[2, 3, 3])
+    return tiny_model("qwen2", vision=vision, **fields)
+
+
+def random_hf_vision_language_model(model: ModelConfig, *, seed: int = 0, attn_implementation: str = "eager"):
+    """transformers' `Qwen2_5_VLForConditionalGeneration` for `model` (fp32, eval mode), every
+    tensor perturbed as in `random_hf_model`."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from rlsd_megatron.models.vision_config import hf_vision_language_config
+
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(**hf_vision_language_config(model))
+    hf = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation,
+                                                         dtype=torch.float32)
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return hf.eval()

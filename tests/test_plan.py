@@ -230,3 +230,18 @@ def test_qwen3_30b_a3b_counts_experts_per_expert_parallel_rank():
     assert whole == pytest.approx(30.5e9, rel=0.005)
     cfg.parallel.ep = 8
     assert stage_params(cfg, first=True, last=True) == whole - experts * 7 // 8
+
+
+def test_fused_output_layer_counts_one_chunk_of_logits():
+    """8K tokens per micro-batch at TP=8: 8192 x 16128 (the padded vocabulary's shard) x 4 B of
+    logits plus a 4096-token workspace; fused with 1024-token chunks: a chunk's logits, their
+    gradient and its workspace (a quarter)."""
+    plain = config(tp=8, pp=4, dp=2)
+    plain.train.max_seq_length = 8192
+    fused = config(tp=8, pp=4, dp=2)
+    fused.train.max_seq_length = 8192
+    fused.train.fused_output_layer = True
+    vocab_local = 129024 // 8  # 128256 padded to a multiple of 128 x TP
+    assert plan_memory(plain).logits == (8192 + 4096) * vocab_local * 4
+    assert plan_memory(fused).logits == 3 * 1024 * vocab_local * 4
+    assert plan_memory(plain).training_peak - plan_memory(fused).training_peak == (12288 - 3072) * vocab_local * 4

@@ -27,7 +27,6 @@ from rlsd_megatron.algorithms.rlsd import (
 )
 from rlsd_megatron.algorithms.rollout_corrections import (
     dynamic_sampling_keep_mask,
-    logprob_mismatch,
     soft_overlong_penalty,
     tis_weights,
 )
@@ -46,7 +45,6 @@ __all__ = [
     "get_method",
     "group_advantages",
     "kl_penalty",
-    "logprob_mismatch",
     "loss_normalisers",
     "opd_token_advantages",
     "policy_loss",

@@ -1,5 +1,6 @@
-"""Rollout-side corrections: DAPO dynamic sampling and overlong shaping, and the
-train/rollout log-prob mismatch (truncated importance sampling and its metric).
+"""Rollout-side corrections: DAPO dynamic sampling and overlong shaping, and truncated
+importance sampling for the train/rollout log-prob mismatch (its metric, reduced over
+data-parallel ranks, is `rlsd_megatron.rollout.mismatch.logprob_mismatch`).
 
 Pure tensor functions; shapes as in :mod:`rlsd_megatron.algorithms.advantages`.
 """
@@ -12,7 +13,7 @@ import torch
 
 from rlsd_megatron.algorithms._tensors import at_least_float32, bool_mask
 
-__all__ = ["dynamic_sampling_keep_mask", "logprob_mismatch", "soft_overlong_penalty", "tis_weights"]
+__all__ = ["dynamic_sampling_keep_mask", "soft_overlong_penalty", "tis_weights"]
 
 
 def dynamic_sampling_keep_mask(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -68,17 +69,3 @@ def tis_weights(train_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torc
     weights = torch.exp(diff.clamp(max=math.log(cap))).clamp(max=cap)
     return torch.where(valid, weights, torch.zeros_like(weights))
 
-
-def logprob_mismatch(train_logp: torch.Tensor, rollout_logp: torch.Tensor,
-                     mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Train/rollout parity metric: mean and max of ``|logp_train − logp_rollout|`` over unmasked tokens.
-
-    ``[B, T]`` inputs; returns ``{"mean_abs_diff", "max_abs_diff", "num_tokens"}`` as detached
-    float32 0-dim tensors (0 when there are no tokens).
-    """
-    valid = bool_mask(mask, train_logp)
-    diff = (at_least_float32(train_logp.detach()) - at_least_float32(rollout_logp.detach())).abs()
-    diff = torch.where(valid, diff, torch.zeros_like(diff))
-    n = valid.sum().float()
-    return {"mean_abs_diff": diff.sum() / n.clamp(min=1), "max_abs_diff": diff.amax() if diff.numel() else n * 0,
-            "num_tokens": n}

@@ -48,11 +48,9 @@ from rlsd_megatron.checkpoint.streaming import (
     write_canonical_checkpoint,
 )
 from rlsd_megatron.config import Config, ConfigError, ModelConfig, ParallelConfig
+from rlsd_megatron.dtypes import FLOAT_TYPES, dtype_name, of_torch, torch_dtype
 from rlsd_megatron.models.hf_mapping import check_hf_names, expected_hf_shapes, hf_to_megatron, megatron_to_hf, name_pairs
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-_HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Non-architecture keys of the source config.json worth keeping on export.
 _PRESERVED_HF_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -174,10 +172,10 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
     if dtype == "auto":
         stored = Counter(weights.dtype(n) for n in expected_hf_shapes(model))
         target = stored.most_common(1)[0][0]
-    elif dtype in DTYPES:
-        target = DTYPES[dtype]
+    elif dtype in FLOAT_TYPES:
+        target = torch_dtype(dtype)
     else:
-        raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(FLOAT_TYPES)}")
     lm_args = megatron_lm_args(model, tp=tp, pp=pp, vpp=vpp, dtype=target, load=str(out))
     with converter_world() as writes:
         if not writes:
@@ -187,7 +185,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
         if dry_run:
             layout = meta_layout(model, dtype=target, vocab_tp=tp)
             log(f"{hf_dir}: {model.family}, {model.num_layers} layers, hidden {model.hidden_size}, "
-                f"vocab {model.vocab_size}, dtype {_DTYPE_NAMES[target]}; checks passed")
+                f"vocab {model.vocab_size}, dtype {dtype_name(target)}; checks passed")
             for line in mapping_table(model, layout):
                 log(line)
             log("Megatron-LM arguments:\n  " + " \\\n  ".join(lm_args))
@@ -211,7 +209,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
         (partial / "megatron_lm_args.txt").write_text(" \\\n".join(lm_args) + "\n")
         write_info(partial, CheckpointInfo(
             model=dataclasses.asdict(model), iteration=0, release=True, layout={"tp": tp, "pp": pp, "vpp": vpp},
-            params_dtype=_DTYPE_NAMES[target], source={"hf_dir": str(hf_dir.resolve()), "tokenizer_files": copied},
+            params_dtype=dtype_name(target), source={"hf_dir": str(hf_dir.resolve()), "tokenizer_files": copied},
         ))
         final = out / "release"
         publish(partial, final, tracker_value="release")
@@ -232,7 +230,7 @@ def _export_config(model: ModelConfig, dtype: torch.dtype, assets: Path | None) 
     if assets is not None and (assets / "config.json").is_file():
         source = json.loads((assets / "config.json").read_text())
         preserved = {k: source[k] for k in _PRESERVED_HF_KEYS if k in source}
-    return hf_config_from_model(model, torch_dtype=_HF_DTYPE_NAMES[dtype], **preserved)
+    return hf_config_from_model(model, torch_dtype=of_torch(dtype).hf_name, **preserved)
 
 
 def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "auto", max_shard_size: str | int = "2GB",
@@ -248,8 +246,8 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "a
     refuse_experts(model)
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"output directory {out} is not empty; choose a new one or remove it")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if dtype != "auto" and dtype not in FLOAT_TYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(FLOAT_TYPES)}")
     assets = Path(tokenizer_dir) if tokenizer_dir else checkpoint_dir / HF_ASSETS_DIR
     if fp8:
         from rlsd_megatron.checkpoint.fp8_export import import_modelopt
@@ -258,7 +256,7 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "a
     with converter_world() as writes:
         if not writes:
             return None
-        target = stored_dtype(checkpoint_dir) if dtype == "auto" else DTYPES[dtype]
+        target = stored_dtype(checkpoint_dir) if dtype == "auto" else torch_dtype(dtype)
         if fp8 and target is torch.float32:
             target = torch.bfloat16  # modelopt quantises from bf16; fp32 would only double the temp files
         kinds = {meg: (hf, kind) for meg, hf, kind in name_pairs(model)}
@@ -294,5 +292,5 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "a
             if out.exists():
                 out.rmdir()  # empty (checked above)
             partial.rename(out)
-        log(f"wrote {out} ({len(shards)} safetensors shard(s), {_DTYPE_NAMES.get(target)}{', fp8' if fp8 else ''})")
+        log(f"wrote {out} ({len(shards)} safetensors shard(s), {dtype_name(target)}{', fp8' if fp8 else ''})")
         return out

@@ -17,6 +17,7 @@ from typing import Iterable
 import torch
 
 from rlsd_megatron.checkpoint.directory import CheckpointError
+from rlsd_megatron.dtypes import of_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
 # Everything a tokenizer / generation setup may need; copied when present.
@@ -25,7 +26,6 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
     "generation_config.json",
 )
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class HFSafetensors:
@@ -73,9 +73,10 @@ class HFSafetensors:
 
     def dtype(self, name: str) -> torch.dtype:
         code = self._handles[self._file_of[name]].get_slice(name).get_dtype()
-        if code not in _DTYPES:
+        entry = of_safetensors(code)
+        if entry is None:
             raise CheckpointError(f"HF tensor {name!r} has dtype {code}; only F32/BF16/F16 are supported")
-        return _DTYPES[code]
+        return entry.torch_dtype
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """The tensor `name` (raises KeyError when absent, as `hf_to_megatron` expects)."""

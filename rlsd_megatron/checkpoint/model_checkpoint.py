@@ -36,9 +36,9 @@ from rlsd_megatron.checkpoint.directory import (
 )
 from rlsd_megatron.checkpoint.streaming import COMMON_STATE
 from rlsd_megatron.config import Config, ModelConfig, config_to_dict
+from rlsd_megatron.dtypes import dtype_name
 
 ExtraSharded = Mapping[str, Any] | Callable[[dict], Mapping[str, Any]] | None
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict:
@@ -121,7 +121,7 @@ def save_checkpoint(root: str | Path, model_chunks: list[torch.nn.Module], cfg: 
             dtype = next(getattr(model_chunks[0], "module", model_chunks[0]).parameters()).dtype
             info = CheckpointInfo(
                 model=config_to_dict(cfg)["model"], iteration=iteration, release=release, layout=_layout(),
-                params_dtype=_DTYPE_NAMES.get(dtype, str(dtype)), config=config_to_dict(cfg),
+                params_dtype=dtype_name(dtype), config=config_to_dict(cfg),
             )
             write_info(partial, info)
             publish(partial, final, tracker_value="release" if release else str(iteration))

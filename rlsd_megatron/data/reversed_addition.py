@@ -69,10 +69,12 @@ def teacher_prompt(tokenizer: CharTokenizer, problem: AdditionProblem, hint: str
     return [tokenizer.bos_id, *tokenizer.encode(f"{problem.question}|{hint}=")]
 
 
-def answer_ids(tokenizer: CharTokenizer, problem: AdditionProblem) -> list[int]:
-    return [*tokenizer.encode(problem.answer), tokenizer.eos_id]
+def answer_ids(tokenizer: CharTokenizer, answer: str) -> list[int]:
+    """The ids a correct response has: `answer` (an `AdditionProblem.answer`, the reversed sum
+    as a dataset row's answer holds it) then end-of-sequence."""
+    return [*tokenizer.encode(answer), tokenizer.eos_id]
 
 
-def exact_match_reward(tokenizer: CharTokenizer, problem: AdditionProblem, response: list[int]) -> float:
-    """1.0 when the response is the reversed sum followed by end-of-sequence, else 0.0."""
-    return float(list(response) == answer_ids(tokenizer, problem))
+def exact_match_reward(tokenizer: CharTokenizer, answer: str, response: list[int]) -> float:
+    """1.0 when the response ids are `answer_ids(tokenizer, answer)` exactly, else 0.0."""
+    return float(list(response) == answer_ids(tokenizer, answer))

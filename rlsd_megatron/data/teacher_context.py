@@ -22,11 +22,9 @@ import torch
 __all__ = [
     "RLSD_TEACHER_TEMPLATE",
     "SDPO_TEACHER_TEMPLATE",
-    "TeacherBatch",
     "TeacherContextBuilder",
     "TeacherSequence",
     "check_teacher_template",
-    "collate_teacher_sequences",
     "hf_chat_renderer",
     "hf_text_truncator",
     "remove_thinking",
@@ -208,49 +206,3 @@ class TeacherContextBuilder:
         return TeacherSequence(prompt + response, response_start=len(prompt), response_length=len(response),
                                has_teacher=has_teacher)
 
-
-@dataclass
-class TeacherBatch:
-    """Right-padded teacher inputs for a batch, and where the rollout tokens are.
-
-    ``input_ids`` ``[B, S]`` long, ``attention_mask`` ``[B, S]`` bool, ``logit_index`` ``[B, T]``
-    long: the position whose logits predict rollout token ``j`` (0 on padding, safe to gather),
-    ``response_mask`` ``[B, T]`` bool, ``has_teacher`` ``[B]`` bool. Teacher log-probs of the
-    rollout are ``log_softmax(logits)[b, logit_index[b, j], response_ids[b, j]]``.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    logit_index: torch.Tensor
-    response_mask: torch.Tensor
-    has_teacher: torch.Tensor
-
-
-def collate_teacher_sequences(sequences: Sequence[TeacherSequence], *, pad_id: int,
-                              response_width: int | None = None,
-                              device: torch.device | str | None = None) -> TeacherBatch:
-    """Pad :class:`TeacherSequence` s into a :class:`TeacherBatch`.
-
-    ``response_width`` (T) should be the student's padded response width, so the teacher's
-    ``[B, T]`` outputs line up with the student's; default: the longest rollout.
-    """
-    if not sequences:
-        raise ValueError("collate_teacher_sequences got no sequences.")
-    longest = max(s.response_length for s in sequences)
-    width = longest if response_width is None else response_width
-    if width < longest:
-        raise ValueError(f"response_width={width} is shorter than the longest rollout ({longest} tokens).")
-    seq_len = max(len(s.input_ids) for s in sequences)
-    batch = len(sequences)
-    input_ids = torch.full((batch, seq_len), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, seq_len), dtype=torch.bool)
-    logit_index = torch.zeros((batch, width), dtype=torch.long)
-    response_mask = torch.zeros((batch, width), dtype=torch.bool)
-    for b, s in enumerate(sequences):
-        input_ids[b, : len(s.input_ids)] = torch.tensor(s.input_ids, dtype=torch.long)
-        attention_mask[b, : len(s.input_ids)] = True
-        logit_index[b, : s.response_length] = torch.tensor(s.logit_positions, dtype=torch.long)
-        response_mask[b, : s.response_length] = True
-    has_teacher = torch.tensor([s.has_teacher for s in sequences], dtype=torch.bool)
-    tensors = (input_ids, attention_mask, logit_index, response_mask, has_teacher)
-    return TeacherBatch(*(t.to(device) if device is not None else t for t in tensors))

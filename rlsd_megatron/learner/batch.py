@@ -40,6 +40,9 @@ class MicroBatch:
     offsets: list[int] = field(default_factory=list)
     # Positions of the full (un-split) sequence this rank holds; None without CP.
     cp_index: torch.Tensor | None = None
+    # A vision-language batch's images (`models.vision_language.ImageInputs`, learner.vision_batch);
+    # its position_ids are then M-RoPE's [3, B, S].
+    images: Any = None
 
     @property
     def num_sequences(self) -> int:

@@ -23,8 +23,9 @@ from typing import Callable, Sequence
 import torch
 
 from rlsd_megatron.config import Config
+from rlsd_megatron.dtypes import torch_dtype
 from rlsd_megatron.learner.batch import MicroBatch
-from rlsd_megatron.learner.runner import DTYPES, ModelRunner, PerTokenFn, place_model_chunks
+from rlsd_megatron.learner.runner import ModelRunner, PerTokenFn, place_model_chunks
 from rlsd_megatron.models.provider import build_model_chunks
 
 __all__ = ["LossFn", "Learner", "PerTokenFn"]
@@ -50,7 +51,7 @@ class Learner(ModelRunner):
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         chunks = place_model_chunks(build_model_chunks(cfg, impl=impl), cfg)
-        dtype = DTYPES[cfg.precision.params_dtype]
+        dtype = torch_dtype(cfg.precision.params_dtype)
         config = chunks[0].config
         distributed = cfg.parallel.use_distributed_optimizer and parallel_state.get_data_parallel_world_size(
             with_context_parallel=True

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from rlsd_megatron.config import Config
+from rlsd_megatron.dtypes import torch_dtype
 from rlsd_megatron.learner.batch import (
     MicroBatch,
     cp_merge,
@@ -33,9 +34,6 @@ from rlsd_megatron.models.sharding import gather_full_state, load_full_state
 
 PerTokenFn = Callable[[torch.Tensor, MicroBatch], dict[str, torch.Tensor]]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 def place_model_chunks(chunks: list[torch.nn.Module], cfg: Config) -> list[torch.nn.Module]:
     """`chunks` on this rank's GPU (when there is one) with every parameter in the model dtype
     (`precision.params_dtype`), in place; returns them."""
@@ -46,7 +44,7 @@ def place_model_chunks(chunks: list[torch.nn.Module], cfg: Config) -> list[torch
         # optimizer rejects parameters whose type() is not torch.cuda.*.
         for chunk in chunks:
             chunk.cuda(torch.cuda.current_device())
-    dtype = DTYPES[cfg.precision.params_dtype]
+    dtype = torch_dtype(cfg.precision.params_dtype)
     if dtype is not torch.float32:
         # Every parameter in the model dtype, as Megatron-LM's get_model does by wrapping
         # the chunks in Float16Module (`module.bfloat16()`). Layers that do not take
@@ -76,6 +74,18 @@ class ModelRunner:
         self.config = getattr(model[0], "module", model[0]).config
         self.cp_size = parallel_state.get_context_parallel_world_size()
         self.cp_rank = parallel_state.get_context_parallel_rank()
+        # The last stage hands the callbacks unprojected logits (train.fused_output_layer).
+        self._output_options = {"output_processor": self._unprojected} if cfg.train.fused_output_layer else {}
+
+    def _unprojected(self, *, hidden_states: torch.Tensor, output_layer, output_weight, **_):
+        """GPTModel's `output_processor`: the last stage's [S, B, H] hidden states and output
+        weight (the embedding's when tied) instead of the output layer's logits."""
+        from rlsd_megatron.ops.fused_output import output_layer_input
+        from rlsd_megatron.ops.vocab_shard import UnprojectedLogits
+
+        hidden = output_layer_input(hidden_states, sequence_parallel=output_layer.sequence_parallel)
+        weight = output_weight if output_weight is not None else output_layer.weight
+        return UnprojectedLogits(hidden.transpose(0, 1), weight, self.cfg.train.fused_output_chunk_tokens)
 
     def micro_batch(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]] | None = None) -> MicroBatch:
         """A micro-batch in the layout this model's layers want: packed THD for Transformer
@@ -153,11 +163,14 @@ class ModelRunner:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
+            images = {"images": mb.images.to(device)} if mb.images is not None else {}
             output = model(
                 mb.tokens.to(device),
                 mb.position_ids.to(device),
                 attention_mask=None,
                 packed_seq_params=_packed_params_on(mb.packed_seq_params, device),
+                **self._output_options,
+                **images,
             )
             # Called on the last stage only: targets and mask next to the logits there.
             return output, lambda logits: fn(_targets_on(mb, device), logits)
@@ -178,7 +191,7 @@ class ModelRunner:
         (with CP shards merged back to full length), on the last PP stage; None elsewhere."""
         def collect(mb: MicroBatch, logits: torch.Tensor):
             values = per_token_fn(logits, mb)
-            return logits.new_zeros(()), torch.zeros((), dtype=torch.int), {k: v.detach() for k, v in values.items()}
+            return torch.zeros((), device=logits.device), torch.zeros((), dtype=torch.int), {k: v.detach() for k, v in values.items()}
 
         for m in self.model:
             m.eval()

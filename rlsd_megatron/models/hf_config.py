@@ -35,6 +35,10 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 def model_fields_from_hf(source: str | Path | dict) -> dict[str, Any]:
     """`ModelConfig` field values for an HF config (a path or an already-loaded dict)."""
     hf = source if isinstance(source, dict) else read_hf_config(source)
+    from rlsd_megatron.models.vision_config import is_vision_language, vision_language_fields
+
+    if is_vision_language(hf):
+        return vision_language_fields(hf, model_fields_from_hf)
     return family_for_hf(hf).fields_from_hf(hf)
 
 

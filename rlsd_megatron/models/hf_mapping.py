@@ -19,8 +19,14 @@ from rlsd_megatron.models.hf_config import head_dim
 
 
 def family_rules(model: ModelConfig) -> list[TensorRule]:
-    """The tensor rules of `model`'s family and options (untied head, QKV bias, q/k norm)."""
-    return family_of(model).tensor_rules(model)
+    """The tensor rules of `model`'s family and options (untied head, QKV bias, q/k norm), and a
+    vision-language model's vision tower."""
+    rules = family_of(model).tensor_rules(model)
+    if model.vision is not None:
+        from rlsd_megatron.models.vision_config import vision_language_rules
+
+        rules = vision_language_rules(rules, model)
+    return rules
 
 
 def _expand(rule: TensorRule, num_layers: int) -> Iterator[tuple[str, tuple[str, ...]]]:

@@ -1,4 +1,5 @@
-"""Builds megatron-core `GPTModel` chunks for the registered model families (`models.families`).
+"""Builds megatron-core `GPTModel` chunks for the registered model families (`models.families`),
+and for vision-language ones (`model.vision`: `models.vision_language.VisionLanguageModel`, a GPTModel).
 
 Why `GPTModel` and not its successor `HybridModel` (tried on megatron-core 0.19.2): a dense
 Llama layer is the pattern `*-` (an attention sublayer, then an MLP sublayer), and `HybridModel`
@@ -21,18 +22,17 @@ parallelism) on GPUs, megatron-core's local layers otherwise.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 import torch.nn.functional as F
 
-from rlsd_megatron.config import Config, ConfigError, ModelConfig
+from rlsd_megatron.config import Config, ConfigError, ModelConfig, VisionConfig
+from rlsd_megatron.dtypes import torch_dtype
 from rlsd_megatron.models.families import family_of
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
 
 def padded_vocab_size(model: ModelConfig, tp: int) -> int:
     """Vocabulary rows Megatron allocates: rounded up to a multiple of divisible_by * tp."""
@@ -45,8 +45,9 @@ def transformer_config(cfg: Config, *, impl: str):
     from megatron.core.transformer import TransformerConfig
 
     m, p, prec = cfg.model, cfg.parallel, cfg.precision
-    dtype = _DTYPES[prec.params_dtype]
+    dtype = torch_dtype(prec.params_dtype)
     recompute = prec.recompute_granularity if prec.recompute_granularity != "none" else None
+    vision: VisionConfig | None = m.vision
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -95,11 +96,14 @@ def transformer_config(cfg: Config, *, impl: str):
         gradient_accumulation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
-        apply_rope_fusion=impl == "transformer_engine",
+        # TE's fused RoPE takes one rotation per position for the whole batch; M-RoPE's differ per
+        # sequence (megatron-core falls back with a warning), so VL models use the unfused path.
+        apply_rope_fusion=impl == "transformer_engine" and vision is None,
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
         deallocate_pipeline_outputs=True,
         **family_of(m).transformer_options(m),
+        mrope_section=list(vision.mrope_section) if vision is not None else None,
     )
 
 
@@ -154,6 +158,12 @@ def build_model_chunks(cfg: Config, *, impl: str) -> list[torch.nn.Module]:
     config = transformer_config(cfg, impl=impl)
     spec = layer_spec(config, impl=impl)
     vocab = padded_vocab_size(m, cfg.parallel.tp)
+    model_class, rope = GPTModel, {"position_embedding_type": "rope"}
+    if m.vision is not None:
+        from rlsd_megatron.models.vision_language import VisionLanguageModel
+
+        model_class = functools.partial(VisionLanguageModel, vision=m.vision, freeze_vision_tower=m.freeze_vision_tower)
+        rope = {}  # M-RoPE, set by the class
     chunks = []
     stages = cfg.parallel.vpp or 1
     for vp_stage in range(stages):
@@ -162,7 +172,7 @@ def build_model_chunks(cfg: Config, *, impl: str) -> list[torch.nn.Module]:
         if impl == "local":  # the final norm as the layers' (megatron-core would pick WrappedTorchNorm)
             block = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp),
                                                layer_norm=LocalNorm)
-        chunk = GPTModel(
+        chunk = model_class(
             config=config,
             transformer_layer_spec=block,
             vocab_size=vocab,
@@ -171,7 +181,7 @@ def build_model_chunks(cfg: Config, *, impl: str) -> list[torch.nn.Module]:
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             parallel_output=True,
             share_embeddings_and_output_weights=m.tie_word_embeddings,
-            position_embedding_type="rope",
+            **rope,
             rotary_base=int(m.rope_theta),
             rope_scaling=m.rope_scaling_factor is not None,
             rope_scaling_factor=m.rope_scaling_factor or 8.0,

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from rlsd_megatron.ops.vocab_shard import (
     LN2,
+    UnprojectedLogits,
     VocabShard,
     Workspace,
     check_temperature,
@@ -46,42 +47,87 @@ def _check_ids(ids: torch.Tensor, logits: torch.Tensor, name: str, trailing: int
         raise TypeError(f"{name} must be an integer tensor of vocabulary ids, got {ids.dtype}")
 
 
+def log_probs_forward(z: torch.Tensor, target: torch.Tensor, shard: VocabShard, temperature: float, chunk_size,
+                      want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p(target), entropy (zeros unless ``want_entropy``) and the log-normaliser ``lse`` (in
+    logit units), each ``[N]``, of flat ``[N, V_local]`` logits ``z`` and flat ``[N]`` targets."""
+    n, dtype = z.shape[0], compute_dtype(z.dtype)
+    rows = chunk_rows(chunk_size, shard.valid, z.device)
+    work = Workspace(2 if want_entropy else 1, min(rows, n), shard.valid, dtype, z.device)
+    column, owned = shard.owned(target.reshape(-1, 1).long())
+    m_local = torch.full((n, 1), float("-inf"), dtype=dtype, device=z.device)
+    sums = torch.zeros(n, 3, dtype=dtype, device=z.device)  # Σ2^b, b_y, Σ2^b·b (local max frame)
+    for rows_ in token_chunks(n if shard.valid else 0, rows):
+        zc = z[rows_, : shard.valid]
+        bufs = work.views(zc.shape[0])
+        local_max_(zc, m_local[rows_])
+        bits = to_bits(zc, m_local[rows_], temperature, bufs[0])
+        torch.gather(bits, 1, column[rows_], out=sums[rows_, 1:2])
+        if want_entropy:
+            weights = torch.exp2(bits, out=bufs[1])
+            torch.sum(weights, dim=-1, keepdim=True, out=sums[rows_, 0:1])
+            torch.sum(weights.mul_(bits), dim=-1, keepdim=True, out=sums[rows_, 2:3])
+        else:
+            torch.sum(bits.exp2_(), dim=-1, keepdim=True, out=sums[rows_, 0:1])
+    m, delta = to_global_frame(shard, m_local, temperature)
+    if shard.valid:
+        scale = torch.exp2(delta)
+        sums[:, 2:3] = scale * (sums[:, 2:3] + delta * sums[:, 0:1])
+        sums[:, 0:1] *= scale
+        sums[:, 1:2] = torch.where(owned, sums[:, 1:2] + delta, 0.0)
+    shard.all_reduce_(sums)
+    total, bits_y, weighted = sums.unbind(-1)
+    log2_total = torch.log2(total)
+    log_p = LN2 * (bits_y - log2_total)
+    entropy = LN2 * (log2_total - weighted / total) if want_entropy else torch.zeros_like(log_p)
+    lse = m.squeeze(-1) + (temperature * LN2) * log2_total
+    return log_p, entropy, lse
+
+
+def log_probs_grad(z: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                   grad_log_p: torch.Tensor | None, grad_entropy: torch.Tensor | None, shard: VocabShard,
+                   temperature: float, chunk_size) -> torch.Tensor:
+    """∂/∂z of ``Σ g_lp·log p(y) + g_h·H`` for flat ``[N, V_local]`` logits, from `log_probs_forward`'s
+    ``lse`` and ``entropy``: local, chunk by chunk, no collective."""
+    n, dtype = z.shape[0], compute_dtype(z.dtype)
+    grad = new_grad(z, shard)
+    rows = chunk_rows(chunk_size, shard.valid, z.device)
+    direct = grad.dtype == dtype  # else compute in a buffer and cast on the copy
+    work = Workspace(2 + (not direct), min(rows, n), shard.valid, dtype, z.device)
+    column, owned = shard.owned(target.reshape(-1, 1).long())
+    lse = lse.unsqueeze(-1)
+    # ∂/∂z_j = (g_lp·(1[j=y] − p_j) − g_h·p_j·(ln p_j + H)) / τ
+    #        = p_j·(a + c·log2 p_j) + 1[j=y]·g_lp/τ
+    g_lp = torch.zeros_like(lse) if grad_log_p is None else grad_log_p.reshape(-1, 1).to(dtype) / temperature
+    a, c = -g_lp, None
+    if grad_entropy is not None:
+        g_h = grad_entropy.reshape(-1, 1).to(dtype) / temperature
+        a, c = a - g_h * entropy.unsqueeze(-1), -LN2 * g_h
+    one_hot = torch.where(owned, g_lp, 0.0) if grad_log_p is not None else None
+    for rows_ in token_chunks(n if shard.valid else 0, rows):
+        zc = z[rows_, : shard.valid]
+        bufs = work.views(zc.shape[0])
+        out = grad[rows_, : shard.valid] if direct else bufs[2]
+        bits = to_bits(zc, lse[rows_], temperature, bufs[0])  # log2 p
+        if c is not None:
+            p = torch.exp2(bits, out=bufs[1])
+            torch.mul(p, bits.mul_(c[rows_]).add_(a[rows_]), out=out)
+        else:
+            torch.mul(bits.exp2_(), a[rows_], out=out)
+        if one_hot is not None:
+            out.scatter_add_(1, column[rows_], one_hot[rows_])
+        if not direct:
+            grad[rows_, : shard.valid].copy_(out)
+    return grad
+
+
 class _TokenLogProbs(torch.autograd.Function):
     """log p(y) and H per token; backward recomputes softmax chunk by chunk."""
 
     @staticmethod
     def forward(ctx, logits, target, shard: VocabShard, temperature: float, chunk_size, want_entropy: bool):
-        z = flat_tokens(logits)
-        n, dtype = z.shape[0], compute_dtype(z.dtype)
-        rows = chunk_rows(chunk_size, shard.valid, z.device)
-        work = Workspace(2 if want_entropy else 1, min(rows, n), shard.valid, dtype, z.device)
-        column, owned = shard.owned(target.reshape(-1, 1).long())
-        m_local = torch.full((n, 1), float("-inf"), dtype=dtype, device=z.device)
-        sums = torch.zeros(n, 3, dtype=dtype, device=z.device)  # Σ2^b, b_y, Σ2^b·b (local max frame)
-        for rows_ in token_chunks(n if shard.valid else 0, rows):
-            zc = z[rows_, : shard.valid]
-            bufs = work.views(zc.shape[0])
-            local_max_(zc, m_local[rows_])
-            bits = to_bits(zc, m_local[rows_], temperature, bufs[0])
-            torch.gather(bits, 1, column[rows_], out=sums[rows_, 1:2])
-            if want_entropy:
-                weights = torch.exp2(bits, out=bufs[1])
-                torch.sum(weights, dim=-1, keepdim=True, out=sums[rows_, 0:1])
-                torch.sum(weights.mul_(bits), dim=-1, keepdim=True, out=sums[rows_, 2:3])
-            else:
-                torch.sum(bits.exp2_(), dim=-1, keepdim=True, out=sums[rows_, 0:1])
-        m, delta = to_global_frame(shard, m_local, temperature)
-        if shard.valid:
-            scale = torch.exp2(delta)
-            sums[:, 2:3] = scale * (sums[:, 2:3] + delta * sums[:, 0:1])
-            sums[:, 0:1] *= scale
-            sums[:, 1:2] = torch.where(owned, sums[:, 1:2] + delta, 0.0)
-        shard.all_reduce_(sums)
-        total, bits_y, weighted = sums.unbind(-1)
-        log2_total = torch.log2(total)
-        log_p = LN2 * (bits_y - log2_total)
-        entropy = LN2 * (log2_total - weighted / total) if want_entropy else torch.zeros_like(log_p)
-        lse = m.squeeze(-1) + (temperature * LN2) * log2_total  # log-normaliser in logit units
+        log_p, entropy, lse = log_probs_forward(flat_tokens(logits), target, shard, temperature, chunk_size,
+                                                want_entropy)
         ctx.save_for_backward(logits, target, lse, entropy)
         ctx.shard, ctx.temperature, ctx.chunk_size = shard, temperature, chunk_size
         if not want_entropy:
@@ -95,37 +141,8 @@ class _TokenLogProbs(torch.autograd.Function):
         if grad_log_p is None and grad_entropy is None:
             return (None,) * 6
         logits, target, lse, entropy = ctx.saved_tensors
-        shard, temperature = ctx.shard, ctx.temperature
-        z = flat_tokens(logits)
-        n, dtype = z.shape[0], compute_dtype(z.dtype)
-        grad = new_grad(z, shard)
-        rows = chunk_rows(ctx.chunk_size, shard.valid, z.device)
-        direct = grad.dtype == dtype  # else compute in a buffer and cast on the copy
-        work = Workspace(2 + (not direct), min(rows, n), shard.valid, dtype, z.device)
-        column, owned = shard.owned(target.reshape(-1, 1).long())
-        lse = lse.unsqueeze(-1)
-        # ∂/∂z_j = (g_lp·(1[j=y] − p_j) − g_h·p_j·(ln p_j + H)) / τ
-        #        = p_j·(a + c·log2 p_j) + 1[j=y]·g_lp/τ
-        g_lp = torch.zeros_like(lse) if grad_log_p is None else grad_log_p.reshape(-1, 1).to(dtype) / temperature
-        a, c = -g_lp, None
-        if grad_entropy is not None:
-            g_h = grad_entropy.reshape(-1, 1).to(dtype) / temperature
-            a, c = a - g_h * entropy.unsqueeze(-1), -LN2 * g_h
-        one_hot = torch.where(owned, g_lp, 0.0) if grad_log_p is not None else None
-        for rows_ in token_chunks(n if shard.valid else 0, rows):
-            zc = z[rows_, : shard.valid]
-            bufs = work.views(zc.shape[0])
-            out = grad[rows_, : shard.valid] if direct else bufs[2]
-            bits = to_bits(zc, lse[rows_], temperature, bufs[0])  # log2 p
-            if c is not None:
-                p = torch.exp2(bits, out=bufs[1])
-                torch.mul(p, bits.mul_(c[rows_]).add_(a[rows_]), out=out)
-            else:
-                torch.mul(bits.exp2_(), a[rows_], out=out)
-            if one_hot is not None:
-                out.scatter_add_(1, column[rows_], one_hot[rows_])
-            if not direct:
-                grad[rows_, : shard.valid].copy_(out)
+        grad = log_probs_grad(flat_tokens(logits), target, lse, entropy, grad_log_p, grad_entropy, ctx.shard,
+                              ctx.temperature, ctx.chunk_size)
         return grad.view(logits.shape), None, None, None, None, None
 
 
@@ -151,7 +168,17 @@ def token_log_probs(
     outside ``[0, vocab_size)`` are not checked (that would cost a host sync): their result is
     meaningless and must be masked out. Tokens are processed ``chunk_size`` at a time (default:
     about 4 MiB of fp32 per buffer on CPU, 128 MiB on GPU; see ``vocab_shard.CPU_CHUNK_BYTES``).
+    ``logits`` may be `UnprojectedLogits` (`train.fused_output_layer`): then the logits are
+    computed chunk by chunk and never held whole (`ops.fused_output.fused_token_log_probs`).
     """
+    if isinstance(logits, UnprojectedLogits):  # train.fused_output_layer: never materialised
+        from rlsd_megatron.ops.fused_output import fused_token_log_probs
+
+        shape = logits.hidden.shape[:-1]
+        values = fused_token_log_probs(flat_tokens(logits.hidden), logits.weight, target_ids.reshape(-1),
+                                       temperature=temperature, group=group, vocab_size=vocab_size,
+                                       return_entropy=return_entropy, chunk_tokens=logits.chunk_tokens)
+        return tuple(v.view(shape) for v in values) if return_entropy else values.view(shape)
     temperature = check_temperature(temperature)
     _check_ids(target_ids, logits, "target_ids", trailing=0)
     shard = vocab_shard(logits, group, vocab_size)

@@ -86,8 +86,27 @@ def resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     return None
 
 
+@dataclass(frozen=True)
+class UnprojectedLogits:
+    """A micro-batch's logits not yet computed (`train.fused_output_layer`): the last hidden states
+    ``[B, S, H]`` (through the output layer's input region) and this rank's ``[V/TP, H]`` output
+    weight. `token_log_probs` takes it in place of logits and computes chunk by chunk
+    (ops/fused_output.py); the ops that need whole distributions refuse it."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    chunk_tokens: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+
 def vocab_shard(logits: torch.Tensor, group: dist.ProcessGroup | None, vocab_size: int | None) -> VocabShard:
     """Shard geometry for vocab-parallel ``logits`` [..., V_local] over ``group`` (see `resolve_group`)."""
+    if isinstance(logits, UnprojectedLogits):
+        raise TypeError("this op needs the logits of whole distributions, which train.fused_output_layer=true never "
+                        "computes (only token log-probs and entropy); set train.fused_output_layer=false")
     if not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
     if logits.dim() < 1:

@@ -195,7 +195,3 @@ def install() -> bool:
     CudaToCpuMode().__enter__()  # stays on this thread's mode stack for the process lifetime
     _installed = True
     return True
-
-
-def is_installed() -> bool:
-    return _installed

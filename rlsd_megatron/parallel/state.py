@@ -1,8 +1,11 @@
 """Process groups: torch.distributed start-up and megatron-core's model-parallel layout.
 
 Megatron's groups live in `megatron.core.parallel_state`, the replica and waiting groups here;
-the rest of the project asks for them and never creates its own. The backend is chosen once here: NCCL on GPUs, gloo on CPU (with
-the shims of `cpu_compat`).
+the rest of the project asks for them and makes none of its own except through `new_group` here.
+The backend is chosen once here: NCCL on GPUs, gloo on CPU (with the shims of `cpu_compat`).
+Every group this process creates (Megatron's, the replica and waiting groups, `new_group`'s) is
+recorded, so `destroy_model_parallel` can destroy them all: torch has no public list of the live
+groups to find them by.
 """
 
 from __future__ import annotations
@@ -136,14 +139,15 @@ def initialize_model_parallel(layout: Layout, seed: int = 1234, *, collective_ti
     from megatron.core import parallel_state, tensor_parallel
 
     layout.dp(dist.get_world_size())  # validates divisibility with a clear message
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        context_parallel_size=layout.cp,
-        expert_model_parallel_size=layout.ep,
-        distributed_timeout_minutes=collective_timeout_minutes,
-    )
+    with _recording_megatron_groups():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            virtual_pipeline_model_parallel_size=layout.vpp,
+            context_parallel_size=layout.cp,
+            expert_model_parallel_size=layout.ep,
+            distributed_timeout_minutes=collective_timeout_minutes,
+        )
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     torch.manual_seed(seed)
@@ -151,12 +155,40 @@ def initialize_model_parallel(layout: Layout, seed: int = 1234, *, collective_ti
     global _REPLICA_GROUP, _WAIT_GROUP, _WAIT_TIMEOUT
     _WAIT_TIMEOUT = datetime.timedelta(minutes=wait_timeout_minutes)
     _REPLICA_GROUP = _new_replica_group(_WAIT_TIMEOUT)
-    _WAIT_GROUP = dist.new_group(backend="gloo", timeout=_WAIT_TIMEOUT)
+    _WAIT_GROUP = new_group(backend="gloo", timeout=_WAIT_TIMEOUT)
 
 
 _REPLICA_GROUP = None
 _WAIT_GROUP = None
 _WAIT_TIMEOUT = None
+# The groups this process created and has not destroyed yet (those it is a member of).
+_CREATED_GROUPS: list = []
+
+
+def _recorded(group):
+    if group != dist.GroupMember.NON_GROUP_MEMBER:  # ranks outside a group get a placeholder
+        _CREATED_GROUPS.append(group)
+    return group
+
+
+def new_group(ranks=None, **kwargs):
+    """`torch.distributed.new_group`, recorded so that `destroy_model_parallel` destroys it."""
+    return _recorded(dist.new_group(ranks, **kwargs))
+
+
+@contextlib.contextmanager
+def _recording_megatron_groups():
+    """Record the groups megatron-core creates: it makes every one through
+    `parallel_state.create_group`, and its `destroy_model_parallel` forgets them but destroys only
+    its gloo data-parallel groups."""
+    from megatron.core import parallel_state
+
+    create = parallel_state.create_group
+    parallel_state.create_group = lambda *args, **kwargs: _recorded(create(*args, **kwargs))
+    try:
+        yield
+    finally:
+        parallel_state.create_group = create
 
 
 def replica_group():
@@ -195,15 +227,14 @@ def _new_replica_group(timeout: datetime.timedelta):
     dist.all_gather_object(dp_ranks, parallel_state.get_data_parallel_rank())
     mine = None
     for index in sorted(set(dp_ranks)):
-        group = dist.new_group([rank for rank, dp in enumerate(dp_ranks) if dp == index], backend="gloo",
-                               timeout=timeout)
+        group = new_group([rank for rank, dp in enumerate(dp_ranks) if dp == index], backend="gloo", timeout=timeout)
         if index == parallel_state.get_data_parallel_rank():
             mine = group
     return mine
 
 
 def destroy_model_parallel() -> None:
-    """Tear down Megatron's layout and destroy its process groups (not the default one).
+    """Tear down Megatron's layout and destroy every group this process created (not the default one).
 
     megatron-core forgets its groups but does not destroy them, and every gloo group keeps its
     transport threads: a long-lived process that switches layouts (the test pools, the warm
@@ -213,10 +244,10 @@ def destroy_model_parallel() -> None:
     parallel_state.destroy_model_parallel()
     global _REPLICA_GROUP, _WAIT_GROUP
     _REPLICA_GROUP = _WAIT_GROUP = None
-    world = dist.group.WORLD
-    for group in list(dist.distributed_c10d._world.pg_map):
-        if group is not world:
-            dist.destroy_process_group(group)
+    while _CREATED_GROUPS:
+        # ValueError: already destroyed (megatron-core destroys its gloo data-parallel groups itself).
+        with contextlib.suppress(ValueError):
+            dist.destroy_process_group(_CREATED_GROUPS.pop())
 
 
 @contextlib.contextmanager

@@ -176,7 +176,7 @@ def _custom_components(outcomes: list[Outcome]) -> dict[str, torch.Tensor]:
 
 
 def _exact_match(samples: Sequence[RewardSample]) -> torch.Tensor:
-    from rlsd_megatron.data.reversed_addition import CharTokenizer
+    from rlsd_megatron.data.reversed_addition import CharTokenizer, exact_match_reward
 
     tokenizer = CharTokenizer()
     scores = []
@@ -184,7 +184,5 @@ def _exact_match(samples: Sequence[RewardSample]) -> torch.Tensor:
         if sample.response_ids is None:
             raise ValueError(f"sample {i}: the reversed_addition reward needs RewardSample.response_ids "
                              "(it compares token ids, end-of-sequence included).")
-        # Same comparison as reversed_addition.exact_match_reward, from the answer text.
-        expected = [*tokenizer.encode(sample.ground_truth), tokenizer.eos_id]
-        scores.append(float([int(t) for t in sample.response_ids] == expected))
+        scores.append(exact_match_reward(tokenizer, sample.ground_truth, [int(t) for t in sample.response_ids]))
     return torch.tensor(scores, dtype=torch.float32)

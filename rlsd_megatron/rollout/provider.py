@@ -12,9 +12,9 @@ import torch
 
 from rlsd_megatron.config import Config, ConfigError, RolloutConfig
 from rlsd_megatron.config_checks import rollout_problems
+from rlsd_megatron.dtypes import float_type
 from rlsd_megatron.rollout.engine import RolloutEngine, SamplingParams
 
-_DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
 
 
 def resolve_backend(backend: str) -> str:
@@ -33,16 +33,16 @@ def create_engine(cfg: Config, *, group=None, base_gpu_id: int = 0, **engine_kwa
     if problems:
         raise ConfigError("; ".join(problems))
     backend = resolve_backend(cfg.rollout.backend)
-    torch_dtype, name = _DTYPES[cfg.precision.params_dtype]
+    dtype = float_type(cfg.precision.params_dtype)
     if backend == "embedded":
         from rlsd_megatron.rollout.embedded import EmbeddedEngine
 
-        return EmbeddedEngine(cfg.model, dtype=torch_dtype, **engine_kwargs)
+        return EmbeddedEngine(cfg.model, dtype=dtype.torch_dtype, **engine_kwargs)
     from rlsd_megatron.rollout.sglang_engine import SGLangEngine
 
     return SGLangEngine(cfg.model, model_path=cfg.model.hf_config, engine_tp=cfg.rollout.engine_tp,
                         mem_fraction_static=cfg.rollout.mem_fraction_static, base_gpu_id=base_gpu_id, group=group,
-                        dtype=name, seed=cfg.train.seed, fp8_weights=cfg.rollout.fp8_weights,
+                        dtype=dtype.hf_name, seed=cfg.train.seed, fp8_weights=cfg.rollout.fp8_weights,
                         server_args=sglang_server_args(cfg.rollout), **engine_kwargs)
 
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from rlsd_megatron import algorithms as alg
 from rlsd_megatron.config import Config, config_to_dict
+from rlsd_megatron.eval.in_training import training_benchmarks
 from rlsd_megatron.logging.metrics import PhaseTimer
 from rlsd_megatron.parallel.agreement import same_on_every_rank
 from rlsd_megatron.parallel.state import replica_group, wait_for_every_rank
@@ -73,7 +74,7 @@ class Trainer:
         # not after the model (minutes per rank at 70B) and the engine are built.
         self.dataset, val_dataset = same_on_every_rank(lambda: build_run_datasets(cfg), DataError)
         resume = resolve_resume(cfg.checkpoint)
-        self.engine = self.scorer = None
+        self.engine = self.scorer = self.benchmarks = None
         self.learner = Learner(cfg, impl=impl)
         # The frozen scorers before the engine, which sizes its KV cache by the memory still free.
         self.teacher_model = FrozenModel(cfg, cfg.algorithm.teacher_model, setting="algorithm.teacher_model",
@@ -89,6 +90,7 @@ class Trainer:
                                        shuffle=cfg.data.shuffle)
             self.val_rows = validation_rows(val_dataset, dp_rank=self.dp_rank, dp_size=self.dp_size) if val_dataset else []
             self.scorer = RewardScorer(cfg.reward, task=cfg.data.task) if self.hosts_engine else None
+            self.benchmarks = training_benchmarks(cfg.train, self.dataset, self.dp_rank, self.dp_size, self.hosts_engine)
             self.teacher = alg.TeacherWeightPolicy(
                 cfg.algorithm.teacher_weights, sync_interval=cfg.algorithm.teacher_sync_interval,
                 ema_rate=cfg.algorithm.teacher_ema_rate)
@@ -359,11 +361,12 @@ class Trainer:
         return holder[0]
 
     def validate(self) -> dict[str, float]:
-        """Mean validation reward (and accuracy) with the validation sampling settings."""
+        """Mean validation reward with the validation sampling settings; the train.eval_sets benchmarks."""
         from rlsd_megatron.rollout.provider import sampling_params
 
+        metrics = self.benchmarks.evaluate(self.engine, self.dp_group, self.replica_group) if self.benchmarks else {}
         if not self.val_rows:
-            return {}
+            return metrics
         sampling = sampling_params(self.cfg.rollout, validation=True, stop_token_ids=[self.dataset.eos_id],
                                    seed=self.cfg.train.seed)
         batch = generate_and_score(self.val_rows, self.dataset, self.engine, sampling, self.scorer,
@@ -371,7 +374,7 @@ class Trainer:
         wait_for_every_rank("validation generation")
         totals = torch.tensor([float(batch.rewards.sum()), float(len(batch.rewards))], dtype=torch.float64)
         dist.all_reduce(totals, group=self.dp_group)
-        return {"val/reward": float(totals[0] / totals[1])}
+        return {**metrics, "val/reward": float(totals[0] / totals[1])}
 
     def reduce_over_data_parallel(self, metrics: dict[str, float]) -> dict[str, float]:
         """Means over data-parallel ranks (the loss is summed: each rank holds its share)."""
@@ -383,6 +386,8 @@ class Trainer:
     def close(self) -> None:
         if self.scorer is not None:
             self.scorer.close()
+        if self.benchmarks is not None:
+            self.benchmarks.close()
         if self.engine is not None:
             self.engine.shutdown()
         if getattr(self, "logger", None) is not None:  # None when start-up failed before it

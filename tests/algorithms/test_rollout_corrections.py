@@ -1,11 +1,11 @@
-"""Dynamic sampling, soft overlong penalty, TIS weights and the mismatch metric."""
+"""Dynamic sampling, soft overlong penalty and TIS weights."""
 
 import math
 
 import pytest
 import torch
 
-from rlsd_megatron.algorithms import dynamic_sampling_keep_mask, logprob_mismatch, soft_overlong_penalty, tis_weights
+from rlsd_megatron.algorithms import dynamic_sampling_keep_mask, soft_overlong_penalty, tis_weights
 
 TOL = dict(rtol=0, atol=1e-6)
 
@@ -46,14 +46,3 @@ def test_tis_weights_hand_values():
     assert not tis_weights(train, rollout, mask, cap=1.5).requires_grad
     # A huge gap saturates at the cap, never inf/nan.
     assert tis_weights(torch.tensor([[0.0]]), torch.tensor([[-1e4]]), torch.ones(1, 1), cap=2.0).item() == 2.0
-
-
-def test_logprob_mismatch_hand_values():
-    train = torch.tensor([[-1.0, -1.0, -3.0, 5.0]])
-    rollout = torch.tensor([[-1.5, -0.5, -0.1, -torch.inf]])
-    mask = torch.tensor([[1, 1, 1, 0]])
-    # |Δ| = [0.5, 0.5, 2.9] → mean 3.9/3 = 1.3, max 2.9.
-    m = logprob_mismatch(train, rollout, mask)
-    assert m["mean_abs_diff"].item() == pytest.approx(1.3, abs=1e-6)
-    assert m["max_abs_diff"].item() == pytest.approx(2.9, abs=1e-6)
-    assert m["num_tokens"].item() == 3

@@ -12,7 +12,7 @@ def test_rows_and_prompts_match_the_task():
     row = train[123 * 1000 + 456]
     assert (row.question, row.answer, row.reference_solution) == ("321+654", "9750", None)
     assert row.prompt_ids == task.student_prompt(tokenizer, problem)
-    response = task.answer_ids(tokenizer, problem)
+    response = task.answer_ids(tokenizer, problem.answer)
     teacher = train.teacher_context.build(row.question, row.answer, response)
     assert teacher.input_ids == task.teacher_prompt(tokenizer, problem, problem.answer) + response
     assert teacher.response_start == len(task.teacher_prompt(tokenizer, problem, problem.answer))

@@ -8,7 +8,6 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from rlsd_megatron.data.teacher_context import (
     TeacherContextBuilder,
-    collate_teacher_sequences,
     hf_chat_renderer,
     remove_thinking,
 )
@@ -83,25 +82,6 @@ def test_index_map_points_at_rollout_tokens(tokenizer):
         assert seq.logit_positions[0] == seq.response_start - 1  # last prompt token predicts the first
         assert [seq.input_ids[p + 1] for p in seq.logit_positions] == response
 
-    width = max(map(len, responses)) + 3  # the student's padded response width
-    batch = collate_teacher_sequences(seqs, pad_id=tokenizer.pad_token_id, response_width=width)
-    assert batch.input_ids.shape[0] == 2 and batch.logit_index.shape == (2, width)
-    assert batch.attention_mask.sum(1).tolist() == [len(s.input_ids) for s in seqs]
-    assert batch.response_mask.sum(1).tolist() == [len(r) for r in responses]
-    # A next-token oracle's logits (position p peaks on token p + 1), gathered through the index
-    # map, must recover exactly the rollout tokens: logits at p − 1 predict the token at p.
-    vocab = len(tokenizer)
-    nxt = torch.roll(batch.input_ids, -1, dims=1)
-    logits = torch.nn.functional.one_hot(nxt, vocab).float() * 10
-    picked = logits.gather(1, batch.logit_index[..., None].expand(-1, -1, vocab)).argmax(-1)
-    targets = torch.zeros_like(picked)
-    for b, r in enumerate(responses):
-        targets[b, : len(r)] = torch.tensor(r)
-    assert torch.equal(picked[batch.response_mask], targets[batch.response_mask])
-    assert batch.has_teacher.all()
-    with pytest.raises(ValueError, match="response_width"):
-        collate_teacher_sequences(seqs, pad_id=0, response_width=2)
-
 
 def test_hint_choice_and_truncation(tokenizer):
     builder = TeacherContextBuilder.from_hf_tokenizer(tokenizer, max_reference_tokens=10)
@@ -155,8 +135,6 @@ def test_sdpo_teacher_with_sibling_and_fallbacks(tokenizer):
     # Opt-in fallback to the dataset answer with the RLSD template.
     fallback = builder.build_sdpo(QUESTION, response, solution="", fallback_answer=ANSWER)
     assert fallback.has_teacher and "Here is a reference solution:\n5" in tokenizer.decode(fallback.input_ids)
-    batch = collate_teacher_sequences([with_sibling, alone, fallback], pad_id=tokenizer.pad_token_id)
-    assert batch.has_teacher.tolist() == [True, False, True]
 
 
 def test_remove_thinking():

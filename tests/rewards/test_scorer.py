@@ -73,14 +73,15 @@ def test_exact_match_task_equals_task_reward():
     rng = random.Random(0)
     samples, expected = [], []
     for problem in task.sample_problems(60, seed=5):
-        response = task.answer_ids(tokenizer, problem)
+        response = task.answer_ids(tokenizer, problem.answer)
         choice = rng.randrange(3)
         if choice == 1:
             response = response[:-1]  # no end-of-sequence
         elif choice == 2:
             response = [tokenizer.ids[str((int(problem.answer[0]) + 1) % 10)], *response[1:]]
         samples.append(RewardSample(tokenizer.decode(response), problem.answer, len(response), response_ids=response))
-        expected.append(task.exact_match_reward(tokenizer, problem, response))
+        expected.append(task.exact_match_reward(tokenizer, problem.answer, response))
+        assert expected[-1] == float(choice == 0)  # only the untouched answer matches
     cfg = RewardConfig(overlong_max_length=8, overlong_buffer=4, overlong_factor=0.5)
     with RewardScorer(cfg, task="reversed_addition") as scorer:
         result = scorer.score(samples)

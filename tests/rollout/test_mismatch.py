@@ -20,6 +20,17 @@ def test_statistics_over_masked_tokens():
     assert logprob_mismatch(learner, engine, torch.zeros_like(mask)).tokens == 0
 
 
+def test_masked_out_infinite_gap_does_not_leak():
+    train = torch.tensor([[-1.0, -1.0, -3.0, 5.0]])
+    rollout = torch.tensor([[-1.5, -0.5, -0.1, -torch.inf]])
+    mask = torch.tensor([[1, 1, 1, 0]])  # integer masks are accepted too
+    # |Δ| = [0.5, 0.5, 2.9] → mean 3.9/3 = 1.3, max 2.9.
+    m = logprob_mismatch(train, rollout, mask)
+    assert m.mean_abs == pytest.approx(1.3, abs=1e-6)
+    assert m.max_abs == pytest.approx(2.9, abs=1e-6)
+    assert m.tokens == 3
+
+
 def test_threshold_turns_drift_into_an_error():
     monitor = MismatchMonitor(max_mean=0.05)
     ok = monitor.check(torch.zeros(4), torch.full((4,), 0.01))
