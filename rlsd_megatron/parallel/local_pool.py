@@ -3,8 +3,8 @@
 Starting a Python process and importing megatron-core costs ~10 s on a small CPU machine, so
 tests and CPU benchmarks do not spawn a world per case: they keep one `LocalProcessPool` of
 N ranks alive and send it functions to run on every rank. Each worker has initialised
-`torch.distributed` (gloo by default, NCCL for GPU tests; env:// rendezvous on a free localhost
-port) and, on CPU, installed the compatibility shims once; Megatron's model-parallel layout is set per call (see
+`torch.distributed` (gloo by default, NCCL for GPU tests; env:// rendezvous at a store the pool
+hosts) and, on CPU, installed the compatibility shims once; Megatron's model-parallel layout is set per call (see
 `rlsd_megatron.parallel.state.model_parallel`).
 
 A failure on any rank is re-raised in the caller with that rank's traceback. Because the other
@@ -40,6 +40,8 @@ def _worker_main(rank: int, world_size: int, port: int, threads: int, backend, t
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
+        # The parent hosts the rendezvous store (as torchrun's agent does): every rank is a client.
+        TORCHELASTIC_USE_AGENT_STORE="True",
     )
     if backend == "gloo":
         # A gloo pool is the CPU path, also on a GPU machine: with CUDA visible the CPU shims stay
@@ -86,7 +88,12 @@ class LocalProcessPool:
         self.world_size = world_size
         self.broken = False
         ctx = mp.get_context("spawn")
-        port = free_port()
+        from torch.distributed import TCPStore
+
+        # The rendezvous store listens from here on, on a port the OS picked: a port only found
+        # free (`free_port`) could be taken by another process during the ranks' ~10 s start-up.
+        self._store = TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+        port = self._store.port
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._results = ctx.Queue()
         self._procs = [
