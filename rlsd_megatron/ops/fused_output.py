@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from rlsd_megatron.ops.log_probs import log_probs_forward, log_probs_grad
-from rlsd_megatron.ops.vocab_shard import check_temperature, vocab_shard
+from rlsd_megatron.ops.vocab_shard import check_temperature, compute_dtype, token_chunks, vocab_shard
 
 # Tokens per chunk: 1024 tokens x 152K/TP columns are ~0.6 GB/TP of fp32 logits, about as much
 # again for their gradient and the op's workspace: a few GB at most on a GPU.
@@ -48,10 +48,8 @@ class _FusedTokenLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, shard, temperature, chunk_tokens, want_entropy):
         n = hidden.shape[0]
-        log_p, entropy, lse = (torch.empty(n, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32,
-                                           device=hidden.device) for _ in range(3))
-        for start in range(0, n, chunk_tokens):
-            rows = slice(start, min(start + chunk_tokens, n))
+        log_p, entropy, lse = (torch.empty(n, dtype=compute_dtype(hidden.dtype), device=hidden.device) for _ in range(3))
+        for rows in token_chunks(n, chunk_tokens):
             values = log_probs_forward(hidden[rows] @ weight.t(), target[rows], shard, temperature, None, want_entropy)
             for out, value in zip((log_p, entropy, lse), values):
                 out[rows] = value
@@ -69,8 +67,7 @@ class _FusedTokenLogProbs(torch.autograd.Function):
             return (None,) * 7
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.shape[0], ctx.chunk_tokens):
-            rows = slice(start, min(start + ctx.chunk_tokens, hidden.shape[0]))
+        for rows in token_chunks(hidden.shape[0], ctx.chunk_tokens):
             grad_logits = log_probs_grad(
                 hidden[rows] @ weight.t(), target[rows], lse[rows], entropy[rows],
                 None if grad_log_p is None else grad_log_p[rows], None if grad_entropy is None else grad_entropy[rows],
