@@ -302,6 +302,9 @@ class AlgorithmConfig:
     distill_support: Literal["teacher", "student"] = "teacher"  # topk: whose top-k ids form the support (SDPO: student)
     distill_tail_bucket: bool = True  # topk: one more bucket for the mass outside the support
     sdpo_success_threshold: float = 0.5  # a sibling counts as a demonstration at this reward
+    # SDPO: drop the sibling's <reward.think_tag>…</…> spans before its teacher sees it, leaving its
+    # answer part (SDPO's remove_thinking_from_demonstration, default on).
+    sdpo_remove_thinking: bool = True
     opd_reward_weight: float = 0.0  # OPD: mix in c·A of the verifiable reward
     dynamic_sampling: bool = False  # DAPO: drop all-equal groups and re-sample to fill the batch
     dynamic_sampling_max_rounds: int = 4  # DAPO: generation rounds per step at most to fill the batch

@@ -16,14 +16,16 @@ import torch
 from rlsd_megatron import algorithms as alg
 from rlsd_megatron.config import AlgorithmConfig
 from rlsd_megatron.data.prompts import PromptDataset
-from rlsd_megatron.data.teacher_context import TeacherSequence
+from rlsd_megatron.data.teacher_context import TeacherSequence, remove_thinking
 from rlsd_megatron.trainer.rollouts import Rollouts
 
 
-def teacher_contexts(algorithm: AlgorithmConfig, rollouts: Rollouts, dataset: PromptDataset) -> list[TeacherSequence]:
+def teacher_contexts(algorithm: AlgorithmConfig, rollouts: Rollouts, dataset: PromptDataset, *,
+                     think_tag: str = "thought") -> list[TeacherSequence]:
     """The teacher's input for each of the P·G responses of `rollouts`, by `algorithm.method`'s
     teacher context: the privileged hint (dataset answer or reference solution) in the user turn,
-    for SDPO a successful sibling's response, for OPD the student's own prompt."""
+    for SDPO a successful sibling's response (its `<think_tag>` spans removed when
+    `algorithm.sdpo_remove_thinking`), for OPD the student's own prompt."""
     kind = alg.get_method(algorithm.method).teacher_context
     rows = [rollouts.row_of(i) for i in range(len(rollouts.responses))]
     if kind == "student_prompt":
@@ -32,8 +34,14 @@ def teacher_contexts(algorithm: AlgorithmConfig, rollouts: Rollouts, dataset: Pr
     if kind == "sibling":
         demos = alg.select_sdpo_demonstrations(rollouts.rewards, rollouts.group_size,
                                                success_threshold=algorithm.sdpo_success_threshold)
-        return [dataset.teacher_context.build_sdpo(
-                    row.question, response, solution=dataset.decode(rollouts.responses[d]) if d is not None else None)
+
+        def demonstration(d: int | None) -> str | None:
+            if d is None:
+                return None
+            text = dataset.decode(rollouts.responses[d])
+            return remove_thinking(text, think_tag) if algorithm.sdpo_remove_thinking else text
+
+        return [dataset.teacher_context.build_sdpo(row.question, response, solution=demonstration(d))
                 for row, response, d in zip(rows, rollouts.responses, demos)]
     if kind == "hinted":
         return [dataset.teacher_context.build(row.question, row.answer, response,

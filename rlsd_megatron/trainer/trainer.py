@@ -263,7 +263,7 @@ class Trainer:
         sequences = rollouts.sequences()
         student = self.log_probs(sequences)
         reference = self.reference.outputs(sequences, self._log_prob_fn)["logp"] if self.reference is not None else None
-        contexts = teacher_contexts(algorithm, rollouts, self.dataset) \
+        contexts = teacher_contexts(algorithm, rollouts, self.dataset, think_tag=self.cfg.reward.think_tag) \
             if alg.get_method(algorithm.method).has_teacher else None
         teacher_logp = teacher_response_outputs(
             contexts, self._log_prob_fn, learner=self.learner, weights=self.teacher.teacher_state(),

@@ -5,6 +5,7 @@ import torch
 
 from rlsd_megatron.config import load_config
 from rlsd_megatron.data import ReversedAdditionPrompts
+from rlsd_megatron.data.teacher_context import TeacherContextBuilder
 from rlsd_megatron.trainer.rollouts import Rollouts
 from rlsd_megatron.trainer.teacher import teacher_contexts
 
@@ -59,3 +60,30 @@ def test_opd_reads_the_students_own_prompt():
 def test_methods_without_a_teacher_are_refused():
     with pytest.raises(ValueError, match="algorithm.method=grpo has no teacher"):
         teacher_contexts(algorithm("grpo"), two_prompts_two_responses(), DATASET)
+
+
+class _CharDataset:
+    """A dataset whose tokens are characters, so a response can carry a <thought> span."""
+
+    teacher_context = TeacherContextBuilder(lambda text: [ord(c) for c in text], max_reference_tokens=None,
+                                            sdpo_template="{question}|{solution}")
+
+    @staticmethod
+    def decode(ids) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def test_sdpo_teacher_sees_the_siblings_answer_without_its_thinking():
+    rows = two_prompts_two_responses().rows[:1]
+    texts = ["<thought>carry the 1</thought>\n<answer>46</answer>", "<answer>99</answer>"]
+    responses = [[ord(c) for c in t] for t in texts]
+    rollouts = Rollouts(rows, responses, [[0.0] * len(r) for r in responses], ["stop"] * 2,
+                        rewards=torch.tensor([1.0, 0.0]))
+
+    def hint_of_the_wrong_response(overrides):
+        config = load_config("examples/configs/cpu_demo.yaml", ["algorithm.method=sdpo", *overrides])
+        context = teacher_contexts(config.algorithm, rollouts, _CharDataset(), think_tag=config.reward.think_tag)[1]
+        return _CharDataset.decode(context.input_ids[:context.response_start])
+
+    assert hint_of_the_wrong_response([]) == f"{rows[0].question}|<answer>46</answer>"
+    assert hint_of_the_wrong_response(["algorithm.sdpo_remove_thinking=false"]) == f"{rows[0].question}|{texts[0]}"
