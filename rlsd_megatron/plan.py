@@ -26,6 +26,14 @@ last: output layer + logits):
   policy's TP/PP layout, their architecture read from their checkpoints' rlsd_checkpoint.json;
   the default KL reference (the initial policy) is a copy of the policy's weights. Resident in
   both phases.
+- MoE (`model.num_experts`): each GPU holds its `1/(tp·ep)` of every layer's experts; their
+  optimizer state is sharded over the expert-data-parallel ranks (dp·cp/ep: Megatron's expert
+  layout tp x ep x expert-dp x pp) instead of dp·cp. A routed MLP keeps, per token and layer, its
+  top-k copies of the token (the experts' input after the dispatch, all-gathered over TP, and
+  their output for the weighted combine) and the experts' SwiGLU activations (split by TP), plus
+  fp32 router logits; the alltoall dispatcher's send and receive buffers of one layer are
+  transient. Tokens are assumed spread evenly over the experts (Megatron drops none without a
+  capacity factor, so a skewed router needs the headroom the reserve leaves).
 - the colocated rollout engine while it is awake: `mem_fraction_static` of the GPU (SGLang's
   weights + KV-cache pool). The engine sleeps (memory released) while the learner trains, so the
   two phases peak separately: rollout = learner state + teacher copy + engine; training = learner
@@ -70,6 +78,7 @@ class MemoryPlan:
     optimizer: int
     activations: int
     logits: int
+    dispatcher: int  # MoE: one layer's alltoall send + receive buffers (0 for dense models)
     teacher_copy: int
     distillation: int
     teacher_model: int  # OPD's separate teacher
@@ -89,8 +98,8 @@ class MemoryPlan:
 
     @property
     def training_peak(self) -> int:
-        return (self.learner_state + self.activations + self.logits + self.teacher_copy + self.distillation
-                + self.frozen_models)
+        return (self.learner_state + self.activations + self.logits + self.dispatcher + self.teacher_copy
+                + self.distillation + self.frozen_models)
 
     @property
     def rollout_peak(self) -> int:
@@ -108,6 +117,7 @@ class MemoryPlan:
         rows = [
             ("weights", self.params), ("gradients (fp32)", self.grads), ("optimizer (fp32 main + Adam)", self.optimizer),
             ("activations (in flight)", self.activations), ("logits + ops workspace", self.logits),
+            *([("MoE dispatcher (one layer)", self.dispatcher)] if self.dispatcher else []),
             ("teacher copy", self.teacher_copy), ("distillation (one chunk)", self.distillation),
             ("teacher model (OPD)", self.teacher_model), ("KL reference", self.kl_reference),
             ("rollout engine (awake)", self.engine),
@@ -147,6 +157,14 @@ def stage_params(cfg: Config, *, first: bool, last: bool) -> int:
     return count
 
 
+def gpu_expert_params(cfg: Config) -> int:
+    """Expert parameters on one GPU (every stage holds its layers' experts: the same on each)."""
+    m, p = cfg.model, cfg.parallel
+    if not m.num_experts:
+        return 0
+    return m.num_layers // p.pp * layer_params(cfg, experts=True) // (p.ep * p.tp)
+
+
 def gpu_params(cfg: Config) -> int:
     """Parameters on one GPU of the most loaded pipeline stage (the first or the last)."""
     pp = cfg.parallel.pp
@@ -179,8 +197,17 @@ def activation_bytes_per_token_layer(cfg: Config) -> float:
     dim = head_dim(m)
     q, kv = m.num_attention_heads * dim, (m.num_query_groups or m.num_attention_heads) * dim
     replicated = 4 * h  # norm inputs/outputs on the residual stream (split by TP only with SP)
-    split = (q + 2 * kv) + 2 * q + 2 * f + 2 * f  # QKV, attention out + proj input, fc1 out, SwiGLU parts
-    return bytes_per_element(cfg.precision.params_dtype) * (replicated / (t if p.sequence_parallel else 1) + split / t)
+    split = (q + 2 * kv) + 2 * q  # QKV, attention out + proj input
+    copies, router_logits = 0, 0
+    if m.num_experts:
+        # The token's top-k copies (the experts' input, all-gathered over TP, and their output),
+        # the experts' fc1 outputs and SwiGLU parts, fp32 router logits.
+        copies, router_logits = 2 * m.moe_router_topk * h, 4 * m.num_experts
+        split += 4 * m.moe_router_topk * (m.moe_ffn_hidden_size or f)
+    else:
+        split += 2 * f + 2 * f  # fc1 out, SwiGLU parts
+    dtype_bytes = bytes_per_element(cfg.precision.params_dtype)
+    return dtype_bytes * (replicated / (t if p.sequence_parallel else 1) + split / t + copies) + router_logits
 
 
 def micro_batch_tokens(cfg: Config) -> int:
@@ -194,9 +221,10 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
     """Per-GPU memory of `cfg` on `hardware` (see the module docstring for what is counted)."""
     p, prec = cfg.parallel, cfg.precision
     dtype_bytes = bytes_per_element(prec.params_dtype)
-    params = gpu_params(cfg)
+    params, experts = gpu_params(cfg), gpu_expert_params(cfg)
     dp_cp = (p.dp or 1) * p.cp
     optimizer_shards = dp_cp if p.use_distributed_optimizer else 1
+    expert_optimizer_shards = max(dp_cp // p.ep, 1) if p.use_distributed_optimizer else 1
     tokens = math.ceil(micro_batch_tokens(cfg) / p.cp)
     layers = cfg.model.num_layers // p.pp
     full_layer = activation_bytes_per_token_layer(cfg)
@@ -224,19 +252,30 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
     return MemoryPlan(
         params=params * dtype_bytes,
         grads=params * 4,
-        optimizer=params * 12 // optimizer_shards,
+        optimizer=(params - experts) * 12 // optimizer_shards + experts * 12 // expert_optimizer_shards,
         activations=int(activations),
         logits=int(logits),
+        dispatcher=dispatcher_bytes(cfg, tokens),
         teacher_copy=params * teacher_bytes if holds_copy else 0,
         distillation=distillation_bytes(cfg, vocab_local, weights=params * dtype_bytes),
         teacher_model=frozen.get("algorithm.teacher_model", 0),
         kl_reference=frozen.get("algorithm.kl_reference", reference_copy),
         engine=engine,
-        layout=f"tp={p.tp} pp={p.pp}{f' vpp={p.vpp}' if p.vpp else ''} cp={p.cp} dp={p.dp or 1}"
+        layout=f"tp={p.tp} pp={p.pp}{f' vpp={p.vpp}' if p.vpp else ''} cp={p.cp}{f' ep={p.ep}' if p.ep > 1 else ''}"
+               f" dp={p.dp or 1}"
                f"{' sp' if p.sequence_parallel else ''}{' distopt' if p.use_distributed_optimizer else ''}"
                f" recompute={prec.recompute_granularity}",
         hardware=hardware,
     )
+
+
+def dispatcher_bytes(cfg: Config, tokens: int) -> int:
+    """MoE: the alltoall dispatcher's send and receive buffers for one layer's top-k token copies
+    ([tokens x top-k, hidden] each, tokens all-gathered over TP; 0 for a dense model)."""
+    m = cfg.model
+    if not m.num_experts:
+        return 0
+    return 2 * tokens * m.moe_router_topk * m.hidden_size * bytes_per_element(cfg.precision.params_dtype)
 
 
 def distillation_bytes(cfg: Config, vocab_local: int, *, weights: int) -> int:
@@ -307,9 +346,11 @@ def describe_model(cfg: Config, config_path: str) -> str:
     source = (f"model.hf_config={m.hf_config}" if m.hf_config else
               "the built-in default (no model in the config)" if names_no_model(cfg) else
               f"the model.* fields of {config_path}")
+    mlp = (f"{m.num_experts} experts (top-{m.moe_router_topk}) of width {m.moe_ffn_hidden_size or m.ffn_hidden_size}"
+           if m.num_experts else f"ffn {m.ffn_hidden_size}")
     return (f"model: {_count(total_params(cfg))} parameters ({m.family}, {m.num_layers} layers, hidden {m.hidden_size}, "
-            f"{m.num_attention_heads} heads / {m.num_query_groups or m.num_attention_heads} KV groups, ffn "
-            f"{m.ffn_hidden_size}, vocab {m.vocab_size}) from {source}")
+            f"{m.num_attention_heads} heads / {m.num_query_groups or m.num_attention_heads} KV groups, {mlp}, "
+            f"vocab {m.vocab_size}) from {source}")
 
 
 PROG = "rlsd-plan"

@@ -232,6 +232,46 @@ def test_qwen3_30b_a3b_counts_experts_per_expert_parallel_rank():
     assert stage_params(cfg, first=True, last=True) == whole - experts * 7 // 8
 
 
+def qwen3_30b_a3b(**parallel) -> Config:
+    cfg = config(**parallel)
+    cfg.model = ModelConfig(family="qwen3_moe", vocab_size=151936, hidden_size=2048, num_layers=48,
+                            num_attention_heads=32, num_query_groups=4, kv_channels=128, ffn_hidden_size=6144,
+                            qk_layernorm=True, num_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768)
+    cfg.train.micro_batch_size, cfg.train.max_seq_length = 1, 4096
+    return cfg
+
+
+def test_expert_optimizer_state_shards_over_expert_data_parallel_ranks():
+    """Megatron's expert layout is tp x ep x expert-dp x pp: at tp=2, dp=8, ep=4 the experts' fp32
+    main weights and Adam moments (12 B/param) shard over 8/4 = 2 ranks, the rest over 8."""
+    from rlsd_megatron.plan import gpu_expert_params, layer_params
+
+    cfg = qwen3_30b_a3b(tp=2, dp=8, ep=4)
+    plan = plan_memory(cfg)
+    experts = gpu_expert_params(cfg)
+    assert experts == 48 * layer_params(cfg, experts=True) // 8 == 48 * 128 * 3 * 2048 * 768 // 8
+    dense = plan.params // 2 - experts  # bf16 weights
+    assert plan.optimizer == dense * 12 // 8 + experts * 12 // 2
+    whole = qwen3_30b_a3b(tp=2, dp=8, ep=1)  # every expert on each GPU, all state over dp
+    assert plan_memory(whole).optimizer == pytest.approx(plan_memory(whole).params // 2 * 12 / 8, abs=1)
+
+
+def test_moe_activations_and_dispatcher_follow_the_routed_tokens():
+    """A routed layer keeps top-k copies of each token and the experts' SwiGLU activations; the
+    dispatcher's send + receive buffers hold one layer's [tokens x top-k, hidden] twice (bf16)."""
+    from rlsd_megatron.plan import activation_bytes_per_token_layer
+
+    cfg = qwen3_30b_a3b(tp=2, dp=8, ep=4)
+    assert plan_memory(cfg).dispatcher == 2 * 4096 * 8 * 2048 * 2
+    dense = qwen3_30b_a3b(tp=2, dp=8, ep=4)
+    dense.model.family, dense.model.num_experts = "qwen3", None
+    # Per token and layer: + 2·top-k·hidden copies + 4·top-k·width/TP activations + fp32 router
+    # logits, − the dense 4·ffn/TP.
+    extra = 2 * (2 * 8 * 2048 + 4 * 8 * 768 / 2 - 4 * 6144 / 2) + 4 * 128
+    assert activation_bytes_per_token_layer(cfg) - activation_bytes_per_token_layer(dense) == pytest.approx(extra)
+    assert plan_memory(dense).dispatcher == 0
+
+
 def test_fused_output_layer_counts_one_chunk_of_logits():
     """8K tokens per micro-batch at TP=8: 8192 x 16128 (the padded vocabulary's shard) x 4 B of
     logits plus a 4096-token workspace; fused with 1024-token chunks: a chunk's logits, their
