@@ -148,7 +148,8 @@ def moe_lm_args(model: ModelConfig) -> list[str]:
     if not model.moe_norm_topk_prob:
         args.append("--moe-router-pre-softmax")
     if model.moe_aux_loss_coeff > 0:
-        return args + ["--moe-router-load-balancing-type aux_loss", f"--moe-aux-loss-coeff {model.moe_aux_loss_coeff:g}"]
+        return args + ["--moe-router-load-balancing-type aux_loss",
+                       f"--moe-aux-loss-coeff {model.moe_aux_loss_coeff:g}"]
     return args + ["--moe-router-load-balancing-type none"]
 
 
