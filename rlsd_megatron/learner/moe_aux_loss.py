@@ -12,7 +12,8 @@ is not a sum of per-layer losses; megatron-core's own aux loss is one (with f su
 pre-multiplied by the micro-batch's tokens for a finalize step our learner replaces), so it stays
 off and this module injects the gradient itself:
 
-- a forward hook on every router records its layer's counts over the micro-batch's real tokens
+- a forward hook on every router (training forwards) records its layer's counts over the
+  micro-batch's real tokens
   (all-reduced over TP under sequence parallelism, which splits the tokens) and recomputes the
   softmax scores from the router's input and weight, then attaches `_InjectAuxGradient` to the
   router's output probabilities;
@@ -126,7 +127,10 @@ class LoadBalancingLoss:
         return [float(routing.value(self.sp_group)) for routing in self.finished]
 
     def _hook(self, router, inputs, output):
-        if not (torch.is_grad_enabled() and router.training and self.current_mb is not None):
+        # Training forwards only (forward-only passes run in eval mode). Under full activation
+        # recomputation the first forward runs without grad: it records the counts, and the
+        # recomputation in backward attaches the gradient (f̄ is complete by then either way).
+        if not (router.training and self.current_mb is not None):
             return None
         probs, routing_map = output
         hidden = inputs[0].reshape(-1, inputs[0].shape[-1])
@@ -147,4 +151,6 @@ class LoadBalancingLoss:
             # By layer number: a recomputed forward (activation checkpointing) overwrites, never adds.
             routing.counts[router.layer_number] = counts
             routing.prob_sums[router.layer_number] = (scores * routing.mask[:, None]).sum(0)
+        if not torch.is_grad_enabled():
+            return None
         return _InjectAuxGradient.apply(probs, scores, routing, self.coeff), routing_map

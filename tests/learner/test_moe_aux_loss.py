@@ -7,6 +7,7 @@ right-padded micro-batches of two sequences each through transformers with their
 the step's gradient must be 0.01 x the mean of the four micro-batches' aux gradients, whether the
 four run on one replica (TP=2 with sequence parallelism, DP=1: four micro-batches) or on two
 (EP=2, DP=2: two each) — the scale depends on neither the tokens, the micro-batches nor DP.
+(Full activation recomputation is not covered: megatron's recomputed all-to-all needs CUDA.)
 The reported `moe_aux_loss` (averaged over the ranks' micro-batches) equals transformers' aux.
 fp32; gradients within 1e-5 of each tensor's largest entry (observed ~1e-7).
 """
