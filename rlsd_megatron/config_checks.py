@@ -123,12 +123,13 @@ def expert_problems(cfg: Config, world_size: int) -> list[str]:
     if width % p.tp:
         problems.append(f"model.moe_ffn_hidden_size={width} is not divisible by parallel.tp={p.tp} "
                         "(experts are tensor-parallel over tp)")
-    if m.moe_aux_loss_coeff != 0:
-        # megatron-core pre-multiplies the aux loss by the micro-batch's tokens for its
-        # finalize_model_grads to divide by the global count; ours does not (losses arrive normalised).
-        problems.append(f"model.moe_aux_loss_coeff={m.moe_aux_loss_coeff}: the load-balancing loss is not supported "
-                        "yet (its gradient would be scaled by the tokens per micro-batch); set "
-                        "model.moe_aux_loss_coeff=0 (HF configs carry router_aux_loss_coef)")
+    if m.moe_aux_loss_coeff < 0:
+        problems.append(f"model.moe_aux_loss_coeff={m.moe_aux_loss_coeff} is negative; 0 turns the loss off")
+    if m.moe_aux_loss_coeff > 0 and (p.pp > 1 or p.cp > 1):
+        # transformers' loss pools every layer's routing counts (learner.moe_aux_loss).
+        problems.append(f"model.moe_aux_loss_coeff={m.moe_aux_loss_coeff} with parallel.pp={p.pp}, parallel.cp={p.cp}: "
+                        "the load-balancing loss pools all layers' routing, which needs every layer in one "
+                        "pipeline stage and no context parallelism; set pp=1 and cp=1, or moe_aux_loss_coeff=0")
     if p.tp > 1 and not p.sequence_parallel:
         problems.append(f"an MoE model under parallel.tp={p.tp} needs parallel.sequence_parallel=true "
                         "(megatron-core refuses MoE with TP alone)")

@@ -47,23 +47,13 @@ def random_hf_model(model: ModelConfig, *, seed: int = 0, dtype: torch.dtype = t
 
 def hf_checkpoint_state(hf, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """`hf`'s tensors (or `tensors` keyed by its parameter names, e.g. gradients) under their
-    checkpoint names (what `save_pretrained` writes and our mapping reads): transformers 5 holds an
-    MoE layer's experts fused in memory (`mlp.experts.gate_up_proj` [E, 2F, H] = per expert
-    [gate; up], `mlp.experts.down_proj` [E, H, F]); checkpoints keep each expert's `gate_proj` /
-    `up_proj` / `down_proj` on its own. Dense models' names pass through."""
-    state = {}
-    for name, tensor in (hf.state_dict() if tensors is None else tensors).items():
-        if name.endswith(".experts.gate_up_proj"):
-            prefix = name.removesuffix("gate_up_proj")
-            for j, fused in enumerate(tensor):
-                gate, up = fused.chunk(2, dim=0)
-                state[f"{prefix}{j}.gate_proj.weight"], state[f"{prefix}{j}.up_proj.weight"] = gate, up
-        elif name.endswith(".experts.down_proj"):
-            prefix = name.removesuffix("down_proj")
-            state.update({f"{prefix}{j}.down_proj.weight": down for j, down in enumerate(tensor)})
-        else:
-            state[name] = tensor
-    return state
+    checkpoint names (what `save_pretrained` writes and our mapping reads): an MoE layer's fused
+    experts one by one (`rollout.embedded.checkpoint_views`). Dense models' names pass through."""
+    from rlsd_megatron.rollout.embedded import checkpoint_views
+
+    return checkpoint_views(dict(hf.state_dict()) if tensors is None else dict(tensors))
+
+
 def tiny_vision_language_model(**fields) -> ModelConfig:
     """A tiny Qwen2.5-VL `ModelConfig`: `tiny_model("qwen2")` (head dim 16: M-RoPE sections 2/3/3
     pairs) under a 2-block ViT of width 32 with 4-pixel patches, 2x2 merging and 16-pixel windows (so

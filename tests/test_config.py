@@ -234,12 +234,15 @@ def test_expert_layout_errors(parallel, world, message):
         validate_config(moe_layout_config(**parallel), world, cuda_available=False, te_available=False)
 
 
-def test_load_balancing_loss_is_refused_until_its_gradient_is_scaled_for_our_losses():
-    cfg = moe_layout_config()
+def test_load_balancing_loss_needs_every_layer_in_one_stage():
+    cfg = moe_layout_config(ep=2)
     cfg.model.moe_aux_loss_coeff = 0.001
-    with pytest.raises(ConfigError, match=r"model\.moe_aux_loss_coeff=0\.001: the load-balancing loss is not "
-                                          r"supported yet"):
-        validate_config(cfg, 1, cuda_available=False, te_available=False)
+    validate_config(cfg, 2, cuda_available=False, te_available=False)
+    cfg = moe_layout_config(pp=2)
+    cfg.model.moe_aux_loss_coeff = 0.001
+    with pytest.raises(ConfigError, match=r"model\.moe_aux_loss_coeff=0\.001 with parallel\.pp=2, parallel\.cp=1: "
+                                          r"the load-balancing loss pools all layers' routing"):
+        validate_config(cfg, 2, cuda_available=False, te_available=False)
 
 
 def test_expert_parallelism_needs_experts_and_valid_moe_layouts_pass():

@@ -77,14 +77,6 @@ def _tqdm(total: int, enabled: bool, unit: str):
 # HF → Megatron
 
 
-def refuse_experts(model: ModelConfig) -> None:
-    """Raise for MoE models: megatron-core keys experts differently in its checkpoints (one sharded
-    tensor per layer's experts), which the streaming layout does not write or read yet."""
-    if model.num_experts:
-        raise CheckpointError(f"the converters do not handle MoE models yet (model.family={model.family}, "
-                              f"model.num_experts={model.num_experts}); see issue 21")
-
-
 def validate_hf_checkpoint(hf_dir: Path, tp: int, pp: int, vpp: int | None) -> tuple[ModelConfig, HFSafetensors]:
     """The model config of an HF directory and its opened weights, after checking the config
     translates exactly, the layout divides the model, and every tensor name and shape matches."""
@@ -92,8 +84,9 @@ def validate_hf_checkpoint(hf_dir: Path, tp: int, pp: int, vpp: int | None) -> t
     from rlsd_megatron.models.hf_config import model_fields_from_hf
 
     model = ModelConfig(**model_fields_from_hf(hf_dir))
-    refuse_experts(model)
-    problems = layout_problems(Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp)), tp * pp)
+    # Sequence parallelism (which megatron-core requires of MoE under TP) does not change the files.
+    parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=bool(model.num_experts) and tp > 1)
+    problems = layout_problems(Config(model=model, parallel=parallel), tp * pp)
     if problems:
         raise ConfigError(f"--tp {tp} --pp {pp} does not fit {hf_dir}:\n  " + "\n  ".join(problems))
     weights = HFSafetensors(hf_dir)
@@ -127,6 +120,8 @@ def megatron_lm_args(model: ModelConfig, *, tp: int, pp: int, vpp: int | None, d
         args.append("--add-qkv-bias")
     if model.qk_layernorm:
         args.append("--qk-layernorm")
+    if model.num_experts:
+        args += moe_lm_args(model)
     if not model.tie_word_embeddings:
         args.append("--untie-embeddings-and-output-weights")
     args += [
@@ -142,6 +137,22 @@ def megatron_lm_args(model: ModelConfig, *, tp: int, pp: int, vpp: int | None, d
     return args
 
 
+def moe_lm_args(model: ModelConfig) -> list[str]:
+    """Megatron-LM's MoE arguments for a Qwen3-MoE model (the options `families.qwen3_moe` gives
+    megatron-core). The checkpoint does not depend on the expert-parallel size: add
+    `--expert-model-parallel-size` for the run's layout."""
+    from rlsd_megatron.models.families.qwen3_moe import expert_width
+
+    args = [f"--num-experts {model.num_experts}", f"--moe-router-topk {model.moe_router_topk}",
+            f"--moe-ffn-hidden-size {expert_width(model)}", "--moe-router-score-function softmax"]
+    if not model.moe_norm_topk_prob:
+        args.append("--moe-router-pre-softmax")
+    if model.moe_aux_loss_coeff > 0:
+        return args + ["--moe-router-load-balancing-type aux_loss",
+                       f"--moe-aux-loss-coeff {model.moe_aux_loss_coeff:g}"]
+    return args + ["--moe-router-load-balancing-type none"]
+
+
 def mapping_table(model: ModelConfig, layout: dict) -> list[str]:
     """One line per checkpoint tensor: torch_dist key [layer], its shape, the rule and the HF
     tensors it comes from (layer 0 stands for every layer)."""
@@ -149,22 +160,27 @@ def mapping_table(model: ModelConfig, layout: dict) -> list[str]:
     lines = []
     for meg, hf_names, kind in name_pairs(model):
         layered = meg.startswith("decoder.layers.")
-        if layered and not meg.startswith("decoder.layers.0."):
+        expert = ".mlp.experts.local_experts." in meg
+        if (layered and not meg.startswith("decoder.layers.0.")) or (expert and ".local_experts.0." not in meg):
             continue
         entry = layout[meg]
         shape = tuple(entry.data.shape)
         padded = " (vocab padded)" if getattr(entry, "allow_shape_mismatch", False) else ""
         sources = " + ".join(f"{n} {shapes[n]}" for n in hf_names)
-        lines.append(f"{entry.key}{'[0]' if layered else ''} {shape}{padded}  <-  {kind}: {sources}")
+        index = "[0, 0]" if expert else "[0]" if layered else ""
+        lines.append(f"{entry.key}{index} {shape}{padded}  <-  {kind}: {sources}")
     if model.num_layers > 1:
         lines.append(f"(layers 1..{model.num_layers - 1} like layer 0: decoder.layers.* keys stack layers on a first axis)")
+    if model.num_experts:
+        lines.append(f"(experts 1..{model.num_experts - 1} like expert 0: expert keys stack the global expert number "
+                     "on a second axis, whatever the expert-parallel size)")
     return lines
 
 
 def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
                            dtype: str = "auto", dry_run: bool = False, progress: bool = True,
                            log: Callable[[str], None] = print) -> Path | None:
-    """Convert an HF Llama/Qwen2/Qwen3 directory into the checkpoint root `out`
+    """Convert an HF Llama/Qwen2/Qwen3/Qwen3-MoE directory into the checkpoint root `out`
     (`out/release/` + tracker), padded for and checked against `--tp/--pp`; returns the
     release directory (None for a dry run or on ranks other than 0)."""
     hf_dir, out = Path(hf_dir), Path(out)
@@ -243,7 +259,6 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "a
     out = Path(out)
     checkpoint_dir = resolve_checkpoint_dir(ckpt)
     model = model_config_from_hf_config(hf_config) if hf_config else read_checkpoint_info(checkpoint_dir).model_config()
-    refuse_experts(model)
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"output directory {out} is not empty; choose a new one or remove it")
     if dtype != "auto" and dtype not in FLOAT_TYPES:

@@ -77,6 +77,11 @@ class Learner(ModelRunner):
         if len(self.model) == 1:
             self.config.no_sync_func = self.config.no_sync_func[0]
         self.config.finalize_model_grads_func = _finalize_grads_without_token_scaling
+        if cfg.model.num_experts and cfg.model.moe_aux_loss_coeff > 0:
+            from rlsd_megatron.learner.moe_aux_loss import LoadBalancingLoss
+
+            self.load_balancing = LoadBalancingLoss(chunks, cfg.model.moe_aux_loss_coeff,
+                                                    cfg.parallel.sequence_parallel)
 
         opt = cfg.optimizer
         self.optimizer = get_megatron_optimizer(
@@ -134,8 +139,13 @@ class Learner(ModelRunner):
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs: list[dict] = []
+        if self.load_balancing is not None:
+            self.load_balancing.reset()
         for index, make_chunk in enumerate(chunks):
             micro_batches = make_chunk()
+            # The load-balancing loss: the mean over the step's micro-batches (exact when the chunks
+            # are equally long) on every data-parallel rank (`learner.moe_aux_loss`).
+            self.load_balancing_weight = 1.0 / (len(micro_batches) * len(chunks) * self._data_parallel_size())
             for m in self.model:
                 m.train()  # a chunk's own forward passes leave the model in eval mode
             last = index == len(chunks) - 1
@@ -153,7 +163,16 @@ class Learner(ModelRunner):
             for key in outputs[0]:
                 values = torch.stack([o[key].float() for o in outputs])
                 stats[key] = float(values.sum() if key == "loss" else values.mean())
+        if self.load_balancing is not None:
+            values = self.load_balancing.values()
+            stats["moe_aux_loss"] = sum(values) / max(len(values), 1)  # transformers' aux, without the coefficient
         return stats
+
+    @staticmethod
+    def _data_parallel_size() -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_world_size()
 
     @contextlib.contextmanager
     def _accumulate_gradients_only(self):

@@ -76,6 +76,9 @@ class ModelRunner:
         self.cp_rank = parallel_state.get_context_parallel_rank()
         # The last stage hands the callbacks unprojected logits (train.fused_output_layer).
         self._output_options = {"output_processor": self._unprojected} if cfg.train.fused_output_layer else {}
+        # A learner's MoE load-balancing loss (`learner.moe_aux_loss`) and its weight per micro-batch.
+        self.load_balancing = None
+        self.load_balancing_weight = 0.0
 
     def _unprojected(self, *, hidden_states: torch.Tensor, output_layer, output_weight, **_):
         """GPTModel's `output_processor`: the last stage's [S, B, H] hidden states and output
@@ -163,6 +166,8 @@ class ModelRunner:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
+            if self.load_balancing is not None:
+                self.load_balancing.begin(mb, self.load_balancing_weight)
             images = {"images": mb.images.to(device)} if mb.images is not None else {}
             output = model(
                 mb.tokens.to(device),

@@ -1,6 +1,6 @@
 """The embedded rollout engine: a Hugging Face `transformers` causal LM in this process (CPU).
 
-The default engine where there is no GPU. It is a real Llama / Qwen2 / Qwen3 model built from
+The default engine where there is no GPU. It is a real Llama / Qwen2 / Qwen3 / Qwen3-MoE model built from
 our `ModelConfig` (`models.hf_config.hf_config_from_model`, no hub access) that receives the very
 same HF-named tensors as SGLang from `rollout.resharding` — written straight into its parameters
 when it lives in the learner's process (`writable_weights`), or as buckets — so a CPU run
@@ -62,6 +62,30 @@ def build_hf_model(model: ModelConfig, *, dtype: torch.dtype = torch.float32, at
     return hf.eval()
 
 
+def checkpoint_views(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`named` (a transformers model's parameters, or tensors keyed like them, e.g. gradients)
+    under the names its checkpoints and the weight sync use, as views of the same memory.
+
+    transformers 5 holds a Qwen3-MoE layer's experts fused in 3-D tensors (`mlp.experts.gate_up_proj`
+    [E, 2F, H]: per expert [gate; up]; `mlp.experts.down_proj` [E, H, F]); checkpoints, SGLang and
+    our mapping name each expert's `gate_proj` / `up_proj` / `down_proj` [F, H] / [F, H] / [H, F] on
+    its own. Other names pass through.
+    """
+    views = {}
+    for name, tensor in named.items():
+        if name.endswith(".experts.gate_up_proj"):
+            prefix = name.removesuffix("gate_up_proj")
+            for j, fused in enumerate(tensor.unbind(0)):
+                gate, up = fused.chunk(2, dim=0)
+                views[f"{prefix}{j}.gate_proj.weight"], views[f"{prefix}{j}.up_proj.weight"] = gate, up
+        elif name.endswith(".experts.down_proj"):
+            prefix = name.removesuffix("down_proj")
+            views.update({f"{prefix}{j}.down_proj.weight": down for j, down in enumerate(tensor.unbind(0))})
+        else:
+            views[name] = tensor
+    return views
+
+
 def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One sampling step. logits [B, V] (any float dtype), uniforms [B] in [0, 1) → (token ids
     [B] int64, log-probs [B] fp32 of those tokens under log_softmax(logits / T))."""
@@ -112,7 +136,8 @@ class EmbeddedEngine(RolloutEngine):
         self.max_batch_size = max_batch_size
         self.weight_version: int | None = None
         self.asleep = False
-        self._params = dict(self.model.named_parameters())  # tied lm_head appears once, as embed_tokens
+        # By checkpoint name (tied lm_head appears once, as embed_tokens; MoE experts one by one).
+        self._params = checkpoint_views({name: param.detach() for name, param in self.model.named_parameters()})
 
     # -- weights ---------------------------------------------------------------------------
     def update_weights(self, buckets: Iterable, version: int) -> None:
@@ -139,7 +164,7 @@ class EmbeddedEngine(RolloutEngine):
 
     def writable_weights(self) -> dict[str, torch.Tensor]:
         """Parameters by HF name: in-process, the sync writes into them directly."""
-        return {name: param.data for name, param in self._params.items()}
+        return dict(self._params)
 
     def weights_written(self, names: set[str], version: int) -> None:
         missing = sorted(set(self._params) - set(names))

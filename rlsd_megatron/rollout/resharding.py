@@ -23,7 +23,13 @@ of the whole model:
    `megatron_to_hf(unshard_tensors(shards))` whenever the shard layout is contiguous per rank
    (stride 1; SwiGLU fc1's stride 2 with its gate/up halves); anything else takes that reference
    path (`tests/rollout/test_resharding_pieces.py` checks both agree);
-4. for an FP8 engine (the `fp8` argument, see `rollout.fp8`), each projection weight is assembled
+4. MoE experts (`models.sharding`: expert j of a layer lives on one expert-parallel rank, split
+   over the expert-TP group) are planned over the EP group too: the owning EP rank gathers an
+   expert's expert-TP shards, then broadcasts them over the EP group (before the PP broadcast),
+   so every rank of the EP group streams every expert under its HF per-expert names
+   (`mlp.experts.{j}.gate_proj/up_proj/down_proj`, what SGLang's Qwen3-MoE loader reads). The
+   EP group spans data-parallel replicas, so all of them sync together (as the trainer does);
+5. for an FP8 engine (the `fp8` argument, see `rollout.fp8`), each projection weight is assembled
    whole (its TP pieces concatenated: a block's scale needs its rows from every shard) and
    written as its fp8 tensor followed by its `weight_scale_inv`.
 
@@ -74,6 +80,7 @@ class ParamInfo:
     dtype: torch.dtype
     kind: str  # hf_mapping rule kind: copy / qkv / gate_up
     hf: tuple[tuple[str, tuple[int, ...]], ...]  # HF names and shapes it becomes
+    expert_rank: int | None = None  # an MoE expert's: the expert-parallel rank that holds it
 
 
 def _canonical_shape(layout: ShardLayout, local_shape: tuple[int, ...], tp: int, vocab_size: int) -> tuple[int, ...]:
@@ -96,18 +103,24 @@ def plan_stream(chunks: list[torch.nn.Module], model: ModelConfig) -> list[Param
     targets; validated against the family mapping (collective over the PP group)."""
     from megatron.core import parallel_state
 
-    tp = parallel_state.get_tensor_model_parallel_world_size()
     mine = []
     for module, local_name, param in local_parameters(chunks):
         if not is_tied_output_copy(module, local_name):
-            mine.append((shard_layout(module, local_name, param), tuple(param.shape), param.dtype, local_name))
+            layout = shard_layout(module, local_name, param)
+            expert_rank = parallel_state.get_expert_model_parallel_rank() if layout.expert else None
+            mine.append((layout, tuple(param.shape), param.dtype, local_name, expert_rank))
+    if parallel_state.get_expert_model_parallel_world_size() > 1:  # this stage's experts of every EP rank
+        ranks: list = [None] * parallel_state.get_expert_model_parallel_world_size()
+        dist.all_gather_object(ranks, [e for e in mine if e[0].expert],
+                               group=parallel_state.get_expert_model_parallel_group())
+        mine = [e for e in mine if not e[0].expert] + [e for entries in ranks for e in entries]
     stages: list = [mine]
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         stages = [None] * parallel_state.get_pipeline_model_parallel_world_size()
         dist.all_gather_object(stages, mine, group=parallel_state.get_pipeline_model_parallel_group())
 
-    owned = {layout.name: (owner, layout, shape, dtype, local_name)
-             for owner, entries in enumerate(stages) for layout, shape, dtype, local_name in entries}
+    owned = {layout.name: (owner, layout, shape, dtype, local_name, expert_rank)
+             for owner, entries in enumerate(stages) for layout, shape, dtype, local_name, expert_rank in entries}
     pairs = name_pairs(model)
     known = {meg for meg, _, _ in pairs}
     unmapped = sorted(f"{name} (stage {o[0]} parameter {o[4]!r})" for name, o in owned.items() if name not in known)
@@ -122,8 +135,8 @@ def plan_stream(chunks: list[torch.nn.Module], model: ModelConfig) -> list[Param
     hf_shapes = expected_hf_shapes(model)
     plan = []
     for meg, hf_names, kind in pairs:
-        owner, layout, local_shape, dtype, local_name = owned[meg]
-        full_shape = _canonical_shape(layout, local_shape, tp, model.vocab_size)
+        owner, layout, local_shape, dtype, local_name, expert_rank = owned[meg]
+        full_shape = _canonical_shape(layout, local_shape, _tp_group(layout)[1], model.vocab_size)
         targets = tuple((name, hf_shapes[name]) for name in hf_names)
         implied = _implied_megatron_shape(kind, [s for _, s in targets])
         if full_shape != implied:
@@ -131,8 +144,26 @@ def plan_stream(chunks: list[torch.nn.Module], model: ModelConfig) -> list[Param
                 f"Megatron parameter {meg} (stage {owner} {local_name!r}) has canonical shape {full_shape}, "
                 f"the {model.family} config implies {implied} for {', '.join(hf_names)}"
             )
-        plan.append(ParamInfo(meg, owner, layout, local_shape, full_shape, dtype, kind, targets))
+        plan.append(ParamInfo(meg, owner, layout, local_shape, full_shape, dtype, kind, targets, expert_rank))
     return plan
+
+
+def _tp_group(layout: ShardLayout) -> tuple:
+    """(group, size) that tensor-parallel-shards `layout`'s parameter: expert-TP for experts."""
+    from megatron.core import parallel_state
+
+    if layout.expert:
+        return (parallel_state.get_expert_tensor_parallel_group(),
+                parallel_state.get_expert_tensor_parallel_world_size())
+    return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _holds(info: ParamInfo) -> bool:
+    """Whether this rank holds a shard of `info` (its stage, and its EP rank for an expert)."""
+    from megatron.core import parallel_state
+
+    return info.stage == parallel_state.get_pipeline_model_parallel_rank() and (
+        info.expert_rank is None or info.expert_rank == parallel_state.get_expert_model_parallel_rank())
 
 
 def bucket_plan(plan: list[ParamInfo], bucket_bytes: int, fp8: Fp8BlockConfig | None = None) -> list[list[TensorSlot]]:
@@ -169,12 +200,9 @@ class _Arriving:
 def _start_shards(info: ParamInfo, local: dict, scratch: _Scratch) -> _Arriving:
     """Start moving `info`'s TP shards (one tensor when replicated) to this rank. On gloo the TP
     gather is one async broadcast per rank, so it runs while the previous parameter is copied."""
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_tensor_model_parallel_group()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    group, tp = _tp_group(info.layout)
     partitioned = info.layout.tp_dim is not None and tp > 1
-    if info.stage != parallel_state.get_pipeline_model_parallel_rank():  # arrives over PP later
+    if not _holds(info):  # arrives over EP / PP later
         return _Arriving(info, list(scratch.tensor((tp if partitioned else 1, *info.local_shape), info.dtype).unbind(0)), [])
     param = local[info.name].detach()
     if not partitioned:
@@ -192,11 +220,18 @@ def _start_shards(info: ParamInfo, local: dict, scratch: _Scratch) -> _Arriving:
 
 
 def _finish_shards(arriving: _Arriving) -> list[torch.Tensor]:
-    """Wait for the TP shards, then (with PP) broadcast them from the owning stage."""
+    """Wait for the TP shards, then broadcast them from the owning EP rank (an expert's, on its
+    stage) and (with PP) from the owning stage."""
     from megatron.core import parallel_state
 
     for work in arriving.works:
         work.wait()
+    info = arriving.info
+    if (info.expert_rank is not None and parallel_state.get_expert_model_parallel_world_size() > 1
+            and info.stage == parallel_state.get_pipeline_model_parallel_rank()):
+        group = parallel_state.get_expert_model_parallel_group()
+        for shard in arriving.shards:
+            dist.broadcast(shard, src=dist.get_global_rank(group, info.expert_rank), group=group)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         group = parallel_state.get_pipeline_model_parallel_group()
         for shard in arriving.shards:

@@ -348,7 +348,9 @@ class Trainer:
         from rlsd_megatron.rollout.weight_sync import sync_weights
 
         stats = None
-        if self.learner.cp_rank == 0:  # other CP ranks' model-parallel groups hold no engine (replica_group)
+        # Other CP ranks' model-parallel groups hold no engine (replica_group), but megatron's
+        # expert-parallel group may span CP ranks: with EP every rank takes part in the stream.
+        if self.learner.cp_rank == 0 or self.cfg.parallel.ep > 1:
             if self.engine is not None:  # weights first, KV cache after the sync: a lower peak
                 self.engine.wake(["weights"])
             stats = sync_weights(self.learner.model, self.cfg.model, self.engine, version=self.step,

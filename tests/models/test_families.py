@@ -104,5 +104,6 @@ def test_qwen3_moe_router_options_follow_norm_topk_prob():
         "num_moe_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 16, "moe_router_pre_softmax": False,
         "moe_router_load_balancing_type": "none", "moe_router_score_function": "softmax"}
     options = family.transformer_options(tiny_model("qwen3_moe", moe_norm_topk_prob=False, moe_aux_loss_coeff=0.001))
+    # megatron-core's own aux loss stays off: the learner adds transformers' (learner.moe_aux_loss).
     assert (options["moe_router_pre_softmax"], options["moe_router_load_balancing_type"],
-            options["moe_aux_loss_coeff"]) == (True, "aux_loss", 0.001)
+            options["moe_aux_loss_coeff"]) == (True, "none", 0.0)

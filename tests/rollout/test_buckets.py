@@ -92,3 +92,24 @@ def test_recycled_cpu_buffers_never_overwrite_a_kept_view():
         del bucket
     for name, view in kept:
         assert torch.equal(view, dict(tensors)[name]), name
+
+
+def test_qwen3_30b_a3b_sync_plan_is_bounded_with_128_experts_per_layer():
+    """The weight sync's bucket plan for Qwen3-30B-A3B's shapes (48 layers x 128 experts, 18 k
+    expert tensors; bf16, the default 512 MiB buckets), in the stream's order: only a tensor over
+    the bound (the embedding, the head) gets a bucket alone, every other bucket stays within it, so
+    no bucket holds more than a fraction of one layer's experts (1.2 GB of them per layer)."""
+    from rlsd_megatron.config import ModelConfig
+    from rlsd_megatron.models.hf_mapping import expected_hf_shapes
+    from rlsd_megatron.rollout.buckets import DEFAULT_BUCKET_BYTES, packed_bytes, plan_buckets
+
+    model = ModelConfig(family="qwen3_moe", vocab_size=151936, hidden_size=2048, num_layers=48, num_attention_heads=32,
+                        num_query_groups=4, kv_channels=128, ffn_hidden_size=6144, qk_layernorm=True, num_experts=128,
+                        moe_router_topk=8, moe_ffn_hidden_size=768, moe_norm_topk_prob=True)
+    shapes = expected_hf_shapes(model)
+    buckets = plan_buckets(((name, shape, torch.bfloat16) for name, shape in shapes.items()), DEFAULT_BUCKET_BYTES)
+    assert sum(len(b) for b in buckets) == len(shapes) > 48 * 128 * 3
+    for bucket in buckets:
+        assert len(bucket) == 1 or packed_bytes(bucket) <= DEFAULT_BUCKET_BYTES, [s.name for s in bucket[:3]]
+    layer_experts = 128 * 3 * 768 * 2048 * 2
+    assert max(packed_bytes(b) for b in buckets if ".experts." in b[0].name) < layer_experts / 2

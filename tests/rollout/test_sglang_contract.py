@@ -301,3 +301,64 @@ def test_missing_sglang_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sglang", None)
     with pytest.raises(ImportError, match=r"pip install -e \.\[gpu\].*rollout.backend=embedded"):
         sglang_engine.import_sglang()
+
+
+def test_qwen3_moe_loader_takes_our_expert_names(wheel):
+    """The names the weight sync pushes for Qwen3-MoE (every expert on its own, `mlp.experts.{j}.
+    gate_proj/up_proj/down_proj`, the router as `mlp.gate`) run through 0.5.23's own
+    `Qwen3MoeForCausalLM.load_weights` name logic (its stacked mapping and `FusedMoE.
+    make_expert_params_mapping`, executed from the wheel): each expert tensor lands in the fused
+    `w13_weight` (gate = w1, up = w3) or `w2_weight` of its own expert id, the router and the rest by
+    name, none skipped."""
+    from rlsd_megatron.models.hf_mapping import expected_hf_shapes
+    from rlsd_megatron.models.hf_config import hf_config_from_model
+    from tests.hf_models import tiny_model
+
+    model_src = wheel.read("sglang/srt/models/qwen3_moe.py").decode()
+    loader = methods(classes(ast.parse(model_src))["Qwen3MoeForCausalLM"])["load_weights"]
+    stacked = next(ast.literal_eval(n.value) for n in ast.walk(loader)
+                   if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "stacked_params_mapping")
+    call = next(n for n in ast.walk(loader) if isinstance(n, ast.Call)
+                and getattr(n.func, "attr", None) == "make_expert_params_mapping")
+    ckpt_names = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg != "num_experts"}
+    assert 'if "mlp.experts" in name:' in ast.get_source_segment(model_src, loader)  # experts skip the stacking
+    # The router and the MoE block are registered as `mlp.gate` under `mlp`; experts counted by num_experts.
+    assert 'prefix=add_prefix("gate", prefix)' in model_src and "self.mlp = Qwen3MoeSparseMoeBlock(" in model_src
+    assert "num_experts=self.config.num_experts" in model_src
+    fused = classes(source(wheel, "sglang.srt.layers.moe.fused_moe_triton.layer"))["FusedMoE"]
+    make = methods(fused)["make_expert_params_mapping"]
+    namespace: dict = {"List": list, "Tuple": tuple}
+    exec(compile(ast.Module(body=[without_decorators(make)], type_ignores=[]), "layer.py", "exec"), namespace)
+
+    model = tiny_model("qwen3_moe")
+    assert hf_config_from_model(model)["num_experts"] == model.num_experts
+    mapping = namespace["make_expert_params_mapping"](None, num_experts=model.num_experts, **ckpt_names)
+    loaded = {}
+    for name in expected_hf_shapes(model):
+        target = None
+        for param_name, weight_name, shard_id in stacked:
+            if weight_name in name and "mlp.experts" not in name:
+                target = (name.replace(weight_name, param_name), shard_id)
+                break
+        else:
+            for param_name, weight_name, expert_id, shard_id in mapping:
+                if weight_name in name:
+                    target = (name.replace(weight_name, param_name), expert_id, shard_id)
+                    break
+            else:
+                target = (name,)
+        loaded[name] = target
+    prefix = "model.layers.1.mlp.experts"
+    assert loaded[f"{prefix}.3.gate_proj.weight"] == (f"{prefix}.w13_weight", 3, "w1")
+    assert loaded[f"{prefix}.3.up_proj.weight"] == (f"{prefix}.w13_weight", 3, "w3")
+    assert loaded[f"{prefix}.2.down_proj.weight"] == (f"{prefix}.w2_weight", 2, "w2")
+    assert loaded["model.layers.1.mlp.gate.weight"] == ("model.layers.1.mlp.gate.weight",)
+    assert loaded["model.layers.0.self_attn.k_proj.weight"] == ("model.layers.0.self_attn.qkv_proj.weight", "k")
+    experts = {v for n, v in loaded.items() if ".mlp.experts." in n}
+    assert len(experts) == 3 * model.num_experts * model.num_layers  # every expert tensor a place of its own
+
+
+def without_decorators(function: ast.FunctionDef) -> ast.FunctionDef:
+    """`function` without its decorators (a classmethod executed as a plain function of `cls`)."""
+    function.decorator_list = []
+    return function

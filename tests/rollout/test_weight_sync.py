@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from rlsd_megatron.config import Config, ParallelConfig
-from tests.hf_models import random_hf_model, tiny_model
+from tests.hf_models import hf_checkpoint_state, random_hf_model, tiny_model
 
 BUCKET_BYTES = 16 * 1024  # many buckets, boundaries inside layers
 TEMPERATURE = 0.8
@@ -32,11 +32,15 @@ MODELS = {
     "llama": tiny_model("llama", **SIZES, max_position_embeddings=8192),
     "qwen2": tiny_model("qwen2", **SIZES),
     "qwen3": tiny_model("qwen3", **SIZES, kv_channels=16, tie_word_embeddings=True),
+    # 16 experts of 1.5 KB per tensor: a bucket holds a few experts' tensors, never a layer's worth.
+    "qwen3_moe": tiny_model("qwen3_moe", **SIZES, num_experts=16, moe_ffn_hidden_size=12),
 }
-# (family, tp, pp, path): "buckets" streams FlatBuckets into `update_weights` (SGLang's path),
-# "direct" lets `sync_weights` write into the in-process engine's parameters.
+# (family, tp, pp, path[, ep]): "buckets" streams FlatBuckets into `update_weights` (SGLang's path),
+# "direct" lets `sync_weights` write into the in-process engine's parameters. MoE at EP=2 x TP=2
+# and EP=2 x PP=2 (the EP group spans the two data-parallel replicas; each hosts an engine).
 CASES = [("llama", 2, 2, "buckets"), ("qwen2", 2, 2, "direct"), ("qwen3", 2, 2, "buckets"), ("llama", 2, 1, "direct"),
-         ("qwen3", 1, 2, "buckets"), ("qwen2", 1, 2, "direct")]
+         ("qwen3", 1, 2, "buckets"), ("qwen2", 1, 2, "direct"), ("qwen3_moe", 2, 1, "buckets", 2),
+         ("qwen3_moe", 1, 2, "direct", 2)]
 
 
 def fixed_sequences(vocab: int) -> list[torch.Tensor]:
@@ -78,7 +82,7 @@ def _from_first(value):
     return next(v for v in values if v is not None)
 
 
-def run_case(family: str, tp: int, pp: int, path: str) -> dict:
+def run_case(family: str, tp: int, pp: int, path: str, ep: int = 1) -> dict:
     from rlsd_megatron.learner.learner import Learner
     from rlsd_megatron.models.hf_mapping import hf_to_megatron
     from rlsd_megatron.parallel.state import model_parallel
@@ -87,14 +91,21 @@ def run_case(family: str, tp: int, pp: int, path: str) -> dict:
     from rlsd_megatron.rollout.buckets import packed_bytes
     from rlsd_megatron.rollout.resharding import bucket_plan, plan_stream
 
+    from megatron.core import parallel_state
+
     model = MODELS[family]
-    hf_state = dict(random_hf_model(model, seed=3).state_dict())
+    hf = random_hf_model(model, seed=3)
+    hf_state = hf_checkpoint_state(hf)
     full = dict(hf_to_megatron(hf_state.__getitem__, model))
     result: dict = {}
-    with model_parallel(tp=tp, pp=pp):
-        learner = Learner(Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp)))
+    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=ep > 1 and tp > 1)
+    with model_parallel(tp=tp, pp=pp, ep=ep):
+        learner = Learner(Config(model=model, parallel=parallel))
         learner.load_full_state(full)
-        engine = EmbeddedEngine(model) if dist.get_rank() == 0 else None
+        # With EP, the rank of the other data-parallel replica (which holds the other experts)
+        # hosts an engine too; rank 0's is the one checked.
+        hosts = dist.get_rank() == 0 or (ep > 1 and parallel_state.get_model_parallel_group().rank() == 0)
+        engine = EmbeddedEngine(model) if hosts else None
         FlatBucket.reset_peak()
         if path == "direct":
             sync_weights(learner.model, model, engine, version=7, bucket_bytes=BUCKET_BYTES)
@@ -127,10 +138,21 @@ def run_case(family: str, tp: int, pp: int, path: str) -> dict:
         generations = _from_first(engine.generate(prompts, sampling) if engine is not None else None)
         sampled = [torch.tensor(prompts[g.prompt_index] + g.token_ids) for g in generations]
         sampled_lp = _from_first(learner_log_probs(learner, sampled, model.vocab_size))
-        if engine is not None:
+        if ep > 1 and engine is not None:  # the other replica's engine received the same weights
+            greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=6)
+            result["greedy"] = [g.token_ids for g in engine.generate(prompts, greedy)]
+            result["greedy_replicas"] = [None] * 2
+            dist.all_gather_object(result["greedy_replicas"], result["greedy"],
+                                   group=parallel_state.get_data_parallel_group())
+            with torch.no_grad():  # transformers' own greedy generation on the original weights
+                result["greedy_hf"] = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=6)[0, len(p):]
+                                       .tolist() for p in prompts]
+        elif ep > 1:
+            dist.all_gather_object([None] * 2, None, group=parallel_state.get_data_parallel_group())
+        if dist.get_rank() == 0:
             got = engine_log_probs(engine, sequences)
             result["fixed_diff"] = max(float((a - b).abs().max()) for a, b in zip(got, want))
-            state = dict(engine.model.state_dict())
+            state = hf_checkpoint_state(engine.model)
             result["bit_exact"] = sorted(n for n in hf_state if not torch.equal(state[n], hf_state[n]))
             learner_lp = torch.cat([lp[len(prompts[g.prompt_index]):] for lp, g in zip(sampled_lp, generations)])
             engine_lp = torch.cat([torch.tensor(g.log_probs) for g in generations])
@@ -200,13 +222,16 @@ def results(dist_pool):
     return dist_pool(4).run(all_cases, timeout=600)[0]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{f}-tp{t}-pp{p}-{path}" for f, t, p, path in CASES])
+@pytest.mark.parametrize("case", CASES, ids=["{}-tp{}-pp{}-{}".format(*case) + "".join(f"-ep{e}" for e in case[4:])
+                                             for case in CASES])
 def test_learner_to_embedded_engine(results, case):
     got = results["cases"][case]
     assert got["bit_exact"] == [], f"tensors changed on the way: {got['bit_exact']}"
     assert got["fixed_diff"] < 1e-4, got["fixed_diff"]
     assert got["sampled"].tokens > 0 and got["sampled"].max_abs < 1e-4, got["sampled"]
     assert got["version"] == 7
+    if case[0] == "qwen3_moe":  # greedy generation after the sync equals transformers' on the same weights
+        assert got["greedy"] == got["greedy_hf"] and got["greedy_replicas"] == [got["greedy"]] * 2
     largest_bucket = got["largest_bucket"]
     assert largest_bucket <= BUCKET_BYTES
     for peak, buckets in got["peaks"]:

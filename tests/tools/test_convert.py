@@ -24,8 +24,9 @@ from tests.hf_models import random_hf_model, tiny_families
 
 TOL = 1e-5
 # Every dense family at TP=2 (4 heads, 2 KV groups) / PP=2 (one layer per stage), vocab 97 (padded).
-# MoE checkpoints (megatron-core's expert keys in the streaming layout) are issue 21's converter slice.
 FAMILIES = {name: model for name, model in tiny_families().items() if model.num_experts is None}
+# Qwen3-MoE (4 experts over 2 layers) converted for TP=2 and loaded at EP=2 x TP=2 and EP=2 x PP=2.
+MOE = tiny_families()["qwen3_moe"]
 
 
 def sequences(vocab: int) -> list[torch.Tensor]:
@@ -86,17 +87,21 @@ def run_cli(main, argv: list[str]) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-def logits_from_checkpoint(ckpt, model: ModelConfig, tp: int, pp: int, seqs):
-    """Load `ckpt` into a learner at (tp, pp) and return the full-vocabulary logits per sequence."""
+def parallel_layout(model: ModelConfig, tp: int, pp: int, ep: int) -> ParallelConfig:
+    """(tp, pp, ep), with the sequence parallelism megatron-core requires of MoE under TP."""
+    return ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=bool(model.num_experts) and tp > 1)
+
+
+def logits_from_checkpoint(ckpt, model: ModelConfig, tp: int, pp: int, seqs, ep: int = 1):
+    """Load `ckpt` into a learner at (tp, pp, ep) and return the full-vocabulary logits per sequence."""
     from megatron.core import parallel_state
 
     from rlsd_megatron.checkpoint import load_checkpoint
-    from rlsd_megatron.learner.batch import padded_micro_batch
     from rlsd_megatron.learner.learner import Learner
     from rlsd_megatron.parallel.state import model_parallel
 
-    with model_parallel(tp=tp, pp=pp):
-        learner = Learner(Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp)))
+    with model_parallel(tp=tp, pp=pp, ep=ep):
+        learner = Learner(Config(model=model, parallel=parallel_layout(model, tp, pp, ep)))
         load_checkpoint(ckpt, learner.model, model=model)
 
         def gather(logits, mb):
@@ -105,33 +110,33 @@ def logits_from_checkpoint(ckpt, model: ModelConfig, tp: int, pp: int, seqs):
             dist.all_gather(shards, logits.contiguous(), group=group)
             return {"logits": torch.cat(shards, dim=-1)[..., : model.vocab_size]}
 
-        outputs = learner.forward([padded_micro_batch(seqs)], gather)
+        outputs = learner.forward([learner.micro_batch(seqs)], gather)
         if outputs is None or parallel_state.get_tensor_model_parallel_rank() != 0:
             return None
         return [outputs[0]["logits"][i, : len(s)] for i, s in enumerate(seqs)]
 
 
-def save_learner(root, model: ModelConfig, tp: int, pp: int):
-    """A seeded learner at (tp, pp) saved as iteration 7; returns its canonical weights."""
+def save_learner(root, model: ModelConfig, tp: int, pp: int, ep: int = 1):
+    """A seeded learner at (tp, pp, ep) saved as iteration 7; returns its canonical weights."""
     from rlsd_megatron.checkpoint import save_checkpoint
     from rlsd_megatron.learner.learner import Learner
     from rlsd_megatron.parallel.state import model_parallel
 
-    with model_parallel(tp=tp, pp=pp, seed=42):
-        cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp))
+    with model_parallel(tp=tp, pp=pp, ep=ep, seed=42):
+        cfg = Config(model=model, parallel=parallel_layout(model, tp, pp, ep))
         learner = Learner(cfg)
         save_checkpoint(root, learner.model, cfg, iteration=7)
         return learner.full_state()
 
 
-def load_learner(ckpt, model: ModelConfig, tp: int, pp: int):
-    """Canonical weights of a learner at (tp, pp) after loading `ckpt`."""
+def load_learner(ckpt, model: ModelConfig, tp: int, pp: int, ep: int = 1):
+    """Canonical weights of a learner at (tp, pp, ep) after loading `ckpt`."""
     from rlsd_megatron.checkpoint import load_checkpoint
     from rlsd_megatron.learner.learner import Learner
     from rlsd_megatron.parallel.state import model_parallel
 
-    with model_parallel(tp=tp, pp=pp, seed=3):
-        learner = Learner(Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp)))
+    with model_parallel(tp=tp, pp=pp, ep=ep, seed=3):
+        learner = Learner(Config(model=model, parallel=parallel_layout(model, tp, pp, ep)))
         loaded = load_checkpoint(ckpt, learner.model, model=model)
         learner.optimizer.reload_model_params()
         return loaded.iteration, learner.full_state()
@@ -295,12 +300,35 @@ def test_fp8_export_with_modelopt(tmp_path):
     assert "model.layers.0.mlp.down_proj.weight_scale" in weights
 
 
-def test_moe_checkpoints_are_refused_until_the_converters_handle_experts(tmp_path):
-    from rlsd_megatron.checkpoint import CheckpointError
-    from rlsd_megatron.checkpoint.convert import validate_hf_checkpoint
-    from tests.hf_models import tiny_model
+def test_moe_converts_at_any_expert_layout_and_round_trips_bit_exact(dist_pool, tmp_path):
+    """HF Qwen3-MoE → Megatron (for TP=2) → a learner at EP=2 x TP=2 gives HF's logits; the export
+    back is bit-exact and transformers loads it; a learner saved at EP=2 x PP=2 goes to HF and back
+    to EP=2 x TP=2 unchanged (megatron keys experts by global number, so EP is not in the files)."""
+    import transformers
 
-    random_hf_model(tiny_model("qwen3_moe")).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=r"the converters do not handle MoE models yet \(model.family=qwen3_moe, "
-                                              r"model.num_experts=4\)"):
-        validate_hf_checkpoint(tmp_path, 1, 1, None)
+    pool = dist_pool(4)
+    hf = save_hf_model(MOE, tmp_path / "hf")
+    lines = pool.run(convert_to_megatron, tmp_path / "hf", tmp_path / "megatron", 2, 1)[0]
+    assert any("at most 1 held at once" in line for line in lines) and "--num-experts 4" in "".join(lines)
+    seqs = sequences(MOE.vocab_size)
+    with torch.no_grad():
+        want = [hf(s[None]).logits[0] for s in seqs]
+    got = next(r for r in pool.run(logits_from_checkpoint, tmp_path / "megatron", MOE, 2, 1, seqs, 2) if r)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=TOL)
+
+    pool.run(convert_to_hf, tmp_path / "megatron", tmp_path / "back", max_shard_size="30KB")
+    source, back = safetensors_state(tmp_path / "hf"), safetensors_state(tmp_path / "back")
+    assert sorted(back) == sorted(source) and "model.layers.1.mlp.experts.3.down_proj.weight" in back
+    assert all(torch.equal(back[name], source[name]) for name in source)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager")
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(seqs[0][None]).logits, hf(seqs[0][None]).logits)
+
+    saved = pool.run(save_learner, tmp_path / "run", MOE, 1, 2, 2)[0]
+    pool.run(convert_to_hf, tmp_path / "run", tmp_path / "run_hf")
+    pool.run(convert_to_megatron, tmp_path / "run_hf", tmp_path / "run_megatron", 2, 1)
+    _, via_hf = pool.run(load_learner, tmp_path / "run_megatron", MOE, 2, 1, 2)[0]
+    assert sorted(via_hf) == sorted(saved) and "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight" in saved
+    for name in saved:
+        assert torch.equal(via_hf[name], saved[name]), name

@@ -7,12 +7,11 @@ by their sum when `norm_topk_prob`; megatron-core: top-k of the logits, then sof
 the same numbers). Without `norm_topk_prob` the weights are the full softmax's top-k values,
 which is megatron-core's `moe_router_pre_softmax`.
 
-The load-balancing loss: `router_aux_loss_coef` becomes megatron-core's `moe_aux_loss_coeff` as
-it is, but the two losses are not the same function: HF pools every layer's tokens into one loss
-E·Σ_e f_e·P_e (f_e: share of routed slots, summing to k), megatron adds one per layer and
-micro-batch with f_e summing to 1 (so 1/k of HF's for one layer), and counts the local layers'
-padding tokens. It is refused for now (config_checks): megatron-core scales its gradient by the
-micro-batch's tokens for a finalize step that our learner replaces.
+The load-balancing loss: `router_aux_loss_coef` becomes `model.moe_aux_loss_coeff` as it is, and
+the learner adds transformers' loss (`learner.moe_aux_loss`): HF pools every layer's tokens into
+one loss E·Σ_e f_e·P_e (f_e: share of routed slots, summing to k), which megatron-core's (one per
+layer and micro-batch with f_e summing to 1, scaled by the tokens for a finalize step our learner
+replaces) is not, so megatron's stays off.
 
 Tensor names: HF checkpoints keep every expert on its own (`mlp.experts.{j}.gate_proj.weight`,
 what `save_pretrained` writes and SGLang loads; transformers 5 fuses them into 3-D tensors in
@@ -88,8 +87,10 @@ class Qwen3Moe(Qwen3):
             "moe_router_score_function": "softmax",
             # norm_topk_prob: softmax over the k chosen logits; without it, the full softmax's top-k.
             "moe_router_pre_softmax": not model.moe_norm_topk_prob,
-            "moe_router_load_balancing_type": "aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
-            "moe_aux_loss_coeff": model.moe_aux_loss_coeff,
+            # megatron-core's aux loss is per layer and token-scaled for its own finalize; the learner
+            # adds transformers' pooled one instead (`learner.moe_aux_loss`).
+            "moe_router_load_balancing_type": "none",
+            "moe_aux_loss_coeff": 0.0,
         }
 
     def tensor_rules(self, model: ModelConfig) -> list[TensorRule]:
