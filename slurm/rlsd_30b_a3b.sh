@@ -20,8 +20,8 @@
 # phase needs 85.7 GiB > 74 with the engine at 0.6 of the GPU (73.7 at 0.45: no headroom and
 # ~20 GiB of KV cache). 4 nodes halve the expert state and leave 5.7 GiB of headroom.
 # The planner assumes tokens spread evenly over the experts (its MoE dispatcher row); the
-# load-balancing loss is off (model.moe_aux_loss_coeff=0), as is usual in RL post-training of a
-# model whose router was balanced in pre-training.
+# load-balancing loss keeps the released model's coefficient (0.001, pooled over every layer as
+# transformers defines it, which needs PP=1 and CP=1: learner/moe_aux_loss.py).
 #
 #   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_qwen3_30b_a3b.yaml --world-size 32
 #   model: 30.53B parameters (qwen3_moe, 48 layers, hidden 2048, 32 heads / 4 KV groups, 128 experts (top-8) of width 768, vocab 151936) from the model.* fields of examples/configs/rlsd_qwen3_30b_a3b.yaml
