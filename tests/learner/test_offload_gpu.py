@@ -9,23 +9,13 @@ import pytest
 import torch
 
 from rlsd_megatron.config import Config, ModelConfig, PrecisionConfig
+from tests.trainer.test_in_update import _optimizer_state
 
 pytestmark = pytest.mark.gpu
 
 # ~100M parameters: weights 0.2 GB (bf16) + fp32 grads 0.4 GB + main weights and Adam 1.2 GB.
 MODEL = ModelConfig(family="qwen3", vocab_size=8192, hidden_size=1024, num_layers=6, num_attention_heads=16,
                     num_query_groups=4, kv_channels=64, ffn_hidden_size=4096, qk_layernorm=True)
-
-
-def _optimizer_state(learner) -> list[torch.Tensor]:
-    out = []
-    for wrapper in getattr(learner.optimizer, "chained_optimizers", [learner.optimizer]):
-        inner = wrapper.optimizer
-        for group in inner.param_groups:
-            for param in group["params"]:
-                state = inner.state[param]
-                out += [state[k].detach().cpu().clone() for k in sorted(state) if isinstance(state[k], torch.Tensor)]
-    return out
 
 
 def offload_round_trip(mode: str) -> dict:
