@@ -179,6 +179,19 @@ class TrainConfig:
     # the backward recomputes each chunk's matmul. Not with distillation losses on whole distributions.
     fused_output_layer: bool = False
     fused_output_chunk_tokens: int = 1024  # tokens per chunk of the fused output layer (its logits: chunk x V/TP fp32)
+    # Skip the score phase's forward of the student: with one optimizer step per rollout batch (ppo_epochs x
+    # optimizer_steps_per_batch = 1) the ratio's old log-probs are the current policy's, which the update's own
+    # forward computes with the same weights on the same micro-batches, so the loss takes them from there
+    # (detached) and computes the token advantages (RLSD's teacher weights, OPD's log-ratio), TIS weights and the
+    # engine mismatch from them, per token (trainer/in_update.py). Same update bit for bit; the advantage and
+    # mismatch metrics become means over micro-batches, and rollout.max_logprob_mismatch (a check *before* the
+    # update) cannot be used with it.
+    student_log_probs_in_update: bool = False
+    # Move the learner's weights, gradients and optimizer state off the GPU while the colocated engine generates
+    # (after the weight sync) and back before scoring (learner/offload.py), so the engine can take the learner's
+    # memory (rollout.mem_fraction_static; the planner counts it). none | copy (pinned host buffers, any device) |
+    # torch_memory_saver (GPU: pause / resume of the learner's allocations, the [gpu] extra's package).
+    offload: Literal["none", "copy", "torch_memory_saver"] = "none"
     # Benchmarks evaluated with the validation, every eval_interval steps and after the last: a YAML list in
     # rlsd-eval's format (rlsd_megatron/eval/benchmarks.py), logged as eval/<name>/avg@n, pass@k, maj@n, ...
     # None: none.

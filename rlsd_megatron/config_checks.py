@@ -187,6 +187,18 @@ def algorithm_problems(cfg: Config) -> list[str]:
         owners = " / ".join(name.upper() for name in separate)
         problems.append(f"algorithm.teacher_model={a.teacher_model!r} is {owners}'s separate teacher and method "
                         f"{a.method} does not read it; unset it or use method {' or '.join(separate)}")
+    if cfg.train.student_log_probs_in_update:
+        updates = cfg.train.ppo_epochs * cfg.train.optimizer_steps_per_batch
+        if updates != 1:
+            problems.append(
+                f"train.student_log_probs_in_update=true takes the ratio's old log-probs from the update's own forward, "
+                f"which equals the rollout policy only for the first of ppo_epochs x optimizer_steps_per_batch = {updates} "
+                "updates: set both to 1 or student_log_probs_in_update=false")
+        if cfg.rollout.max_logprob_mismatch is not None:
+            problems.append(
+                f"rollout.max_logprob_mismatch={cfg.rollout.max_logprob_mismatch} is checked before the update on the "
+                "student's scored log-probs, which train.student_log_probs_in_update=true does not compute (the "
+                "mismatch is still logged, from the update's forward): unset one of them")
     if a.kl_coef < 0:
         problems.append(f"algorithm.kl_coef={a.kl_coef} must be >= 0 (0: no KL term; textbook GRPO uses 0.04)")
     if a.kl_reference and not a.kl_coef:

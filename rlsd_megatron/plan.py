@@ -37,7 +37,9 @@ last: output layer + logits):
 - the colocated rollout engine while it is awake: `mem_fraction_static` of the GPU (SGLang's
   weights + KV-cache pool). The engine sleeps (memory released) while the learner trains, so the
   two phases peak separately: rollout = learner state + teacher copy + engine; training = learner
-  state + activations + logits + teacher copy + distillation.
+  state + activations + logits + teacher copy + distillation. With `train.offload` the learner's
+  weights, gradients and optimizer state are off the GPU while the engine is awake
+  (learner/offload.py): the rollout phase counts only what stays (teacher copy, frozen models).
 Each phase must fit in `gpu_memory_gb` minus a reserve for the CUDA context, NCCL buffers and
 fragmentation.
 """
@@ -85,6 +87,7 @@ class MemoryPlan:
     kl_reference: int
     engine: int
     layout: str
+    learner_offloaded: bool  # train.offload: the learner state is off the GPU in the rollout phase
     hardware: Hardware
 
     @property
@@ -103,7 +106,8 @@ class MemoryPlan:
 
     @property
     def rollout_peak(self) -> int:
-        return self.learner_state + self.teacher_copy + self.frozen_models + self.engine
+        resident = 0 if self.learner_offloaded else self.learner_state
+        return resident + self.teacher_copy + self.frozen_models + self.engine
 
     @property
     def budget(self) -> int:
@@ -126,6 +130,8 @@ class MemoryPlan:
         ]
         lines = [f"layout: {self.layout}", f"{'component':32s} {'GiB/GPU':>10s}"]
         lines += [f"{name:32s} {value / GiB:10.2f}" for name, value in rows]
+        if self.learner_offloaded:
+            lines.append("rollout phase: the learner's weights, gradients and optimizer state off the GPU (train.offload)")
         if self.distillation:
             lines.append("distillation on the host: none (the teacher's logits stay on the GPU, one chunk at a time)")
         lines.append("fits" if self.fits else "DOES NOT FIT")
@@ -247,7 +253,8 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
     reference_copy = params * dtype_bytes if cfg.algorithm.kl_coef and not cfg.algorithm.kl_reference else 0
     teacher_bytes = 4 if cfg.algorithm.teacher_weights == "ema" else dtype_bytes
     # An upper bound: sglang 0.5.23 sizes the engine (weights + KV) as mem_fraction_static x the memory free
-    # when it starts, after the learner's weights (`pre_model_load_memory`), not x the whole GPU.
+    # when it starts, after the learner's weights (`pre_model_load_memory`; with train.offload the learner is
+    # off the GPU then), not x the whole GPU.
     engine = int(cfg.rollout.mem_fraction_static * hardware.gpu_memory_gb * GiB) if cfg.rollout.backend != "embedded" else 0
     return MemoryPlan(
         params=params * dtype_bytes,
@@ -266,6 +273,7 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
                f"{' sp' if p.sequence_parallel else ''}{' distopt' if p.use_distributed_optimizer else ''}"
                f" recompute={prec.recompute_granularity}",
         hardware=hardware,
+        learner_offloaded=cfg.train.offload != "none",
     )
 
 
@@ -311,7 +319,7 @@ def check_fits(cfg: Config, world_size: int, hardware: Hardware = Hardware()) ->
             "the layout does not fit in GPU memory:\n" + plan.table()
             + "\nraise parallel.pp/tp, enable parallel.use_distributed_optimizer with more data parallelism, "
               "set precision.recompute_granularity=full, lower train.max_tokens_per_micro_batch or "
-              "rollout.mem_fraction_static"
+              "rollout.mem_fraction_static, or set train.offload=copy (the learner off the GPU while the engine generates)"
         )
     return plan
 

@@ -18,7 +18,10 @@
 # smaller job, at half the generation throughput. 4 nodes halve the optimizer state, leave
 # 7.3 GiB of headroom and give the engine 40 GiB (~32 GiB KV, ~1M tokens at 32 KiB/token/GPU).
 #
-#   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_32b.yaml --world-size 32
+#   (Transcripts below: without learner offload, the engine at 0.5 of the GPU. The preset
+#   offloads the learner while the engine generates, train.offload=copy, and gives the engine
+#   0.85: rollout phase 71.81 GiB on the first layout; see the preset's header.)
+#   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_32b.yaml --world-size 32 train.offload=none rollout.mem_fraction_static=0.5
 #   model: 32.76B parameters (qwen2, 64 layers, hidden 5120, 40 heads / 8 KV groups, ffn 27648, vocab 152064) from the model.* fields of examples/configs/rlsd_32b.yaml
 #   layout: tp=8 pp=2 cp=1 dp=2 sp distopt recompute=full
 #   component                           GiB/GPU
@@ -33,7 +36,7 @@
 #   rollout phase peak                    66.70
 #   budget                                74.00
 #   fits
-#   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_32b.yaml --world-size 16
+#   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_32b.yaml --world-size 16 train.offload=none rollout.mem_fraction_static=0.5
 #   layout: tp=8 pp=2 cp=1 dp=1 sp distopt recompute=full
 #   optimizer (fp32 main + Adam)          22.89
 #   training phase peak                   42.16

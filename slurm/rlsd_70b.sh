@@ -23,7 +23,10 @@
 # state and leave the engine 36 GiB (~19.6 GiB KV, ~500k tokens per engine at 40 KiB/token/GPU).
 # Without recomputation the training phase needs 97.5 GiB.
 #
-#   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_70b.yaml --world-size 64
+#   (Transcripts below: without learner offload, the engine at 0.45 of the GPU. The preset
+#   offloads the learner while the engine generates, train.offload=copy, and gives the engine
+#   0.85: rollout phase 72.23 GiB on the first layout; see the preset's header.)
+#   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_70b.yaml --world-size 64 train.offload=none rollout.mem_fraction_static=0.45
 #   model: 70.55B parameters (llama, 80 layers, hidden 8192, 64 heads / 8 KV groups, ffn 28672, vocab 128256) from the model.* fields of examples/configs/rlsd_70b.yaml
 #   layout: tp=8 pp=4 cp=1 dp=2 sp distopt recompute=full
 #   component                           GiB/GPU
@@ -38,7 +41,7 @@
 #   rollout phase peak                    65.61
 #   budget                                74.00
 #   fits
-#   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_70b.yaml --world-size 32
+#   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_70b.yaml --world-size 32 train.offload=none rollout.mem_fraction_static=0.45
 #   layout: tp=8 pp=4 cp=1 dp=1 sp distopt recompute=full
 #   optimizer (fp32 main + Adam)          25.38
 #   training phase peak                   47.74

@@ -14,7 +14,10 @@
 # but halves the GEMMs again for no memory it needs. One node is the allocation unit, so the
 # 8B job uses one; more nodes add data parallelism (`sbatch --nodes=2 slurm/rlsd_8b.sh`).
 #
-#   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_8b.yaml --world-size 8
+#   (Transcripts below: without learner offload, the engine at 0.5 of the GPU. The preset
+#   offloads the learner while the engine generates, train.offload=copy, and gives the engine
+#   0.85: rollout phase 71.81 GiB on the first layout; see the preset's header.)
+#   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_8b.yaml --world-size 8 train.offload=none rollout.mem_fraction_static=0.5
 #   model: 8.19B parameters (qwen3, 36 layers, hidden 4096, 32 heads / 8 KV groups, ffn 12288, vocab 151936) from the model.* fields of examples/configs/rlsd_8b.yaml
 #   layout: tp=4 pp=1 cp=1 dp=2 sp distopt recompute=none
 #   component                           GiB/GPU
@@ -29,7 +32,7 @@
 #   rollout phase peak                    66.70
 #   budget                                74.00
 #   fits
-#   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_8b.yaml --world-size 8 parallel.tp=2 \
+#   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_8b.yaml --world-size 8 train.offload=none rollout.mem_fraction_static=0.5 parallel.tp=2 \
 #         rollout.engine_tp=2
 #   layout: tp=2 pp=1 cp=1 dp=4 sp distopt recompute=none
 #   activations (in flight)               54.84

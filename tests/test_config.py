@@ -324,3 +324,14 @@ def test_greedy_top_k_needs_temperature_one(cuda):
                  ["rollout.top_k=-1", "rollout.temperature=0.7"],
                  ["rollout.val_top_k=1", "rollout.val_temperature=0.7"]):  # validation uses no engine log-probs
         validate_config(load_config(None, fine), 1, cuda_available=False, te_available=False)
+
+
+def test_student_log_probs_in_update_needs_one_update_per_batch_and_no_mismatch_check():
+    cfg = load_config(None, ["train.student_log_probs_in_update=true", "train.ppo_epochs=2"])
+    with pytest.raises(ConfigError, match=r"ppo_epochs x optimizer_steps_per_batch = 2"):
+        validate_config(cfg, 1, cuda_available=False, te_available=False)
+    cfg = load_config(None, ["train.student_log_probs_in_update=true", "rollout.max_logprob_mismatch=0.01"])
+    with pytest.raises(ConfigError, match=r"rollout\.max_logprob_mismatch=0\.01 is checked before the update"):
+        validate_config(cfg, 1, cuda_available=False, te_available=False)
+    validate_config(load_config(None, ["train.student_log_probs_in_update=true"]), 1, cuda_available=False,
+                    te_available=False)

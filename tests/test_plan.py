@@ -183,7 +183,9 @@ def test_cli_says_which_model_it_plans(capsys):
 
 
 def test_cli_layout_that_does_not_fit_is_status_1(capsys):
-    status, out, err = plan_cli(capsys, "--config", "examples/configs/rlsd_70b.yaml", "--world-size", "32")
+    # 4 nodes with the learner resident while the engine generates (the preset offloads it, and then fits).
+    status, out, err = plan_cli(capsys, "--config", "examples/configs/rlsd_70b.yaml", "--world-size", "32",
+                                "train.offload=none", "rollout.mem_fraction_static=0.45")
     assert status == 1 and out.startswith("model: 70.55B parameters")
     assert err.startswith("rlsd-plan: error: the layout does not fit in GPU memory:\nlayout: tp=8 pp=4 cp=1 dp=1")
     assert "DOES NOT FIT" in err
@@ -285,3 +287,16 @@ def test_fused_output_layer_counts_one_chunk_of_logits():
     assert plan_memory(plain).logits == (8192 + 4096) * vocab_local * 4
     assert plan_memory(fused).logits == 3 * 1024 * vocab_local * 4
     assert plan_memory(plain).training_peak - plan_memory(fused).training_peak == (12288 - 3072) * vocab_local * 4
+
+
+def test_offload_leaves_only_what_stays_in_the_rollout_phase():
+    cfg = config(tp=8, pp=4, dp=2, sequence_parallel=True, use_distributed_optimizer=True)
+    cfg.rollout.backend, cfg.algorithm.teacher_weights = "sglang", "frozen_sync"
+    resident = plan_memory(cfg)
+    cfg.train.offload = "copy"
+    offloaded = plan_memory(cfg)
+    # Weights + fp32 grads + optimizer leave; the teacher copy and the engine stay; training is unchanged.
+    assert offloaded.rollout_peak == resident.rollout_peak - resident.learner_state
+    assert offloaded.rollout_peak == offloaded.teacher_copy + offloaded.engine > 0
+    assert offloaded.training_peak == resident.training_peak
+    assert "off the GPU (train.offload)" in offloaded.table()

@@ -114,15 +114,18 @@ def distillation_per_token(cfg: Config, logits: torch.Tensor, teacher_logits: to
                      f"{list(DISTRIBUTION_LOSSES)}); sampled distillation enters through token_advantages")
 
 
-def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor]):
+def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor], *, step: int | None = None):
     """The learner's loss. Micro-batch fields (shifted, aligned with the logits): `old_logp`,
     `advantages`, `loss_mask`, optional `ref_logp` (KL), `tis_weight`, and for distillation
     methods with a loss on distributions `teacher_logits` ([B, S, V/TP]) with `distill_mask`.
     The clipped surrogate is used by every method but OPSD and SDPO (there, only with sampled
     distillation, whose signal is in `advantages`); jsd / topk add `distill_coef` × the
     aggregated divergence. `normalisers` are the *global* counts (`loss_normalisers` summed
-    over all micro-batches and data-parallel ranks)."""
+    over all micro-batches and data-parallel ranks). With `train.student_log_probs_in_update` the
+    fields hold `in_update.student_free_fields` instead of `old_logp` / `advantages` / `tis_weight`,
+    which are derived from this forward's log-probs (`step`: the update, from 1, for RLSD's λ)."""
     from rlsd_megatron.ops import token_log_probs
+    from rlsd_megatron.trainer.in_update import student_dependent_fields
 
     a = cfg.algorithm
     use_surrogate = uses_surrogate(a)
@@ -136,6 +139,10 @@ def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor]):
         mask = fields["loss_mask"].to(logits.device)
         logp, entropy = token_log_probs(logits, mb.targets.to(logits.device), temperature=cfg.rollout.temperature,
                                         vocab_size=cfg.model.vocab_size, return_entropy=True)
+        derived_metrics = {}
+        if "seq_adv" in fields:
+            derived, derived_metrics = student_dependent_fields(cfg, step, logp, fields, mask.bool())
+            fields = {**fields, **derived}
         if use_surrogate:
             loss, metrics = alg.policy_loss(
                 logp, fields["old_logp"].to(logp), fields["advantages"].to(logp), mask,
@@ -158,7 +165,7 @@ def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor]):
         if a.entropy_coef:
             loss = loss - a.entropy_coef * alg.aggregate_loss(entropy, mask, **aggregation)
         metrics["entropy"] = _masked_mean(entropy, mask)
-        return loss, metrics
+        return loss, {**metrics, **derived_metrics}
 
     return loss_fn
 

@@ -96,11 +96,12 @@ class StepScores:
     """Per-token log-probs of one step's rollouts, temperature-scaled as the engine samples."""
 
     sequences: list[torch.Tensor]  # the student sequences: prompt + response ids
-    student: list[torch.Tensor]  # per sequence, aligned with its tokens (the ratio's old log-probs)
+    student: list[torch.Tensor] | None  # per sequence, aligned with its tokens (the ratio's old log-probs);
+    # None: taken from the update's forward (train.student_log_probs_in_update)
     reference: list[torch.Tensor] | None  # the KL reference's, aligned the same way; None: no KL term
     teacher_contexts: list[TeacherSequence] | None  # None: no teacher read this step
     teacher: list[torch.Tensor] | None  # the teacher's, of each response's tokens; None: not read
-    mismatch: LogProbMismatch  # the student's vs the engine's log-probs of the response tokens
+    mismatch: LogProbMismatch | None  # the student's vs the engine's log-probs of the response tokens
 
 
 def response_tensors(values: list[list[float]] | list[torch.Tensor], width: int | None = None) -> torch.Tensor:

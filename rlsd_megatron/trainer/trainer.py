@@ -29,6 +29,7 @@ from rlsd_megatron.logging.metrics import PhaseTimer
 from rlsd_megatron.parallel.agreement import same_on_every_rank
 from rlsd_megatron.parallel.state import replica_group, wait_for_every_rank
 from rlsd_megatron.trainer import distillation, objectives
+from rlsd_megatron.trainer.in_update import student_free_fields
 from rlsd_megatron.trainer.rollouts import (Rollouts, StepScores, collect_rollouts, generate_and_score,
                                             response_tensors)
 from rlsd_megatron.trainer.stopping import (StepAbandoned, StopController, agreed_stop_reason, fault_injection_point,
@@ -56,6 +57,7 @@ class Trainer:
         from rlsd_megatron.data.readers import DataError
         from rlsd_megatron.learner.frozen_model import FrozenModel
         from rlsd_megatron.learner.learner import Learner
+        from rlsd_megatron.learner.offload import LearnerOffload, allocation_region, create_optimizer_state
         from rlsd_megatron.logging.metrics import MetricsLogger
         from rlsd_megatron.rewards import RewardScorer
         from rlsd_megatron.rollout.mismatch import MismatchMonitor
@@ -75,7 +77,11 @@ class Trainer:
         self.dataset, val_dataset = same_on_every_rank(lambda: build_run_datasets(cfg), DataError)
         resume = resolve_resume(cfg.checkpoint)
         self.engine = self.scorer = self.benchmarks = None
-        self.learner = Learner(cfg, impl=impl)
+        with allocation_region(cfg.train.offload):
+            self.learner = Learner(cfg, impl=impl)
+            if cfg.train.offload == "torch_memory_saver":
+                create_optimizer_state(self.learner)
+        self.learner_offload = LearnerOffload(self.learner, cfg.train.offload) if cfg.train.offload != "none" else None
         # The frozen scorers before the engine, which sizes its KV cache by the memory still free.
         self.teacher_model = FrozenModel(cfg, cfg.algorithm.teacher_model, setting="algorithm.teacher_model",
                                          impl=impl) if cfg.algorithm.teacher_weights == "separate" else None
@@ -83,8 +89,12 @@ class Trainer:
         try:
             # The engine takes engine_tp GPUs from the host's own: its replica's first GPUs.
             first_gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0
+            if self.learner_offload is not None:  # the engine sizes its memory by what is free when it starts
+                self.learner_offload.offload()
             self.engine = create_engine(cfg, base_gpu_id=first_gpu) if self.hosts_engine else None
             wait_for_every_rank("the rollout engines' start-up")
+            if self.learner_offload is not None:
+                self._learner_back()  # loading, the warm start and the first sync need it
             self.loader = PromptLoader(self.dataset, global_batch_size=cfg.train.prompts_per_step,
                                        dp_rank=self.dp_rank, dp_size=self.dp_size, seed=cfg.train.seed,
                                        shuffle=cfg.data.shuffle)
@@ -175,7 +185,12 @@ class Trainer:
         if ckpt.dir is None:
             return
         started = time.perf_counter()
+        offloaded = self.learner_offload is not None and not self.learner_offload.resident
+        if offloaded:
+            self._learner_back()
         path = save_training_state(self, ckpt.dir)
+        if offloaded:  # the engine slept for the save: its weights again, the learner off again
+            self.sync_weights()
         if dist.get_rank() == 0:
             prune_checkpoints(ckpt.dir, keep_last=ckpt.keep_last)
         self._last_save_seconds = time.perf_counter() - started
@@ -217,8 +232,7 @@ class Trainer:
         timer = PhaseTimer()
         with timer("generate"):
             start, rollouts = self._step_start(), self.collect_rollouts()
-            if self.engine is not None:  # colocated: the learner's phases need the engine's GPU memory
-                self.engine.sleep()
+            self._learner_back()  # colocated: the learner's phases need the engine's GPU memory
         self._abandon_if_stopped(start)
         with timer("score"):
             scores = self.score(rollouts)
@@ -230,7 +244,7 @@ class Trainer:
             sync = self.sync_weights()
         return self.step_metrics(rollouts, scores, advantages, train_stats, sync, timer)
 
-    def step_metrics(self, rollouts: Rollouts, scores: StepScores, advantages: objectives.TokenAdvantages,
+    def step_metrics(self, rollouts: Rollouts, scores: StepScores, advantages: objectives.TokenAdvantages | None,
                      train_stats: dict[str, float], sync, timer: PhaseTimer) -> dict[str, float]:
         """What one step logs, as means over data-parallel ranks (`reduce_over_data_parallel`)."""
         tokens = sum(len(s) for s in scores.sequences)
@@ -239,11 +253,13 @@ class Trainer:
             **rollouts.reward_metrics,
             "rollout/response_length": float(sum(len(r) for r in rollouts.responses) / responses),
             "rollout/truncated_frac": sum(f == "length" for f in rollouts.finish_reasons) / responses,
-            **scores.mismatch.metrics(),
-            **advantages.metrics,
-            **{f"train/{k}": v for k, v in train_stats.items()},
+            **(scores.mismatch.metrics() if scores.mismatch is not None else {}),
+            **(advantages.metrics if advantages is not None else {}),
+            # Metrics the loss computed for the score phase (train.student_log_probs_in_update) keep their names.
+            **{k if "/" in k else f"train/{k}": v for k, v in train_stats.items()},
             **sync.metrics(),
             **{f"perf/{k}_seconds": v for k, v in timer.seconds.items()},
+            **(self.learner_offload.metrics() if self.learner_offload is not None else {}),
             "perf/tokens_per_s": tokens / max(sum(timer.seconds.values()), 1e-9),
         })
 
@@ -258,23 +274,28 @@ class Trainer:
     def score(self, rollouts: Rollouts) -> StepScores:
         """The log-probs the step's advantages and loss read: the student's (the ratio's "old"
         log-probs), the KL reference's, and for teacher methods the teacher's in its context; and
-        how far the student's are from the engine's."""
+        how far the student's are from the engine's. With `train.student_log_probs_in_update` the
+        student's are left to the update's forward (trainer/in_update.py): None here."""
         algorithm = self.cfg.algorithm
         sequences = rollouts.sequences()
-        student = self.log_probs(sequences)
+        in_update = self.cfg.train.student_log_probs_in_update
+        student = None if in_update else self.log_probs(sequences)
         reference = self.reference.outputs(sequences, self._log_prob_fn)["logp"] if self.reference is not None else None
         contexts = teacher_contexts(algorithm, rollouts, self.dataset, think_tag=self.cfg.reward.think_tag) \
             if alg.get_method(algorithm.method).has_teacher else None
         teacher_logp = teacher_response_outputs(
             contexts, self._log_prob_fn, learner=self.learner, weights=self.teacher.teacher_state(),
             teacher_model=self.teacher_model)["logp"] if objectives.uses_teacher_log_probs(algorithm) else None
-        mismatch = self.mismatch.check(response_tensors(rollouts.on_responses(student)),
-                                       response_tensors(rollouts.engine_log_probs), rollouts.padded_response_mask(),
-                                       group=self.dp_group, version=self.step - 1)
+        mismatch = None if in_update else self.mismatch.check(
+            response_tensors(rollouts.on_responses(student)), response_tensors(rollouts.engine_log_probs),
+            rollouts.padded_response_mask(), group=self.dp_group, version=self.step - 1)
         return StepScores(sequences, student, reference, contexts, teacher_logp, mismatch)
 
-    def advantages(self, rollouts: Rollouts, scores: StepScores) -> objectives.TokenAdvantages:
-        """Group-normalised sequence advantages of the rewards → the method's token advantages."""
+    def advantages(self, rollouts: Rollouts, scores: StepScores) -> objectives.TokenAdvantages | None:
+        """Group-normalised sequence advantages of the rewards → the method's token advantages;
+        None when the update computes them (no student log-probs yet: trainer/in_update.py)."""
+        if scores.student is None:
+            return None
         mask = rollouts.padded_response_mask()
         width = mask.shape[1]
         contexts = scores.teacher_contexts
@@ -284,22 +305,27 @@ class Trainer:
             response_tensors(scores.teacher, width) if scores.teacher is not None else None,
             teacher_mask=torch.tensor([c.has_teacher for c in contexts]) if contexts is not None else None)
 
-    def update_inputs(self, rollouts: Rollouts, scores: StepScores, advantages: objectives.TokenAdvantages
+    def update_inputs(self, rollouts: Rollouts, scores: StepScores, advantages: objectives.TokenAdvantages | None
                       ) -> tuple[dict[str, list[torch.Tensor]], distillation.TeacherInputs | None]:
         """The loss's per-token fields of each student sequence (`objectives.policy_loss_fn`), and
         for a distillation loss on distributions what the teacher scores inside each update."""
         algorithm, masks = self.cfg.algorithm, rollouts.response_mask()
-        fields = {"old_logp": scores.student, "loss_mask": masks,
-                  "advantages": rollouts.on_sequences(advantages.values)}
+        contexts = scores.teacher_contexts
+        if advantages is None:  # what the student's log-probs give is derived in the loss
+            fields = {"loss_mask": masks, **student_free_fields(
+                rollouts, objectives.sequence_advantages(self.cfg, rollouts.rewards), scores.teacher,
+                [c.has_teacher for c in contexts] if contexts is not None else None)}
+        else:
+            fields = {"old_logp": scores.student, "loss_mask": masks,
+                      "advantages": rollouts.on_sequences(advantages.values)}
         if scores.reference is not None:
             fields["ref_logp"] = scores.reference
-        if algorithm.tis_cap:
+        if algorithm.tis_cap and advantages is not None:
             fields["tis_weight"] = rollouts.on_sequences(alg.tis_weights(
                 response_tensors(rollouts.on_responses(scores.student)), response_tensors(rollouts.engine_log_probs),
                 rollouts.padded_response_mask(), cap=algorithm.tis_cap))
         if not objectives.uses_distillation(algorithm):
             return fields, None
-        contexts = scores.teacher_contexts
         fields["distill_mask"] = [m * float(c.has_teacher) for m, c in zip(masks, contexts)]
         updates = self.cfg.train.ppo_epochs * self.cfg.train.optimizer_steps_per_batch
         weights = distillation.teacher_weights_for_update(self.teacher.teacher_state(), self.learner, updates)
@@ -340,7 +366,8 @@ class Trainer:
                teacher: distillation.TeacherInputs | None = None) -> dict[str, float]:
         """`ppo_epochs` × `optimizer_steps_per_batch` optimizer steps over this rank's rollouts
         (trainer/update.py)."""
-        return update_policy(self.learner, self.cfg, sequences, fields, teacher, dp_group=self.dp_group)
+        return update_policy(self.learner, self.cfg, sequences, fields, teacher, dp_group=self.dp_group,
+                             step=self.step)
 
     def sync_weights(self):
         """Learner weights → this replica's engine; every rank returns the host's `SyncStats` (the
@@ -348,6 +375,8 @@ class Trainer:
         from rlsd_megatron.rollout.weight_sync import sync_weights
 
         stats = None
+        if self.learner_offload is not None and not self.learner_offload.resident:
+            self._learner_back()
         # Other CP ranks' model-parallel groups hold no engine (replica_group), but megatron's
         # expert-parallel group may span CP ranks: with EP every rank takes part in the stream.
         if self.learner.cp_rank == 0 or self.cfg.parallel.ep > 1:
@@ -355,12 +384,21 @@ class Trainer:
                 self.engine.wake(["weights"])
             stats = sync_weights(self.learner.model, self.cfg.model, self.engine, version=self.step,
                                  bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 2**20)
-            if self.engine is not None:
-                self.engine.wake()
+        if self.learner_offload is not None:  # before the KV cache takes the memory back
+            self.learner_offload.offload()
+        if self.engine is not None:
+            self.engine.wake()
         holder = [stats]
         if dist.get_world_size(self.replica_group) > 1:
             dist.broadcast_object_list(holder, src=dist.get_global_rank(self.replica_group, 0), group=self.replica_group)
         return holder[0]
+
+    def _learner_back(self) -> None:
+        """The engine asleep (its memory released) and the learner on its device (`train.offload`)."""
+        if self.engine is not None:
+            self.engine.sleep()
+        if self.learner_offload is not None:
+            self.learner_offload.onload()
 
     def validate(self) -> dict[str, float]:
         """Mean validation reward with the validation sampling settings; the train.eval_sets benchmarks."""

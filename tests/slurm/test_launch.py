@@ -198,8 +198,10 @@ def test_dry_run_prints_layout_plan_and_command(script):
 
 def test_planner_refusal_stops_the_launch():
     env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
-    env.update(RLSD_PYTHON=sys.executable, RLSD_NODES="4")  # the 70B layout on 32 GPUs: DP=1, no room
-    result = subprocess.run(["bash", str(ROOT / "slurm" / "rlsd_70b.sh"), "--dry-run"], env=env,
+    # The 70B layout on 32 GPUs (DP=1) with the learner resident while the engine generates: no room.
+    env.update(RLSD_PYTHON=sys.executable, RLSD_NODES="4")
+    result = subprocess.run(["bash", str(ROOT / "slurm" / "rlsd_70b.sh"), "--dry-run", "train.offload=none",
+                             "rollout.mem_fraction_static=0.45"], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "DOES NOT FIT" in result.stdout + result.stderr
