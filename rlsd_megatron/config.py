@@ -343,6 +343,12 @@ class DataConfig:
     # A malformed or too long row: error (stop, naming file and row) or skip (counted, warned).
     bad_rows: Literal["error", "skip"] = "error"
     shuffle: bool = True  # training rows in a new seeded order each epoch
+    # Image+text rows (a vision-language model.vision): the column of each row's images (bytes,
+    # {"bytes", "path"} dicts or paths), one `<image>` placeholder per image in the question.
+    image_key: str = "images"
+    min_pixels: int = 262144  # images smaller than this are upscaled to it, keeping the aspect (recipe 262144)
+    max_pixels: int = 1048576  # images larger than this are downscaled to it (recipe 1048576)
+    max_source_image_pixels: int = 89478485  # a stored image with more pixels is a bad row (PIL's bomb limit)
 
 
 @dataclass
