@@ -44,6 +44,10 @@ class Rollouts:
         """Student sequences: prompt ids + response ids."""
         return [torch.tensor(self.row_of(i).prompt_ids + r) for i, r in enumerate(self.responses)]
 
+    def images(self) -> list:
+        """The prompt images of each student sequence [P·G] (`ImageInputs`, None for text)."""
+        return [self.row_of(i).images for i in range(len(self.responses))]
+
     def prompt_lengths(self) -> list[int]:
         """The prompt tokens before each response in its student sequence [P·G]."""
         return [len(self.row_of(i).prompt_ids) for i in range(len(self.responses))]

@@ -224,7 +224,8 @@ class Trainer:
             scores = self.score(rollouts)
             advantages = self.advantages(rollouts, scores)
         with timer("train"):
-            train_stats = self.update(scores.sequences, *self.update_inputs(rollouts, scores, advantages))
+            train_stats = self.update(scores.sequences, *self.update_inputs(rollouts, scores, advantages),
+                                      images=rollouts.images())
             self.teacher.on_step(self.step, self.learner.local_weights())
         with timer("sync"):
             sync = self.sync_weights()
@@ -260,9 +261,10 @@ class Trainer:
         log-probs), the KL reference's, and for teacher methods the teacher's in its context; and
         how far the student's are from the engine's."""
         algorithm = self.cfg.algorithm
-        sequences = rollouts.sequences()
-        student = self.log_probs(sequences)
-        reference = self.reference.outputs(sequences, self._log_prob_fn)["logp"] if self.reference is not None else None
+        sequences, images = rollouts.sequences(), rollouts.images()
+        student = self.log_probs(sequences, images)
+        reference = self.reference.outputs(sequences, self._log_prob_fn, images)["logp"] \
+            if self.reference is not None else None
         contexts = teacher_contexts(algorithm, rollouts, self.dataset) \
             if alg.get_method(algorithm.method).has_teacher else None
         teacher_logp = teacher_response_outputs(
@@ -332,15 +334,17 @@ class Trainer:
         return {"logp": token_log_probs(logits, mb.targets.to(logits.device), temperature=self.cfg.rollout.temperature,
                                         vocab_size=self.cfg.model.vocab_size)}
 
-    def log_probs(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-token log-probs under the learner's current weights (aligned with tokens)."""
-        return self.learner.forward_sequences(sequences, self._log_prob_fn)["logp"]
+    def log_probs(self, sequences: list[torch.Tensor], images: list | None = None) -> list[torch.Tensor]:
+        """Per-token log-probs under the learner's current weights (aligned with tokens), the
+        sequences' `images` in context (a vision-language policy)."""
+        return self.learner.forward_sequences(sequences, self._log_prob_fn, images)["logp"]
 
     def update(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]],
-               teacher: distillation.TeacherInputs | None = None) -> dict[str, float]:
+               teacher: distillation.TeacherInputs | None = None, *, images: list | None = None) -> dict[str, float]:
         """`ppo_epochs` × `optimizer_steps_per_batch` optimizer steps over this rank's rollouts
         (trainer/update.py)."""
-        return update_policy(self.learner, self.cfg, sequences, fields, teacher, dp_group=self.dp_group)
+        return update_policy(self.learner, self.cfg, sequences, fields, teacher, dp_group=self.dp_group,
+                             images=images)
 
     def sync_weights(self):
         """Learner weights → this replica's engine; every rank returns the host's `SyncStats` (the
