@@ -125,8 +125,9 @@ def generate_and_score(rows: list[PromptRow], dataset: PromptDataset, engine: Ro
 
     payload = None
     if engine is not None:
+        images = {"images": [row.images for row in rows]} if any(row.images is not None for row in rows) else {}
         generations: list[Generation] = engine.generate([row.prompt_ids for row in rows], sampling,
-                                                        prompt_offset=prompt_offset)
+                                                        prompt_offset=prompt_offset, **images)
         g = sampling.n
         samples = [
             RewardSample(response=dataset.decode(gen.token_ids), ground_truth=rows[i // g].answer,
