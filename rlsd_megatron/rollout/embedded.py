@@ -13,7 +13,9 @@ config (`models.vision_config.hf_vision_language_config`: Qwen2.5-VL's
 (`ImageInputs` per prompt), embedded in the prefill. Its M-RoPE positions are ours
 (`models.mrope`, the learner's) rather than the model's cached `rope_deltas`, which would go
 stale as finished rows leave the batch: a generated token's three positions are one past the
-prompt's largest.
+prompt's largest. The image placeholder token is never drawn (a sampled one would have no image
+behind it in the learner's forward): like top-k / top-p truncation, this changes what can be
+drawn, not the reported log-probs.
 
 Sampling (per step, in fp32): logits z of the real vocabulary; greedy when temperature = 0;
 otherwise p = softmax(z / T), then top-k and top-p truncation (SGLang's rule: a token is dropped
@@ -77,15 +79,21 @@ def build_hf_model(model: ModelConfig, *, dtype: torch.dtype = torch.float32, at
     return hf.eval()
 
 
-def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor,
+                  banned_token_ids: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """One sampling step. logits [B, V] (any float dtype), uniforms [B] in [0, 1) → (token ids
-    [B] int64, log-probs [B] fp32 of those tokens under log_softmax(logits / T))."""
+    [B] int64, log-probs [B] fp32 of those tokens under log_softmax(logits / T)).
+    `banned_token_ids` are never drawn (truncated like top-k's tail; reported log-probs unchanged)."""
     z = logits.float()
+    banned = list(banned_token_ids)
     if sampling.greedy:
-        tokens = z.argmax(-1)
+        tokens = z.index_fill(1, torch.tensor(banned, dtype=torch.long), float("-inf")).argmax(-1) if banned \
+            else z.argmax(-1)
         return tokens, torch.log_softmax(z, -1).gather(1, tokens[:, None]).squeeze(1)
     log_p = torch.log_softmax(z / sampling.temperature, -1)
     probs = log_p.exp()
+    if banned:
+        probs = probs.index_fill(1, torch.tensor(banned, dtype=torch.long), 0.0)
     vocab = probs.shape[-1]
     truncate_k = 0 < sampling.top_k < vocab
     if truncate_k or sampling.top_p < 1.0:
@@ -238,6 +246,7 @@ class EmbeddedEngine(RolloutEngine):
         mask = mask.repeat_interleave(n, 0)
         next_position = next_position.repeat_interleave(n, 0)
         vl = self.model_config.vision is not None
+        banned = [self.model_config.vision.image_token_id] if vl else []
 
         rows = num_prompts * n
         gens = self._row_generators(first_prompt, num_prompts, sampling)
@@ -251,7 +260,7 @@ class EmbeddedEngine(RolloutEngine):
             uniforms = torch.stack([torch.rand((), generator=gens[r]) for r in active])
             if sampling.presence_penalty:
                 logits = logits.float() - sampling.presence_penalty * generated[active]
-            new, new_lp = sample_tokens(logits, sampling, uniforms)
+            new, new_lp = sample_tokens(logits, sampling, uniforms, banned)
             keep = []
             for b, r in enumerate(active):
                 token = int(new[b])

@@ -118,3 +118,20 @@ def test_sync_covers_the_vision_tower(dist_pool):
         assert len(vision) == sum(name.startswith("model.visual.") for name in state) > 10, path
         for name, tensor in tensors.items():
             assert torch.equal(tensor, state[name]), f"{path}: {name} differs from the learner's source weights"
+
+
+def test_image_token_is_never_drawn():
+    """A banned token (the image placeholder) is not drawn even where it holds 99% of the mass,
+    greedy or sampled; the reported log-probs stay those of the whole distribution."""
+    from rlsd_megatron.rollout import SamplingParams
+    from rlsd_megatron.rollout.embedded import sample_tokens
+
+    logits = torch.tensor([[0.0, 1.0, 8.0, 0.5]]).repeat(64, 1)
+    uniforms = torch.linspace(0, 0.999, 64)
+    for sampling in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
+                     SamplingParams(temperature=1.0, top_p=0.9)):
+        tokens, logp = sample_tokens(logits, sampling, uniforms, banned_token_ids=[2])
+        assert (tokens != 2).all(), sampling
+        want = torch.log_softmax(logits / max(sampling.temperature, 1.0), -1).gather(1, tokens[:, None]).squeeze(1)
+        torch.testing.assert_close(logp, want)
+    assert set(sample_tokens(logits, SamplingParams(temperature=1.0), uniforms, [2])[0].tolist()) == {0, 1, 3}
