@@ -327,7 +327,7 @@ class RewardConfig:
 class DataConfig:
     """Prompts and privileged information."""
 
-    task: str | None = None  # a built-in task instead of files: reversed_addition
+    task: str | None = None  # a built-in task instead of files: reversed_addition, visual_reversed_addition (VL)
     train_files: list[str] = field(default_factory=list)  # .jsonl / .json / .parquet files, one prompt per row
     val_files: list[str] = field(default_factory=list)  # validation rows, same format; empty: no validation
     question_key: str = "question"  # column holding the raw problem text

@@ -10,11 +10,13 @@ from rlsd_megatron.data.addition_prompts import ReversedAdditionPrompts
 from rlsd_megatron.data.prompts import MATH_STUDENT_TEMPLATE, FilePromptDataset, PromptDataset
 from rlsd_megatron.data.readers import SUPPORTED_SUFFIXES, DataError
 from rlsd_megatron.data.teacher_context import RLSD_TEACHER_TEMPLATE
+from rlsd_megatron.data.visual_addition import VisualReversedAdditionPrompts
 from rlsd_megatron.data.tokenizer import check_tokenizer_dir, load_chat_tokenizer
 
 __all__ = ["BUILTIN_TASKS", "build_prompt_dataset", "build_run_datasets", "data_input_problems"]
 
-BUILTIN_TASKS = {"reversed_addition": ReversedAdditionPrompts}
+BUILTIN_TASKS = {"reversed_addition": ReversedAdditionPrompts, "visual_reversed_addition": VisualReversedAdditionPrompts}
+VISION_TASKS = {"visual_reversed_addition"}  # built-in tasks whose prompts hold images (they take model.vision)
 
 
 def build_prompt_dataset(cfg: DataConfig, split: str = "train", *, tokenizer: Any = None,
@@ -37,7 +39,8 @@ def build_prompt_dataset(cfg: DataConfig, split: str = "train", *, tokenizer: An
         problem = _task_problem(cfg)
         if problem:
             raise DataError(problem)
-        return BUILTIN_TASKS[cfg.task](split, teacher_template=teacher_template)
+        extra = {"vision": vision} if cfg.task in VISION_TASKS else {}
+        return BUILTIN_TASKS[cfg.task](split, teacher_template=teacher_template, **extra)
     files = cfg.train_files if split == "train" else cfg.val_files
     if not files:
         if split == "val":
