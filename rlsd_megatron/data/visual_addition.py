@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from rlsd_megatron.config import VisionConfig
 from rlsd_megatron.data import reversed_addition as task
@@ -79,6 +80,15 @@ class VisualReversedAdditionPrompts(ReversedAdditionPrompts):
         self.processor = Qwen2VLImageProcessorPil(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                                                   temporal_patch_size=vision.temporal_patch_size,
                                                   min_pixels=pixels, max_pixels=pixels)
+        self._patches: dict[str, tuple] = {}  # operand digits -> (pixel patches, grid): 1000 at most
+
+    def operand_patches(self, digits: str):
+        """The processor's (pixel patches [12, C·T·P²], grid [1, 3]) of one operand's image,
+        memoised: the processor costs far more than a training step's share of a row."""
+        if digits not in self._patches:
+            out = self.processor(images=[draw_digits(digits)], return_tensors="pt")
+            self._patches[digits] = (out["pixel_values"].float(), out["image_grid_thw"].long())
+        return self._patches[digits]
 
     def render_prompt(self, user_text: str) -> list[int]:
         ids = [self.tokenizer.bos_id]
@@ -90,9 +100,8 @@ class VisualReversedAdditionPrompts(ReversedAdditionPrompts):
         from rlsd_megatron.models.vision_language import ImageInputs
 
         problem = self.problem(index)
-        a, b = problem.question.split("+")
-        out = self.processor(images=[draw_digits(a), draw_digits(b)], return_tensors="pt")
-        images = ImageInputs(out["pixel_values"].float(), out["image_grid_thw"].long())
+        (a_pixels, a_grid), (b_pixels, b_grid) = (self.operand_patches(x) for x in problem.question.split("+"))
+        images = ImageInputs(torch.cat([a_pixels, b_pixels]), torch.cat([a_grid, b_grid]))
         question = f"{IMAGE_PLACEHOLDER}+{IMAGE_PLACEHOLDER}"
         counts = image_token_counts(images.image_grid_thw, self.vision.spatial_merge_size)
         prompt = expand_image_tokens(self.render_prompt(question), counts, IMAGE_TOKEN_ID)
