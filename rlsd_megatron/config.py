@@ -344,7 +344,7 @@ class RewardConfig:
 class DataConfig:
     """Prompts and privileged information."""
 
-    task: str | None = None  # a built-in task instead of files: reversed_addition
+    task: str | None = None  # a built-in task instead of files: reversed_addition, visual_reversed_addition (VL)
     train_files: list[str] = field(default_factory=list)  # .jsonl / .json / .parquet files, one prompt per row
     val_files: list[str] = field(default_factory=list)  # validation rows, same format; empty: no validation
     question_key: str = "question"  # column holding the raw problem text
@@ -360,6 +360,12 @@ class DataConfig:
     # A malformed or too long row: error (stop, naming file and row) or skip (counted, warned).
     bad_rows: Literal["error", "skip"] = "error"
     shuffle: bool = True  # training rows in a new seeded order each epoch
+    # Image+text rows (a vision-language model.vision): the column of each row's images (bytes,
+    # {"bytes", "path"} dicts or paths), one `<image>` placeholder per image in the question.
+    image_key: str = "images"
+    min_pixels: int = 262144  # images smaller than this are upscaled to it, keeping the aspect (recipe 262144)
+    max_pixels: int = 1048576  # images larger than this are downscaled to it (recipe 1048576)
+    max_source_image_pixels: int = 89478485  # a stored image with more pixels is a bad row (PIL's bomb limit)
 
 
 @dataclass

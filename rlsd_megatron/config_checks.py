@@ -274,6 +274,12 @@ def rollout_problems(cfg: Config, *, cuda_available: bool) -> list[str]:
             f"{rollout.backend}, cuda available: {cuda_available}) computes in fp32/bf16 and has no FP8 layers; "
             "set rollout.fp8_weights=false"
         )
+    if cfg.model.vision is not None and not embedded:
+        problems.append(
+            f"a vision-language policy (model.vision) generates with the embedded engine only for now: the SGLang "
+            f"backend (rollout.backend={rollout.backend}, cuda available: {cuda_available}) does not send images "
+            "yet (issue 19); set rollout.backend=embedded"
+        )
     replica_gpus = cfg.parallel.tp * cfg.parallel.cp  # one replica's ranks of its first pipeline stage
     if not embedded and rollout.engine_tp > replica_gpus:
         problems.append(

@@ -160,6 +160,16 @@ def test_fp8_and_te_need_a_gpu():
     validate_config(cfg, 1, cuda_available=True, te_available=True)  # fine on an H100 with TE
 
 
+def test_vision_language_policy_needs_the_embedded_engine():
+    cfg = load_config("examples/configs/cpu_demo_visual.yaml")
+    validate_config(cfg, 2, cuda_available=False, te_available=False)
+    cfg.rollout.backend = "auto"
+    validate_config(cfg, 2, cuda_available=False, te_available=False)  # auto on CPU: embedded
+    with pytest.raises(ConfigError, match=r"SGLang backend \(rollout\.backend=auto, cuda available: True\) does not "
+                                          r"send images"):
+        validate_config(cfg, 2, cuda_available=True, te_available=True)
+
+
 def test_fp8_rollout_weights_need_sglang_and_bf16():
     cfg = load_config(None, ["rollout.fp8_weights=true", "precision.params_dtype=bf16"])
     assert cfg.rollout.fp8_weights is True

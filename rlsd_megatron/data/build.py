@@ -5,29 +5,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rlsd_megatron.config import Config, DataConfig
+from rlsd_megatron.config import Config, DataConfig, VisionConfig
 from rlsd_megatron.data.addition_prompts import ReversedAdditionPrompts
 from rlsd_megatron.data.prompts import MATH_STUDENT_TEMPLATE, FilePromptDataset, PromptDataset
 from rlsd_megatron.data.readers import SUPPORTED_SUFFIXES, DataError
 from rlsd_megatron.data.teacher_context import RLSD_TEACHER_TEMPLATE
+from rlsd_megatron.data.visual_addition import VisualReversedAdditionPrompts
 from rlsd_megatron.data.tokenizer import check_tokenizer_dir, load_chat_tokenizer
 
 __all__ = ["BUILTIN_TASKS", "build_prompt_dataset", "build_run_datasets", "data_input_problems"]
 
-BUILTIN_TASKS = {"reversed_addition": ReversedAdditionPrompts}
+BUILTIN_TASKS = {"reversed_addition": ReversedAdditionPrompts, "visual_reversed_addition": VisualReversedAdditionPrompts}
+VISION_TASKS = {"visual_reversed_addition"}  # built-in tasks whose prompts hold images (they take model.vision)
 
 
 def build_prompt_dataset(cfg: DataConfig, split: str = "train", *, tokenizer: Any = None,
                          student_template: str = MATH_STUDENT_TEMPLATE, system_prompt: str | None = None,
                          chat_template_kwargs: dict[str, Any] | None = None,
-                         teacher_template: str | None = None) -> PromptDataset | None:
+                         teacher_template: str | None = None, vision: VisionConfig | None = None
+                         ) -> PromptDataset | None:
     """The ``split`` (``train`` / ``val``) dataset; None for ``val`` when no ``data.val_files``.
 
     ``data.task`` selects a built-in task (then no files may be given); otherwise
     ``data.train_files`` / ``data.val_files`` are read with the tokenizer from
     ``data.tokenizer_dir`` (or ``tokenizer``, to share one already loaded). The keyword
     arguments are :class:`FilePromptDataset`'s; ``teacher_template`` None is the dataset's own
-    wording (the spec's for files, a built-in task's for it).
+    wording (the spec's for files, a built-in task's for it); ``vision`` (``model.vision``) reads
+    the files' images for a vision-language policy.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r} must be 'train' or 'val'.")
@@ -35,7 +39,8 @@ def build_prompt_dataset(cfg: DataConfig, split: str = "train", *, tokenizer: An
         problem = _task_problem(cfg)
         if problem:
             raise DataError(problem)
-        return BUILTIN_TASKS[cfg.task](split, teacher_template=teacher_template)
+        extra = {"vision": vision} if cfg.task in VISION_TASKS else {}
+        return BUILTIN_TASKS[cfg.task](split, teacher_template=teacher_template, **extra)
     files = cfg.train_files if split == "train" else cfg.val_files
     if not files:
         if split == "val":
@@ -45,15 +50,16 @@ def build_prompt_dataset(cfg: DataConfig, split: str = "train", *, tokenizer: An
     return FilePromptDataset(files, cfg, tokenizer if tokenizer is not None else load_chat_tokenizer(cfg.tokenizer_dir),
                              student_template=student_template, system_prompt=system_prompt,
                              chat_template_kwargs=chat_template_kwargs,
-                             teacher_template=teacher_template or RLSD_TEACHER_TEMPLATE)
+                             teacher_template=teacher_template or RLSD_TEACHER_TEMPLATE, vision=vision)
 
 
 def build_run_datasets(cfg: Config) -> tuple[PromptDataset, PromptDataset | None]:
     """A run's training and validation datasets: ``cfg.data``, with the teacher's wording from
-    ``algorithm.teacher_template`` (checked at start-up by ``config_checks``)."""
-    teacher_template = cfg.algorithm.teacher_template
-    return (build_prompt_dataset(cfg.data, "train", teacher_template=teacher_template),
-            build_prompt_dataset(cfg.data, "val", teacher_template=teacher_template))
+    ``algorithm.teacher_template`` (checked at start-up by ``config_checks``) and the images of a
+    vision-language ``model.vision``."""
+    teacher_template, vision = cfg.algorithm.teacher_template, cfg.model.vision
+    return (build_prompt_dataset(cfg.data, "train", teacher_template=teacher_template, vision=vision),
+            build_prompt_dataset(cfg.data, "val", teacher_template=teacher_template, vision=vision))
 
 
 def data_input_problems(cfg: DataConfig) -> list[str]:

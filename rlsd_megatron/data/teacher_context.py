@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -76,6 +76,8 @@ class TeacherSequence:
     response_start: int
     response_length: int
     has_teacher: bool = True
+    # The prompt's images (`models.vision_language.ImageInputs`), the student's own; None: text only.
+    images: Any = field(default=None, compare=False)
 
     @property
     def logit_positions(self) -> list[int]:
@@ -83,18 +85,33 @@ class TeacherSequence:
 
 
 def hf_chat_renderer(tokenizer: Any, *, system_prompt: str | None = None,
-                     chat_template_kwargs: dict[str, Any] | None = None) -> PromptRenderer:
+                     chat_template_kwargs: dict[str, Any] | None = None,
+                     image_placeholder: str | None = None) -> PromptRenderer:
     """Renderer from a HF tokenizer's chat template: ``[system?, user]`` + generation prompt, as ids.
 
     Renders to text and encodes with ``add_special_tokens=False`` (the template already holds
     BOS/role tokens), as the reference recipe does. ``chat_template_kwargs`` (e.g.
-    ``enable_thinking``) must match the student prompt's.
+    ``enable_thinking``) must match the student prompt's. With ``image_placeholder`` (``<image>``,
+    vision-language data), a user text holding it becomes a content list, each placeholder a
+    ``{"type": "image"}`` item, as veRL builds it, so that the template renders the model's
+    image token there (once per image: ``data.images.expand_image_tokens`` repeats it).
     """
     kwargs = dict(chat_template_kwargs or {})
     prefix = [{"role": "system", "content": system_prompt}] if system_prompt else []
 
+    def content(user_text: str) -> str | list[dict[str, str]]:
+        if image_placeholder is None or image_placeholder not in user_text:
+            return user_text
+        items: list[dict[str, str]] = []
+        for i, piece in enumerate(user_text.split(image_placeholder)):
+            if i:
+                items.append({"type": "image"})
+            if piece:
+                items.append({"type": "text", "text": piece})
+        return items
+
     def render(user_text: str) -> list[int]:
-        messages = prefix + [{"role": "user", "content": user_text}]
+        messages = prefix + [{"role": "user", "content": content(user_text)}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
         return list(tokenizer.encode(text, add_special_tokens=False))
 
@@ -130,11 +147,15 @@ class TeacherContextBuilder:
     than ``max_reference_tokens`` is cut with ``truncate_text(text, max_tokens)`` (recipe:
     12,000); pass ``max_reference_tokens=None`` when the task has no truncator. ``template``
     uses ``{question}``/``{answer}``, ``sdpo_template`` ``{question}``/``{solution}``.
+    With ``image_tokens`` (a vision-language model: its image token id and spatial merge size),
+    the ``images`` given to ``build`` / ``build_sdpo`` (the student prompt's) go with the teacher
+    sequence, each image's placeholder in the rendered prompt (from the question's ``<image>``)
+    repeated once per image embedding, as in the student prompt.
     """
 
     def __init__(self, render_prompt: PromptRenderer, *, truncate_text: TextTruncator | None = None,
                  max_reference_tokens: int | None = 12_000, template: str = RLSD_TEACHER_TEMPLATE,
-                 sdpo_template: str = SDPO_TEACHER_TEMPLATE) -> None:
+                 sdpo_template: str = SDPO_TEACHER_TEMPLATE, image_tokens: tuple[int, int] | None = None) -> None:
         if max_reference_tokens is not None and (truncate_text is None or max_reference_tokens <= 0):
             raise ValueError(f"max_reference_tokens={max_reference_tokens} needs a truncate_text "
                              "callable and a positive limit; pass max_reference_tokens=None to disable.")
@@ -145,6 +166,7 @@ class TeacherContextBuilder:
         self.max_reference_tokens = max_reference_tokens
         self.template = template
         self.sdpo_template = sdpo_template
+        self.image_tokens = image_tokens
 
     @classmethod
     def from_hf_tokenizer(cls, tokenizer: Any, *, system_prompt: str | None = None,
@@ -168,17 +190,18 @@ class TeacherContextBuilder:
         return self.template.format(question=question.strip(), answer=self._limit(str(hint)).strip())
 
     def build(self, question: str, answer: str, response_ids: Sequence[int] | torch.Tensor, *,
-              reference_solution: str | None = None) -> TeacherSequence:
+              reference_solution: str | None = None, images: Any = None) -> TeacherSequence:
         """Teacher sequence for RLSD / OPSD: rendered hint prompt + the rollout's ids.
 
         ``question`` is the raw problem text (not the student's formatted prompt), ``answer`` the
-        dataset answer, ``response_ids`` the rollout's unpadded token ids.
+        dataset answer, ``response_ids`` the rollout's unpadded token ids, ``images`` the student
+        prompt's (``ImageInputs``; None: text only).
         """
         return self._splice(self.render_prompt(self.hint_text(question, answer, reference_solution)),
-                            response_ids, has_teacher=True)
+                            response_ids, has_teacher=True, images=images)
 
     def build_sdpo(self, question: str, response_ids: Sequence[int] | torch.Tensor, *,
-                   solution: str | None, fallback_answer: str | None = None) -> TeacherSequence:
+                   solution: str | None, fallback_answer: str | None = None, images: Any = None) -> TeacherSequence:
         """Teacher sequence for SDPO: the prompt plus a successful sibling's ``solution`` text.
 
         ``question`` is whatever text the SDPO prompt starts from (official SDPO uses the
@@ -191,18 +214,25 @@ class TeacherContextBuilder:
         """
         if solution is not None and solution.strip():
             text = self.sdpo_template.format(question=question.strip(), solution=self._limit(solution).strip())
-            return self._splice(self.render_prompt(text), response_ids, has_teacher=True)
+            return self._splice(self.render_prompt(text), response_ids, has_teacher=True, images=images)
         if fallback_answer is not None:
-            return self.build(question, fallback_answer, response_ids)
-        return self._splice(self.render_prompt(question.strip()), response_ids, has_teacher=False)
+            return self.build(question, fallback_answer, response_ids, images=images)
+        return self._splice(self.render_prompt(question.strip()), response_ids, has_teacher=False, images=images)
 
-    @staticmethod
-    def _splice(prompt_ids: Sequence[int], response_ids: Sequence[int] | torch.Tensor, *,
-                has_teacher: bool) -> TeacherSequence:
+    def _splice(self, prompt_ids: Sequence[int], response_ids: Sequence[int] | torch.Tensor, *,
+                has_teacher: bool, images: Any = None) -> TeacherSequence:
         prompt = [int(t) for t in prompt_ids]
         response = response_ids.tolist() if isinstance(response_ids, torch.Tensor) else [int(t) for t in response_ids]
         if not prompt:
             raise ValueError("render_prompt returned no tokens; the teacher needs a prompt before the rollout.")
+        if images is not None:
+            if self.image_tokens is None:
+                raise ValueError("images given to a teacher-context builder made without image_tokens (a text "
+                                 "dataset); build it with the vision model's image token and merge size")
+            from rlsd_megatron.data.images import expand_image_tokens, image_token_counts
+
+            token_id, merge = self.image_tokens
+            prompt = expand_image_tokens(prompt, image_token_counts(images.image_grid_thw, merge), token_id)
         return TeacherSequence(prompt + response, response_start=len(prompt), response_length=len(response),
-                               has_teacher=has_teacher)
+                               has_teacher=has_teacher, images=images)
 

@@ -4,7 +4,8 @@ scores tokens: the learner's policy, OPD's teacher model, the KL reference model
 `ModelRunner.forward(micro_batches, per_token_fn)` runs a forward-only pass through
 `get_forward_backward_func` (any PP / VPP schedule) and returns what `per_token_fn(logits,
 micro_batch)` computed on the last pipeline stage; `forward_sequences` does the same over whole
-sequences (split into micro-batches, results per sequence on every rank). `Learner` adds DDP,
+sequences (split into micro-batches, results per sequence on every rank; a vision-language
+model's sequences come with their images, `images[i]` those of sequence i). `Learner` adds DDP,
 the optimizer and `train_step` on top; `FrozenModel` adds loading a checkpoint, frozen.
 
 Logits handed to the callbacks are vocabulary-parallel ([B, S, V/TP] on each TP rank) and
@@ -90,9 +91,12 @@ class ModelRunner:
         weight = output_weight if output_weight is not None else output_layer.weight
         return UnprojectedLogits(hidden.transpose(0, 1), weight, self.cfg.train.fused_output_chunk_tokens)
 
-    def micro_batch(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]] | None = None) -> MicroBatch:
+    def micro_batch(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]] | None = None,
+                    images: list | None = None) -> MicroBatch:
         """A micro-batch in the layout this model's layers want: packed THD for Transformer
-        Engine (no compute on padding), right-padded [B, S] for the local layers. Each sequence
+        Engine (no compute on padding), right-padded [B, S] for the local layers; for a
+        vision-language model (`model.vision`) a padded one with M-RoPE positions and the
+        sequences' `images` (`ImageInputs` or None each; None: all text). Each sequence
         is padded to a multiple of 2·CP (context-parallel chunks) and the tokens so that every
         rank's share splits evenly: over TP under sequence parallelism (megatron scatters the
         tokens), and under FP8 into a multiple of 16 rows per rank (32 for MXFP8), which TE's
@@ -103,15 +107,24 @@ class ModelRunner:
         rows = sp  # tokens of this rank's CP share must be a multiple of this
         if self.cfg.precision.fp8 != "none":
             rows *= 32 if self.cfg.precision.fp8_recipe == "mxfp8" else 16
+        if self.cfg.model.vision is not None:
+            from rlsd_megatron.learner.vision_batch import vision_micro_batch
+
+            return vision_micro_batch(sequences, images if images is not None else [None] * len(sequences),
+                                      self.cfg.model.vision, fields, pad_to_multiple=math.lcm(chunks, rows))
+        if images is not None and any(x is not None for x in images):
+            raise ValueError("sequences with images given to a text-only model (model.vision is unset); a "
+                             "vision-language policy needs model.hf_config of a VL model or model.vision")
         if self.impl == "transformer_engine":
             return packed_micro_batch(sequences, fields, pad_to_multiple=chunks,
                                       pad_total_to_multiple=math.lcm(chunks, cp * rows))
         return padded_micro_batch(sequences, fields, pad_to_multiple=math.lcm(chunks, rows))
 
-    def micro_batches(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]] | None = None
-                      ) -> tuple[list[MicroBatch], list[list[int]]]:
-        """Split sequences into micro-batches per `train.micro_batch_size` or, when set,
-        `train.max_tokens_per_micro_batch`; returns them and the sequence indices of each."""
+    def micro_batches(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]] | None = None,
+                      images: list | None = None) -> tuple[list[MicroBatch], list[list[int]]]:
+        """Split sequences (with their `images`, see `micro_batch`) into micro-batches per
+        `train.micro_batch_size` or, when set, `train.max_tokens_per_micro_batch`; returns them
+        and the sequence indices of each."""
         train = self.cfg.train
         plan = plan_micro_batches(
             [len(s) for s in sequences],
@@ -120,19 +133,21 @@ class ModelRunner:
         )
         fields = fields or {}
         batches = [
-            self.micro_batch([sequences[i] for i in idx], {k: [v[i] for i in idx] for k, v in fields.items()})
+            self.micro_batch([sequences[i] for i in idx], {k: [v[i] for i in idx] for k, v in fields.items()},
+                             [images[i] for i in idx] if images is not None else None)
             for idx in plan
         ]
         return batches, plan
 
-    def forward_sequences(self, sequences: list[torch.Tensor], per_token_fn: PerTokenFn) -> dict[str, list[torch.Tensor]]:
-        """Forward-only over whole sequences: for each output of `per_token_fn` ([B, S, ...] per
+    def forward_sequences(self, sequences: list[torch.Tensor], per_token_fn: PerTokenFn, images: list | None = None
+                          ) -> dict[str, list[torch.Tensor]]:
+        """Forward-only over whole sequences (with their `images`: `micro_batch`): for each output of `per_token_fn` ([B, S, ...] per
         micro-batch), one tensor per sequence aligned with its tokens along dim 0
         (`MicroBatch.to_sequences`), in the input order, on every rank (broadcast from the last
         pipeline stage; TP ranks keep their own vocabulary shards of vocab-sized outputs)."""
         from megatron.core import parallel_state
 
-        batches, plan = self.micro_batches(sequences)
+        batches, plan = self.micro_batches(sequences, images=images)
         outputs = self.forward(batches, per_token_fn)
         lengths = [len(s) for s in sequences]
         concatenated: dict[str, torch.Tensor] = {}

@@ -36,7 +36,7 @@ from rlsd_megatron.rewards.verifier_pool import Outcome, VerifierPool
 
 __all__ = ["REWARD_TASKS", "RewardResult", "RewardSample", "RewardScorer"]
 
-REWARD_TASKS = ("reversed_addition",)
+REWARD_TASKS = ("reversed_addition", "visual_reversed_addition")  # the visual task's answers are the text task's
 _MAX_ERROR_MESSAGES = 8
 
 
@@ -96,7 +96,9 @@ class RewardScorer:
         self.cfg = cfg
         if task is not None and task not in REWARD_TASKS:
             raise ValueError(f"data.task={task!r} has no built-in reward; known tasks: {list(REWARD_TASKS)}.")
-        self.kind = "custom" if cfg.custom_fn else (task or "math")
+        # The visual task's answers and reward are the text task's (data/visual_addition.py).
+        self.kind = "custom" if cfg.custom_fn else ("reversed_addition" if task == "visual_reversed_addition"
+                                                    else task or "math")
         # Check the penalty's settings now rather than at the first step.
         soft_overlong_penalty(torch.zeros(1), max_length=cfg.overlong_max_length, buffer=cfg.overlong_buffer,
                               factor=cfg.overlong_factor)

@@ -34,14 +34,16 @@ class DataParallelEngines(RolloutEngine):
         return formats.pop()
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
-                 prompt_offset: int = 0) -> list[Generation]:
+                 prompt_offset: int = 0, images: Sequence | None = None) -> list[Generation]:
         shares = _split(len(prompts), len(self.engines))
         results: list = [None] * len(self.engines)
         errors: list = []
 
         def run(k: int, start: int, stop: int) -> None:
             try:
-                results[k] = self.engines[k].generate(prompts[start:stop], sampling, prompt_offset=prompt_offset + start)
+                share = {"images": images[start:stop]} if images is not None else {}
+                results[k] = self.engines[k].generate(prompts[start:stop], sampling, prompt_offset=prompt_offset + start,
+                                                      **share)
             except BaseException as exc:  # re-raised in the caller
                 errors.append(exc)
 

@@ -7,6 +7,16 @@ when it lives in the learner's process (`writable_weights`), or as buckets — s
 exercises the whole weight path. Generation batches prompts, prefills each prompt once and repeats its KV cache for
 the n samples, decodes with the KV cache and drops finished rows from the batch.
 
+A vision-language `ModelConfig` (`model.vision`) gets transformers' image-text model of its HF
+config (`models.vision_config.hf_vision_language_config`: Qwen2.5-VL's
+`Qwen2_5_VLForConditionalGeneration`), vision tower included, and prompts come with their images
+(`ImageInputs` per prompt), embedded in the prefill. Its M-RoPE positions are ours
+(`models.mrope`, the learner's) rather than the model's cached `rope_deltas`, which would go
+stale as finished rows leave the batch: a generated token's three positions are one past the
+prompt's largest. The image placeholder token is never drawn (a sampled one would have no image
+behind it in the learner's forward): like top-k / top-p truncation, this changes what can be
+drawn, not the reported log-probs.
+
 Sampling (per step, in fp32): logits z of the real vocabulary; greedy when temperature = 0;
 otherwise p = softmax(z / T), then top-k and top-p truncation (SGLang's rule: a token is dropped
 when the mass of the more likely tokens before it already exceeds top_p), renormalised, drawn by
@@ -55,10 +65,17 @@ def build_hf_model(model: ModelConfig, *, dtype: torch.dtype = torch.float32, at
 
     from rlsd_megatron.models.hf_config import hf_config_from_model
 
-    config_dict = hf_config_from_model(model, **config_extra)
+    if model.vision is not None:
+        from rlsd_megatron.models.vision_config import hf_vision_language_config
+
+        config_dict = {**hf_vision_language_config(model), **config_extra}
+        auto_model = transformers.AutoModelForImageTextToText
+    else:
+        config_dict = hf_config_from_model(model, **config_extra)
+        auto_model = transformers.AutoModelForCausalLM
     config_cls = type(transformers.AutoConfig.for_model(config_dict["model_type"]))
     config = config_cls(**config_dict)
-    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    hf = auto_model.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return hf.eval()
 
 
@@ -86,15 +103,21 @@ def checkpoint_views(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return views
 
 
-def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor,
+                  banned_token_ids: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """One sampling step. logits [B, V] (any float dtype), uniforms [B] in [0, 1) → (token ids
-    [B] int64, log-probs [B] fp32 of those tokens under log_softmax(logits / T))."""
+    [B] int64, log-probs [B] fp32 of those tokens under log_softmax(logits / T)).
+    `banned_token_ids` are never drawn (truncated like top-k's tail; reported log-probs unchanged)."""
     z = logits.float()
+    banned = list(banned_token_ids)
     if sampling.greedy:
-        tokens = z.argmax(-1)
+        tokens = z.index_fill(1, torch.tensor(banned, dtype=torch.long), float("-inf")).argmax(-1) if banned \
+            else z.argmax(-1)
         return tokens, torch.log_softmax(z, -1).gather(1, tokens[:, None]).squeeze(1)
     log_p = torch.log_softmax(z / sampling.temperature, -1)
     probs = log_p.exp()
+    if banned:
+        probs = probs.index_fill(1, torch.tensor(banned, dtype=torch.long), 0.0)
     vocab = probs.shape[-1]
     truncate_k = 0 < sampling.top_k < vocab
     if truncate_k or sampling.top_p < 1.0:
@@ -175,18 +198,51 @@ class EmbeddedEngine(RolloutEngine):
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
-                 prompt_offset: int = 0) -> list[Generation]:
+                 prompt_offset: int = 0, images: Sequence | None = None) -> list[Generation]:
         if self.asleep:
             raise RuntimeError("the embedded engine is asleep; call wake() before generate()")
         for i, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts; give None for text-only ones")
+        if images is not None and self.model_config.vision is None and any(x is not None for x in images):
+            raise ValueError("prompts with images given to the embedded engine of a text-only model (model.vision unset)")
         per_call = max(1, self.max_batch_size // sampling.n)
         out: list[Generation] = []
         with _torch_threads(self.num_threads):
             for start in range(0, len(prompts), per_call):
-                out.extend(self._generate_batch(prompts[start:start + per_call], prompt_offset + start, sampling))
+                batch_images = images[start:start + per_call] if images is not None else None
+                out.extend(self._generate_batch(prompts[start:start + per_call], prompt_offset + start, sampling,
+                                                batch_images))
         return out
+
+    def _prefill_inputs(self, prompts: Sequence[Sequence[int]], ids: torch.Tensor, mask: torch.Tensor,
+                        images: Sequence | None) -> tuple[dict, torch.Tensor]:
+        """The prefill's model inputs past ids and mask, and each row's next position [B, 1]:
+        text positions over the left-padded rows, or for a VL model M-RoPE's [3, B, S] and the
+        batch's images."""
+        if self.model_config.vision is None:
+            positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+            return {"position_ids": positions}, positions[:, -1:] + 1
+        from rlsd_megatron.models.mrope import mrope_position_ids
+
+        vision = self.model_config.vision
+        images = images if images is not None else [None] * len(prompts)
+        width = ids.shape[1]
+        positions = torch.zeros(3, len(prompts), width, dtype=torch.long)
+        no_images = torch.zeros(0, 3, dtype=torch.long)
+        for i, (prompt, x) in enumerate(zip(prompts, images)):
+            positions[:, i, width - len(prompt):] = mrope_position_ids(
+                ids[i, width - len(prompt):], x.image_grid_thw if x is not None else no_images,
+                image_token_id=vision.image_token_id, spatial_merge_size=vision.spatial_merge_size)
+        inputs = {"position_ids": positions}
+        present = [x for x in images if x is not None]
+        if present:
+            dtype = next(self.model.parameters()).dtype
+            inputs["pixel_values"] = torch.cat([x.pixel_values for x in present]).to(dtype)
+            inputs["image_grid_thw"] = torch.cat([x.image_grid_thw for x in present])
+        return inputs, positions.amax(dim=(0, 2)).unsqueeze(1) + 1
 
     def _row_generators(self, first_prompt: int, num_prompts: int, sampling: SamplingParams) -> list[torch.Generator]:
         gens = []
@@ -199,7 +255,7 @@ class EmbeddedEngine(RolloutEngine):
 
     @torch.no_grad()
     def _generate_batch(self, prompts: Sequence[Sequence[int]], first_prompt: int,
-                        sampling: SamplingParams) -> list[Generation]:
+                        sampling: SamplingParams, images: Sequence | None = None) -> list[Generation]:
         n, num_prompts = sampling.n, len(prompts)
         width = max(len(p) for p in prompts)
         ids = torch.zeros(num_prompts, width, dtype=torch.long)
@@ -207,13 +263,15 @@ class EmbeddedEngine(RolloutEngine):
         for i, prompt in enumerate(prompts):  # left padding: every row's next token is at the end
             ids[i, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
             mask[i, width - len(prompt):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        inputs, next_position = self._prefill_inputs(prompts, ids, mask, images)
+        result = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **inputs)
         cache = result.past_key_values
         cache.batch_repeat_interleave(n)
         logits = result.logits[:, -1].repeat_interleave(n, 0)
         mask = mask.repeat_interleave(n, 0)
-        next_position = positions[:, -1:].repeat_interleave(n, 0) + 1
+        next_position = next_position.repeat_interleave(n, 0)
+        vl = self.model_config.vision is not None
+        banned = [self.model_config.vision.image_token_id] if vl else []
 
         rows = num_prompts * n
         gens = self._row_generators(first_prompt, num_prompts, sampling)
@@ -227,7 +285,7 @@ class EmbeddedEngine(RolloutEngine):
             uniforms = torch.stack([torch.rand((), generator=gens[r]) for r in active])
             if sampling.presence_penalty:
                 logits = logits.float() - sampling.presence_penalty * generated[active]
-            new, new_lp = sample_tokens(logits, sampling, uniforms)
+            new, new_lp = sample_tokens(logits, sampling, uniforms, banned)
             keep = []
             for b, r in enumerate(active):
                 token = int(new[b])
@@ -246,7 +304,8 @@ class EmbeddedEngine(RolloutEngine):
                 mask, next_position, new = mask[index], next_position[index], new[index]
                 active = [active[b] for b in keep]
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-            result = self.model(input_ids=new[:, None], attention_mask=mask, position_ids=next_position,
+            position = next_position.unsqueeze(0).expand(3, -1, -1) if vl else next_position  # M-RoPE: all axes
+            result = self.model(input_ids=new[:, None], attention_mask=mask, position_ids=position,
                                 past_key_values=cache, use_cache=True)
             cache = result.past_key_values
             logits = result.logits[:, -1]

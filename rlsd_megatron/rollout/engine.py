@@ -125,9 +125,11 @@ class RolloutEngine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
-                 prompt_offset: int = 0) -> list[Generation]:
+                 prompt_offset: int = 0, images: Sequence[Any] | None = None) -> list[Generation]:
         """`prompt_offset` is the index of `prompts[0]` in the whole rollout batch: it numbers the
-        results and picks the seeds, so a batch split over engines samples what one engine would."""
+        results and picks the seeds, so a batch split over engines samples what one engine would.
+        `images[i]` are prompt i's images (`ImageInputs`, None for text) for a vision-language
+        model, whose prompts hold one image token per image embedding."""
 
     @abc.abstractmethod
     def update_weights(self, buckets: Iterable["FlatBucket"], version: int) -> None:

@@ -296,7 +296,10 @@ class SGLangEngine(RolloutEngine):
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
-                 prompt_offset: int = 0) -> list[Generation]:
+                 prompt_offset: int = 0, images: Sequence | None = None) -> list[Generation]:
+        if images is not None and any(x is not None for x in images):
+            raise NotImplementedError("the SGLang backend does not send images yet (issue 19); use rollout.backend="
+                                      "embedded for a vision-language policy")
         if not self.is_host:
             raise RuntimeError("generate() runs on the engine's host rank (the first rank of its group)")
         if self.asleep:

@@ -125,7 +125,8 @@ def teacher_logits(learner, micro_batches: list[MicroBatch], plan: list[list[int
         buffer[destination[response] - 1] = logits.detach()[response]
         return {}
 
-    batches, _ = learner.micro_batches(sequences, {"destination": destinations})
+    images = [teacher.contexts[i].images for indices in plan for i in indices]
+    batches, _ = learner.micro_batches(sequences, {"destination": destinations}, images)
     scope = learner.use_weights(teacher.weights) if teacher.weights is not None else contextlib.nullcontext()
     with scope:
         learner.forward(batches, copy_response_logits)

@@ -44,13 +44,14 @@ class KLReference:
         """This rank's shards of the reference copy by local name; None for a loaded model."""
         return self.copy.teacher_state() if self.copy is not None else None
 
-    def outputs(self, sequences: list[torch.Tensor], per_token: PerTokenFn) -> dict[str, list[torch.Tensor]]:
-        """`per_token` outputs of the reference on whole `sequences` (one [L, ...] tensor per
-        sequence, aligned with its tokens; see `ModelRunner.forward_sequences`)."""
+    def outputs(self, sequences: list[torch.Tensor], per_token: PerTokenFn, images: list | None = None
+                ) -> dict[str, list[torch.Tensor]]:
+        """`per_token` outputs of the reference on whole `sequences` with their `images` (one
+        [L, ...] tensor per sequence, aligned with its tokens; see `ModelRunner.forward_sequences`)."""
         if self.model is not None:
-            return self.model.forward_sequences(sequences, per_token)
+            return self.model.forward_sequences(sequences, per_token, images)
         with self.learner.use_weights(self.weights()):
-            return self.learner.forward_sequences(sequences, per_token)
+            return self.learner.forward_sequences(sequences, per_token, images)
 
     def state_dict(self) -> dict[str, Any] | None:
         """What a training-state checkpoint keeps: the copy (None for a loaded model)."""

@@ -44,6 +44,10 @@ class Rollouts:
         """Student sequences: prompt ids + response ids."""
         return [torch.tensor(self.row_of(i).prompt_ids + r) for i, r in enumerate(self.responses)]
 
+    def images(self) -> list:
+        """The prompt images of each student sequence [P·G] (`ImageInputs`, None for text)."""
+        return [self.row_of(i).images for i in range(len(self.responses))]
+
     def prompt_lengths(self) -> list[int]:
         """The prompt tokens before each response in its student sequence [P·G]."""
         return [len(self.row_of(i).prompt_ids) for i in range(len(self.responses))]
@@ -122,8 +126,9 @@ def generate_and_score(rows: list[PromptRow], dataset: PromptDataset, engine: Ro
 
     payload = None
     if engine is not None:
+        images = {"images": [row.images for row in rows]} if any(row.images is not None for row in rows) else {}
         generations: list[Generation] = engine.generate([row.prompt_ids for row in rows], sampling,
-                                                        prompt_offset=prompt_offset)
+                                                        prompt_offset=prompt_offset, **images)
         g = sampling.n
         samples = [
             RewardSample(response=dataset.decode(gen.token_ids), ground_truth=rows[i // g].answer,

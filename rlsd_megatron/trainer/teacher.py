@@ -25,11 +25,12 @@ def teacher_contexts(algorithm: AlgorithmConfig, rollouts: Rollouts, dataset: Pr
     """The teacher's input for each of the P·G responses of `rollouts`, by `algorithm.method`'s
     teacher context: the privileged hint (dataset answer or reference solution) in the user turn,
     for SDPO a successful sibling's response (its `<think_tag>` spans removed when
-    `algorithm.sdpo_remove_thinking`), for OPD the student's own prompt."""
+    `algorithm.sdpo_remove_thinking`), for OPD the student's own prompt; each with the student
+    prompt's images (a vision-language policy), so the teacher sees what the student saw."""
     kind = alg.get_method(algorithm.method).teacher_context
     rows = [rollouts.row_of(i) for i in range(len(rollouts.responses))]
     if kind == "student_prompt":
-        return [TeacherSequence(row.prompt_ids + response, len(row.prompt_ids), len(response))
+        return [TeacherSequence(row.prompt_ids + response, len(row.prompt_ids), len(response), images=row.images)
                 for row, response in zip(rows, rollouts.responses)]
     if kind == "sibling":
         demos = alg.select_sdpo_demonstrations(rollouts.rewards, rollouts.group_size,
@@ -41,11 +42,12 @@ def teacher_contexts(algorithm: AlgorithmConfig, rollouts: Rollouts, dataset: Pr
             text = dataset.decode(rollouts.responses[d])
             return remove_thinking(text, think_tag) if algorithm.sdpo_remove_thinking else text
 
-        return [dataset.teacher_context.build_sdpo(row.question, response, solution=demonstration(d))
+        return [dataset.teacher_context.build_sdpo(row.question, response, solution=demonstration(d),
+                                                     images=row.images)
                 for row, response, d in zip(rows, rollouts.responses, demos)]
     if kind == "hinted":
         return [dataset.teacher_context.build(row.question, row.answer, response,
-                                              reference_solution=row.reference_solution)
+                                              reference_solution=row.reference_solution, images=row.images)
                 for row, response in zip(rows, rollouts.responses)]
     raise ValueError(f"algorithm.method={algorithm.method} has no teacher (teacher context {kind!r}); "
                      "the step asks for teacher contexts only for methods with one")
@@ -60,6 +62,7 @@ def teacher_response_outputs(contexts: list[TeacherSequence], per_token, *, lear
     scope = learner.use_weights(weights) if weights is not None else contextlib.nullcontext()
     scorer = teacher_model if teacher_model is not None else learner
     with scope:
-        full = scorer.forward_sequences([torch.tensor(c.input_ids) for c in contexts], per_token)
+        full = scorer.forward_sequences([torch.tensor(c.input_ids) for c in contexts], per_token,
+                                        images=[c.images for c in contexts])
     return {name: [v[c.response_start: c.response_start + c.response_length] for v, c in zip(values, contexts)]
             for name, values in full.items()}

@@ -238,7 +238,8 @@ class Trainer:
             scores = self.score(rollouts)
             advantages = self.advantages(rollouts, scores)
         with timer("train"):
-            train_stats = self.update(scores.sequences, *self.update_inputs(rollouts, scores, advantages))
+            train_stats = self.update(scores.sequences, *self.update_inputs(rollouts, scores, advantages),
+                                      images=rollouts.images())
             self.teacher.on_step(self.step, self.learner.local_weights())
         with timer("sync"):
             sync = self.sync_weights()
@@ -277,10 +278,11 @@ class Trainer:
         how far the student's are from the engine's. With `train.student_log_probs_in_update` the
         student's are left to the update's forward (trainer/in_update.py): None here."""
         algorithm = self.cfg.algorithm
-        sequences = rollouts.sequences()
+        sequences, images = rollouts.sequences(), rollouts.images()
         in_update = self.cfg.train.student_log_probs_in_update
-        student = None if in_update else self.log_probs(sequences)
-        reference = self.reference.outputs(sequences, self._log_prob_fn)["logp"] if self.reference is not None else None
+        student = None if in_update else self.log_probs(sequences, images)
+        reference = self.reference.outputs(sequences, self._log_prob_fn, images)["logp"] \
+            if self.reference is not None else None
         contexts = teacher_contexts(algorithm, rollouts, self.dataset, think_tag=self.cfg.reward.think_tag) \
             if alg.get_method(algorithm.method).has_teacher else None
         teacher_logp = teacher_response_outputs(
@@ -358,16 +360,17 @@ class Trainer:
         return {"logp": token_log_probs(logits, mb.targets.to(logits.device), temperature=self.cfg.rollout.temperature,
                                         vocab_size=self.cfg.model.vocab_size)}
 
-    def log_probs(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-token log-probs under the learner's current weights (aligned with tokens)."""
-        return self.learner.forward_sequences(sequences, self._log_prob_fn)["logp"]
+    def log_probs(self, sequences: list[torch.Tensor], images: list | None = None) -> list[torch.Tensor]:
+        """Per-token log-probs under the learner's current weights (aligned with tokens), the
+        sequences' `images` in context (a vision-language policy)."""
+        return self.learner.forward_sequences(sequences, self._log_prob_fn, images)["logp"]
 
     def update(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]],
-               teacher: distillation.TeacherInputs | None = None) -> dict[str, float]:
+               teacher: distillation.TeacherInputs | None = None, *, images: list | None = None) -> dict[str, float]:
         """`ppo_epochs` × `optimizer_steps_per_batch` optimizer steps over this rank's rollouts
         (trainer/update.py)."""
         return update_policy(self.learner, self.cfg, sequences, fields, teacher, dp_group=self.dp_group,
-                             step=self.step)
+                             step=self.step, images=images)
 
     def sync_weights(self):
         """Learner weights → this replica's engine; every rank returns the host's `SyncStats` (the

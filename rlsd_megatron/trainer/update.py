@@ -19,12 +19,13 @@ from rlsd_megatron.trainer.rollouts import response_tensors
 
 
 def update_policy(learner, cfg: Config, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]],
-                  teacher: distillation.TeacherInputs | None = None, *, dp_group, step: int | None = None
-                  ) -> dict[str, float]:
-    """Optimizer steps over this rank's `sequences` (token ids [L_i]) with per-token `fields`
-    aligned with them (`loss_mask`, `old_logp`, `advantages`, ...; see `policy_loss_fn`);
-    returns the last step's `Learner.train_step` statistics. `step`: the RL step (from 1), which the
-    loss reads when it derives the token advantages itself (trainer/in_update.py)."""
+                  teacher: distillation.TeacherInputs | None = None, *, dp_group, step: int | None = None,
+                  images: list | None = None) -> dict[str, float]:
+    """Optimizer steps over this rank's `sequences` (token ids [L_i], with their `images` for a
+    vision-language policy) with per-token `fields` aligned with them (`loss_mask`, `old_logp`,
+    `advantages`, ...; see `policy_loss_fn`); returns the last step's `Learner.train_step`
+    statistics. `step`: the RL step (from 1), which the loss reads when it derives the token
+    advantages itself (trainer/in_update.py)."""
     steps = cfg.train.optimizer_steps_per_batch
     stats: dict[str, float] = {}
     for _ in range(cfg.train.ppo_epochs):
@@ -34,7 +35,8 @@ def update_policy(learner, cfg: Config, sequences: list[torch.Tensor], fields: d
             for value in normalisers.values():
                 dist.all_reduce(value, group=dp_group)
             batches, plan = learner.micro_batches([sequences[i] for i in idx],
-                                                  {k: [v[i] for i in idx] for k, v in fields.items()})
+                                                  {k: [v[i] for i in idx] for k, v in fields.items()},
+                                                  [images[i] for i in idx] if images is not None else None)
             loss_fn = objectives.policy_loss_fn(cfg, normalisers, step=step)
             if teacher is None:
                 stats = learner.train_step(batches, loss_fn)

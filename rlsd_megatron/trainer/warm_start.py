@@ -40,7 +40,7 @@ def supervised_examples(dataset: PromptDataset, rows: list[PromptRow], hinted: l
         answer = answer_ids(dataset, row)
         if hint:
             context = dataset.teacher_context.build(row.question, row.answer, answer,
-                                                    reference_solution=row.reference_solution)
+                                                    reference_solution=row.reference_solution, images=row.images)
             ids, start = context.input_ids, context.response_start
         else:
             ids, start = row.prompt_ids + answer, len(row.prompt_ids)
@@ -60,7 +60,7 @@ def greedy_accuracy(learner, cfg: Config, dataset: PromptDataset, rows: list[Pro
         _, top = vocab_topk(logits, 1, vocab_size=cfg.model.vocab_size)
         return {"wrong": ((top[..., 0] != mb.targets.to(top.device)) & (mb.fields["mask"].to(top.device) > 0)).float()}
 
-    batches, _ = learner.micro_batches(sequences, {"mask": masks})
+    batches, _ = learner.micro_batches(sequences, {"mask": masks}, [row.images for row in rows])
     outputs = learner.forward(batches, answer_argmax_wrong)
     counts = torch.zeros(2, dtype=torch.float64)
     if outputs is not None:
@@ -111,7 +111,7 @@ def run_warm_start(cfg: Config, dataset: PromptDataset, val_rows: list[PromptRow
             logp = token_log_probs(logits, mb.targets.to(logits.device), vocab_size=cfg.model.vocab_size)
             return -(logp * mb.fields["mask"].to(logp)).sum() / total, {}
 
-        batches, _ = learner.micro_batches(sequences, {"mask": masks})
+        batches, _ = learner.micro_batches(sequences, {"mask": masks}, [row.images for row in rows])
         stats = learner.train_step(batches, loss_fn)
         if step % ws.eval_interval == 0 or step == ws.max_steps:
             loss = torch.tensor([stats.get("loss", 0.0)])

@@ -36,7 +36,7 @@ def test_build_from_config(tmp_path, tokenizer_dir):
     assert isinstance(dataset, FilePromptDataset) and len(dataset) == 1
     assert build_prompt_dataset(cfg, "val") is None  # no data.val_files: no validation set
     assert isinstance(build_prompt_dataset(DataConfig(task="reversed_addition"), "val"), ReversedAdditionPrompts)
-    with pytest.raises(DataError, match="data.task='sudoku' is not a built-in task; known: \\['reversed_addition'\\]"):
+    with pytest.raises(DataError, match="data.task='sudoku' is not a built-in task; known: \\['reversed_addition', 'visual_reversed_addition'\\]"):
         build_prompt_dataset(DataConfig(task="sudoku"))
     with pytest.raises(DataError, match="are both set; use one"):
         build_prompt_dataset(DataConfig(task="reversed_addition", train_files=[str(train)]))
