@@ -38,12 +38,16 @@ class VisionLanguageKind:
     tower_class: str  # transformers' vision tower class, in `transformers.models.<model_type>.modeling_<model_type>`
     vision_config_class: str  # its config class, in `...configuration_<model_type>`
     interleaved_mrope: bool  # M-RoPE channels cycle t, h, w (Qwen3-VL) instead of one chunk per axis (Qwen2.5-VL)
+    # (transformers' module prefix, the prefix its checkpoint files use) where they differ: Qwen2.5-VL's
+    # files keep transformers-4 names (`model.layers.`, `visual.`), which save_pretrained still writes.
+    saved_prefixes: tuple[tuple[str, str], ...] = ()
 
 
 VL_KINDS = {kind.model_type: kind for kind in (
     VisionLanguageKind("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "qwen2",
                        _COMMON_VISION_FIELDS + ("window_size", "fullatt_block_indexes"),
-                       "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLVisionConfig", interleaved_mrope=False),
+                       "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLVisionConfig", interleaved_mrope=False,
+                       saved_prefixes=(("model.language_model.", "model."), ("model.visual.", "visual."))),
     VisionLanguageKind("qwen3_vl", "Qwen3VLForConditionalGeneration", "qwen3",
                        _COMMON_VISION_FIELDS + ("num_position_embeddings", "deepstack_visual_indexes"),
                        "Qwen3VLVisionModel", "Qwen3VLVisionConfig", interleaved_mrope=True),
@@ -118,6 +122,27 @@ def vl_kind(model: ModelConfig) -> VisionLanguageKind:
         raise ConfigError(f"model.vision.model_type={kind.model_type} has a {kind.text_family} language model, "
                           f"got model.family={model.family}; set model.family={kind.text_family}")
     return kind
+
+
+def saved_hf_name(model: ModelConfig, name: str) -> str:
+    """The name an HF checkpoint file gives transformers' tensor `name` of `model` (what
+    save_pretrained writes; the mapping's names are transformers' module names)."""
+    for memory, saved in VL_KINDS[model.vision.model_type].saved_prefixes if model.vision is not None else ():
+        if name.startswith(memory):
+            return saved + name.removeprefix(memory)
+    return name
+
+
+def loaded_hf_name(model: ModelConfig, name: str) -> str:
+    """transformers' module name of a checkpoint file's tensor `name` (inverse of `saved_hf_name`;
+    names already in module form pass unchanged, so files of either layout load)."""
+    prefixes = VL_KINDS[model.vision.model_type].saved_prefixes if model.vision is not None else ()
+    if any(name.startswith(memory) for memory, _ in prefixes):
+        return name
+    for memory, saved in prefixes:
+        if name.startswith(saved):
+            return memory + name.removeprefix(saved)
+    return name
 
 
 def hf_vision_config(vision: VisionConfig) -> dict[str, Any]:

@@ -39,6 +39,8 @@ Design (issue 19):
   Both are refused before the run (`config_checks.deepstack_problems`).
 - Checkpointing: the tower is a plain `nn.Module` child, so megatron-core's default
   `sharded_state_dict` saves its tensors as replicated across TP (and exists only on stage 0).
+  The HF converters stream it like any other tensor under HF's names (in the files: Qwen2.5-VL's
+  transformers-4 names, `vision_config.saved_hf_name`).
 - `freeze_vision_tower`: the tower's parameters do not require gradients (Megatron's DDP and
   optimizer then skip them) and it runs without autograd.
 Not yet: sequence parallelism and context parallelism (the image embeddings would have to be

@@ -76,9 +76,9 @@ def processed_image(vision, *, height: int, width: int, grid: tuple[int, int, in
     return out["pixel_values"]
 
 
-def hf_reference(model: ModelConfig) -> dict:
-    """transformers' logits per sequence, token-mean NLL and every gradient, on the padded batch."""
-    hf = random_hf_vision_language_model(model)
+def hf_forward(hf, model: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """transformers' logits [B, S, V] on the right-padded batch of `make_inputs(model)`, with its
+    input ids and attention mask [B, S]."""
     sequences, images = make_inputs(model)
     width = max(len(s) for s in sequences)
     input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
@@ -94,6 +94,14 @@ def hf_reference(model: ModelConfig) -> dict:
         pixel_values=torch.cat([x.pixel_values for x in present]),
         image_grid_thw=torch.cat([x.image_grid_thw for x in present]),
     ).logits
+    return logits, input_ids, attention_mask
+
+
+def hf_reference(model: ModelConfig) -> dict:
+    """transformers' logits per sequence, token-mean NLL and every gradient, on the padded batch."""
+    hf = random_hf_vision_language_model(model)
+    sequences, _ = make_inputs(model)
+    logits, input_ids, attention_mask = hf_forward(hf, model)
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
     mask = attention_mask[:, 1:].bool()
     loss = (nll * mask).sum() / mask.sum()
