@@ -29,10 +29,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class VisionConfig:
-    """The vision tower of a Qwen2.5-VL policy, in the terms of HF's `vision_config` (read from
-    `model.hf_config`), plus where its embeddings go in the text: the image placeholder token and the
-    split of each head's rotary channels over (time, height, width) positions (M-RoPE)."""
+    """The vision tower of a Qwen2.5-VL or Qwen3-VL policy, in the terms of HF's `vision_config`
+    (read from `model.hf_config`), plus where its embeddings go in the text: the image placeholder
+    token and the split of each head's rotary channels over (time, height, width) positions (M-RoPE)."""
 
+    model_type: Literal["qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"  # HF model_type: which tower, M-RoPE layout and decoder family
     depth: int = 2  # vision transformer blocks
     hidden_size: int = 32  # vision transformer width
     intermediate_size: int = 64  # vision MLP inner width
@@ -45,7 +46,10 @@ class VisionConfig:
     window_size: int = 112  # pixels per side of a windowed-attention window
     fullatt_block_indexes: list[int] = field(default_factory=lambda: [1])  # blocks with full attention
     hidden_act: str = "silu"  # the vision MLP's activation
+    num_position_embeddings: int = 2304  # Qwen3-VL: learned position grid (a square), resampled to each image
+    deepstack_visual_indexes: list[int] = field(default_factory=list)  # Qwen3-VL: ViT blocks whose features DeepStack adds after decoder layers 0, 1, ...
     image_token_id: int = 1  # the placeholder token the image embeddings replace
+    video_token_id: int | None = None  # videos are not supported: a sequence holding this token is refused
     mrope_section: list[int] = field(default_factory=lambda: [2, 3, 3])  # rotary pairs per (t, h, w); sums to head_dim/2
 
 
@@ -82,7 +86,7 @@ class ModelConfig:
     moe_norm_topk_prob: bool = True  # rescale the top-k routing probabilities to sum to 1 (norm_topk_prob)
     # transformers' load-balancing loss weight (HF router_aux_loss_coef, read from model.hf_config; 0 = off).
     moe_aux_loss_coeff: float = 0.0
-    # A vision-language policy (Qwen2.5-VL): the decoder above plus this vision tower; None: text only.
+    # A vision-language policy (Qwen2.5-VL, Qwen3-VL): the decoder above plus this vision tower; None: text only.
     vision: VisionConfig | None = None
     freeze_vision_tower: bool = False  # the authors' VL recipe trains it (false)
 

@@ -103,7 +103,28 @@ def layout_problems(cfg: Config, world_size: int) -> list[str]:
                         "(micro-batches whose teacher logits are held at a time), or null for parallel.pp")
     if p.sequence_parallel and p.tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tp > 1")
-    return problems + expert_problems(cfg, world_size)
+    return problems + expert_problems(cfg, world_size) + deepstack_problems(cfg)
+
+
+def deepstack_problems(cfg: Config) -> list[str]:
+    """What Qwen3-VL's DeepStack (`model.vision.deepstack_visual_indexes`) cannot run with: its
+    decoder layers 0..k-1 off the first pipeline stage, or full activation recompute
+    (`models.vision_language` says why)."""
+    m, p = cfg.model, cfg.parallel
+    count = len(m.vision.deepstack_visual_indexes) if m.vision is not None else 0
+    if not count:
+        return []
+    problems = []
+    first_stage = m.num_layers // (p.pp * (p.vpp or 1))
+    if first_stage < count:
+        problems.append(
+            f"DeepStack adds image features after decoder layers 0..{count - 1}, which must be on the first pipeline "
+            f"stage with the vision tower; parallel.pp={p.pp}, vpp={p.vpp} put {first_stage} of "
+            f"model.num_layers={m.num_layers} there: use at most {m.num_layers // count} layer chunks (pp*vpp)")
+    if cfg.precision.recompute_granularity == "full":
+        problems.append("DeepStack does not support precision.recompute_granularity=full yet (the recompute would "
+                        "rerun its layers without the image features); use selective or none")
+    return problems
 
 
 def expert_problems(cfg: Config, world_size: int) -> list[str]:

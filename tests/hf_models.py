@@ -54,30 +54,39 @@ def hf_checkpoint_state(hf, tensors: dict[str, torch.Tensor] | None = None) -> d
     return checkpoint_views(dict(hf.state_dict()) if tensors is None else dict(tensors))
 
 
-def tiny_vision_language_model(**fields) -> ModelConfig:
-    """A tiny Qwen2.5-VL `ModelConfig`: `tiny_model("qwen2")` (head dim 16: M-RoPE sections 2/3/3
-    pairs) under a 2-block ViT of width 32 with 4-pixel patches, 2x2 merging and 16-pixel windows (so
-    images of a few merged tokens per side span several windows), image token 96; `fields`
-    override the text fields."""
+def tiny_vision_language_model(model_type: str = "qwen2_5_vl", **fields) -> ModelConfig:
+    """A tiny VL `ModelConfig`; `fields` override the text fields. Both have a 2-block ViT of width 32
+    with 4-pixel patches and 2x2 merging, image token 96, video token 95.
+    - qwen2_5_vl: `tiny_model("qwen2")` (head dim 16: chunked M-RoPE sections 2/3/3 pairs) and
+      16-pixel windows (so images of a few merged tokens per side span several windows);
+    - qwen3_vl: `tiny_model("qwen3")` with 4 layers (head dim 32: interleaved sections 6/5/5 pairs,
+      as 24/20/20 of 64 in Qwen3-VL-8B), a 4x4 learned position grid (resampled to every image) and
+      DeepStack features of both blocks added after decoder layers 0 and 1 (both on PP=2's first stage)."""
     from rlsd_megatron.config import VisionConfig
 
-    vision = VisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
-                          patch_size=4, temporal_patch_size=2, spatial_merge_size=2, window_size=16,
-                          fullatt_block_indexes=[1], image_token_id=96, mrope_section=[2, 3, 3])
+    common = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, image_token_id=96, video_token_id=95,
+                  model_type=model_type)
+    if model_type == "qwen3_vl":
+        vision = VisionConfig(**common, hidden_act="gelu_pytorch_tanh", num_position_embeddings=16,
+                              deepstack_visual_indexes=[0, 1], mrope_section=[6, 5, 5])
+        return tiny_model("qwen3", vision=vision, **{"num_layers": 4, **fields})
+    vision = VisionConfig(**common, window_size=16, fullatt_block_indexes=[1], mrope_section=[2, 3, 3])
     return tiny_model("qwen2", vision=vision, **fields)
 
 
 def random_hf_vision_language_model(model: ModelConfig, *, seed: int = 0, attn_implementation: str = "eager"):
-    """transformers' `Qwen2_5_VLForConditionalGeneration` for `model` (fp32, eval mode), every
-    tensor perturbed as in `random_hf_model`."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    """transformers' own `<Qwen2_5_VL | Qwen3VL>ForConditionalGeneration` for `model` (fp32, eval
+    mode), every tensor perturbed as in `random_hf_model`."""
+    import transformers
 
-    from rlsd_megatron.models.vision_config import hf_vision_language_config
+    from rlsd_megatron.models.hf_config import hf_config_from_model
 
     torch.manual_seed(seed)
-    config = Qwen2_5_VLConfig(**hf_vision_language_config(model))
-    hf = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation,
-                                                         dtype=torch.float32)
+    hf_config = hf_config_from_model(model)
+    config = transformers.AutoConfig.for_model(**hf_config)
+    model_class = getattr(transformers, hf_config["architectures"][0])
+    hf = model_class._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     with torch.no_grad():
         for param in hf.parameters():
             param.add_(torch.randn_like(param) * 0.05)

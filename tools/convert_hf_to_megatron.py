@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Hugging Face (Llama / Qwen2 / Qwen3, safetensors) → Megatron torch_dist checkpoint.
+"""Hugging Face (Llama / Qwen2 / Qwen3 / Qwen2.5-VL / Qwen3-VL, safetensors) → Megatron torch_dist checkpoint.
 
     python tools/convert_hf_to_megatron.py --hf-dir /models/Qwen3-8B --out ckpt/qwen3-8b --tp 2 --pp 2
     python tools/convert_hf_to_megatron.py --hf-dir /models/Qwen3-8B --out ckpt/qwen3-8b --tp 2 --pp 2 --dry-run
 
 Writes OUT/release/ (a megatron.core.dist_checkpointing checkpoint, the tokenizer files in
 OUT/release/hf_assets/, rlsd_checkpoint.json, megatron_lm_args.txt) and the tracker
-OUT/latest_checkpointed_iteration.txt. One process streams tensor by tensor (memory: a few
+OUT/latest_checkpointed_iteration.txt (no Megatron-LM arguments for a vision-language model:
+Megatron-LM's pretrain_gpt.py has none). One process streams tensor by tensor (memory: a few
 tensors, never the model); the result loads at any TP/PP — --tp/--pp are checked against the
 model and set the vocabulary padding and the printed Megatron-LM arguments.
 """

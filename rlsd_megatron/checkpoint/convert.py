@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import shutil
 from collections import Counter
@@ -50,6 +51,7 @@ from rlsd_megatron.checkpoint.streaming import (
 from rlsd_megatron.config import Config, ConfigError, ModelConfig, ParallelConfig
 from rlsd_megatron.dtypes import FLOAT_TYPES, dtype_name, of_torch, torch_dtype
 from rlsd_megatron.models.hf_mapping import check_hf_names, expected_hf_shapes, hf_to_megatron, megatron_to_hf, name_pairs
+from rlsd_megatron.models.vision_config import loaded_hf_name, saved_hf_name
 
 # Non-architecture keys of the source config.json worth keeping on export.
 _PRESERVED_HF_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -89,7 +91,7 @@ def validate_hf_checkpoint(hf_dir: Path, tp: int, pp: int, vpp: int | None) -> t
     problems = layout_problems(Config(model=model, parallel=parallel), tp * pp)
     if problems:
         raise ConfigError(f"--tp {tp} --pp {pp} does not fit {hf_dir}:\n  " + "\n  ".join(problems))
-    weights = HFSafetensors(hf_dir)
+    weights = HFSafetensors(hf_dir, rename=functools.partial(loaded_hf_name, model))
     check_hf_names(weights.names(), model)
     bad = [f"{name}: {weights.shape(name)} (config implies {shape})"
            for name, shape in expected_hf_shapes(model).items() if weights.shape(name) != shape]
@@ -180,7 +182,7 @@ def mapping_table(model: ModelConfig, layout: dict) -> list[str]:
 def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
                            dtype: str = "auto", dry_run: bool = False, progress: bool = True,
                            log: Callable[[str], None] = print) -> Path | None:
-    """Convert an HF Llama/Qwen2/Qwen3/Qwen3-MoE directory into the checkpoint root `out`
+    """Convert an HF Llama/Qwen2/Qwen3/Qwen3-MoE/Qwen2.5-VL/Qwen3-VL directory into the checkpoint root `out`
     (`out/release/` + tracker), padded for and checked against `--tp/--pp`; returns the
     release directory (None for a dry run or on ranks other than 0)."""
     hf_dir, out = Path(hf_dir), Path(out)
@@ -192,7 +194,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
         target = torch_dtype(dtype)
     else:
         raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(FLOAT_TYPES)}")
-    lm_args = megatron_lm_args(model, tp=tp, pp=pp, vpp=vpp, dtype=target, load=str(out))
+    # Megatron-LM's pretrain_gpt.py has no vision-language model: no arguments to print for one.
+    lm_args = megatron_lm_args(model, tp=tp, pp=pp, vpp=vpp, dtype=target, load=str(out)) if model.vision is None else []
     with converter_world() as writes:
         if not writes:
             return None
@@ -204,7 +207,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
                 f"vocab {model.vocab_size}, dtype {dtype_name(target)}; checks passed")
             for line in mapping_table(model, layout):
                 log(line)
-            log("Megatron-LM arguments:\n  " + " \\\n  ".join(lm_args))
+            if lm_args:
+                log("Megatron-LM arguments:\n  " + " \\\n  ".join(lm_args))
             return None
         partial = partial_dir(out, "release")
         shutil.rmtree(partial, ignore_errors=True)
@@ -222,7 +226,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
         assets.mkdir()
         copied = copy_tokenizer_files(hf_dir, assets)
         shutil.copy2(hf_dir / "config.json", assets / "config.json")
-        (partial / "megatron_lm_args.txt").write_text(" \\\n".join(lm_args) + "\n")
+        if lm_args:
+            (partial / "megatron_lm_args.txt").write_text(" \\\n".join(lm_args) + "\n")
         write_info(partial, CheckpointInfo(
             model=dataclasses.asdict(model), iteration=0, release=True, layout={"tp": tp, "pp": pp, "vpp": vpp},
             params_dtype=dtype_name(target), source={"hf_dir": str(hf_dir.resolve()), "tokenizer_files": copied},
@@ -231,7 +236,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
         publish(partial, final, tracker_value="release")
         log(f"wrote {final} ({len(name_pairs(model))} tensors, at most {peak} held at once); tokenizer files: "
             f"{', '.join(copied) or 'none found'}")
-        log("Megatron-LM arguments (also in megatron_lm_args.txt):\n  " + " \\\n  ".join(lm_args))
+        if lm_args:
+            log("Megatron-LM arguments (also in megatron_lm_args.txt):\n  " + " \\\n  ".join(lm_args))
         return final
 
 
@@ -277,7 +283,8 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "a
         kinds = {meg: (hf, kind) for meg, hf, kind in name_pairs(model)}
         shapes = expected_hf_shapes(model)
         itemsize = torch.empty((), dtype=target).element_size()
-        sizes = [(n, itemsize * torch.Size(shapes[n]).numel()) for meg in export_order(model) for n in kinds[meg][0]]
+        sizes = [(saved_hf_name(model, n), itemsize * torch.Size(shapes[n]).numel())
+                 for meg in export_order(model) for n in kinds[meg][0]]
         shards = plan_shards(sizes, parse_size(max_shard_size))
         bar = _tqdm(len(kinds), progress, "tensor")
 
@@ -286,7 +293,7 @@ def convert_megatron_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "a
                 bar.set_postfix_str(name, refresh=False)
                 bar.update(1)
                 for hf_name, piece in megatron_to_hf(name, tensor, model, kinds):
-                    yield hf_name, piece.to(target)
+                    yield saved_hf_name(model, hf_name), piece.to(target)
 
         partial = out.with_name(out.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)

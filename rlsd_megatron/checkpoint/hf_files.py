@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -29,9 +29,10 @@ TOKENIZER_FILES = (
 
 
 class HFSafetensors:
-    """Lazy access to the tensors of an HF model directory by name."""
+    """Lazy access to the tensors of an HF model directory by name: the files' names, or
+    `rename(file name)` (e.g. transformers' module names of a checkpoint that stores others)."""
 
-    def __init__(self, hf_dir: str | Path):
+    def __init__(self, hf_dir: str | Path, rename: Callable[[str], str] | None = None):
         from safetensors import safe_open
 
         self.dir = Path(hf_dir)
@@ -49,6 +50,8 @@ class HFSafetensors:
             raise CheckpointError(f"no *.safetensors weights in {self.dir}{hint}")
         self._handles = {}
         self._file_of: dict[str, str] = {}
+        self._stored: dict[str, str] = {}  # name -> the name in the file
+        rename = rename or (lambda name: name)
         for file in files:
             path = self.dir / file
             if not path.is_file():
@@ -59,9 +62,10 @@ class HFSafetensors:
                 raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-download it") from exc
             self._handles[file] = handle
             for name in handle.keys():
-                self._file_of[name] = file
+                self._file_of[rename(name)] = file
+                self._stored[rename(name)] = name
         if weight_map is not None:
-            lost = sorted(set(weight_map) - set(self._file_of))
+            lost = sorted(set(weight_map) - set(self._stored.values()))
             if lost:
                 raise CheckpointError(f"{INDEX_FILE} lists tensors its files lack: {lost[:5]}")
 
@@ -69,10 +73,10 @@ class HFSafetensors:
         return set(self._file_of)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._file_of[name]].get_slice(name).get_shape())
+        return tuple(self._handles[self._file_of[name]].get_slice(self._stored[name]).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        code = self._handles[self._file_of[name]].get_slice(name).get_dtype()
+        code = self._handles[self._file_of[name]].get_slice(self._stored[name]).get_dtype()
         entry = of_safetensors(code)
         if entry is None:
             raise CheckpointError(f"HF tensor {name!r} has dtype {code}; only F32/BF16/F16 are supported")
@@ -81,7 +85,7 @@ class HFSafetensors:
     def __getitem__(self, name: str) -> torch.Tensor:
         """The tensor `name` (raises KeyError when absent, as `hf_to_megatron` expects)."""
         file = self._file_of[name]
-        return self._handles[file].get_tensor(name)
+        return self._handles[file].get_tensor(self._stored[name])
 
 
 def parse_size(text: str | int) -> int:

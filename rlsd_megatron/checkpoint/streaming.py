@@ -35,7 +35,7 @@ from rlsd_megatron.config import Config, ModelConfig
 from rlsd_megatron.models.hf_mapping import name_pairs
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+_MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "vision_model.")
 COMMON_STATE = {"checkpoint_version": 3.0}  # Megatron-LM reads this; 3.0 = mcore layout
 
 

@@ -44,5 +44,11 @@ def model_fields_from_hf(source: str | Path | dict) -> dict[str, Any]:
 
 def hf_config_from_model(model: ModelConfig, **extra: Any) -> dict[str, Any]:
     """An HF `config.json` dict describing the same network as `model` (for transformers/SGLang);
-    `extra` keys are added or override."""
-    return {**family_of(model).hf_config(model), **extra}
+    `extra` keys are added or override. A vision-language model's is its VL config (the decoder's
+    under `text_config`)."""
+    config = family_of(model).hf_config(model)
+    if model.vision is not None:
+        from rlsd_megatron.models.vision_config import hf_vision_language_config
+
+        config = hf_vision_language_config(model, config)
+    return {**config, **extra}

@@ -160,8 +160,10 @@ def build_model_chunks(cfg: Config, *, impl: str) -> list[torch.nn.Module]:
     vocab = padded_vocab_size(m, cfg.parallel.tp)
     model_class, rope = GPTModel, {"position_embedding_type": "rope"}
     if m.vision is not None:
+        from rlsd_megatron.models.vision_config import vl_kind
         from rlsd_megatron.models.vision_language import VisionLanguageModel
 
+        vl_kind(m)  # the decoder is the VL model type's text family
         model_class = functools.partial(VisionLanguageModel, vision=m.vision, freeze_vision_tower=m.freeze_vision_tower)
         rope = {}  # M-RoPE, set by the class
     chunks = []

@@ -1,8 +1,9 @@
-"""A Qwen2.5-VL policy on megatron-core: transformers' vision tower feeding a Megatron `GPTModel`.
+"""A Qwen2.5-VL / Qwen3-VL policy on megatron-core: transformers' vision tower feeding a Megatron `GPTModel`.
 
 Design (issue 19):
 - **The vision tower is transformers' own** (`Qwen2_5_VisionTransformerPretrainedModel`: patch
-  embedding, windowed-attention ViT blocks, patch merger), run inside the learner on the first
+  embedding, windowed-attention ViT blocks, patch merger; Qwen3-VL's `Qwen3VLVisionModel`: learned
+  position grid, full-attention blocks, merger and DeepStack mergers), run inside the learner on the first
   pipeline stage and replicated over TP. It is small next to the language model (about 0.7B of
   Qwen2.5-VL-7B's 8B, about 0.6B of Qwen3-VL-8B's), so sharding it buys little, while running HF's code
   makes its numerics HF's by construction and keeps its weights in HF's layout (no second
@@ -15,7 +16,8 @@ Design (issue 19):
   reduces them like every other parameter.
 - **The language model is our existing Megatron decoder**: this class *is* a `GPTModel`
   (position_embedding_type="mrope", megatron-core's 3-D multimodal RoPE over [3, B, S] positions
-  from `models.mrope`). `HybridModel` (0.19.2) has no M-RoPE. Subclassing rather than wrapping
+  from `models.mrope`; Qwen3-VL's interleaved channel layout by `InterleavedMultimodalRotaryEmbedding`,
+  its q/k norm by the qwen3 family's options). `HybridModel` (0.19.2) has no M-RoPE. Subclassing rather than wrapping
   (as `LLaVAModel` wraps a `GPTModel` as `language_model`) keeps every decoder parameter's name
   what it is for text models, so the TP/PP sharding of `models.sharding`, the HF mapping of
   Qwen2 and tied embeddings across PP work unchanged; the vision tower's parameters sit under
@@ -24,25 +26,40 @@ Design (issue 19):
   decoder input (`decoder_input=` of `GPTModel.forward`), in reading order of the batch, as
   HF's `masked_scatter` does. Later stages receive the hidden states through the pipeline as
   for text (`set_input_tensor` is GPTModel's).
+- **DeepStack (Qwen3-VL)**: the tower also returns the features of some of its blocks
+  (`deepstack_visual_indexes`), which HF adds to the hidden states at the image positions after
+  decoder layers 0, 1, ... (one feature each). A forward hook on each of those layers adds them
+  (as a dense [S, B, H] tensor, zero off the images, so gradients reach the tower through the
+  addition); the features live for one forward. Under PP those layers must all be on the first
+  stage, which holds the tower: a layout that puts some later is refused rather than carrying the
+  features through the pipeline, because megatron-core's schedules send exactly one activation
+  tensor between stages, and the case needs a first stage of fewer layers than DeepStack's (3 of
+  Qwen3-VL-8B's 36: a 12-stage pipeline still fits). Full activation recompute is refused too:
+  it would rerun the hooked layers in backward after the features are gone (selective is fine).
+  Both are refused before the run (`config_checks.deepstack_problems`).
 - Checkpointing: the tower is a plain `nn.Module` child, so megatron-core's default
   `sharded_state_dict` saves its tensors as replicated across TP (and exists only on stage 0).
+  The HF converters stream it like any other tensor under HF's names (in the files: Qwen2.5-VL's
+  transformers-4 names, `vision_config.saved_hf_name`).
 - `freeze_vision_tower`: the tower's parameters do not require gradients (Megatron's DDP and
   optimizer then skip them) and it runs without autograd.
 Not yet: sequence parallelism and context parallelism (the image embeddings would have to be
 scattered with the tokens), packed THD micro-batches (the M-RoPE of megatron-core 0.19.2 takes
-[3, B, S] positions), videos.
+[3, B, S] positions), videos (a sequence holding the video token is refused).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 from megatron.core.models.gpt import GPTModel
 
 from rlsd_megatron.config import ConfigError, VisionConfig
-from rlsd_megatron.models.vision_config import build_vision_tower
+from rlsd_megatron.models.mrope import InterleavedMultimodalRotaryEmbedding
+from rlsd_megatron.models.vision_config import VL_KINDS, build_vision_tower
 
 
 @dataclass
@@ -68,34 +85,75 @@ class VisionLanguageModel(GPTModel):
         if self.config.sequence_parallel or self.config.context_parallel_size > 1:
             raise ConfigError("a vision-language model (model.vision) does not support parallel.sequence_parallel "
                               "or parallel.cp > 1 yet; turn them off")
+        if VL_KINDS[vision.model_type].interleaved_mrope:
+            self.rotary_pos_emb = InterleavedMultimodalRotaryEmbedding(
+                kv_channels=self.config.kv_channels, rotary_percent=gpt_kwargs.get("rotary_percent", 1.0),
+                seq_len_interpolation_factor=gpt_kwargs.get("seq_len_interpolation_factor"),
+                rotary_base=gpt_kwargs.get("rotary_base", 10000))
         self.image_token_id = vision.image_token_id
+        self.video_token_id = vision.video_token_id
         self.freeze_vision_tower = freeze_vision_tower
+        self._deepstack: list[torch.Tensor] | None = None  # this forward's DeepStack additions, [S, B, H] each
         if self.pre_process:
             self.vision_model = build_vision_tower(vision)
             self.vision_model.requires_grad_(not freeze_vision_tower)
+            self._hook_deepstack_layers(len(vision.deepstack_visual_indexes))
+
+    def _hook_deepstack_layers(self, count: int) -> None:
+        """Have decoder layers 0..count-1 (which must be on this first stage) add DeepStack's features."""
+        if not count:
+            return
+        # config_checks.deepstack_problems refuses these layouts before the run; this guards other callers.
+        local = {layer.layer_number - 1: layer for layer in self.decoder.layers}
+        if self.config.recompute_granularity == "full" or any(i not in local for i in range(count)):
+            raise ConfigError(f"DeepStack needs decoder layers 0..{count - 1} on the first pipeline stage (it holds "
+                              f"{sorted(local)}) and no full recompute (got {self.config.recompute_granularity}); "
+                              "see config_checks.deepstack_problems")
+        for i in range(count):
+            local[i].register_forward_hook(functools.partial(self._add_deepstack, i))
+
+    def _add_deepstack(self, index: int, layer, args, output):
+        if self._deepstack is None:
+            return output
+        hidden_states, context = output
+        return hidden_states + self._deepstack[index].to(hidden_states.dtype), context
 
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, *,
                 images: ImageInputs | None = None, **kwargs):
         if self.pre_process and decoder_input is None:
-            decoder_input = self.embed(input_ids, images)
-        return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input, **kwargs)
+            decoder_input, self._deepstack = self.embed(input_ids, images)
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input, **kwargs)
+        finally:
+            self._deepstack = None
 
-    def embed(self, input_ids: torch.Tensor, images: ImageInputs | None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor,
+              images: ImageInputs | None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Decoder input [S, B, H]: token embeddings, with the image placeholders' rows replaced
-        by the vision tower's embeddings of `images` (batch-major reading order)."""
+        by the vision tower's embeddings of `images` (batch-major reading order); and DeepStack's
+        additions after decoder layers 0, 1, ... ([S, B, H] each, zero off the images; None: none)."""
+        if self.video_token_id is not None and bool((input_ids == self.video_token_id).any()):
+            raise ValueError(f"the batch holds video tokens (id {self.video_token_id}); videos are not supported, "
+                             "only still images")
         embeddings = self.embedding(input_ids=input_ids, position_ids=None)
         placeholders = input_ids == self.image_token_id  # [B, S]
         count = int(placeholders.sum())
         if images is None:
             if count:
                 raise ValueError(f"the batch holds {count} image tokens (id {self.image_token_id}) but no images")
-            return embeddings
+            return embeddings, None
         with torch.no_grad() if self.freeze_vision_tower else contextlib.nullcontext():
             pixels = images.pixel_values.to(next(self.vision_model.parameters()).dtype)
-            image_embeddings = self.vision_model(pixels, grid_thw=images.image_grid_thw).pooler_output
-        if image_embeddings.shape[0] != count:
-            raise ValueError(f"the images give {image_embeddings.shape[0]} embeddings for {count} image tokens "
+            out = self.vision_model(pixels, grid_thw=images.image_grid_thw)
+        if out.pooler_output.shape[0] != count:
+            raise ValueError(f"the images give {out.pooler_output.shape[0]} embeddings for {count} image tokens "
                              f"(id {self.image_token_id}); build prompts and pixels with the same processor")
-        by_batch = embeddings.transpose(0, 1)  # [B, S, H]: the order HF's masked_scatter fills
-        by_batch = by_batch.masked_scatter(placeholders.unsqueeze(-1), image_embeddings.to(by_batch.dtype))
-        return by_batch.transpose(0, 1).contiguous()
+        mask = placeholders.unsqueeze(-1)
+
+        def scatter(onto: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            by_batch = onto.transpose(0, 1)  # [B, S, H]: the order HF's masked_scatter fills
+            return by_batch.masked_scatter(mask, rows.to(by_batch.dtype)).transpose(0, 1).contiguous()
+
+        deepstack = [scatter(torch.zeros_like(embeddings), features)
+                     for features in getattr(out, "deepstack_features", None) or []]
+        return scatter(embeddings, out.pooler_output), deepstack or None

@@ -65,14 +65,8 @@ def build_hf_model(model: ModelConfig, *, dtype: torch.dtype = torch.float32, at
 
     from rlsd_megatron.models.hf_config import hf_config_from_model
 
-    if model.vision is not None:
-        from rlsd_megatron.models.vision_config import hf_vision_language_config
-
-        config_dict = {**hf_vision_language_config(model), **config_extra}
-        auto_model = transformers.AutoModelForImageTextToText
-    else:
-        config_dict = hf_config_from_model(model, **config_extra)
-        auto_model = transformers.AutoModelForCausalLM
+    config_dict = hf_config_from_model(model, **config_extra)  # a VL model's: its VL config
+    auto_model = transformers.AutoModelForCausalLM if model.vision is None else transformers.AutoModelForImageTextToText
     config_cls = type(transformers.AutoConfig.for_model(config_dict["model_type"]))
     config = config_cls(**config_dict)
     hf = auto_model.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
