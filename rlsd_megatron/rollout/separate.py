@@ -115,15 +115,23 @@ class RemoteEngine(RolloutEngine):
         self.weight_group = weight_group
         self.sends_weights = sends_weights
         self.weight_version: int | None = None
-        self.in_flight: list[Sending] = []  # submitted requests not yet received, oldest first
+        self.in_flight: list[Sending] = []  # submitted requests whose replies have not arrived, oldest first
+        self._arrived: list[tuple[object, float]] = []  # (reply, wait) taken early by `generate`, oldest first
         self.last_reply: GenerationReply | None = None
         self.waited_seconds = 0.0
         self._push_waits = 0.0  # weight pushes' waits for the engines while a request was in flight
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
                  prompt_offset: int = 0) -> list[Generation]:
+        """Generate now, also while a batch is in flight (validation during off-policy training):
+        the engine answers in order, so earlier replies are kept for `receive`."""
         self.submit(prompts, sampling, prompt_offset=prompt_offset)
-        return self.receive()
+        while len(self.in_flight) > 1:
+            self._arrived.append(self._take())
+        push_waits, self._push_waits = self._push_waits, 0.0  # the waits of the batch in flight stay with it
+        generations = self._accept(*self._take())
+        self._push_waits = push_waits if self._arrived else 0.0
+        return generations
 
     def submit(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *, prompt_offset: int = 0) -> None:
         """Send a generation request and return at once; `receive()` returns its results."""
@@ -131,14 +139,23 @@ class RemoteEngine(RolloutEngine):
         self.in_flight.append(send_message(request, self.engine_rank, wait=False))
 
     def receive(self) -> list[Generation]:
-        """The generations of the oldest request not yet received (blocks until the engine sends them)."""
+        """The generations of the oldest submitted request not yet received (blocks until they come)."""
+        if self._arrived:
+            return self._accept(*self._arrived.pop(0))
         if not self.in_flight:
             raise RuntimeError("RemoteEngine.receive() without a submitted request")
+        return self._accept(*self._take())
+
+    def _take(self) -> tuple[object, float]:
+        """(reply, seconds waited for it) of the oldest request in flight."""
         started = time.perf_counter()
         _, reply = recv_message(self.engine_rank)
-        self.waited_seconds = time.perf_counter() - started + self._push_waits
-        self._push_waits = 0.0
         self.in_flight.pop(0).wait()
+        return reply, time.perf_counter() - started
+
+    def _accept(self, reply, waited: float) -> list[Generation]:
+        self.waited_seconds = waited + self._push_waits
+        self._push_waits = 0.0
         if isinstance(reply, EngineFailure):
             raise RuntimeError(f"rollout engine on rank {reply.engine_rank} failed: {reply.message}")
         self.last_reply = reply

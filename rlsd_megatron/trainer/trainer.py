@@ -13,6 +13,10 @@ One step, `Trainer.train_step`, in its verbs:
   distillation methods get the teacher's logits inside each step, a chunk of micro-batches at a
   time (`distillation.py`); then the teacher policy updates its copy;
 - sync: the learner's weights are pushed to the engines; the step's metrics are logged.
+
+With `rollout.placement=separate` the engines run on their own ranks (`rollout/separate.py`) and
+each replica's first rank holds a handle on one; with `train.off_policy_steps=1` the next step's
+prompts go to it before this step trains (`off_policy.py`).
 """
 
 from __future__ import annotations

@@ -107,6 +107,7 @@ def off_policy_steps(log_dir: str) -> dict:
 
     from rlsd_megatron.config import load_config
     from rlsd_megatron.parallel.state import is_engine_rank, model_parallel
+    from rlsd_megatron.rollout.engine import SamplingParams
     from rlsd_megatron.rollout.separate import run_engine_rank
     from rlsd_megatron.trainer.trainer import Trainer
 
@@ -132,14 +133,18 @@ def off_policy_steps(log_dir: str) -> dict:
             steps[-1]["metrics"] = trainer.train_step()
             reply = trainer.engine.last_reply if trainer.engine is not None else None
             steps[-1]["generation_started"] = reply.started if reply is not None else None
+            if step == 2 and trainer.engine is not None:  # a direct request (validation) with step 3's in flight
+                steps[-1]["direct"] = trainer.engine.generate([[3, 4, 5]], SamplingParams(n=1, max_new_tokens=2))
         trainer.close()
         return {"steps": steps}
 
 
 def test_one_step_off_policy_overlaps_generation_with_the_update(dist_pool, tmp_path):
     ranks = dist_pool(3).run(off_policy_steps, str(tmp_path), timeout=900)
-    assert ranks[2]["served"] == 7  # 4 syncs (start + 3 steps), 3 batches: none submitted after the last step
+    assert ranks[2]["served"] == 8  # 4 syncs (start + 3 steps), 3 batches (none after the last step), 1 direct
     host, last = ranks[0]["steps"], ranks[1]["steps"]
+    # The direct request got its own answer, not the batch in flight (which step 3 then trained on).
+    assert [len(g.token_ids) for g in host[1]["direct"]] == [2] and host[1]["direct"][0].prompt_index == 0
     # Step n+1's batch began generating on the engine rank before step n's update ended (one host clock).
     for n in (0, 1):
         assert host[n + 1]["generation_started"] < host[n]["update_ended"], n
