@@ -80,7 +80,7 @@ class GenerationReply:
     generations: list[Generation]
     started: float  # time.time() when generation began (the engine host's clock)
     seconds: float  # generation time
-    idle_seconds: float  # the engine's wait for this request since its previous work ended
+    idle_seconds: float  # the engine's waits for the learner (any message) since its previous generation
 
 
 @dataclass(frozen=True)
@@ -240,11 +240,11 @@ def serve_engine(engine: RolloutEngine, group) -> int:
     0, until rank 0 says stop; returns the requests served. An engine error is sent back to the
     replica that asked (a failed weight sync to every later request), never left to hang it."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    failure, served, replies = None, 0, []
-    idle_since = time.perf_counter()
+    failure, served, replies, idle = None, 0, [], 0.0
     while True:
+        waiting = time.perf_counter()
         sender, message = recv_message()
-        idle = time.perf_counter() - idle_since
+        idle += time.perf_counter() - waiting
         replies = [sending for sending in replies if not sending.done()]
         op = message[0]
         if op == "stop":
@@ -255,10 +255,10 @@ def serve_engine(engine: RolloutEngine, group) -> int:
             failure = _receive_weights(engine, group, message[1], device)
         elif op == "generate":
             replies.append(send_message(_generate(engine, message, failure, idle), sender, wait=False))
+            idle = 0.0
         else:
             raise RuntimeError(f"engine rank {dist.get_rank()} got an unknown request {op!r} from rank {sender}")
         served += 1
-        idle_since = time.perf_counter()
 
 
 def _generate(engine: RolloutEngine, request: tuple, failure: str | None, idle: float) -> GenerationReply | EngineFailure:
