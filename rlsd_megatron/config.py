@@ -200,6 +200,12 @@ class TrainConfig:
     # rlsd-eval's format (rlsd_megatron/eval/benchmarks.py), logged as eval/<name>/avg@n, pass@k, maj@n, ...
     # None: none.
     eval_sets: str | None = None
+    # 1: one-step-off-policy (needs rollout.placement=separate): step n+1's prompts go to the engines before
+    # step n trains, so they are generated with the weights of before step n's update while the learner
+    # trains; a batch is at most this many updates stale. The policy ratio is then taken against the
+    # engine's log-probs (the behaviour policy), or with algorithm.tis_cap against the learner's
+    # recomputed ones with the TIS weight correcting for the engine. 0: synchronous (on-policy).
+    off_policy_steps: int = 0
 
 
 @dataclass
@@ -257,6 +263,12 @@ class RolloutConfig:
     # Extra `sglang.Engine` arguments (ServerArgs fields), e.g. {attention_backend: fa3,
     # cuda_graph_max_bs: 256}; they override ours.
     sglang_server_args: dict[str, Any] = field(default_factory=dict)
+    # Where the engines run. colocated: each model replica's first rank hosts its engine on the
+    # learner's own GPUs (asleep during the update); separate: the job's last `engine_ranks` ranks
+    # (processes/GPUs) host one engine each, never join Megatron's groups, get the learner's
+    # weights by broadcast and serve the replicas' prompts (rollout/separate.py).
+    placement: Literal["colocated", "separate"] = "colocated"
+    engine_ranks: int = 0  # with placement=separate: how many of the job's ranks (the last ones) are engines
 
 
 @dataclass

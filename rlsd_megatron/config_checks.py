@@ -275,6 +275,63 @@ def hardware_problems(cfg: Config, *, cuda_available: bool, te_available: bool) 
     return problems
 
 
+def engine_ranks(cfg: Config) -> int:
+    """How many of the job's ranks host separate rollout engines (0 when colocated)."""
+    return cfg.rollout.engine_ranks if cfg.rollout.placement == "separate" else 0
+
+
+def placement_problems(cfg: Config, world_size: int) -> list[str]:
+    """`rollout.placement` / `rollout.engine_ranks` against the world, and what `separate` refuses for now."""
+    r, problems = cfg.rollout, off_policy_problems(cfg)
+    if r.placement == "colocated":
+        if r.engine_ranks:
+            problems.append(f"rollout.engine_ranks={r.engine_ranks} with rollout.placement=colocated: engines then live "
+                            "on the learner's ranks; set rollout.placement=separate or rollout.engine_ranks=0")
+        return problems
+    if not 1 <= r.engine_ranks < world_size:
+        problems.append(f"rollout.placement=separate needs 1 <= rollout.engine_ranks < the world size ({world_size}), "
+                        f"got {r.engine_ranks}: the job's last engine_ranks ranks host the engines, the rest train")
+    if r.engine_tp != 1:
+        problems.append(f"rollout.engine_tp={r.engine_tp} with rollout.placement=separate: for now each engine rank "
+                        "hosts a one-GPU engine; set rollout.engine_tp=1 and raise rollout.engine_ranks instead")
+    if r.fp8_weights:
+        problems.append("rollout.fp8_weights=true is not supported with rollout.placement=separate yet; "
+                        "set rollout.fp8_weights=false or rollout.placement=colocated")
+    if cfg.checkpoint.dir is not None:
+        problems.append(f"checkpoint.dir={cfg.checkpoint.dir!r} with rollout.placement=separate: checkpoints are "
+                        "collective over the whole world, which the engine ranks do not join yet; unset "
+                        "checkpoint.dir or use rollout.placement=colocated")
+    if cfg.train.offload != "none":
+        problems.append(f"train.offload={cfg.train.offload} with rollout.placement=separate: the engines have GPUs "
+                        "of their own, so moving the learner off its GPUs makes room for nothing; set train.offload=none")
+    return problems
+
+
+def off_policy_problems(cfg: Config) -> list[str]:
+    """`train.off_policy_steps` against the placement and the features it does not combine with yet."""
+    steps, problems = cfg.train.off_policy_steps, []
+    if steps not in (0, 1):
+        return [f"train.off_policy_steps={steps}; expected 0 (synchronous) or 1 (one-step-off-policy)"]
+    if not steps:
+        return problems
+    if cfg.rollout.placement != "separate":
+        problems.append("train.off_policy_steps=1 needs rollout.placement=separate: a colocated engine shares the "
+                        "learner's GPUs and cannot generate while it trains; set rollout.placement=separate and "
+                        "rollout.engine_ranks")
+    if cfg.algorithm.dynamic_sampling:
+        problems.append("train.off_policy_steps=1 with algorithm.dynamic_sampling=true is not supported yet (refill "
+                        "rounds would wait on the engine); set one of them off")
+    if cfg.rollout.max_logprob_mismatch is not None:
+        problems.append("train.off_policy_steps=1 with rollout.max_logprob_mismatch: the learner is one update ahead "
+                        "of the weights that sampled the batch, so the mismatch includes that update and is no check "
+                        "of the weight path; unset rollout.max_logprob_mismatch")
+    if cfg.train.student_log_probs_in_update:
+        problems.append("train.off_policy_steps=1 with train.student_log_probs_in_update=true: the update's forward "
+                        "gives the current policy's log-probs, not those of the weights one step older that sampled "
+                        "the batch; set train.student_log_probs_in_update=false")
+    return problems
+
+
 def rollout_problems(cfg: Config, *, cuda_available: bool) -> list[str]:
     """Rollout settings the engine this machine would get cannot honour."""
     rollout, problems = cfg.rollout, []
@@ -302,7 +359,7 @@ def rollout_problems(cfg: Config, *, cuda_available: bool) -> list[str]:
             "yet (issue 19); set rollout.backend=embedded"
         )
     replica_gpus = cfg.parallel.tp * cfg.parallel.cp  # one replica's ranks of its first pipeline stage
-    if not embedded and rollout.engine_tp > replica_gpus:
+    if not embedded and rollout.placement == "colocated" and rollout.engine_tp > replica_gpus:
         problems.append(
             f"rollout.engine_tp={rollout.engine_tp} exceeds the GPUs of one model replica's first pipeline stage "
             f"(parallel.tp x parallel.cp = {replica_gpus}), where its engine lives: neighbouring replicas' engines "
@@ -325,7 +382,8 @@ def validate_config(cfg: Config, world_size: int, *, cuda_available: bool | None
         cuda_available = torch.cuda.is_available()
     if te_available is None:
         te_available = cuda_available and transformer_engine_available()
-    problems = layout_problems(cfg, world_size) + algorithm_problems(cfg) + hardware_problems(
+    learners = world_size - engine_ranks(cfg) if 1 <= engine_ranks(cfg) < world_size else world_size
+    problems = placement_problems(cfg, world_size) + layout_problems(cfg, learners) + algorithm_problems(cfg) + hardware_problems(
         cfg, cuda_available=cuda_available, te_available=te_available
     ) + rollout_problems(cfg, cuda_available=cuda_available)
     if problems:

@@ -131,10 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from rlsd_megatron.config import Config, ConfigError, load_config
-    from rlsd_megatron.config_checks import resolve_transformer_impl, transformer_engine_available, validate_config
+    from rlsd_megatron.config_checks import (engine_ranks, resolve_transformer_impl, transformer_engine_available,
+                                             validate_config)
     from rlsd_megatron.parallel.agreement import report_late_problem, report_problems
     from rlsd_megatron.parallel.state import Layout, destroy_model_parallel, init_distributed, initialize_model_parallel
-    from rlsd_megatron.parallel.state import new_group
+    from rlsd_megatron.parallel.state import is_engine_rank, new_group
 
     user_errors = user_error_types()
     cuda = torch.cuda.is_available()
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             from rlsd_megatron.plan import check_fits
 
             try:
-                check_fits(cfg, world)
+                check_fits(cfg, world - engine_ranks(cfg))  # the learner's ranks
             except ConfigError as error:
                 problems.append(str(error))
     if report_problems(problems, prog=PROG):
@@ -183,7 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     p = cfg.parallel
     initialize_model_parallel(Layout(p.tp, p.pp, p.cp, p.vpp, p.ep), seed=cfg.train.seed,
                               collective_timeout_minutes=p.collective_timeout_minutes,
-                              wait_timeout_minutes=p.wait_timeout_minutes)
+                              wait_timeout_minutes=p.wait_timeout_minutes, engine_ranks=engine_ranks(cfg))
+    if is_engine_rank():  # rollout.placement=separate: serve the learner until it stops this rank
+        from rlsd_megatron.rollout.separate import run_engine_rank
+
+        run_engine_rank(cfg)
+        dist.barrier()
+        return finish(0, layout=True)
 
     from rlsd_megatron.trainer.trainer import Trainer
 

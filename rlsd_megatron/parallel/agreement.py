@@ -79,17 +79,17 @@ def report_late_problem(error: Exception, *, prog: str, group) -> None:
               f"{error}", file=sys.stderr, flush=True)
 
 
-def same_on_every_rank(build, errors: type[BaseException] | tuple[type[BaseException], ...]):
+def same_on_every_rank(build, errors: type[BaseException] | tuple[type[BaseException], ...], group=None):
     """`build()` on every rank (collective). When it raises one of `errors` (bad input) on any
     rank, every rank raises it (the first failing rank's type), naming the ranks when not all saw
     it: a rank that stopped alone would leave the others waiting in their next collective and its
-    message among theirs."""
+    message among theirs. `group`: the ranks that agree (default: the world)."""
     result, mine = None, None
     try:
         result = build()
     except errors as exc:
         mine = (type(exc), str(exc))
-    seen = _gather(mine)
+    seen = _gather(mine, group)
     failed = [found for found in seen if found is not None]
     if not failed:
         return result

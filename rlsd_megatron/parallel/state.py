@@ -121,7 +121,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 60.0) 
 
 
 def initialize_model_parallel(layout: Layout, seed: int = 1234, *, collective_timeout_minutes: float = 10.0,
-                              wait_timeout_minutes: float = 60.0) -> None:
+                              wait_timeout_minutes: float = 60.0, engine_ranks: int = 0) -> None:
     """Create megatron-core's TP/PP/CP/DP groups for `layout`, the replica and waiting groups, and
     seed every RNG per rank.
 
@@ -135,12 +135,20 @@ def initialize_model_parallel(layout: Layout, seed: int = 1234, *, collective_ti
     Seeds follow Megatron: the default generators get `seed + 100 * pp_rank` (identical across
     TP ranks so that non-parallel regions agree), the tensor-parallel tracker state differs per
     TP rank (`model_parallel_cuda_manual_seed`).
+
+    `engine_ranks` (`rollout.placement=separate`): the world's last ranks host rollout engines and
+    join none of these groups; they still call this, because creating a group is collective over
+    the world (they are made non-members of every one). Megatron then spans the learner ranks only.
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    layout.dp(dist.get_world_size())  # validates divisibility with a clear message
+    global _ENGINE_RANKS
+    _ENGINE_RANKS = engine_ranks
+    _megatron_optimizer_gathers_over_learners()
+    layout.dp(learner_world_size())  # validates divisibility with a clear message
     with _recording_megatron_groups():
         parallel_state.initialize_model_parallel(
+            local_world_size=learner_world_size(),
             tensor_model_parallel_size=layout.tp,
             pipeline_model_parallel_size=layout.pp,
             virtual_pipeline_model_parallel_size=layout.vpp,
@@ -148,19 +156,92 @@ def initialize_model_parallel(layout: Layout, seed: int = 1234, *, collective_ti
             expert_model_parallel_size=layout.ep,
             distributed_timeout_minutes=collective_timeout_minutes,
         )
-    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    seed = seed + (0 if is_engine_rank() else 100 * parallel_state.get_pipeline_model_parallel_rank())
     random.seed(seed)
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    if not is_engine_rank():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
     global _REPLICA_GROUP, _WAIT_GROUP, _WAIT_TIMEOUT
     _WAIT_TIMEOUT = datetime.timedelta(minutes=wait_timeout_minutes)
     _REPLICA_GROUP = _new_replica_group(_WAIT_TIMEOUT)
-    _WAIT_GROUP = new_group(backend="gloo", timeout=_WAIT_TIMEOUT)
+    _WAIT_GROUP = new_group(list(range(learner_world_size())), backend="gloo", timeout=_WAIT_TIMEOUT)
+    global _WEIGHT_BROADCAST_GROUP
+    # The world's backend: gloo on CPU; on GPUs NCCL for the buckets, gloo for their pickled slot lists.
+    _WEIGHT_BROADCAST_GROUP = new_group([0, *engine_rank_list()], timeout=_WAIT_TIMEOUT) if engine_ranks else None
 
 
 _REPLICA_GROUP = None
 _WAIT_GROUP = None
 _WAIT_TIMEOUT = None
+_ENGINE_RANKS = 0
+_WEIGHT_BROADCAST_GROUP = None
+
+
+def weight_broadcast_group():
+    """Global rank 0 (the sending learner rank) and the engine ranks of `rollout.placement=separate`,
+    where the learner's weight buckets are broadcast; None when colocated."""
+    return _WEIGHT_BROADCAST_GROUP
+
+
+def learner_world_size() -> int:
+    """The ranks that train (Megatron's world): all of them, less the engine ranks of
+    `rollout.placement=separate`."""
+    return dist.get_world_size() - _ENGINE_RANKS
+
+
+def engine_rank_list() -> list[int]:
+    """The global ranks hosting separate rollout engines (the world's last ones; empty when colocated)."""
+    return list(range(learner_world_size(), dist.get_world_size()))
+
+
+def is_engine_rank() -> bool:
+    """This process hosts a separate rollout engine and trains nothing."""
+    return dist.get_rank() >= learner_world_size()
+
+
+@contextlib.contextmanager
+def _world_is_the_learners():
+    """World-wide `all_gather_object` / `get_world_size` (group=None) span the learner ranks only."""
+    gather, size = dist.all_gather_object, dist.get_world_size
+    dist.all_gather_object = lambda out, obj, group=None: gather(out, obj, group=_or_learners(group))
+    dist.get_world_size = lambda group=None: size(_or_learners(group))
+    try:
+        yield
+    finally:
+        dist.all_gather_object, dist.get_world_size = gather, size
+
+
+def _or_learners(group):
+    return group if group is not None else learner_group()
+
+
+def _megatron_optimizer_gathers_over_learners() -> None:
+    """megatron-core's `get_megatron_optimizer` aligns parameter-group keys across ranks with an
+    `all_gather_object` over the whole world (`optimizer._get_param_groups`, once for dense and once
+    for expert parameters), which separate engine ranks never join: with engine ranks, that gather
+    spans the learner ranks. Installed once; a no-op redirect without engine ranks."""
+    from megatron.core import optimizer
+
+    if getattr(optimizer._get_param_groups, "_learners_only", False):
+        return
+    original = optimizer._get_param_groups
+
+    def gathered_over_learners(*args, **kwargs):
+        if not _ENGINE_RANKS:
+            return original(*args, **kwargs)
+        with _world_is_the_learners():
+            return original(*args, **kwargs)
+
+    gathered_over_learners._learners_only = True
+    optimizer._get_param_groups = gathered_over_learners
+
+
+def learner_group():
+    """The learner ranks' gloo group (the world's when colocated), with `wait_timeout_minutes`:
+    where the trainer's world-wide agreements (stop flags) run."""
+    if _WAIT_GROUP is None:
+        raise RuntimeError("learner_group() before initialize_model_parallel()")
+    return _WAIT_GROUP
 # The groups this process created and has not destroyed yet (those it is a member of).
 _CREATED_GROUPS: list = []
 
@@ -210,7 +291,7 @@ def wait_for_every_rank(what: str) -> None:
     short `collective_timeout_minutes`. On a timeout the error names the ranks that never came."""
     if _WAIT_GROUP is None:
         raise RuntimeError("wait_for_every_rank() before initialize_model_parallel()")
-    if dist.get_world_size() == 1:
+    if learner_world_size() == 1 or is_engine_rank():
         return
     try:
         # Its own timeout: monitored_barrier's default is the world group's, not its group's.
@@ -224,11 +305,11 @@ def _new_replica_group(timeout: datetime.timedelta):
     from megatron.core import parallel_state
 
     dp_ranks: list = [None] * dist.get_world_size()
-    dist.all_gather_object(dp_ranks, parallel_state.get_data_parallel_rank())
+    dist.all_gather_object(dp_ranks, None if is_engine_rank() else parallel_state.get_data_parallel_rank())
     mine = None
-    for index in sorted(set(dp_ranks)):
+    for index in sorted({dp for dp in dp_ranks if dp is not None}):
         group = new_group([rank for rank, dp in enumerate(dp_ranks) if dp == index], backend="gloo", timeout=timeout)
-        if index == parallel_state.get_data_parallel_rank():
+        if index == dp_ranks[dist.get_rank()]:  # None on an engine rank: in no replica
             mine = group
     return mine
 
@@ -242,8 +323,9 @@ def destroy_model_parallel() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    global _REPLICA_GROUP, _WAIT_GROUP
-    _REPLICA_GROUP = _WAIT_GROUP = None
+    global _REPLICA_GROUP, _WAIT_GROUP, _ENGINE_RANKS, _WEIGHT_BROADCAST_GROUP
+    _REPLICA_GROUP = _WAIT_GROUP = _WEIGHT_BROADCAST_GROUP = None
+    _ENGINE_RANKS = 0
     while _CREATED_GROUPS:
         # ValueError: already destroyed (megatron-core destroys its gloo data-parallel groups itself).
         with contextlib.suppress(ValueError):
@@ -252,13 +334,14 @@ def destroy_model_parallel() -> None:
 
 @contextlib.contextmanager
 def model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None, ep: int = 1, seed: int = 1234,
-                   **timeouts: float):
+                   engine_ranks: int = 0, **timeouts: float):
     """Context manager: megatron-core groups for one layout over the current world, torn down after.
 
     Lets one long-lived set of processes (see `local_pool`) run cases with different layouts.
     `timeouts`: `initialize_model_parallel`'s.
     """
-    initialize_model_parallel(Layout(tp=tp, pp=pp, cp=cp, vpp=vpp, ep=ep), seed=seed, **timeouts)
+    initialize_model_parallel(Layout(tp=tp, pp=pp, cp=cp, vpp=vpp, ep=ep), seed=seed, engine_ranks=engine_ranks,
+                              **timeouts)
     try:
         yield
     finally:

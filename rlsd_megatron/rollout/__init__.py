@@ -9,6 +9,7 @@
 - `embedded`: `EmbeddedEngine`, a `transformers` model in-process (CPU default)
 - `sglang_engine`: `SGLangEngine` (GPU, colocated, CUDA IPC / NCCL sync)
 - `data_parallel`: `DataParallelEngines`, several engines in one process as one
+- `separate`: engines on their own ranks (`rollout.placement=separate`): `RemoteEngine`, `serve_engine`
 - `mismatch`: `MismatchMonitor`, learner vs engine log-prob drift
 - `provider`: `create_engine(cfg)` and `sampling_params(cfg.rollout)`
 """

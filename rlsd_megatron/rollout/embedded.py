@@ -265,7 +265,9 @@ class EmbeddedEngine(RolloutEngine):
         mask = mask.repeat_interleave(n, 0)
         next_position = next_position.repeat_interleave(n, 0)
         vl = self.model_config.vision is not None
-        banned = [self.model_config.vision.image_token_id] if vl else []
+        # An image or video token sampled in a response has no image behind it in the learner's forward.
+        vision = self.model_config.vision
+        banned = [t for t in (vision.image_token_id, vision.video_token_id) if t is not None] if vl else []
 
         rows = num_prompts * n
         gens = self._row_generators(first_prompt, num_prompts, sampling)

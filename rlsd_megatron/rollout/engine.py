@@ -146,6 +146,11 @@ class RolloutEngine(abc.ABC):
         arrived and take `version`."""
         raise NotImplementedError(f"{type(self).__name__} takes weights through update_weights()")
 
+    def last_batch_metrics(self) -> dict[str, float]:
+        """`perf/` figures of the last batch generated (an engine on other ranks reports its time
+        and the time each side waited for the other); {} where there are none."""
+        return {}
+
     def sleep(self) -> None:
         """Release accelerator memory (no-op where there is none to release)."""
 

@@ -32,6 +32,8 @@ class Rollouts:
     finish_reasons: list[str]
     rewards: torch.Tensor  # [P·G]
     reward_metrics: dict[str, float] = field(default_factory=dict)
+    behaviour_version: int | None = None  # the oldest engine weight version that sampled them (None: unknown)
+    engine_metrics: dict[str, float] = field(default_factory=dict)  # `RolloutEngine.last_batch_metrics` of the draw
 
     @property
     def group_size(self) -> int:
@@ -81,6 +83,8 @@ class Rollouts:
             finish_reasons=[self.finish_reasons[i] for i in idx],
             rewards=self.rewards[idx] if idx else torch.zeros(0),
             reward_metrics=self.reward_metrics,
+            behaviour_version=self.behaviour_version,
+            engine_metrics=self.engine_metrics,
         )
 
     @staticmethod
@@ -92,6 +96,8 @@ class Rollouts:
             finish_reasons=[r for p in parts for r in p.finish_reasons],
             rewards=torch.cat([p.rewards for p in parts]) if parts else torch.zeros(0),
             reward_metrics=parts[0].reward_metrics if parts else {},  # the unfiltered first draw
+            behaviour_version=_oldest([p.behaviour_version for p in parts]),
+            engine_metrics=parts[0].engine_metrics if parts else {},
         )
 
 
@@ -122,23 +128,42 @@ def generate_and_score(rows: list[PromptRow], dataset: PromptDataset, engine: Ro
                        prompt_offset: int) -> Rollouts:
     """Generate `sampling.n` responses per row on the engine-hosting rank, score them, and
     broadcast the result over `group` (the model-parallel group)."""
-    from rlsd_megatron.rewards import RewardSample
-
     payload = None
     if engine is not None:
-        images = {"images": [row.images for row in rows]} if any(row.images is not None for row in rows) else {}
-        generations: list[Generation] = engine.generate([row.prompt_ids for row in rows], sampling,
-                                                        prompt_offset=prompt_offset, **images)
-        g = sampling.n
-        samples = [
-            RewardSample(response=dataset.decode(gen.token_ids), ground_truth=rows[i // g].answer,
-                         response_length=len(gen.token_ids), response_ids=gen.token_ids,
-                         question=rows[i // g].question)
-            for i, gen in enumerate(generations)
-        ]
-        result = scorer.score(samples)
-        payload = Rollouts(rows, [gen.token_ids for gen in generations], [gen.log_probs for gen in generations],
-                           [gen.finish_reason for gen in generations], result.rewards, result.metrics())
+        generations = engine.generate([row.prompt_ids for row in rows], sampling, prompt_offset=prompt_offset,
+                                      images=prompt_images(rows))
+        payload = score_generations(rows, dataset, generations, sampling.n, scorer)
+        payload.engine_metrics = engine.last_batch_metrics()
+    return share_over(payload, group)
+
+
+def prompt_images(rows: list[PromptRow]) -> list | None:
+    """Each row's images for the engine (a vision-language policy's prompts), None for text rows."""
+    return [row.images for row in rows] if any(row.images is not None for row in rows) else None
+
+
+def _oldest(versions: list[int | None]) -> int | None:
+    return None if not versions or None in versions else min(versions)
+
+
+def score_generations(rows: list[PromptRow], dataset: PromptDataset, generations: list[Generation], n: int,
+                      scorer) -> Rollouts:
+    """The `Rollouts` of `n` generations per row (prompt-major), rewarded by `scorer`."""
+    from rlsd_megatron.rewards import RewardSample
+
+    samples = [
+        RewardSample(response=dataset.decode(gen.token_ids), ground_truth=rows[i // n].answer,
+                     response_length=len(gen.token_ids), response_ids=gen.token_ids, question=rows[i // n].question)
+        for i, gen in enumerate(generations)
+    ]
+    result = scorer.score(samples)
+    return Rollouts(rows, [gen.token_ids for gen in generations], [gen.log_probs for gen in generations],
+                    [gen.finish_reason for gen in generations], result.rewards, result.metrics(),
+                    behaviour_version=_oldest([gen.weight_version for gen in generations]))
+
+
+def share_over(payload: Rollouts | None, group: dist.ProcessGroup | None) -> Rollouts:
+    """The host's (group rank 0's) rollouts on every rank of `group` (the replica group)."""
     if group is not None and dist.get_world_size(group) > 1:
         holder = [payload]
         dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0), group=group)

@@ -139,16 +139,18 @@ def report_stop(reason: str) -> None:
 
 
 def agreed_stop_reason(stop: StopController, *, include_time: bool) -> str | None:
-    """Why every rank stops now, or None (collective over the world): a stop signal any rank
+    """Why every rank stops now, or None (collective over the learner ranks, `learner_group`): a stop signal any rank
     received, or (`include_time`) too little time left on any rank's clock."""
     import torch  # not at the top: the launcher imports this module first, to catch signals early
     import torch.distributed as dist
+
+    from rlsd_megatron.parallel.state import learner_group
 
     mine = stop.reason()
     if mine == "time" and not include_time:
         mine = None
     code = torch.tensor([0.0 if mine is None else 1.0 if mine == "time" else 2.0])
-    dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    dist.all_reduce(code, op=dist.ReduceOp.MAX, group=learner_group())
     if code.item() == 0:
         return None
     if code.item() == 1:

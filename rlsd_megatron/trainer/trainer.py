@@ -13,6 +13,10 @@ One step, `Trainer.train_step`, in its verbs:
   distillation methods get the teacher's logits inside each step, a chunk of micro-batches at a
   time (`distillation.py`); then the teacher policy updates its copy;
 - sync: the learner's weights are pushed to the engines; the step's metrics are logged.
+
+With `rollout.placement=separate` the engines run on their own ranks (`rollout/separate.py`) and
+each replica's first rank holds a handle on one; with `train.off_policy_steps=1` the next step's
+prompts go to it before this step trains (`off_policy.py`).
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from rlsd_megatron.config import Config, config_to_dict
 from rlsd_megatron.eval.in_training import training_benchmarks
 from rlsd_megatron.logging.metrics import PhaseTimer
 from rlsd_megatron.parallel.agreement import same_on_every_rank
-from rlsd_megatron.parallel.state import replica_group, wait_for_every_rank
+from rlsd_megatron.parallel.state import learner_group, learner_world_size, replica_group, wait_for_every_rank
 from rlsd_megatron.trainer import distillation, objectives
 from rlsd_megatron.trainer.in_update import student_free_fields
+from rlsd_megatron.trainer.off_policy import Draw, OneStepOffPolicy, old_log_probs, staleness
 from rlsd_megatron.trainer.rollouts import (Rollouts, StepScores, collect_rollouts, generate_and_score,
                                             response_tensors)
 from rlsd_megatron.trainer.stopping import (StepAbandoned, StopController, agreed_stop_reason, fault_injection_point,
@@ -74,7 +79,8 @@ class Trainer:
         self.hosts_engine = dist.get_rank(self.replica_group) == 0
         # Inputs first: a bad data row or a missing checkpoint stops every rank here, in seconds,
         # not after the model (minutes per rank at 70B) and the engine are built.
-        self.dataset, val_dataset = same_on_every_rank(lambda: build_run_datasets(cfg), DataError)
+        self.dataset, val_dataset = same_on_every_rank(lambda: build_run_datasets(cfg), DataError,
+                                                        group=learner_group())
         resume = resolve_resume(cfg.checkpoint)
         self.engine = self.scorer = self.benchmarks = None
         with allocation_region(cfg.train.offload):
@@ -91,7 +97,12 @@ class Trainer:
             first_gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0
             if self.learner_offload is not None:  # the engine sizes its memory by what is free when it starts
                 self.learner_offload.offload()
-            self.engine = create_engine(cfg, base_gpu_id=first_gpu) if self.hosts_engine else None
+            if self.hosts_engine and cfg.rollout.placement == "separate":  # a handle on an engine rank
+                from rlsd_megatron.rollout.separate import remote_engine
+
+                self.engine = remote_engine(self.dp_rank)
+            elif self.hosts_engine:
+                self.engine = create_engine(cfg, base_gpu_id=first_gpu)
             wait_for_every_rank("the rollout engines' start-up")
             if self.learner_offload is not None:
                 self._learner_back()  # loading, the warm start and the first sync need it
@@ -106,8 +117,10 @@ class Trainer:
                 ema_rate=cfg.algorithm.teacher_ema_rate)
             self.teacher.initialize(self.learner.local_weights())
             self.mismatch = MismatchMonitor(cfg.rollout.max_logprob_mismatch)
+            self.off_policy = OneStepOffPolicy(self._next_draw, self.engine, self.dataset, self.scorer,
+                                               self.replica_group) if cfg.train.off_policy_steps else None
             self.logger = MetricsLogger(cfg.logging, total_steps=cfg.train.steps,
-                                        enabled=dist.get_rank() == dist.get_world_size() - 1)
+                                        enabled=dist.get_rank() == learner_world_size() - 1)
             self.logger.write_config(config_to_dict(cfg))
             self.step = 0
             self._draws = 0  # prompt batches drawn (numbers the sampling seeds)
@@ -252,6 +265,8 @@ class Trainer:
         responses = max(len(rollouts.responses), 1)
         return self.reduce_over_data_parallel({
             **rollouts.reward_metrics,
+            **rollouts.engine_metrics,
+            **staleness(rollouts, self.step - 1),
             "rollout/response_length": float(sum(len(r) for r in rollouts.responses) / responses),
             "rollout/truncated_frac": sum(f == "length" for f in rollouts.finish_reasons) / responses,
             **(scores.mismatch.metrics() if scores.mismatch is not None else {}),
@@ -318,8 +333,9 @@ class Trainer:
                 rollouts, objectives.sequence_advantages(self.cfg, rollouts.rewards), scores.teacher,
                 [c.has_teacher for c in contexts] if contexts is not None else None)}
         else:
-            fields = {"old_logp": scores.student, "loss_mask": masks,
-                      "advantages": rollouts.on_sequences(advantages.values)}
+            old = old_log_probs(rollouts, scores.student, off_policy=bool(self.cfg.train.off_policy_steps),
+                                tis=bool(algorithm.tis_cap))
+            fields = {"old_logp": old, "loss_mask": masks, "advantages": rollouts.on_sequences(advantages.values)}
         if scores.reference is not None:
             fields["ref_logp"] = scores.reference
         if algorithm.tis_cap and advantages is not None:
@@ -337,22 +353,30 @@ class Trainer:
     def collect_rollouts(self) -> Rollouts:
         """This rank's G responses for each of its prompts (refilled under dynamic sampling)."""
         a = self.cfg.algorithm
-        rollouts = collect_rollouts(self._draw_rollouts, want=self.cfg.train.prompts_per_step // self.dp_size,
-                                    group_size=self.cfg.rollout.n, dynamic_sampling=a.dynamic_sampling,
-                                    max_rounds=a.dynamic_sampling_max_rounds)
+        if self.off_policy is not None:  # this step's batch was submitted last step; the next one goes now
+            rollouts = self.off_policy.next_batch(submit_next=self.step < self.cfg.train.steps)
+        else:
+            rollouts = collect_rollouts(self._draw_rollouts, want=self.cfg.train.prompts_per_step // self.dp_size,
+                                        group_size=self.cfg.rollout.n, dynamic_sampling=a.dynamic_sampling,
+                                        max_rounds=a.dynamic_sampling_max_rounds)
         wait_for_every_rank("generation")  # replicas differ in generation time (and dynamic-sampling rounds)
         return rollouts
 
     def _draw_rollouts(self) -> Rollouts:
         """The next batch of this rank's prompts, generated with the draw's own seed and scored."""
+        draw = self._next_draw()
+        return generate_and_score(draw.rows, self.dataset, self.engine, draw.sampling, self.scorer,
+                                  group=self.replica_group, prompt_offset=draw.prompt_offset)
+
+    def _next_draw(self) -> Draw:
+        """The next batch of this rank's prompts with the draw's own sampling seed."""
         from rlsd_megatron.rollout.provider import sampling_params
 
         rows = self.loader.next_batch()
         sampling = sampling_params(self.cfg.rollout, stop_token_ids=[self.dataset.eos_id],
                                    seed=self.cfg.train.seed * 1_000_003 + self._draws)
         self._draws += 1
-        return generate_and_score(rows, self.dataset, self.engine, sampling, self.scorer, group=self.replica_group,
-                                  prompt_offset=self.dp_rank * len(rows))
+        return Draw(rows, sampling, self.dp_rank * len(rows))
 
     def _log_prob_fn(self, logits: torch.Tensor, mb) -> dict[str, torch.Tensor]:
         from rlsd_megatron.ops import token_log_probs
@@ -374,23 +398,30 @@ class Trainer:
 
     def sync_weights(self):
         """Learner weights → this replica's engine; every rank returns the host's `SyncStats` (the
-        ranks that log hold no engine)."""
-        from rlsd_megatron.rollout.weight_sync import sync_weights
+        ranks that log hold no engine). With `rollout.placement=separate` replica 0 alone streams
+        them and its rank 0 broadcasts them to every engine rank; the other replicas report 0 bytes."""
+        from rlsd_megatron.rollout.weight_sync import SyncStats, sync_weights
 
         stats = None
         if self.learner_offload is not None and not self.learner_offload.resident:
             self._learner_back()
+        engine = self.engine
+        if self.cfg.rollout.placement == "separate":
+            # Replica 0 alone streams its weights; its rank 0 broadcasts them to every engine rank.
+            engine = self.engine if dist.get_rank() == 0 else None
+            if self.dp_rank != 0:
+                stats = SyncStats(self.step, 0, 0, 0.0)  # nothing sent from this replica
         # Other CP ranks' model-parallel groups hold no engine (replica_group), but megatron's
         # expert-parallel group may span CP ranks: with EP every rank takes part in the stream.
-        if self.learner.cp_rank == 0 or self.cfg.parallel.ep > 1:
-            if self.engine is not None:  # weights first, KV cache after the sync: a lower peak
-                self.engine.wake(["weights"])
-            stats = sync_weights(self.learner.model, self.cfg.model, self.engine, version=self.step,
+        if (self.learner.cp_rank == 0 or self.cfg.parallel.ep > 1) and stats is None:
+            if engine is not None:  # weights first, KV cache after the sync: a lower peak
+                engine.wake(["weights"])
+            stats = sync_weights(self.learner.model, self.cfg.model, engine, version=self.step,
                                  bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 2**20)
         if self.learner_offload is not None:  # before the KV cache takes the memory back
             self.learner_offload.offload()
-        if self.engine is not None:
-            self.engine.wake()
+        if engine is not None:
+            engine.wake()
         holder = [stats]
         if dist.get_world_size(self.replica_group) > 1:
             dist.broadcast_object_list(holder, src=dist.get_global_rank(self.replica_group, 0), group=self.replica_group)
