@@ -62,8 +62,9 @@ def vision_model(tokenizer_dir: str):
 
     tokenizer = load_chat_tokenizer(tokenizer_dir)
     model = tiny_vision_language_model(vocab_size=len(tokenizer))
+    # The tokenizer's own image token; it has no video token (the tiny model's id 95 is a text token here).
     return dataclasses.replace(model, vision=dataclasses.replace(
-        model.vision, image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>")))
+        model.vision, image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"), video_token_id=None))
 
 
 def one_step(method: str, tp: int, pp: int, inputs: dict, log_dir: str) -> dict:
