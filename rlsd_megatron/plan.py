@@ -34,6 +34,13 @@ last: output layer + logits):
   fp32 router logits; the alltoall dispatcher's send and receive buffers of one layer are
   transient. Tokens are assumed spread evenly over the experts (Megatron drops none without a
   capacity factor, so a skewed router needs the headroom the reserve leaves).
+- a vision-language policy (`model.vision`): the vision tower's parameters (counted from
+  transformers' own tower built on the meta device) on the first stage, replicated over TP,
+  with no gradients or optimizer state when `model.freeze_vision_tower`; and per micro-batch
+  the ViT's activations for its images: per image token merge² patches, each keeping per ViT
+  block its norm inputs/outputs, QKV, attention output and MLP activations (SwiGLU for
+  Qwen2.5-VL's silu, two for Qwen3-VL's GELU MLP), unsplit (the tower is not tensor-parallel),
+  for `images_per_sequence` images of `data.max_pixels` per sequence (a frozen tower keeps none).
 - the colocated rollout engine while it is awake: `mem_fraction_static` of the GPU (SGLang's
   weights + KV-cache pool). The engine sleeps (memory released) while the learner trains, so the
   two phases peak separately: rollout = learner state + teacher copy + engine; training = learner
@@ -155,12 +162,36 @@ def stage_params(cfg: Config, *, first: bool, last: bool) -> int:
     # TP splits every layer; an MoE layer's experts are spread over parallel.ep ranks as well.
     count = layers * (layer_params(cfg, experts=False) + layer_params(cfg, experts=True) // p.ep) // p.tp
     if first:
-        count += vocab_rows * m.hidden_size
+        count += vocab_rows * m.hidden_size + vision_params(cfg)  # the tower: first stage, replicated over TP
     if last:
         count += m.hidden_size  # final norm
         if not m.tie_word_embeddings or p.pp > 1:
             count += vocab_rows * m.hidden_size
     return count
+
+
+def vision_params(cfg: Config) -> int:
+    """Parameters of the vision tower (0 for a text model): transformers' own tower, on the meta device."""
+    if cfg.model.vision is None:
+        return 0
+    from rlsd_megatron.models.vision_config import vision_tensor_shapes
+
+    return sum(math.prod(shape) for shape in vision_tensor_shapes(cfg.model).values())
+
+
+def image_tokens_per_image(cfg: Config) -> int:
+    """Image tokens of one image of `data.max_pixels` pixels: one per merge² patches of patch² pixels."""
+    v = cfg.model.vision
+    return cfg.data.max_pixels // (v.patch_size * v.spatial_merge_size) ** 2
+
+
+def vision_activation_bytes_per_image_token(cfg: Config) -> float:
+    """Bytes the ViT keeps for backward per image token: merge² patches x blocks x (norm
+    inputs/outputs 4h, QKV 3h, attention output + projection input 2h, MLP 4i for SwiGLU else 2i)."""
+    v = cfg.model.vision
+    mlp = (4 if v.hidden_act == "silu" else 2) * v.intermediate_size
+    per_patch_block = 4 * v.hidden_size + 3 * v.hidden_size + 2 * v.hidden_size + mlp
+    return bytes_per_element(cfg.precision.params_dtype) * v.spatial_merge_size ** 2 * v.depth * per_patch_block
 
 
 def gpu_expert_params(cfg: Config) -> int:
@@ -223,11 +254,14 @@ def micro_batch_tokens(cfg: Config) -> int:
     return t.micro_batch_size * t.max_seq_length
 
 
-def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
-    """Per-GPU memory of `cfg` on `hardware` (see the module docstring for what is counted)."""
+def plan_memory(cfg: Config, hardware: Hardware = Hardware(), *, images_per_sequence: int = 1) -> MemoryPlan:
+    """Per-GPU memory of `cfg` on `hardware` (see the module docstring for what is counted);
+    `images_per_sequence`: a vision-language policy's images of `data.max_pixels` per sequence."""
     p, prec = cfg.parallel, cfg.precision
     dtype_bytes = bytes_per_element(prec.params_dtype)
     params, experts = gpu_params(cfg), gpu_expert_params(cfg)
+    # A frozen tower has no gradients or optimizer state (its parameters do not require grad).
+    trainable = params - (vision_params(cfg) if cfg.model.freeze_vision_tower else 0)
     dp_cp = (p.dp or 1) * p.cp
     optimizer_shards = dp_cp if p.use_distributed_optimizer else 1
     expert_optimizer_shards = max(dp_cp // p.ep, 1) if p.use_distributed_optimizer else 1
@@ -241,6 +275,10 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
         activations = tokens * (layers * layer_input * in_flight + full_layer)
     else:
         activations = tokens * layers * full_layer * in_flight
+    if cfg.model.vision is not None and not cfg.model.freeze_vision_tower:
+        sequences = max(micro_batch_tokens(cfg) // cfg.train.max_seq_length, 1)
+        image_tokens = sequences * images_per_sequence * image_tokens_per_image(cfg)
+        activations += image_tokens * vision_activation_bytes_per_image_token(cfg) * in_flight
     vocab_local = padded_vocab_size(cfg.model, p.tp) // p.tp
     if cfg.train.fused_output_layer:  # one chunk's logits and their gradient at a time (ops/fused_output.py)
         chunk = min(tokens, cfg.train.fused_output_chunk_tokens)
@@ -258,8 +296,8 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware()) -> MemoryPlan:
     engine = int(cfg.rollout.mem_fraction_static * hardware.gpu_memory_gb * GiB) if cfg.rollout.backend != "embedded" else 0
     return MemoryPlan(
         params=params * dtype_bytes,
-        grads=params * 4,
-        optimizer=(params - experts) * 12 // optimizer_shards + experts * 12 // expert_optimizer_shards,
+        grads=trainable * 4,
+        optimizer=(trainable - experts) * 12 // optimizer_shards + experts * 12 // expert_optimizer_shards,
         activations=int(activations),
         logits=int(logits),
         dispatcher=dispatcher_bytes(cfg, tokens),
@@ -308,12 +346,13 @@ def distillation_bytes(cfg: Config, vocab_local: int, *, weights: int) -> int:
     return teacher_logits + divergence + snapshot
 
 
-def check_fits(cfg: Config, world_size: int, hardware: Hardware = Hardware()) -> MemoryPlan:
+def check_fits(cfg: Config, world_size: int, hardware: Hardware = Hardware(), *,
+               images_per_sequence: int = 1) -> MemoryPlan:
     """Plan for `world_size` GPUs; raise ConfigError with the table when it does not fit."""
     model_parallel = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
     cfg = copy.deepcopy(cfg)
     cfg.parallel.dp = cfg.parallel.dp or max(world_size // model_parallel, 1)
-    plan = plan_memory(cfg, hardware)
+    plan = plan_memory(cfg, hardware, images_per_sequence=images_per_sequence)
     if not plan.fits:
         raise ConfigError(
             "the layout does not fit in GPU memory:\n" + plan.table()
@@ -328,7 +367,8 @@ def total_params(cfg: Config) -> int:
     """Parameters of the whole model (unpadded vocabulary: the count model cards publish)."""
     m = cfg.model
     embedding = m.vocab_size * m.hidden_size
-    return m.num_layers * layer_params(cfg) + embedding + m.hidden_size + (0 if m.tie_word_embeddings else embedding)
+    return (m.num_layers * layer_params(cfg) + embedding + m.hidden_size + (0 if m.tie_word_embeddings else embedding)
+            + vision_params(cfg))
 
 
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
@@ -354,11 +394,13 @@ def describe_model(cfg: Config, config_path: str) -> str:
     source = (f"model.hf_config={m.hf_config}" if m.hf_config else
               "the built-in default (no model in the config)" if names_no_model(cfg) else
               f"the model.* fields of {config_path}")
+    tower = (f", a {_count(vision_params(cfg))} {m.vision.model_type} vision tower"
+             f"{' (frozen)' if m.freeze_vision_tower else ''}" if m.vision is not None else "")
     mlp = (f"{m.num_experts} experts (top-{m.moe_router_topk}) of width {m.moe_ffn_hidden_size or m.ffn_hidden_size}"
            if m.num_experts else f"ffn {m.ffn_hidden_size}")
     return (f"model: {_count(total_params(cfg))} parameters ({m.family}, {m.num_layers} layers, hidden {m.hidden_size}, "
             f"{m.num_attention_heads} heads / {m.num_query_groups or m.num_attention_heads} KV groups, {mlp}, "
-            f"vocab {m.vocab_size}) from {source}")
+            f"vocab {m.vocab_size}{tower}) from {source}")
 
 
 PROG = "rlsd-plan"
@@ -373,10 +415,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--world-size", type=int, required=True, help="number of GPUs")
     parser.add_argument("--gpu-memory-gb", type=float, default=Hardware.gpu_memory_gb)
+    parser.add_argument("--images-per-sequence", type=int, default=1,
+                        help="a vision-language policy's images (of data.max_pixels) per sequence, for the vision "
+                             "tower's activations (default 1)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     if args.world_size < 1:
         parser.error(f"--world-size={args.world_size}: give the number of GPUs of the run (1 or more)")
+    if args.images_per_sequence < 0:
+        parser.error(f"--images-per-sequence={args.images_per_sequence}: give how many images a sequence holds (0 or more)")
     if args.gpu_memory_gb <= Hardware.reserve_gb:
         parser.error(f"--gpu-memory-gb={args.gpu_memory_gb:g} leaves nothing after the {Hardware.reserve_gb:g} GB reserve "
                      "for the CUDA context and NCCL; give the GPU's memory, e.g. 80 for an H100")
@@ -401,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
               "model.hf_config=/path/to/hf_model_dir", file=sys.stderr)
     print(describe_model(cfg, args.config))
     try:
-        plan = check_fits(cfg, args.world_size, Hardware(gpu_memory_gb=args.gpu_memory_gb))
+        plan = check_fits(cfg, args.world_size, Hardware(gpu_memory_gb=args.gpu_memory_gb),
+                          images_per_sequence=args.images_per_sequence)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -272,6 +273,48 @@ def test_moe_activations_and_dispatcher_follow_the_routed_tokens():
     extra = 2 * (2 * 8 * 2048 + 4 * 8 * 768 / 2 - 4 * 6144 / 2) + 4 * 128
     assert activation_bytes_per_token_layer(cfg) - activation_bytes_per_token_layer(dense) == pytest.approx(extra)
     assert plan_memory(dense).dispatcher == 0
+
+
+def qwen2_5_vl_7b(**parallel) -> Config:
+    """Qwen2.5-VL-7B-Instruct's shapes (its config.json): Qwen2-7B's decoder under a 32-block ViT."""
+    from rlsd_megatron.config import VisionConfig
+
+    cfg = config(**parallel)
+    cfg.model = ModelConfig(
+        family="qwen2", vocab_size=152064, hidden_size=3584, num_layers=28, num_attention_heads=28,
+        num_query_groups=4, ffn_hidden_size=18944, qkv_bias=True,
+        vision=VisionConfig(model_type="qwen2_5_vl", depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                            out_hidden_size=3584, patch_size=14, temporal_patch_size=2, spatial_merge_size=2,
+                            window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu",
+                            image_token_id=151655, mrope_section=[16, 24, 24]))
+    cfg.train.micro_batch_size, cfg.train.max_seq_length = 1, 8192
+    return cfg
+
+
+def test_vision_language_policy_counts_its_tower_on_the_first_stage():
+    """Qwen2.5-VL-7B: 8.29B parameters as its model card says, the ViT (0.67B) replicated over TP
+    on the first stage; frozen, it has no gradients or optimizer state and keeps no activations;
+    trained, its activations per image of max_pixels = 1048576 (1337 image tokens of 4 patches of
+    14² pixels) are 4 patches x 32 blocks x (9 x 1280 + 4 x 3420) bf16 values per image token."""
+    from rlsd_megatron.plan import total_params, vision_params
+
+    cfg = qwen2_5_vl_7b(tp=4, pp=2, dp=1, use_distributed_optimizer=False)
+    tower = vision_params(cfg)
+    assert total_params(cfg) == pytest.approx(8.29e9, rel=0.003) and tower == pytest.approx(0.675e9, rel=0.01)
+    first, last = stage_params(cfg, first=True, last=False), stage_params(cfg, first=False, last=True)
+    text_only = dataclasses.replace(cfg.model, vision=None)
+    assert first - stage_params(dataclasses.replace(cfg, model=text_only), first=True, last=False) == tower
+    trained = plan_memory(cfg)
+    frozen_cfg = qwen2_5_vl_7b(tp=4, pp=2, dp=1, use_distributed_optimizer=False)
+    frozen_cfg.model.freeze_vision_tower = True
+    frozen = plan_memory(frozen_cfg)
+    assert trained.params == frozen.params == max(first, last) * 2
+    assert trained.grads - frozen.grads == tower * 4 and trained.optimizer - frozen.optimizer == tower * 12
+    image_tokens = 1048576 // 28 ** 2
+    per_token = 2 * 4 * 32 * (9 * 1280 + 4 * 3420)
+    assert trained.activations - frozen.activations == pytest.approx(image_tokens * per_token * 2)  # x2: PP=2 in flight
+    two = plan_memory(qwen2_5_vl_7b(tp=4, pp=2, dp=1, use_distributed_optimizer=False), images_per_sequence=2)
+    assert two.activations - trained.activations == pytest.approx(image_tokens * per_token * 2)
 
 
 def test_fused_output_layer_counts_one_chunk_of_logits():
