@@ -269,6 +269,11 @@ class RolloutConfig:
     # weights by broadcast and serve the replicas' prompts (rollout/separate.py).
     placement: Literal["colocated", "separate"] = "colocated"
     engine_ranks: int = 0  # with placement=separate: how many of the job's ranks (the last ones) are engines
+    # Routing replay (R3; MoE policies): the engine records the top-k experts it routed each token to
+    # (SGLang: enable_return_routed_experts), and the learner's routers use exactly those, with their
+    # own probabilities for them, in the policy's forwards on the rollouts (old log-probs and update;
+    # learner/routing_replay.py), so that routing is no source of train/rollout mismatch.
+    routing_replay: bool = False
 
 
 @dataclass

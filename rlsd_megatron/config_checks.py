@@ -373,6 +373,29 @@ def rollout_problems(cfg: Config, *, cuda_available: bool) -> list[str]:
     return problems
 
 
+def routing_replay_problems(cfg: Config) -> list[str]:
+    """What routing replay (`rollout.routing_replay`, learner/routing_replay.py) cannot run with."""
+    rollout, prec = cfg.rollout, cfg.precision
+    if not rollout.routing_replay:
+        return []
+    problems = []
+    if not cfg.model.num_experts:
+        problems.append("rollout.routing_replay=true needs an MoE policy (model.num_experts, family qwen3_moe): a "
+                        "dense model has no routing to replay; set rollout.routing_replay=false")
+    if prec.fp8 != "none" and prec.recompute_granularity == "full":
+        # Under FP8 megatron-core recomputes layers with Transformer Engine's checkpoint, which does not
+        # raise megatron's is_checkpointing() flag: a recomputed router could not tell that it must
+        # replay its micro-batch's recorded experts rather than the latest micro-batch's.
+        problems.append(f"rollout.routing_replay=true with precision.fp8={prec.fp8} and precision.recompute_granularity"
+                        "=full: the recomputation (Transformer Engine's checkpoint under FP8) cannot be told apart "
+                        "from a forward, so it would replay another micro-batch's experts; use recompute_granularity="
+                        "selective or none, or precision.fp8=none")
+    if rollout.sglang_server_args.get("enable_return_routed_experts") is False:
+        problems.append("rollout.routing_replay=true needs SGLang's routed experts, but rollout.sglang_server_args sets "
+                        "enable_return_routed_experts=false; drop that override")
+    return problems
+
+
 def validate_config(cfg: Config, world_size: int, *, cuda_available: bool | None = None,
                     te_available: bool | None = None) -> None:
     """Raise one ConfigError listing every layout, batch, hardware and rollout problem of `cfg`."""
@@ -385,6 +408,6 @@ def validate_config(cfg: Config, world_size: int, *, cuda_available: bool | None
     learners = world_size - engine_ranks(cfg) if 1 <= engine_ranks(cfg) < world_size else world_size
     problems = placement_problems(cfg, world_size) + layout_problems(cfg, learners) + algorithm_problems(cfg) + hardware_problems(
         cfg, cuda_available=cuda_available, te_available=te_available
-    ) + rollout_problems(cfg, cuda_available=cuda_available)
+    ) + rollout_problems(cfg, cuda_available=cuda_available) + routing_replay_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))

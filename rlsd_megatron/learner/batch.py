@@ -6,7 +6,9 @@ logits). The learner predicts token
 t from the logits at position t-1, so a `MicroBatch` stores everything *shifted*: at position t
 it holds `targets[t] = token[t+1]` and `fields[k][t] = field_k[t+1]`. `MicroBatch.to_sequences`
 undoes the shift, returning per-token outputs aligned with tokens again (token 0 has no
-prediction and gets 0).
+prediction and gets 0). One field is a model input rather than a loss input and so is not shifted:
+`ROUTED_EXPERTS`, the rollout engine's experts of each token (routing replay), which the
+micro-batch holds as `routed_experts` at the token's own position, -1 where there are none.
 
 Two layouts:
 - padded ([B, S], right padding, causal mask): megatron-core's local layers (CPU).
@@ -23,6 +25,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+
+# The per-sequence field [L, layers, top-k] of the experts the rollout engine routed each token to
+# (-1: none recorded); `MicroBatch.routed_experts` holds it unshifted (learner.routing_replay).
+ROUTED_EXPERTS = "routed_experts"
 
 
 @dataclass
@@ -43,6 +49,10 @@ class MicroBatch:
     # A vision-language batch's images (`models.vision_language.ImageInputs`, learner.vision_batch);
     # its position_ids are then M-RoPE's [3, B, S].
     images: Any = None
+    # [B, S, layers, top-k] int16: the engine's experts for the token *at* each position (the
+    # router runs on the token, not on its prediction), -1 where none (padding, the last sampled
+    # token); None: the routers choose themselves.
+    routed_experts: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -64,6 +74,19 @@ class MicroBatch:
 def _shift(values: torch.Tensor) -> torch.Tensor:
     """x[t] ← x[t+1], last position 0."""
     return torch.cat([values[1:], values.new_zeros(1, *values.shape[1:])])
+
+
+def _routed_experts(fields: dict[str, list[torch.Tensor]], rows: int, width: int,
+                     places: list[tuple[int, int]]) -> torch.Tensor | None:
+    """The `ROUTED_EXPERTS` field placed unshifted into [rows, width, layers, k] (-1 elsewhere);
+    `places[i]` is (row, start) of sequence i; None without that field."""
+    values = fields.get(ROUTED_EXPERTS)
+    if values is None:
+        return None
+    out = torch.full((rows, width, *values[0].shape[1:]), -1, dtype=torch.int16)
+    for (row, start), value in zip(places, values):
+        out[row, start:start + len(value)] = value
+    return out
 
 
 def _check_sequences(sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]]) -> None:
@@ -101,6 +124,8 @@ def padded_micro_batch(
     tokens = torch.zeros(batch, width, dtype=torch.long)
     targets = torch.zeros(batch, width, dtype=torch.long)
     target_mask = torch.zeros(batch, width, dtype=torch.bool)
+    routed = _routed_experts(fields, batch, width, [(i, 0) for i in range(batch)])
+    fields = {name: vals for name, vals in fields.items() if name != ROUTED_EXPERTS}
     shifted = {name: vals[0].new_zeros(batch, width, *vals[0].shape[1:]) for name, vals in fields.items()}
     for i, (seq, length) in enumerate(zip(sequences, lengths)):
         tokens[i, :length] = seq
@@ -109,7 +134,7 @@ def padded_micro_batch(
         for name, vals in fields.items():
             shifted[name][i, :length] = _shift(vals[i])
     position_ids = torch.arange(width).unsqueeze(0).expand(batch, width).contiguous()
-    return MicroBatch(tokens, position_ids, targets, target_mask, shifted, lengths)
+    return MicroBatch(tokens, position_ids, targets, target_mask, shifted, lengths, routed_experts=routed)
 
 
 def packed_micro_batch(
@@ -135,6 +160,8 @@ def packed_micro_batch(
     for n in padded[:-1]:
         offsets.append(offsets[-1] + n)
     total = sum(padded)
+    routed = _routed_experts(fields, 1, total, [(0, start) for start in offsets])
+    fields = {name: vals for name, vals in fields.items() if name != ROUTED_EXPERTS}
     tokens = torch.zeros(1, total, dtype=torch.long)
     targets = torch.zeros(1, total, dtype=torch.long)
     target_mask = torch.zeros(1, total, dtype=torch.bool)
@@ -161,7 +188,8 @@ def packed_micro_batch(
         max_seqlen_q=max(padded),
         max_seqlen_kv=max(padded),
     )
-    return MicroBatch(tokens, position_ids, targets, target_mask, shifted, lengths, params, offsets)
+    return MicroBatch(tokens, position_ids, targets, target_mask, shifted, lengths, params, offsets,
+                      routed_experts=routed)
 
 
 def cp_positions(length: int, cp_size: int, cp_rank: int) -> torch.Tensor:
@@ -195,6 +223,7 @@ def cp_split(mb: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
         targets=take(mb.targets),
         target_mask=take(mb.target_mask),
         fields={k: take(v) for k, v in mb.fields.items()},
+        routed_experts=take(mb.routed_experts) if mb.routed_experts is not None else None,
         cp_index=index,
     )
 

@@ -82,6 +82,11 @@ class Learner(ModelRunner):
 
             self.load_balancing = LoadBalancingLoss(chunks, cfg.model.moe_aux_loss_coeff,
                                                     cfg.parallel.sequence_parallel)
+        if cfg.rollout.routing_replay:
+            from rlsd_megatron.learner.routing_replay import RoutingReplay
+
+            # By the DDP-wrapped chunks: those are what the schedule hands the forward step.
+            self.routing_replay = RoutingReplay(model, sequence_parallel=cfg.parallel.sequence_parallel)
 
         opt = cfg.optimizer
         self.optimizer = get_megatron_optimizer(

@@ -24,6 +24,7 @@ import torch
 from rlsd_megatron.config import Config
 from rlsd_megatron.dtypes import torch_dtype
 from rlsd_megatron.learner.batch import (
+    ROUTED_EXPERTS,
     MicroBatch,
     cp_merge,
     cp_split,
@@ -80,6 +81,8 @@ class ModelRunner:
         # A learner's MoE load-balancing loss (`learner.moe_aux_loss`) and its weight per micro-batch.
         self.load_balancing = None
         self.load_balancing_weight = 0.0
+        # A learner's routing replay (`learner.routing_replay`): micro-batches with the engine's experts.
+        self.routing_replay = None
 
     def _unprojected(self, *, hidden_states: torch.Tensor, output_layer, output_weight, **_):
         """GPTModel's `output_processor`: the last stage's [S, B, H] hidden states and output
@@ -139,15 +142,18 @@ class ModelRunner:
         ]
         return batches, plan
 
-    def forward_sequences(self, sequences: list[torch.Tensor], per_token_fn: PerTokenFn, images: list | None = None
-                          ) -> dict[str, list[torch.Tensor]]:
-        """Forward-only over whole sequences (with their `images`: `micro_batch`): for each output of `per_token_fn` ([B, S, ...] per
+    def forward_sequences(self, sequences: list[torch.Tensor], per_token_fn: PerTokenFn, images: list | None = None,
+                          routed_experts: list[torch.Tensor] | None = None) -> dict[str, list[torch.Tensor]]:
+        """Forward-only over whole sequences (with their `images`: `micro_batch`; with the engine's
+        `routed_experts` [L_i, layers, k] of each, which a learner with routing replay routes them
+        by): for each output of `per_token_fn` ([B, S, ...] per
         micro-batch), one tensor per sequence aligned with its tokens along dim 0
         (`MicroBatch.to_sequences`), in the input order, on every rank (broadcast from the last
         pipeline stage; TP ranks keep their own vocabulary shards of vocab-sized outputs)."""
         from megatron.core import parallel_state
 
-        batches, plan = self.micro_batches(sequences, images=images)
+        fields = {ROUTED_EXPERTS: routed_experts} if routed_experts is not None else None
+        batches, plan = self.micro_batches(sequences, fields, images=images)
         outputs = self.forward(batches, per_token_fn)
         lengths = [len(s) for s in sequences]
         concatenated: dict[str, torch.Tensor] = {}
@@ -183,6 +189,8 @@ class ModelRunner:
             mb = next(data_iterator)
             if self.load_balancing is not None:
                 self.load_balancing.begin(mb, self.load_balancing_weight)
+            if self.routing_replay is not None:
+                self.routing_replay.begin(mb, model)
             images = {"images": mb.images.to(device)} if mb.images is not None else {}
             output = model(
                 mb.tokens.to(device),
@@ -196,15 +204,19 @@ class ModelRunner:
             return output, lambda logits: fn(_targets_on(mb, device), logits)
 
         iterators = [iter(local) for _ in self.model] if len(self.model) > 1 else iter(local)
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators,
-            model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=len(local),
-            seq_length=max(mb.tokens.shape[1] for mb in local),
-            micro_batch_size=max(mb.tokens.shape[0] for mb in local),
-            forward_only=forward_only,
-        )
+        try:
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iterators,
+                model=self.model if len(self.model) > 1 else self.model[0],
+                num_microbatches=len(local),
+                seq_length=max(mb.tokens.shape[1] for mb in local),
+                micro_batch_size=max(mb.tokens.shape[0] for mb in local),
+                forward_only=forward_only,
+            )
+        finally:
+            if self.routing_replay is not None:
+                self.routing_replay.end()
 
     def forward(self, micro_batches: list[MicroBatch], per_token_fn: PerTokenFn) -> list[dict] | None:
         """Forward-only pass; per micro-batch, the dict `per_token_fn(logits, mb)` returned

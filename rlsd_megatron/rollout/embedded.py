@@ -17,6 +17,12 @@ prompt's largest. The image placeholder token is never drawn (a sampled one woul
 behind it in the learner's forward): like top-k / top-p truncation, this changes what can be
 drawn, not the reported log-probs.
 
+Routing replay (`return_routed_experts=True`, a Qwen3-MoE model): a forward hook on every layer's
+router (transformers' `Qwen3MoeTopKRouter`, which returns the chosen expert ids third) keeps each
+forward's choices; the prefill's rows of a prompt are shared by its n samples (their KV cache is
+repeated), each decode step adds one row per sample still running, so a sample's
+`Generation.routed_experts` covers its prompt and every response token but the last, as SGLang's.
+
 Sampling (per step, in fp32): logits z of the real vocabulary; greedy when temperature = 0;
 otherwise p = softmax(z / T), then top-k and top-p truncation (SGLang's rule: a token is dropped
 when the mass of the more likely tokens before it already exceeds top_p), renormalised, drawn by
@@ -35,7 +41,8 @@ import torch
 
 from rlsd_megatron.config import ModelConfig
 from rlsd_megatron.models.hf_mapping import MappingError
-from rlsd_megatron.rollout.engine import EngineHealth, Generation, RolloutEngine, SamplingParams, sample_seed
+from rlsd_megatron.rollout.engine import (EngineHealth, Generation, RolloutEngine, SamplingParams, compact_expert_ids,
+                                          sample_seed)
 
 
 _THREADS_LOCK = threading.Lock()
@@ -141,15 +148,23 @@ class EmbeddedEngine(RolloutEngine):
     `num_threads` is the intra-op thread count while generating (None: the process's): one by
     default, because a tiny model's matmuls gain nothing from more, and on a busy host OpenMP's
     spin-waiting threads made a 16×8-sample test 25x slower with two (measured here).
+    `return_routed_experts`: record each token's experts (an MoE model; see the module docstring).
     """
 
     backend = "embedded"
 
     def __init__(self, model: ModelConfig, *, dtype: torch.dtype = torch.float32, max_batch_size: int = 256,
-                 attn_implementation: str = "sdpa", num_threads: int | None = 1):
+                 attn_implementation: str = "sdpa", num_threads: int | None = 1, return_routed_experts: bool = False):
         self.model_config = model
         self.num_threads = num_threads
         self.model = build_hf_model(model, dtype=dtype, attn_implementation=attn_implementation)
+        self._routing: list[torch.Tensor] | None = None  # the last forward's [tokens, k] per layer
+        if return_routed_experts:
+            if not model.num_experts:
+                raise ValueError("return_routed_experts needs an MoE model (model.num_experts)")
+            self._routing = []
+            for layer in self.model.model.layers:
+                layer.mlp.gate.register_forward_hook(lambda module, args, output: self._routing.append(output[2]))
         self.max_batch_size = max_batch_size
         self.weight_version: int | None = None
         self.asleep = False
@@ -259,6 +274,8 @@ class EmbeddedEngine(RolloutEngine):
             mask[i, width - len(prompt):] = 1
         inputs, next_position = self._prefill_inputs(prompts, ids, mask, images)
         result = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **inputs)
+        routing = self._take_routing(num_prompts, width)  # [P, width, layers, k], or None
+        prompt_routing = [routing[i, width - len(p):] for i, p in enumerate(prompts)] if routing is not None else None
         cache = result.past_key_values
         cache.batch_repeat_interleave(n)
         logits = result.logits[:, -1].repeat_interleave(n, 0)
@@ -276,6 +293,7 @@ class EmbeddedEngine(RolloutEngine):
         finish: list[str] = ["length"] * rows
         stop = set(sampling.stop_token_ids)
         active = list(range(rows))  # batch row -> sample row
+        decoded_routing: list[list[torch.Tensor]] = [[] for _ in range(rows)]  # per sample: [layers, k] per token
         generated = torch.zeros(rows, logits.shape[-1], dtype=torch.bool)  # for the presence penalty
         for step in range(sampling.max_new_tokens):
             uniforms = torch.stack([torch.rand((), generator=gens[r]) for r in active])
@@ -303,13 +321,28 @@ class EmbeddedEngine(RolloutEngine):
             position = next_position.unsqueeze(0).expand(3, -1, -1) if vl else next_position  # M-RoPE: all axes
             result = self.model(input_ids=new[:, None], attention_mask=mask, position_ids=position,
                                 past_key_values=cache, use_cache=True)
+            routing = self._take_routing(len(active), 1)
+            if routing is not None:
+                for b, r in enumerate(active):
+                    decoded_routing[r].append(routing[b, 0])
             cache = result.past_key_values
             logits = result.logits[:, -1]
             next_position = next_position + 1
+        routed = [None] * rows
+        if prompt_routing is not None:
+            routed = [compact_expert_ids(torch.cat([prompt_routing[r // n], *(x[None] for x in decoded_routing[r])]),
+                                         self.model_config.num_experts) for r in range(rows)]
         return [
-            Generation(first_prompt + r // n, r % n, tokens[r], log_probs[r], finish[r], self.weight_version)
+            Generation(first_prompt + r // n, r % n, tokens[r], log_probs[r], finish[r], self.weight_version, routed[r])
             for r in range(rows)
         ]
+
+    def _take_routing(self, batch: int, width: int) -> torch.Tensor | None:
+        """The last forward's recorded experts as [batch, width, layers, k] (None when not recording)."""
+        if self._routing is None:
+            return None
+        per_layer, self._routing[:] = list(self._routing), []
+        return torch.stack(per_layer, dim=1).reshape(batch, width, len(per_layer), -1)
 
     # -- lifecycle -------------------------------------------------------------------------
     def sleep(self) -> None:

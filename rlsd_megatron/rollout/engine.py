@@ -75,6 +75,14 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def compact_expert_ids(ids: "torch.Tensor", num_experts: int) -> "torch.Tensor":
+    """Expert ids in the narrowest integer type that holds them (uint8 up to 256 experts, else
+    int16): the rollouts keep [tokens, layers, top-k] of them per sequence (Qwen3-30B-A3B: 48 x 8)."""
+    import torch
+
+    return ids.to(torch.uint8 if num_experts <= 256 else torch.int16)
+
+
 def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     """A 63-bit seed for one sample, a fixed function of (seed, prompt, sample)."""
     digest = hashlib.blake2b(f"{seed}:{prompt_index}:{sample_index}".encode(), digest_size=8).digest()
@@ -92,6 +100,10 @@ class Generation:
     log_probs: list[float]
     finish_reason: FinishReason
     weight_version: int | None = None
+    # [prompt + response - 1, layers, top-k] the experts an MoE engine routed each token it ran to
+    # (every token but the last sampled one, which it never ran), in layer order; engines record them
+    # when built with return_routed_experts (rollout.routing_replay), None otherwise.
+    routed_experts: "torch.Tensor | None" = None
 
 
 @dataclass

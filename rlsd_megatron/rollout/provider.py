@@ -37,13 +37,14 @@ def create_engine(cfg: Config, *, group=None, base_gpu_id: int = 0, **engine_kwa
     if backend == "embedded":
         from rlsd_megatron.rollout.embedded import EmbeddedEngine
 
-        return EmbeddedEngine(cfg.model, dtype=dtype.torch_dtype, **engine_kwargs)
+        return EmbeddedEngine(cfg.model, dtype=dtype.torch_dtype, return_routed_experts=cfg.rollout.routing_replay,
+                              **engine_kwargs)
     from rlsd_megatron.rollout.sglang_engine import SGLangEngine
 
     return SGLangEngine(cfg.model, model_path=cfg.model.hf_config, engine_tp=cfg.rollout.engine_tp,
                         mem_fraction_static=cfg.rollout.mem_fraction_static, base_gpu_id=base_gpu_id, group=group,
                         dtype=dtype.hf_name, seed=cfg.train.seed, fp8_weights=cfg.rollout.fp8_weights,
-                        server_args=sglang_server_args(cfg.rollout), **engine_kwargs)
+                        return_routed_experts=cfg.rollout.routing_replay, server_args=sglang_server_args(cfg.rollout), **engine_kwargs)
 
 
 def sglang_server_args(rollout: RolloutConfig) -> dict:

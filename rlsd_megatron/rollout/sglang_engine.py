@@ -44,6 +44,12 @@ Llama is refused: 0.5.23's `LlamaForCausalLM.load_weights` renames `.weight_scal
 `.weight_scale`, which block-FP8 layers do not have, so the scales would be dropped (sglang PR
 #30234; the contract test notices when that changes).
 
+Routed experts (`return_routed_experts=True`, routing replay): the engine runs with
+`enable_return_routed_experts` (`provider.sglang_server_args`) and each request asks for
+`return_routed_experts`; SGLang then returns `meta_info["routed_experts"]`, the base64 of an int32
+[prompt + output - 1, layers, top-k] array (`RoutedExpertsCapturer`: every token it ran, from
+`routed_experts_start_len=0`), which `parse_generations` turns into `Generation.routed_experts`.
+
 Log-probs: SGLang returns log_softmax(z / T) of the sampled token before top-k/top-p (greedy:
 T = 1), the convention of `rollout.engine`.
 
@@ -76,7 +82,8 @@ from rlsd_megatron.config import ConfigError, ModelConfig
 from rlsd_megatron.models.hf_mapping import MappingError, expected_hf_shapes
 from rlsd_megatron.parallel.cpu_binding import helper_process_cpus
 from rlsd_megatron.parallel.signals import stop_signals_blocked
-from rlsd_megatron.rollout.engine import EngineHealth, Generation, RolloutEngine, SamplingParams, sample_seed
+from rlsd_megatron.rollout.engine import (EngineHealth, Generation, RolloutEngine, SamplingParams, compact_expert_ids,
+                                          sample_seed)
 from rlsd_megatron.rollout.fp8 import Fp8BlockConfig, fp8_block_quantization_config, fp8_quant_config
 
 SGLANG_VERSION = "0.5.23"
@@ -122,8 +129,10 @@ def sampling_requests(prompts: Sequence[Sequence[int]], sampling: SamplingParams
     return input_ids, params
 
 
-def parse_generations(outputs: list[dict], n: int, version: int | None, prompt_offset: int = 0) -> list[Generation]:
-    """SGLang `generate` outputs (one per request, prompt-major) → `Generation`s."""
+def parse_generations(outputs: list[dict], n: int, version: int | None, prompt_offset: int = 0,
+                      routed_experts: ModelConfig | None = None) -> list[Generation]:
+    """SGLang `generate` outputs (one per request, prompt-major) → `Generation`s; with
+    `routed_experts` (the engine's MoE model) each one's routed experts as well."""
     generations = []
     for index, out in enumerate(outputs):
         meta = out["meta_info"]
@@ -134,8 +143,23 @@ def parse_generations(outputs: list[dict], n: int, version: int | None, prompt_o
         reason = meta["finish_reason"]
         kind = reason.get("type") if isinstance(reason, dict) else reason
         generations.append(Generation(prompt_offset + index // n, index % n, token_ids,
-                                      [float(e[0]) for e in logprob_entries], _FINISH.get(kind, "abort"), version))
+                                      [float(e[0]) for e in logprob_entries], _FINISH.get(kind, "abort"), version,
+                                      _routed_experts(meta, routed_experts, index) if routed_experts else None))
     return generations
+
+
+def _routed_experts(meta: dict, model: ModelConfig, index: int) -> torch.Tensor:
+    """`meta_info["routed_experts"]` (base64 of int32 [tokens, layers, top-k]) as a tensor."""
+    import base64
+
+    import numpy as np
+
+    if meta.get("routed_experts") is None:
+        raise RuntimeError(f"SGLang returned no routed experts for request {index}: the engine needs "
+                           "enable_return_routed_experts=True (rollout.routing_replay sets it)")
+    ids = np.frombuffer(base64.b64decode(meta["routed_experts"]), dtype=np.int32)
+    return compact_expert_ids(torch.from_numpy(ids.copy()).reshape(-1, model.num_layers, model.moe_router_topk),
+                              model.num_experts)
 
 
 def check_hf_config(model_path: str | Path, model: ModelConfig) -> None:
@@ -237,6 +261,7 @@ class SGLangEngine(RolloutEngine):
     or "retract" for partial rollouts (requests resume on the new weights; SGLang refuses the
     cache flush while they wait, which is logged). `fp8_weights`: pushes are FP8 block-quantised
     (see the module docstring); raises ConfigError where the engine's config disagrees.
+    `return_routed_experts`: every generation carries the experts each token went to (routing replay).
     """
 
     backend = "sglang"
@@ -244,7 +269,8 @@ class SGLangEngine(RolloutEngine):
     def __init__(self, model: ModelConfig, *, model_path: str | None = None, engine_tp: int = 1,
                  mem_fraction_static: float = 0.5, base_gpu_id: int = 0, group=None, dtype: str = "bfloat16",
                  transport: str = "ipc", pause_mode: str = "abort", seed: int | None = None,
-                 fp8_weights: bool = False, server_args: dict[str, Any] | None = None):
+                 fp8_weights: bool = False, return_routed_experts: bool = False,
+                 server_args: dict[str, Any] | None = None):
         if transport not in ("ipc", "nccl"):
             raise ValueError(f"transport must be 'ipc' (colocated) or 'nccl' (separate GPUs), got {transport!r}")
         self.model_config = model
@@ -252,6 +278,7 @@ class SGLangEngine(RolloutEngine):
         self.group = group
         self.transport = transport
         self.pause_mode = pause_mode
+        self.return_routed_experts = return_routed_experts
         self.weight_version: int | None = None
         self.released: set[str] = set()  # memory handed to the learner: weights / kv_cache / cuda_graph
         self.is_host = group is None or dist.get_rank(group) == 0
@@ -287,6 +314,7 @@ class SGLangEngine(RolloutEngine):
             mem_fraction_static=mem_fraction_static, enable_memory_saver=True, load_format=load_format,
             skip_tokenizer_init=True, dtype=dtype, random_seed=seed if seed is not None else 1234,
             log_level="error", nccl_port=free_port_below_ephemeral(),
+            enable_return_routed_experts=return_routed_experts,
         )
         self.server_args.update(server_args or {})
         # Its scheduler / detokenizer processes must outlive a SLURM stop signal; they run on the node's
@@ -311,8 +339,10 @@ class SGLangEngine(RolloutEngine):
                           "enable_deterministic_inference=True (rollout.deterministic=true): samples are not "
                           "reproducible and depend on batching")
         input_ids, params = sampling_requests(prompts, sampling, prompt_offset)
-        outputs = self.engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True)
-        return parse_generations(outputs, sampling.n, self.weight_version, prompt_offset)
+        outputs = self.engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True,
+                                       return_routed_experts=self.return_routed_experts)
+        return parse_generations(outputs, sampling.n, self.weight_version, prompt_offset,
+                                 self.model_config if self.return_routed_experts else None)
 
     # -- weights ---------------------------------------------------------------------------
     def update_weights(self, buckets: Iterable, version: int) -> None:

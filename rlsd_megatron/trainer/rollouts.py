@@ -34,6 +34,8 @@ class Rollouts:
     reward_metrics: dict[str, float] = field(default_factory=dict)
     behaviour_version: int | None = None  # the oldest engine weight version that sampled them (None: unknown)
     engine_metrics: dict[str, float] = field(default_factory=dict)  # `RolloutEngine.last_batch_metrics` of the draw
+    # [P·G] the engine's experts of each token it ran (`Generation.routed_experts`); None: not recorded
+    routed_experts: list[torch.Tensor] | None = None
 
     @property
     def group_size(self) -> int:
@@ -68,6 +70,20 @@ class Rollouts:
         """Per-token values of the student sequences (as `sequences()`) restricted to the responses."""
         return [v[n:] for v, n in zip(per_sequence, self.prompt_lengths())]
 
+    def routed_experts_on_sequences(self) -> list[torch.Tensor] | None:
+        """The engine's experts of every token of each student sequence, [L_i, layers, top-k] int16
+        (the learner's `learner.batch.ROUTED_EXPERTS` field), -1 on the last token, which the engine
+        sampled but never ran; None when the engine recorded none."""
+        if self.routed_experts is None:
+            return None
+        out = []
+        for i, (routed, sequence) in enumerate(zip(self.routed_experts, self.sequences())):
+            if routed.shape[0] != len(sequence) - 1:
+                raise RuntimeError(f"rollout {i}: the engine recorded experts for {routed.shape[0]} tokens, its "
+                                   f"sequence has {len(sequence)} (prompt + response - 1 expected)")
+            out.append(torch.cat([routed.to(torch.int16), routed.new_full((1, *routed.shape[1:]), -1, dtype=torch.int16)]))
+        return out
+
     def response_mask(self) -> list[torch.Tensor]:
         """1 on response tokens of each student sequence (aligned with `sequences()`)."""
         return self.on_sequences([torch.ones(len(r)) for r in self.responses])
@@ -85,6 +101,7 @@ class Rollouts:
             reward_metrics=self.reward_metrics,
             behaviour_version=self.behaviour_version,
             engine_metrics=self.engine_metrics,
+            routed_experts=[self.routed_experts[i] for i in idx] if self.routed_experts is not None else None,
         )
 
     @staticmethod
@@ -98,6 +115,8 @@ class Rollouts:
             reward_metrics=parts[0].reward_metrics if parts else {},  # the unfiltered first draw
             behaviour_version=_oldest([p.behaviour_version for p in parts]),
             engine_metrics=parts[0].engine_metrics if parts else {},
+            routed_experts=[r for p in parts for r in p.routed_experts]
+            if parts and all(p.routed_experts is not None for p in parts) else None,
         )
 
 
@@ -157,9 +176,11 @@ def score_generations(rows: list[PromptRow], dataset: PromptDataset, generations
         for i, gen in enumerate(generations)
     ]
     result = scorer.score(samples)
+    routed = [gen.routed_experts for gen in generations]
     return Rollouts(rows, [gen.token_ids for gen in generations], [gen.log_probs for gen in generations],
                     [gen.finish_reason for gen in generations], result.rewards, result.metrics(),
-                    behaviour_version=_oldest([gen.weight_version for gen in generations]))
+                    behaviour_version=_oldest([gen.weight_version for gen in generations]),
+                    routed_experts=routed if all(r is not None for r in routed) else None)
 
 
 def share_over(payload: Rollouts | None, group: dist.ProcessGroup | None) -> Rollouts:

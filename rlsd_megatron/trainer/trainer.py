@@ -29,6 +29,7 @@ import torch.distributed as dist
 from rlsd_megatron import algorithms as alg
 from rlsd_megatron.config import Config, config_to_dict
 from rlsd_megatron.eval.in_training import training_benchmarks
+from rlsd_megatron.learner.batch import ROUTED_EXPERTS
 from rlsd_megatron.logging.metrics import PhaseTimer
 from rlsd_megatron.parallel.agreement import same_on_every_rank
 from rlsd_megatron.parallel.state import learner_group, learner_world_size, replica_group, wait_for_every_rank
@@ -276,6 +277,7 @@ class Trainer:
             **sync.metrics(),
             **{f"perf/{k}_seconds": v for k, v in timer.seconds.items()},
             **(self.learner_offload.metrics() if self.learner_offload is not None else {}),
+            **(self.learner.routing_replay.metrics() if self.learner.routing_replay is not None else {}),
             "perf/tokens_per_s": tokens / max(sum(timer.seconds.values()), 1e-9),
         })
 
@@ -295,7 +297,9 @@ class Trainer:
         algorithm = self.cfg.algorithm
         sequences, images = rollouts.sequences(), rollouts.images()
         in_update = self.cfg.train.student_log_probs_in_update
-        student = None if in_update else self.log_probs(sequences, images)
+        # Routing replay: the student's forwards route by the engine's experts; the reference's and the
+        # teacher's do not (learner.routing_replay says why).
+        student = None if in_update else self.log_probs(sequences, images, rollouts.routed_experts_on_sequences())
         reference = self.reference.outputs(sequences, self._log_prob_fn, images)["logp"] \
             if self.reference is not None else None
         contexts = teacher_contexts(algorithm, rollouts, self.dataset, think_tag=self.cfg.reward.think_tag) \
@@ -338,6 +342,8 @@ class Trainer:
             fields = {"old_logp": old, "loss_mask": masks, "advantages": rollouts.on_sequences(advantages.values)}
         if scores.reference is not None:
             fields["ref_logp"] = scores.reference
+        if rollouts.routed_experts is not None:
+            fields[ROUTED_EXPERTS] = rollouts.routed_experts_on_sequences()
         if algorithm.tis_cap and advantages is not None:
             fields["tis_weight"] = rollouts.on_sequences(alg.tis_weights(
                 response_tensors(rollouts.on_responses(scores.student)), response_tensors(rollouts.engine_log_probs),
@@ -384,10 +390,12 @@ class Trainer:
         return {"logp": token_log_probs(logits, mb.targets.to(logits.device), temperature=self.cfg.rollout.temperature,
                                         vocab_size=self.cfg.model.vocab_size)}
 
-    def log_probs(self, sequences: list[torch.Tensor], images: list | None = None) -> list[torch.Tensor]:
+    def log_probs(self, sequences: list[torch.Tensor], images: list | None = None,
+                  routed_experts: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Per-token log-probs under the learner's current weights (aligned with tokens), the
-        sequences' `images` in context (a vision-language policy)."""
-        return self.learner.forward_sequences(sequences, self._log_prob_fn, images)["logp"]
+        sequences' `images` in context (a vision-language policy), routed by the engine's
+        `routed_experts` when given (routing replay)."""
+        return self.learner.forward_sequences(sequences, self._log_prob_fn, images, routed_experts)["logp"]
 
     def update(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]],
                teacher: distillation.TeacherInputs | None = None, *, images: list | None = None) -> dict[str, float]:
