@@ -202,6 +202,24 @@ def test_sglang_server_args_mapping_and_deterministic(tmp_path):
     assert sglang_server_args(cfg.rollout)["enable_deterministic_inference"] is False
 
 
+def test_routing_replay_refusals():
+    moe = ["model.family=qwen3_moe", "model.qk_layernorm=true", "model.num_experts=4", "rollout.routing_replay=true"]
+    validate_config(load_config(None, moe), 1, cuda_available=False, te_available=False)
+    with pytest.raises(ConfigError, match=r"rollout\.routing_replay=true needs an MoE policy \(model\.num_experts"):
+        validate_config(load_config(None, ["rollout.routing_replay=true"]), 1, cuda_available=False, te_available=False)
+    fp8 = load_config(None, [*moe, "precision.params_dtype=bf16", "precision.fp8=e4m3",
+                             "precision.recompute_granularity=full", "precision.recompute_method=uniform",
+                             "precision.recompute_num_layers=1"])
+    with pytest.raises(ConfigError, match=r"routing_replay=true with precision\.fp8=e4m3 and precision\."
+                                          r"recompute_granularity=full"):
+        validate_config(fp8, 1, cuda_available=True, te_available=True)
+    fp8.precision.recompute_granularity = "selective"
+    validate_config(fp8, 1, cuda_available=True, te_available=True)
+    off = load_config(None, [*moe, "rollout.sglang_server_args.enable_return_routed_experts=false"])
+    with pytest.raises(ConfigError, match=r"sets enable_return_routed_experts=false"):
+        validate_config(off, 1, cuda_available=True, te_available=True)
+
+
 def test_engine_tp_fits_in_one_replica():
     cfg = load_config(None, ["parallel.tp=4", "rollout.engine_tp=8", "precision.params_dtype=bf16"])
     with pytest.raises(ConfigError, match=r"rollout\.engine_tp=8 exceeds .* \(parallel\.tp x parallel\.cp = 4\)"):

@@ -61,6 +61,8 @@ def teacher_response_outputs(contexts: list[TeacherSequence], per_token, *, lear
     teacher policy's copy; None: the learner's own)."""
     scope = learner.use_weights(weights) if weights is not None else contextlib.nullcontext()
     scorer = teacher_model if teacher_model is not None else learner
+    # No routed experts: under routing replay the teacher's routers still choose themselves, since the
+    # engine's experts are those of the student's context, not of this one (learner.routing_replay).
     with scope:
         full = scorer.forward_sequences([torch.tensor(c.input_ids) for c in contexts], per_token,
                                         images=[c.images for c in contexts])

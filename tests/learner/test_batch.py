@@ -108,3 +108,31 @@ def test_plan_by_count_and_by_token_budget():
         plan_micro_batches([9], max_tokens=8)
     with pytest.raises(ValueError, match="exactly one of"):
         plan_micro_batches([1], micro_batch_size=1, max_tokens=4)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_routed_experts_stay_at_their_tokens(layout):
+    """The engine's experts are a model input (the router runs on token t at position t): unlike the
+    loss fields they are not shifted; padding is -1 (no record: the router chooses); CP splits them
+    with the tokens."""
+    from rlsd_megatron.learner.batch import ROUTED_EXPERTS
+
+    seqs = [torch.arange(1, 6), torch.arange(10, 13)]
+    routed = [torch.arange(5 * 2 * 2).reshape(5, 2, 2).to(torch.int16), -torch.ones(3, 2, 2, dtype=torch.int16)]
+    routed[1][:2] = 7
+    fields = {ROUTED_EXPERTS: routed, "loss_mask": [torch.ones(5), torch.ones(3)]}
+    mb = padded_micro_batch(seqs, fields, pad_to_multiple=4) if layout == "padded" else \
+        packed_micro_batch(seqs, fields, pad_to_multiple=4)
+    assert ROUTED_EXPERTS not in mb.fields and "loss_mask" in mb.fields
+    for i, (seq, want) in enumerate(zip(seqs, routed)):
+        row, start = (i, 0) if layout == "padded" else (0, mb.offsets[i])
+        assert torch.equal(mb.tokens[row, start:start + len(seq)], seq)
+        assert torch.equal(mb.routed_experts[row, start:start + len(seq)], want)
+    real = torch.zeros(mb.tokens.shape, dtype=torch.bool)
+    for i, seq in enumerate(seqs):
+        row, start = (i, 0) if layout == "padded" else (0, mb.offsets[i])
+        real[row, start:start + len(seq)] = True
+    assert (mb.routed_experts[~real] == -1).all() and mb.routed_experts.shape == (*mb.tokens.shape, 2, 2)
+    shard = cp_split(mb, 2, 1)
+    assert torch.equal(shard.routed_experts, mb.routed_experts[:, shard.cp_index])
+    assert padded_micro_batch(seqs, {"loss_mask": fields["loss_mask"]}).routed_experts is None

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rlsd_megatron.config import Config, OptimizerConfig, ParallelConfig
+from rlsd_megatron.config import Config, OptimizerConfig, ParallelConfig, PrecisionConfig, RolloutConfig
 from tests.hf_models import hf_checkpoint_state, random_hf_model, tiny_model
 from tests.learner.test_parallel_parity import _logits_by_sequence, gather_vocab, make_sequences, nll_loss_fn
 
@@ -63,12 +63,17 @@ def hf_reference() -> dict:
     }
 
 
-def run_layout(weights: dict, tp: int = 1, pp: int = 1, ep: int = 1) -> dict:
+def run_layout(weights: dict, tp: int = 1, pp: int = 1, ep: int = 1, replay: dict | None = None,
+               recompute: bool = False) -> dict:
     """The learner at (tp, pp, ep), data-parallel over the rest, loaded with `weights`: logits per
     sequence, loss, canonical gradients and each layer's chosen experts per sequence. TP runs with
-    sequence parallelism, which megatron-core requires of MoE under TP."""
+    sequence parallelism, which megatron-core requires of MoE under TP. With `replay` (sequence →
+    recorded experts [L, layers, k]) the learner replays them (`rollout.routing_replay`) and also
+    reports its routing of micro-batches without them (`free_chosen`) and the replay's changed share
+    on its data-parallel rank; `recompute`: full activation recomputation, one layer at a time."""
     from megatron.core import parallel_state
 
+    from rlsd_megatron.learner.batch import ROUTED_EXPERTS
     from rlsd_megatron.learner.learner import Learner
     from rlsd_megatron.parallel.state import model_parallel
 
@@ -76,7 +81,9 @@ def run_layout(weights: dict, tp: int = 1, pp: int = 1, ep: int = 1) -> dict:
     # clip_grad=0: no clipping, so the gradients are the loss's own.
     cfg = Config(model=MODEL, parallel=ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=tp > 1,
                                                       use_distributed_optimizer=False),
-                 optimizer=OptimizerConfig(clip_grad=0.0))
+                 optimizer=OptimizerConfig(clip_grad=0.0), rollout=RolloutConfig(routing_replay=replay is not None),
+                 precision=PrecisionConfig(recompute_granularity="full", recompute_method="uniform",
+                                           recompute_num_layers=1) if recompute else PrecisionConfig())
     with model_parallel(tp=tp, pp=pp, ep=ep):
         learner = Learner(cfg)
         learner.load_full_state(weights)
@@ -87,22 +94,35 @@ def run_layout(weights: dict, tp: int = 1, pp: int = 1, ep: int = 1) -> dict:
         mine = list(range(len(sequences)))[dp_rank::dp]
         # Two micro-batches per rank (accumulation); sequence indices kept to name the routing.
         batches = [mine[i::2] for i in range(2)]
-        micro_batches = [learner.micro_batch([sequences[s] for s in batch]) for batch in batches]
+        micro_batches = [learner.micro_batch([sequences[s] for s in batch],
+                                             {ROUTED_EXPERTS: [replay[s] for s in batch]} if replay else None)
+                         for batch in batches]
         routing, hooks = _record_routing(learner, batches)
         outputs = learner.forward(micro_batches, lambda logits, mb: {"logits": gather_vocab(logits, vocab)})
         for hook in hooks:
             hook.remove()
+        extra = {}
+        if replay is not None:  # the same learner on micro-batches without recorded experts
+            free, hooks = _record_routing(learner, batches)
+            learner.forward([learner.micro_batch([sequences[s] for s in batch]) for batch in batches],
+                            lambda logits, mb: {})
+            for hook in hooks:
+                hook.remove()
+            extra["free_chosen"] = free
         stats = learner.train_step(micro_batches, nll_loss_fn(vocab, total_tokens))
+        if replay is not None:  # over the replayed forward and the training one (each counts once)
+            extra["changed_frac"] = {dp_rank: learner.routing_replay.metrics()["rollout/routing_replay_changed_frac"]}
         counts = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
         loss = torch.tensor(stats["loss"] if counts else 0.0, dtype=torch.float64)
         dist.all_reduce(loss)
         grads = learner.full_state(grads=True)
         logits = [out["logits"] for out in outputs] if outputs is not None else None
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (dp_rank, logits, routing))
-    by_dp = {rank_dp: rank_logits for rank_dp, rank_logits, _ in gathered if rank_logits is not None}
-    chosen = {key: experts for _, _, routing in gathered for key, experts in routing.items()}
-    return {"logits": _logits_by_sequence(by_dp, dp), "loss": float(loss), "grads": grads, "chosen": chosen}
+        dist.all_gather_object(gathered, (dp_rank, logits, routing, extra))
+    by_dp = {rank_dp: rank_logits for rank_dp, rank_logits, _, _ in gathered if rank_logits is not None}
+    chosen = {key: experts for _, _, routing, _ in gathered for key, experts in routing.items()}
+    merged = {name: {k: v for *_, rank_extra in gathered for k, v in rank_extra[name].items()} for name in extra}
+    return {"logits": _logits_by_sequence(by_dp, dp), "loss": float(loss), "grads": grads, "chosen": chosen, **merged}
 
 
 def _record_routing(learner, batches: list[list[int]]):

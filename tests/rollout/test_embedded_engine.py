@@ -226,3 +226,40 @@ def test_sampling_params_from_config_training_and_validation():
     assert (train.n, train.temperature, train.top_k, train.presence_penalty, train.stop_token_ids) == (4, 1.0, -1, 0.0, (5,))
     val = sampling_params(rollout, validation=True)
     assert (val.n, val.temperature, val.top_p, val.top_k, val.presence_penalty, val.max_new_tokens) == (2, 0.7, 0.8, 20, 1.5, 9)
+
+
+def test_routed_experts_are_the_routers_choices_on_every_token_the_engine_ran():
+    """Routing replay's record: each sample's experts per layer for its prompt and every response
+    token but the last, as a full forward of the same model over those tokens routes them (the
+    prefill's left padding, KV-cached decoding and rows leaving the batch must not misplace them)."""
+    from tests.hf_models import tiny_model
+
+    moe = tiny_model("qwen3_moe", vocab_size=61)
+    torch.manual_seed(0)
+    engine = EmbeddedEngine(moe, return_routed_experts=True)
+    with torch.no_grad():  # spread the router logits, so that every expert is chosen
+        for param in engine.model.parameters():
+            param.add_(torch.randn_like(param) * 0.3)
+    stop = tuple(range(0, 61, 5))  # some samples stop early, the others run to the limit
+    generations = engine.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=6, stop_token_ids=stop, seed=3))
+    assert {g.finish_reason for g in generations} == {"stop", "length"}
+    full = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, args, out: full.append(out[2].sort(-1).values))
+             for layer in engine.model.model.layers]
+    used = set()
+    for g in generations:
+        ran = PROMPTS[g.prompt_index] + g.token_ids[:-1]
+        full.clear()
+        with torch.no_grad():
+            engine.model(torch.tensor([ran]))
+        want = torch.stack(full, dim=1)  # [tokens, layers, k]
+        assert g.routed_experts.dtype == torch.uint8 and g.routed_experts.shape == (len(ran), 2, 2)
+        assert torch.equal(g.routed_experts.long().sort(-1).values, want), (g.prompt_index, g.sample_index)
+        used |= set(want.flatten().tolist())
+    for hook in hooks:
+        hook.remove()
+    assert used == {0, 1, 2, 3}
+    plain = EmbeddedEngine(moe).generate(PROMPTS[:1], SamplingParams(n=1, max_new_tokens=2, seed=3))
+    assert plain[0].routed_experts is None
+    with pytest.raises(ValueError, match="MoE"):
+        EmbeddedEngine(MODEL, return_routed_experts=True)

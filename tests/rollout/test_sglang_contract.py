@@ -287,6 +287,50 @@ def test_outputs_are_parsed():
         sglang_engine.parse_generations(outputs, n=2, version=3)
 
 
+def test_routed_experts_are_what_sglang_returns(wheel):
+    """Routing replay: we start the engine with `enable_return_routed_experts` and ask each request
+    for `return_routed_experts` (both checked by the generic tests above: ServerArgs fields, Engine.
+    generate keywords); SGLang then returns, per request, meta_info["routed_experts"] = base64 of
+    the int32 [prompt + output - 1, layers, top-k] array, which `parse_generations` decodes."""
+    assert sglang_engine.SGLangEngine.__init__.__kwdefaults__["return_routed_experts"] is False
+    exec_fields = set()
+    for cls in classes(source(wheel, "sglang.srt.arg_groups.fields.exec_")).values():
+        exec_fields |= fields(cls)
+    assert "enable_return_routed_experts" in exec_fields
+    assert {"return_routed_experts", "routed_experts_start_len"} <= fields(
+        classes(source(wheel, "sglang.srt.managers.io_struct"))["GenerateReqInput"])
+    capturer = wheel.read("sglang/srt/state_capturer/routed_experts.py").decode()
+    assert "topk_size = model_config.hf_text_config.num_experts_per_tok" in capturer
+    assert "num_layers = model_config.hf_text_config.num_hidden_layers" in capturer
+    base = wheel.read("sglang/srt/state_capturer/base.py").decode()
+    assert "(num_tokens, num_layers, topk_size),\n            dtype=torch.int32" in base  # host buffer rows: tokens
+    processor = wheel.read("sglang/srt/managers/scheduler_components/batch_result_processor.py").decode()
+    assert "seqlen = len(req.origin_input_ids) + len(req.output_ids_through_stop)" in processor
+    assert "expected_rows = max(0, seqlen - 1 - start_len)" in processor  # every token but the last sampled
+    detokenizer = wheel.read("sglang/srt/managers/detokenizer_manager.py").decode()
+    assert "pybase64.b64encode(item.numpy().tobytes())" in detokenizer
+    manager = wheel.read("sglang/srt/managers/tokenizer_manager.py").decode()
+    assert 'meta_info["routed_experts"] = val' in manager
+    qwen3_moe = wheel.read("sglang/srt/models/qwen3_moe.py").decode()
+    assert "self.topk = TopK(" in qwen3_moe and "layer_id=layer_id" in qwen3_moe  # captured per layer
+
+    import base64
+
+    from tests.hf_models import tiny_model
+
+    moe = tiny_model("qwen3_moe")  # 2 layers, top-2 of 4 experts
+    experts = torch.randint(0, 4, (2 + 3 - 1, 2, 2), dtype=torch.int32)  # prompt 2, output 3
+    output = {"output_ids": [5, 2, 1], "meta_info": {
+        "output_token_logprobs": [(-0.5, 5, None), (-1.5, 2, None), (-0.1, 1, None)], "finish_reason": "length",
+        "routed_experts": base64.b64encode(experts.numpy().tobytes()).decode()}}
+    generation, = sglang_engine.parse_generations([output], n=1, version=0, routed_experts=moe)
+    assert generation.routed_experts.dtype == torch.uint8 and torch.equal(generation.routed_experts.long(), experts.long())
+    assert sglang_engine.parse_generations([output], n=1, version=0)[0].routed_experts is None
+    del output["meta_info"]["routed_experts"]
+    with pytest.raises(RuntimeError, match="enable_return_routed_experts"):
+        sglang_engine.parse_generations([output], n=1, version=0, routed_experts=moe)
+
+
 def test_requests_carry_per_sample_seeds():
     ids, params = sglang_engine.sampling_requests([[1, 2], [3]], SamplingParams(n=2, seed=7), prompt_offset=10)
     assert ids == [[1, 2], [1, 2], [3], [3]]

@@ -1,6 +1,7 @@
 """Rollouts' placement of response-aligned values on the student sequences, and DAPO's refill,
 against hand-written cases."""
 
+import pytest
 import torch
 
 from rlsd_megatron.data.prompts import PromptRow
@@ -44,3 +45,25 @@ def test_without_dynamic_sampling_one_draw_is_the_batch():
     draws = iter([rollouts([1, 2], [[1], [2], [3], [4]], [1.0, 1.0, 0.0, 1.0])])
     batch = collect_rollouts(lambda: next(draws), want=2, group_size=2, dynamic_sampling=False, max_rounds=4)
     assert batch.responses == [[1], [2], [3], [4]] and "rollout/kept_prompt_frac" not in batch.reward_metrics
+
+
+def test_routed_experts_follow_their_rollouts_onto_the_sequences():
+    """Routing replay: each rollout's recorded experts (every token but the last) survive DAPO's
+    group selection and concatenation, and reach the learner as [L, layers, k] with -1 on the last
+    token; a record of the wrong length is an error, not a silent misalignment."""
+    def recorded(batch: Rollouts, first: int) -> Rollouts:
+        batch.routed_experts = [torch.full((len(row) - 1, 2, 1), first + i, dtype=torch.uint8)
+                                for i, row in enumerate(batch.sequences())]
+        return batch
+
+    draws = iter([recorded(rollouts([1, 2], [[1], [2], [3], [4]], [1.0, 1.0, 0.0, 1.0]), 10),
+                  recorded(rollouts([3, 4], [[5, 6], [6], [7], [8]], [0.0, 1.0, 1.0, 0.0]), 20)])
+    batch = collect_rollouts(lambda: next(draws), want=2, group_size=2, dynamic_sampling=True, max_rounds=4)
+    placed = batch.routed_experts_on_sequences()
+    assert [len(p) for p in placed] == [len(s) for s in batch.sequences()]
+    assert [int(p[0, 0, 0]) for p in placed] == [12, 13, 20, 21]  # draw 1's prompt 1, draw 2's prompt 0
+    assert all(p.dtype == torch.int16 and (p[-1] == -1).all() and (p[:-1] >= 0).all() for p in placed)
+    assert rollouts([1], [[1]], [0.0]).routed_experts_on_sequences() is None
+    batch.routed_experts[0] = batch.routed_experts[0][:-1]
+    with pytest.raises(RuntimeError, match="rollout 0: the engine recorded experts for 1 tokens, its sequence has 3"):
+        batch.routed_experts_on_sequences()
