@@ -115,9 +115,10 @@ def hf_reference(model: ModelConfig) -> dict:
     }
 
 
-def run_learner(model: ModelConfig, hf_state: dict, tp: int, pp: int, impl: str = "local") -> dict:
-    """Our learner of `model` at (tp, pp) with `impl` layers loaded from `hf_state`: logits per sequence, loss
-    and every gradient under HF names (on every rank), what the step updated."""
+def run_learner(model: ModelConfig, hf_state: dict, tp: int, pp: int, sp: bool = False, impl: str = "local") -> dict:
+    """Our learner of `model` at (tp, pp), sequence parallel if `sp`, with `impl` layers loaded from
+    `hf_state`: logits per sequence, loss and every gradient under HF names (on every rank), what the
+    step updated."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -126,7 +127,7 @@ def run_learner(model: ModelConfig, hf_state: dict, tp: int, pp: int, impl: str 
     from rlsd_megatron.models.hf_mapping import hf_to_megatron, megatron_to_hf
     from rlsd_megatron.parallel.state import model_parallel
 
-    cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, use_distributed_optimizer=False),
+    cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp, use_distributed_optimizer=False),
                  optimizer=OptimizerConfig(lr=1e-3, clip_grad=0.0), train=TrainConfig(steps=10))
     vocab = model.vocab_size
     sequences, images = make_inputs(model)
@@ -136,8 +137,8 @@ def run_learner(model: ModelConfig, hf_state: dict, tp: int, pp: int, impl: str 
         learner = Learner(cfg, impl=impl)
         learner.load_full_state(dict(hf_to_megatron(hf_state.__getitem__, model)))
         before = learner.full_state()
-        micro_batches = [vision_micro_batch([sequences[i] for i in idx], [images[i] for i in idx], model.vision)
-                         for idx in split]
+        micro_batches = [vision_micro_batch([sequences[i] for i in idx], [images[i] for i in idx], model.vision,
+                                            pad_to_multiple=tp if sp else 1) for idx in split]
         outputs = learner.forward(micro_batches, lambda logits, mb: {"logits": gather_vocab(logits, vocab)})
         total = sum(len(s) - 1 for s in sequences)
         stats = learner.train_step(micro_batches, nll_loss_fn(vocab, total))
@@ -370,12 +371,12 @@ def test_deepstack_layouts_refused_before_the_run():
 def test_parity_with_transformers(dist_pool, reference):
     model, state = reference["model"], reference["state"]
     single = dist_pool(1).run(run_layouts, model, state, [(1, 1)], timeout=600)[0]
-    cases = {**single, **dist_pool(2).run(run_layouts, model, state, [(2, 1), (1, 2)], timeout=600)[0]}
-    for (tp, pp), case in cases.items():
+    cases = {**single, **dist_pool(2).run(run_layouts, model, state, [(2, 1), (1, 2), (2, 1, True)], timeout=600)[0]}
+    for layout, case in cases.items():
         try:
             assert_matches_hf(case, reference)
         except AssertionError as exc:
-            raise AssertionError(f"tp={tp} pp={pp}: {exc}") from exc
+            raise AssertionError(f"(tp, pp, sequence parallel)={layout}: {exc}") from exc
 
 
 MODEL = MODELS["qwen2_5_vl"]  # the checkpoint test's: the tower is a plain module child for both types
@@ -414,7 +415,7 @@ def test_checkpoint_reshards_vision_tower(dist_pool, tmp_path):
 def test_te_layers_match_transformers_on_gpu(gpu_pool, reference):
     """Transformer Engine's layers (unfused M-RoPE, padded batches) on one GPU, fp32: transformers'
     logits within 1e-4 and gradients within 1e-3 relative (TE's kernels sum in other orders)."""
-    case = gpu_pool(1).run(run_learner, reference["model"], reference["state"], 1, 1, "transformer_engine",
+    case = gpu_pool(1).run(run_learner, reference["model"], reference["state"], 1, 1, impl="transformer_engine",
                            timeout=600)[0]
     for i, (got, want) in enumerate(zip(case["logits"], reference["logits"])):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=f"logits of sequence {i}")
