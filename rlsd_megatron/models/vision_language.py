@@ -46,8 +46,8 @@ Design (issue 19):
 - Sequence parallelism: the embedding does not scatter; `embed` fills the image rows of the whole
   [S, B, H] decoder input (and DeepStack's additions) and then scatters each over the TP ranks.
 Not yet: context parallelism (the image embeddings would have to follow CP's chunking of every
-sequence; CP needs Transformer Engine, GPU only), packed THD micro-batches (the M-RoPE of megatron-core 0.19.2 takes
-[3, B, S] positions), videos (a sequence holding the video token is refused).
+sequence; CP needs Transformer Engine, GPU only), videos (a sequence holding the video token is
+refused). Packed THD micro-batches (Transformer Engine) work as [1, T] rows: `learner.vision_batch`.
 """
 
 from __future__ import annotations
