@@ -57,7 +57,10 @@ SGLang then places the image positions (M-RoPE) as our `models.mrope` does: Qwen
 offsets and grids (`_compute_image_only_mrope_positions_from_offsets`), Qwen2.5-VL's with
 `get_rope_index`, which finds an image only where `<|vision_start|>` precedes its tokens (the chat
 template always writes it; `image_requests` refuses a prompt without it). 0.5.23 takes exactly one
-processor-output item per request, so a prompt's images go as one item (its grids split it).
+processor-output item per request, so a prompt's images go as one item (its grids split it). Each
+of a prompt's n requests (one per sample, for the seeds) carries the same patch tensors, which the
+engine pickles to its scheduler and hashes once per request: a cost to measure on GPU (a 1024-token
+image is 4096 fp32 patches of 1536 values, 25 MB).
 The engine builds its multimodal processor even then (`TokenizerManager.init_tokenizer_and_processor`),
 from `tokenizer_path`: a VL engine needs the model's processor files (`processor_path`).
 A response never holds an image or video token (the learner would find an image token without an
@@ -66,8 +69,9 @@ log-probs are of the distribution without them, log(1 - p(image or video token))
 learner's (the embedded engine reports the unrenormalised ones); for a trained model p is ~0.
 
 Weight names: what SGLang's `load_weights` takes are the names of checkpoint files, which for
-Qwen2.5-VL keep transformers-4's prefixes (`model.layers.`, `visual.`; its loader silently skips
-`model.language_model.`-names); pushes are renamed with `vision_config.saved_hf_name`.
+Qwen2.5-VL keep transformers-4's prefixes (`model.layers.`, `visual.`; given transformers-5's
+`model.language_model.` names its loader fails on the fused projections and silently skips the
+rest); pushes are renamed with `vision_config.saved_hf_name` (Qwen3-VL's loader takes either).
 
 Log-probs: SGLang returns log_softmax(z / T) of the sampled token before top-k/top-p (greedy:
 T = 1), the convention of `rollout.engine`.
