@@ -212,6 +212,8 @@ def test_sglang_vl_parameter_names_are_these(wheel):
                       "self.linear_fc1 = ColumnParallelLinear(", "self.linear_fc2 = RowParallelLinear(",
                       "self.norm = norm_layer(", "self.norm1 = norm_layer(dim)", "self.merger = Qwen3VLMoeVisionPatchMerger("):
         assert attribute in q3, attribute
+    # The patch embedding keeps nn.Conv3d's [out, in, t, p, p] weight, the layout HF's tower has (and pushes).
+    assert "torch.empty(out_channels, in_channels // groups, *self.kernel_size)" in text("sglang/srt/layers/conv.py")
     qwen3 = text("sglang/srt/models/qwen3.py")
     assert "self.q_norm = RMSNorm(" in qwen3 and "self.qkv_proj = QKVParallelLinear(" in qwen3
 
