@@ -81,7 +81,8 @@ class Rollouts:
             if routed.shape[0] != len(sequence) - 1:
                 raise RuntimeError(f"rollout {i}: the engine recorded experts for {routed.shape[0]} tokens, its "
                                    f"sequence has {len(sequence)} (prompt + response - 1 expected)")
-            out.append(torch.cat([routed.to(torch.int16), routed.new_full((1, *routed.shape[1:]), -1, dtype=torch.int16)]))
+            last = torch.full((1, *routed.shape[1:]), -1, dtype=torch.int16)
+            out.append(torch.cat([routed.to(torch.int16), last]))
         return out
 
     def response_mask(self) -> list[torch.Tensor]:

@@ -82,7 +82,8 @@ def reference():
             block.mlp.gate.weight.add_(torch.randn_like(block.mlp.gate.weight))
     engine = _routes(engine_hf, sequences)
     # What an engine records: every token but the last; the learner's field marks that one -1.
-    replay = {s: torch.stack([torch.cat([engine["chosen"][(s, layer)][:-1], torch.full((1, MODEL.moe_router_topk), -1)])
+    unrecorded = torch.full((1, MODEL.moe_router_topk), -1)
+    replay = {s: torch.stack([torch.cat([engine["chosen"][(s, layer)][:-1], unrecorded])
                               for layer in range(MODEL.num_layers)], dim=1).to(torch.int16)
               for s in range(len(sequences))}
     forced = {(s, layer): replay[s][:, layer] for s in range(len(sequences)) for layer in range(MODEL.num_layers)}
@@ -90,8 +91,9 @@ def reference():
     ref["weights"], ref["replay"], ref["free"] = weights, replay, free
     # The signal: the engine's experts are not the learner's, and replaying them changes the logits.
     changed = [(ref["chosen"][key][:-1] != ref["own"][key][:-1]).any(-1) for key in sorted(ref["chosen"])]
-    ref["changed_by_sequence"] = {s: (sum(int(c.sum()) for (seq, _), c in zip(sorted(ref["chosen"]), changed) if seq == s),
-                                      MODEL.num_layers * (LENGTHS[s] - 1)) for s in range(len(sequences))}
+    ref["changed_by_sequence"] = {
+        s: (sum(int(c.sum()) for (seq, _), c in zip(sorted(ref["chosen"]), changed) if seq == s),
+            MODEL.num_layers * (LENGTHS[s] - 1)) for s in range(len(sequences))}
     share = sum(c for c, _ in ref["changed_by_sequence"].values()) / sum(n for _, n in ref["changed_by_sequence"].values())
     assert share >= 0.2, share
     assert max((ref["logits"][s] - free["logits"][s]).abs().max() for s in range(len(sequences))) > 1e-2
