@@ -20,6 +20,9 @@ distributed optimizer run unchanged on CPU over gloo once these assumptions hold
    (`CpuStream`); the split sizes it copies to the host must be numpy arrays as they are on GPUs
    (`_host_copy`); under TP x EP it all-gathers pieces of different lengths and reduce-scatters
    them back, which NCCL does and gloo does not (`_all_gather`, `_reduce_scatter`).
+4. The autograd engine runs custom Functions' backward (megatron's activation recompute reruns
+   whole layers there) without the thread's torch-function modes: their backward gets the mode
+   of (1) again.
 
 `install()` is a no-op when CUDA is available: GPU runs use megatron-core untouched.
 `tests/parallel/test_cpu_compat.py` runs the model, pipeline schedule and optimizer with the
@@ -32,6 +35,7 @@ import contextlib
 import sys
 
 import torch
+from torch.autograd.function import BackwardCFunction
 from torch.overrides import TorchFunctionMode
 
 _installed = False
@@ -193,5 +197,17 @@ def install() -> bool:
     mcore_random.initialize_rng_tracker(force_reset=True)
 
     CudaToCpuMode().__enter__()  # stays on this thread's mode stack for the process lifetime
+    # The autograd engine calls custom Functions' backward with no torch-function mode active,
+    # so megatron's activation recompute (CheckpointFunction.backward reruns the layers' forward:
+    # the MoE dispatcher allocates on torch.cuda.current_device() there) would reach CUDA.
+    BackwardCFunction.apply = _backward_on_cpu(BackwardCFunction.apply)
     _installed = True
     return True
+
+
+def _backward_on_cpu(apply):
+    def backward_apply(self, *args):
+        with CudaToCpuMode():
+            return apply(self, *args)
+
+    return backward_apply
