@@ -356,11 +356,11 @@ def rollout_problems(cfg: Config, *, cuda_available: bool) -> list[str]:
             f"{rollout.backend}, cuda available: {cuda_available}) computes in fp32/bf16 and has no FP8 layers; "
             "set rollout.fp8_weights=false"
         )
-    if cfg.model.vision is not None and not embedded:
+    if cfg.model.vision is not None and rollout.fp8_weights:
         problems.append(
-            f"a vision-language policy (model.vision) generates with the embedded engine only for now: the SGLang "
-            f"backend (rollout.backend={rollout.backend}, cuda available: {cuda_available}) does not send images "
-            "yet (issue 19); set rollout.backend=embedded"
+            "rollout.fp8_weights=true with a vision-language policy (model.vision): which of the vision tower's "
+            "layers SGLang's FP8 engine quantises is not checked against what the weight sync pushes; set "
+            "rollout.fp8_weights=false"
         )
     replica_gpus = cfg.parallel.tp * cfg.parallel.cp  # one replica's ranks of its first pipeline stage
     if not embedded and rollout.placement == "colocated" and rollout.engine_tp > replica_gpus:

@@ -279,6 +279,8 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware(), *, images_per_sequ
         layer_input = cfg.model.hidden_size * dtype_bytes / (p.tp if p.sequence_parallel else 1)
         activations = tokens * (layers * layer_input * in_flight + full_layer)
     else:
+        # Selective recompute reruns core attention in backward instead of keeping its scores, which
+        # flash attention (TE on GPUs) never stores: the same count as no recompute.
         activations = tokens * layers * full_layer * in_flight
     if cfg.model.vision is not None and not cfg.model.freeze_vision_tower:
         sequences = max(micro_batch_tokens(cfg) // cfg.train.max_seq_length, 1)

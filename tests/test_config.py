@@ -160,13 +160,14 @@ def test_fp8_and_te_need_a_gpu():
     validate_config(cfg, 1, cuda_available=True, te_available=True)  # fine on an H100 with TE
 
 
-def test_vision_language_policy_needs_the_embedded_engine():
+def test_vision_language_policy_on_sglang_without_fp8_weights():
     cfg = load_config("examples/configs/cpu_demo_visual.yaml")
     validate_config(cfg, 2, cuda_available=False, te_available=False)
     cfg.rollout.backend = "auto"
     validate_config(cfg, 2, cuda_available=False, te_available=False)  # auto on CPU: embedded
-    with pytest.raises(ConfigError, match=r"SGLang backend \(rollout\.backend=auto, cuda available: True\) does not "
-                                          r"send images"):
+    validate_config(cfg, 2, cuda_available=True, te_available=True)  # auto on a GPU: SGLang sends the images
+    cfg.rollout.fp8_weights, cfg.precision.params_dtype = True, "bf16"
+    with pytest.raises(ConfigError, match=r"rollout\.fp8_weights=true with a vision-language policy"):
         validate_config(cfg, 2, cuda_available=True, te_available=True)
 
 
@@ -274,6 +275,24 @@ def test_method_presets_load_with_recipe_values(method):
     assert (cfg.train.prompts_per_step, cfg.rollout.n, cfg.rollout.max_new_tokens) == (256, 8, 4096)
     cfg.model = ModelConfig(vocab_size=1000)
     cfg.train.micro_batch_size = 1
+    validate_config(cfg, 8, cuda_available=True, te_available=True)
+
+
+def test_qwen3vl_8b_preset_is_the_papers_model_and_recipe():
+    """examples/configs/rlsd_qwen3vl_8b.yaml: Qwen3-VL-8B-Instruct's shapes (its config.json read by
+    our reader), the RLSD recipe of the text presets, the authors' image settings; valid on 8 GPUs
+    with the overrides slurm/common.sh adds at launch."""
+    from rlsd_megatron.models.hf_config import model_fields_from_hf
+    from tests.models.test_vision_language import QWEN3_VL_8B_CONFIG
+
+    cfg = load_config("examples/configs/rlsd_qwen3vl_8b.yaml", ["data.tokenizer_dir=/ckpt/Qwen3-VL-8B-Instruct"])
+    assert cfg.model == ModelConfig(**model_fields_from_hf(QWEN3_VL_8B_CONFIG))
+    assert cfg.algorithm == load_config("examples/configs/rlsd_8b.yaml").algorithm
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.optimizer.clip_grad) == (1e-6, 0.01, 1.0)
+    assert (cfg.train.prompts_per_step, cfg.rollout.n, cfg.rollout.max_new_tokens) == (256, 8, 4096)
+    assert (cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.image_key) == (262144, 1048576, "images")
+    assert (cfg.data.question_key, cfg.data.answer_key, cfg.model.freeze_vision_tower) == ("problem", "answer", False)
+    assert cfg.rollout.backend == "sglang"
     validate_config(cfg, 8, cuda_available=True, te_available=True)
 
 

@@ -13,8 +13,8 @@ placeholder token once per vision-tower output embedding (t·h·w / merge² of i
 the HF processor does, so student and teacher prompts carry the same images in the same place.
 
 The image processor is transformers' Qwen2-VL one, which Qwen2.5-VL and Qwen3-VL both use (the
-PIL backend: the torchvision one is an optional extra), built offline: from the model directory's
-`preprocessor_config.json` when `data.tokenizer_dir` has one (patch size, merge size,
+PIL backend: the torchvision one is an optional extra), built offline: from the image processor settings saved in
+`data.tokenizer_dir` when it has them (`saved_image_processor`: patch size, merge size,
 normalisation: the model's own), else from `model.vision`; `data.min_pixels` / `data.max_pixels`
 bound the resized image (the authors' recipe: 262144 / 1048576).
 """
@@ -76,6 +76,21 @@ class _Decoded:
     image: Any  # PIL.Image.Image, RGB
 
 
+def saved_image_processor(processor_dir: str | None) -> tuple[Path | None, dict]:
+    """The image processor settings saved in `processor_dir` and their file, as transformers finds
+    them: nested under "image_processor" in `processor_config.json` (what transformers 5 saves),
+    else `preprocessor_config.json` (released checkpoints); ({} when neither holds them)."""
+    if not processor_dir:
+        return None, {}
+    nested = Path(processor_dir) / "processor_config.json"
+    if nested.is_file():
+        settings = json.loads(nested.read_text()).get("image_processor")
+        if settings is not None:
+            return nested, settings
+    legacy = Path(processor_dir) / "preprocessor_config.json"
+    return (legacy, json.loads(legacy.read_text())) if legacy.is_file() else (None, {})
+
+
 class ImageReader:
     """Reads a row's image entries and turns them into model inputs (see the module docstring).
 
@@ -89,11 +104,9 @@ class ImageReader:
 
         params = {"patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
                   "merge_size": vision.spatial_merge_size}
-        config_file = Path(processor_dir) / "preprocessor_config.json" if processor_dir else None
-        if config_file is not None and config_file.is_file():
-            saved = json.loads(config_file.read_text())
-            params.update({k: saved[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean",
-                                                  "image_std", "rescale_factor") if k in saved})
+        config_file, saved = saved_image_processor(processor_dir)
+        params.update({k: saved[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean",
+                                              "image_std", "rescale_factor") if k in saved})
         if params["merge_size"] != vision.spatial_merge_size or params["patch_size"] != vision.patch_size:
             raise ImageError(f"{config_file}: patch_size={params['patch_size']}, merge_size={params['merge_size']} "
                              f"differ from the model's (model.vision: patch_size={vision.patch_size}, "

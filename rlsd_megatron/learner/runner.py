@@ -95,8 +95,8 @@ class ModelRunner:
                     images: list | None = None) -> MicroBatch:
         """A micro-batch in the layout this model's layers want: packed THD for Transformer
         Engine (no compute on padding), right-padded [B, S] for the local layers; for a
-        vision-language model (`model.vision`) a padded one with M-RoPE positions and the
-        sequences' `images` (`ImageInputs` or None each; None: all text). Each sequence
+        vision-language model (`model.vision`) with M-RoPE positions and the sequences'
+        `images` (`ImageInputs` or None each; None: all text). Each sequence
         is padded to a multiple of 2·CP (context-parallel chunks) and the tokens so that every
         rank's share splits evenly: over TP under sequence parallelism (megatron scatters the
         tokens), and under FP8 into a multiple of 16 rows per rank (32 for MXFP8), which TE's
@@ -107,15 +107,20 @@ class ModelRunner:
         rows = sp  # tokens of this rank's CP share must be a multiple of this
         if self.cfg.precision.fp8 != "none":
             rows *= 32 if self.cfg.precision.fp8_recipe == "mxfp8" else 16
+        packed = self.impl == "transformer_engine"
         if self.cfg.model.vision is not None:
             from rlsd_megatron.learner.vision_batch import vision_micro_batch
 
-            return vision_micro_batch(sequences, images if images is not None else [None] * len(sequences),
-                                      self.cfg.model.vision, fields, pad_to_multiple=math.lcm(chunks, rows))
+            images = images if images is not None else [None] * len(sequences)
+            if packed:
+                return vision_micro_batch(sequences, images, self.cfg.model.vision, fields, packed=True,
+                                          pad_to_multiple=chunks, pad_total_to_multiple=math.lcm(chunks, cp * rows))
+            return vision_micro_batch(sequences, images, self.cfg.model.vision, fields,
+                                      pad_to_multiple=math.lcm(chunks, rows))
         if images is not None and any(x is not None for x in images):
             raise ValueError("sequences with images given to a text-only model (model.vision is unset); a "
                              "vision-language policy needs model.hf_config of a VL model or model.vision")
-        if self.impl == "transformer_engine":
+        if packed:
             return packed_micro_batch(sequences, fields, pad_to_multiple=chunks,
                                       pad_total_to_multiple=math.lcm(chunks, cp * rows))
         return padded_micro_batch(sequences, fields, pad_to_multiple=math.lcm(chunks, rows))

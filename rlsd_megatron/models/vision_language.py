@@ -43,9 +43,11 @@ Design (issue 19):
   transformers-4 names, `vision_config.saved_hf_name`).
 - `freeze_vision_tower`: the tower's parameters do not require gradients (Megatron's DDP and
   optimizer then skip them) and it runs without autograd.
-Not yet: sequence parallelism and context parallelism (the image embeddings would have to be
-scattered with the tokens), packed THD micro-batches (the M-RoPE of megatron-core 0.19.2 takes
-[3, B, S] positions), videos (a sequence holding the video token is refused).
+- Sequence parallelism: the embedding does not scatter; `embed` fills the image rows of the whole
+  [S, B, H] decoder input (and DeepStack's additions) and then scatters each over the TP ranks.
+Not yet: context parallelism (the image embeddings would have to follow CP's chunking of every
+sequence; CP needs Transformer Engine, GPU only), videos (a sequence holding the video token is
+refused). Packed THD micro-batches (Transformer Engine) work as [1, T] rows: `learner.vision_batch`.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
 from rlsd_megatron.config import ConfigError, VisionConfig
@@ -81,10 +84,11 @@ class VisionLanguageModel(GPTModel):
     """
 
     def __init__(self, *, vision: VisionConfig, freeze_vision_tower: bool, **gpt_kwargs):
-        super().__init__(position_embedding_type="mrope", **gpt_kwargs)
-        if self.config.sequence_parallel or self.config.context_parallel_size > 1:
-            raise ConfigError("a vision-language model (model.vision) does not support parallel.sequence_parallel "
-                              "or parallel.cp > 1 yet; turn them off")
+        # The embedding must not scatter the sequence over TP ranks (sequence parallelism) before
+        # the image rows are filled in: `embed` scatters the finished decoder input instead.
+        super().__init__(position_embedding_type="mrope", scatter_embedding_sequence_parallel=False, **gpt_kwargs)
+        if self.config.context_parallel_size > 1:
+            raise ConfigError("a vision-language model (model.vision) does not support parallel.cp > 1 yet; turn it off")
         if VL_KINDS[vision.model_type].interleaved_mrope:
             self.rotary_pos_emb = InterleavedMultimodalRotaryEmbedding(
                 kv_channels=self.config.kv_channels, rotary_percent=gpt_kwargs.get("rotary_percent", 1.0),
@@ -141,7 +145,7 @@ class VisionLanguageModel(GPTModel):
         if images is None:
             if count:
                 raise ValueError(f"the batch holds {count} image tokens (id {self.image_token_id}) but no images")
-            return embeddings, None
+            return self._scatter_sequence(embeddings), None
         with torch.no_grad() if self.freeze_vision_tower else contextlib.nullcontext():
             pixels = images.pixel_values.to(next(self.vision_model.parameters()).dtype)
             out = self.vision_model(pixels, grid_thw=images.image_grid_thw)
@@ -154,6 +158,14 @@ class VisionLanguageModel(GPTModel):
             by_batch = onto.transpose(0, 1)  # [B, S, H]: the order HF's masked_scatter fills
             return by_batch.masked_scatter(mask, rows.to(by_batch.dtype)).transpose(0, 1).contiguous()
 
-        deepstack = [scatter(torch.zeros_like(embeddings), features)
+        deepstack = [self._scatter_sequence(scatter(torch.zeros_like(embeddings), features))
                      for features in getattr(out, "deepstack_features", None) or []]
-        return scatter(embeddings, out.pooler_output), deepstack or None
+        return self._scatter_sequence(scatter(embeddings, out.pooler_output)), deepstack or None
+
+    def _scatter_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[S, B, H] → this TP rank's [S/TP, B, H] slice under sequence parallelism (else `hidden`).
+        Its backward all-gathers the gradient, so every TP rank's tower replica receives the whole
+        image gradient and the replicas stay identical without a reduction of their own."""
+        if not self.config.sequence_parallel:
+            return hidden
+        return tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.pg_collection.tp)

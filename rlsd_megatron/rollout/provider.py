@@ -43,7 +43,8 @@ def create_engine(cfg: Config, *, group=None, base_gpu_id: int = 0, **engine_kwa
     return SGLangEngine(cfg.model, model_path=cfg.model.hf_config, engine_tp=cfg.rollout.engine_tp,
                         mem_fraction_static=cfg.rollout.mem_fraction_static, base_gpu_id=base_gpu_id, group=group,
                         dtype=dtype.hf_name, seed=cfg.train.seed, fp8_weights=cfg.rollout.fp8_weights,
-                        server_args=sglang_server_args(cfg.rollout), **engine_kwargs)
+                        processor_path=cfg.data.tokenizer_dir, server_args=sglang_server_args(cfg.rollout),
+                        **engine_kwargs)
 
 
 def sglang_server_args(rollout: RolloutConfig) -> dict:

@@ -44,6 +44,35 @@ Llama is refused: 0.5.23's `LlamaForCausalLM.load_weights` renames `.weight_scal
 `.weight_scale`, which block-FP8 layers do not have, so the scales would be dropped (sglang PR
 #30234; the contract test notices when that changes).
 
+Images (a vision-language policy, `model.vision`). Each request of a prompt with images carries
+them as one `image_data` item `{"format": "processor_output", "pixel_values", "image_grid_thw"}`:
+the pixel patches and grids our image processor made (`data.images`), which the learner also
+reads. With that form and `input_ids`, 0.5.23 keeps our tokens verbatim (`load_mm_data`'s fast
+path for preprocessed items; the runs of image tokens give each image's offsets) and runs no image
+processor of its own. Raw images (bytes, PIL) would instead be decoded, resized by the engine's
+processor with its own pixel bounds and re-tokenised (decode → text → tokens, which can drift), so
+the engine's prompt could differ from the one the learner scores. Hence `input_ids` hold the
+expanded image tokens, one per vision-tower output embedding (t·h·w / merge²), as our prompts do.
+SGLang then places the image positions (M-RoPE) as our `models.mrope` does: Qwen3-VL's from those
+offsets and grids (`_compute_image_only_mrope_positions_from_offsets`), Qwen2.5-VL's with
+`get_rope_index`, which finds an image only where `<|vision_start|>` precedes its tokens (the chat
+template always writes it; `image_requests` refuses a prompt without it). 0.5.23 takes exactly one
+processor-output item per request, so a prompt's images go as one item (its grids split it). Each
+of a prompt's n requests (one per sample, for the seeds) carries the same patch tensors, which the
+engine pickles to its scheduler and hashes once per request: a cost to measure on GPU (a 1024-token
+image is 4096 fp32 patches of 1536 values, 25 MB).
+The engine builds its multimodal processor even then (`TokenizerManager.init_tokenizer_and_processor`),
+from `tokenizer_path`: a VL engine needs the model's processor files (`processor_path`).
+A response never holds an image or video token (the learner would find an image token without an
+image): those get a logit bias of -inf. SGLang applies it before it computes log-probs, so its
+log-probs are of the distribution without them, log(1 - p(image or video token)) above the
+learner's (the embedded engine reports the unrenormalised ones); for a trained model p is ~0.
+
+Weight names: what SGLang's `load_weights` takes are the names of checkpoint files, which for
+Qwen2.5-VL keep transformers-4's prefixes (`model.layers.`, `visual.`; given transformers-5's
+`model.language_model.` names its loader fails on the fused projections and silently skips the
+rest); pushes are renamed with `vision_config.saved_hf_name` (Qwen3-VL's loader takes either).
+
 Log-probs: SGLang returns log_softmax(z / T) of the sampled token before top-k/top-p (greedy:
 T = 1), the convention of `rollout.engine`.
 
@@ -59,6 +88,7 @@ child-process pools first.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -67,13 +97,14 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from rlsd_megatron.config import ConfigError, ModelConfig
 from rlsd_megatron.models.hf_mapping import MappingError, expected_hf_shapes
+from rlsd_megatron.models.vision_config import saved_hf_name
 from rlsd_megatron.parallel.cpu_binding import helper_process_cpus
 from rlsd_megatron.parallel.signals import stop_signals_blocked
 from rlsd_megatron.rollout.engine import EngineHealth, Generation, RolloutEngine, SamplingParams, sample_seed
@@ -99,9 +130,10 @@ def import_sglang():
 
 
 # -- pure translation (tested on CPU) ----------------------------------------------------------
-def sampling_requests(prompts: Sequence[Sequence[int]], sampling: SamplingParams,
-                      prompt_offset: int = 0) -> tuple[list[list[int]], list[dict]]:
-    """One SGLang request per sample, prompt-major: (input_ids, sampling_params dicts)."""
+def sampling_requests(prompts: Sequence[Sequence[int]], sampling: SamplingParams, prompt_offset: int = 0,
+                      banned_token_ids: Sequence[int] = ()) -> tuple[list[list[int]], list[dict]]:
+    """One SGLang request per sample, prompt-major: (input_ids, sampling_params dicts).
+    `banned_token_ids` are never sampled (a logit bias of -inf, see the module docstring)."""
     input_ids, params = [], []
     for i, prompt in enumerate(prompts):
         for j in range(sampling.n):
@@ -117,9 +149,59 @@ def sampling_requests(prompts: Sequence[Sequence[int]], sampling: SamplingParams
             }
             if sampling.seed is not None:
                 request["sampling_seed"] = sample_seed(sampling.seed, prompt_offset + i, j)
+            if banned_token_ids:
+                request["logit_bias"] = {str(int(t)): float("-inf") for t in banned_token_ids}
             input_ids.append([int(t) for t in prompt])
             params.append(request)
     return input_ids, params
+
+
+def image_requests(prompts: Sequence[Sequence[int]], images: Sequence[Any] | None, n: int, model: ModelConfig,
+                   vision_start_token_id: int | None = None) -> list[list[dict]] | None:
+    """SGLang `image_data` for `sampling_requests`' requests (prompt-major, `n` per prompt): one
+    processor-output item per prompt with images (`ImageInputs`), [] for a text prompt; None when
+    no prompt has images. Raises ValueError when a prompt's image tokens do not match its images
+    (one run of t·h·w / merge² image tokens per image; for Qwen2.5-VL each run right after
+    `vision_start_token_id`, see the module docstring)."""
+    from rlsd_megatron.data.images import image_token_counts
+
+    if images is None or all(x is None for x in images):
+        return None
+    if model.vision is None:
+        raise ValueError("prompts with images given to the SGLang engine of a text-only model (model.vision unset)")
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts; give None for text-only ones")
+    vision = model.vision
+    data = []
+    for i, (prompt, x) in enumerate(zip(prompts, images)):
+        tokens = [int(t) for t in prompt]
+        runs = _runs(tokens, vision.image_token_id)
+        counts = image_token_counts(x.image_grid_thw, vision.spatial_merge_size) if x is not None else []
+        if [length for _, length in runs] != counts:
+            raise ValueError(f"prompt {i} holds image-token runs of {[length for _, length in runs]} tokens for images "
+                             f"of {counts} tokens (t*h*w / merge^2 each): build prompts with the model's processor")
+        if vision.model_type == "qwen2_5_vl" and any(start == 0 or tokens[start - 1] != vision_start_token_id
+                                                     for start, _ in runs):
+            raise ValueError(f"prompt {i} has an image without <|vision_start|> (id {vision_start_token_id}) right "
+                             "before its tokens: SGLang's Qwen2.5-VL would place it at text positions; render "
+                             "prompts with the model's chat template")
+        for _ in range(n):  # a list and dict of its own per request (SGLang normalises them in place)
+            data.append([] if x is None else [{"format": "processor_output", "pixel_values": x.pixel_values,
+                                               "image_grid_thw": x.image_grid_thw}])
+    return data
+
+
+def _runs(tokens: list[int], token: int) -> list[tuple[int, int]]:
+    """(start, length) of each maximal run of `token` in `tokens`."""
+    runs = []
+    for i, t in enumerate(tokens):
+        if t != token:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
 
 
 def parse_generations(outputs: list[dict], n: int, version: int | None, prompt_offset: int = 0) -> list[Generation]:
@@ -179,6 +261,14 @@ def engine_fp8_format(hf_config: dict[str, Any], fp8_weights: bool) -> Fp8BlockC
     return fp8
 
 
+def vision_start_token_id(hf_config: dict[str, Any]) -> int:
+    """`<|vision_start|>`'s id as SGLang reads it: config.json's, else transformers' default for the
+    model type (SGLang builds its config with transformers' AutoConfig)."""
+    import transformers
+
+    return int(transformers.AutoConfig.for_model(**hf_config).vision_start_token_id)
+
+
 def write_hf_config_dir(hf_config: dict[str, Any]) -> str:
     """A temporary model directory holding only `hf_config` as config.json (the engine starts with
     `load_format="dummy"` and gets its weights from the first sync)."""
@@ -205,23 +295,45 @@ def free_port_below_ephemeral(low: int = 22000, high: int = 29999, attempts: int
         return sock.getsockname()[1]
 
 
-def flattened_payload(bucket) -> dict:
-    """A `FlatBucket` as SGLang's flattened-bucket request payload (no data copied)."""
+def flattened_payload(bucket, rename: Callable[[str], str] = str) -> dict:
+    """A `FlatBucket` as SGLang's flattened-bucket request payload (no data copied), each tensor
+    named `rename(name)` (the engine's name for it)."""
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
 
     metadata = [
-        FlattenedTensorMetadata(name=s.name, shape=torch.Size(s.shape), dtype=s.dtype, start_idx=s.start,
+        FlattenedTensorMetadata(name=rename(s.name), shape=torch.Size(s.shape), dtype=s.dtype, start_idx=s.start,
                                 end_idx=s.end, numel=s.end - s.start)
         for s in bucket.packed_slots()
     ]
     return {"flattened_tensor": bucket.buffer, "metadata": metadata}
 
 
-def bucket_spec(bucket) -> tuple[list[str], list[str], list[list[int]]]:
+def bucket_spec(bucket, rename: Callable[[str], str] = str) -> tuple[list[str], list[str], list[list[int]]]:
     """(names, dtypes, shapes) in buffer order: what the engine rebuilds an NCCL-received bucket from."""
     slots = bucket.packed_slots()
-    return ([s.name for s in slots], [str(s.dtype).removeprefix("torch.") for s in slots],
+    return ([rename(s.name) for s in slots], [str(s.dtype).removeprefix("torch.") for s in slots],
             [list(s.shape) for s in slots])
+
+
+def processor_dir(model: ModelConfig, processor_path: str | None, model_path: str | None) -> str | None:
+    """The directory SGLang builds a VL engine's multimodal processor from (`tokenizer_path`):
+    `processor_path`, else the model directory; None for a text model. Raises ConfigError when
+    it holds neither a `preprocessor_config.json` (released models) nor the `processor_config.json`
+    transformers 5 saves (see the module docstring)."""
+    if model.vision is None:
+        return None
+    for candidate in (processor_path, model_path):
+        if candidate is None:
+            continue
+        folder = Path(candidate) if Path(candidate).is_dir() else Path(candidate).parent
+        if any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
+            return str(folder)
+    raise ConfigError(
+        f"a vision-language policy on the SGLang backend needs the model's processor files (preprocessor_config.json "
+        f"and the tokenizer): sglang {SGLANG_VERSION} builds its multimodal processor even for preprocessed images; "
+        f"none in data.tokenizer_dir={processor_path!r} or model.hf_config={model_path!r}. Point data.tokenizer_dir at "
+        "the model's directory"
+    )
 
 
 # -- the engine --------------------------------------------------------------------------------
@@ -237,6 +349,7 @@ class SGLangEngine(RolloutEngine):
     or "retract" for partial rollouts (requests resume on the new weights; SGLang refuses the
     cache flush while they wait, which is logged). `fp8_weights`: pushes are FP8 block-quantised
     (see the module docstring); raises ConfigError where the engine's config disagrees.
+    `processor_path`: a VL model's processor directory (`processor_dir`; default the model's).
     """
 
     backend = "sglang"
@@ -244,7 +357,8 @@ class SGLangEngine(RolloutEngine):
     def __init__(self, model: ModelConfig, *, model_path: str | None = None, engine_tp: int = 1,
                  mem_fraction_static: float = 0.5, base_gpu_id: int = 0, group=None, dtype: str = "bfloat16",
                  transport: str = "ipc", pause_mode: str = "abort", seed: int | None = None,
-                 fp8_weights: bool = False, server_args: dict[str, Any] | None = None):
+                 fp8_weights: bool = False, processor_path: str | None = None,
+                 server_args: dict[str, Any] | None = None):
         if transport not in ("ipc", "nccl"):
             raise ValueError(f"transport must be 'ipc' (colocated) or 'nccl' (separate GPUs), got {transport!r}")
         self.model_config = model
@@ -271,6 +385,12 @@ class SGLangEngine(RolloutEngine):
         else:
             hf_config = engine_hf_config(model_path)
         self.fp8_format = engine_fp8_format(hf_config, fp8_weights)
+        self._engine_name = functools.partial(saved_hf_name, model)
+        self.vision_start_token_id = vision_start_token_id(hf_config) if model.vision is not None else None
+        # An image or video token sampled in a response has no image behind it in the learner's forward.
+        self.banned_token_ids = [t for t in (model.vision.image_token_id, model.vision.video_token_id)
+                                 if t is not None] if model.vision is not None else []
+        tokenizer_path = processor_dir(model, processor_path, model_path)  # on every rank: all raise alike
         if not self.is_host:
             return
         import_sglang()
@@ -288,6 +408,8 @@ class SGLangEngine(RolloutEngine):
             skip_tokenizer_init=True, dtype=dtype, random_seed=seed if seed is not None else 1234,
             log_level="error", nccl_port=free_port_below_ephemeral(),
         )
+        if tokenizer_path is not None:
+            self.server_args["tokenizer_path"] = tokenizer_path
         self.server_args.update(server_args or {})
         # Its scheduler / detokenizer processes must outlive a SLURM stop signal; they run on the node's
         # CPUs (the learner is idle while they work) with a learner rank's thread count each.
@@ -297,9 +419,6 @@ class SGLangEngine(RolloutEngine):
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
                  prompt_offset: int = 0, images: Sequence | None = None) -> list[Generation]:
-        if images is not None and any(x is not None for x in images):
-            raise NotImplementedError("the SGLang backend does not send images yet (issue 19); use rollout.backend="
-                                      "embedded for a vision-language policy")
         if not self.is_host:
             raise RuntimeError("generate() runs on the engine's host rank (the first rank of its group)")
         if self.asleep:
@@ -310,8 +429,10 @@ class SGLangEngine(RolloutEngine):
             warnings.warn(f"sglang {SGLANG_VERSION} ignores per-request sampling_seed unless the engine runs with "
                           "enable_deterministic_inference=True (rollout.deterministic=true): samples are not "
                           "reproducible and depend on batching")
-        input_ids, params = sampling_requests(prompts, sampling, prompt_offset)
-        outputs = self.engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True)
+        input_ids, params = sampling_requests(prompts, sampling, prompt_offset, self.banned_token_ids)
+        image_data = image_requests(prompts, images, sampling.n, self.model_config, self.vision_start_token_id)
+        outputs = self.engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True,
+                                       image_data=image_data)
         return parse_generations(outputs, sampling.n, self.weight_version, prompt_offset)
 
     # -- weights ---------------------------------------------------------------------------
@@ -360,9 +481,9 @@ class SGLangEngine(RolloutEngine):
         # device indices are right here: the engine's processes inherit our CUDA_VISIBLE_DEVICES.
         if bucket.buffer.is_cuda:
             torch.cuda.current_stream(bucket.buffer.device).synchronize()
-        payload = MultiprocessingSerializer.serialize(flattened_payload(bucket))
+        payload = MultiprocessingSerializer.serialize(flattened_payload(bucket, self._engine_name))
         if self.group is None:
-            payloads = [payload] + [MultiprocessingSerializer.serialize(flattened_payload(bucket))
+            payloads = [payload] + [MultiprocessingSerializer.serialize(flattened_payload(bucket, self._engine_name))
                                     for _ in range(self.engine_tp - 1)]
         else:
             gathered = [None] * dist.get_world_size(self.group) if self.is_host else None
@@ -396,7 +517,7 @@ class SGLangEngine(RolloutEngine):
         if self._nccl_group is None:
             raise RuntimeError("transport='nccl' needs connect_nccl(master_address, master_port) first")
         result: dict = {}
-        names, dtypes, shapes = bucket_spec(bucket)
+        names, dtypes, shapes = bucket_spec(bucket, self._engine_name)
         receiver = threading.Thread(target=lambda: result.update(r=self.engine.update_weights_from_distributed(
             names=names, dtypes=dtypes, shapes=shapes, group_name=self._nccl_group_name, flush_cache=False,
             load_format="flattened_bucket")))

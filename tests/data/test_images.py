@@ -159,3 +159,28 @@ def test_teacher_context_carries_the_images(tmp_path, vl_tokenizer, vision):
         assert text.index("<|vision_end|>") < text.index("42") < text.rindex("<|im_start|>assistant")
     with pytest.raises(ValueError, match="1 image"):
         dataset.teacher_context.build("no placeholder here", "42", response, images=row.images)
+
+
+@pytest.mark.parametrize("layout", ["processor_config", "preprocessor_config"])
+def test_image_settings_are_read_from_both_saved_layouts(tmp_path, vision, layout):
+    """The model directory's image normalisation reaches the processor whether transformers 5
+    saved it nested in processor_config.json or it is a released checkpoint's flat
+    preprocessor_config.json (written here by transformers itself in both cases)."""
+    import json
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from rlsd_megatron.data.images import ImageReader, saved_image_processor
+
+    saved = Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2, image_mean=[0.1, 0.2, 0.3],
+                                     image_std=[0.5, 0.5, 0.5])
+    saved.save_pretrained(tmp_path)  # preprocessor_config.json
+    if layout == "processor_config":
+        flat = tmp_path / "preprocessor_config.json"
+        (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": json.loads(flat.read_text())}))
+        flat.unlink()
+    file, settings = saved_image_processor(str(tmp_path))
+    assert file.name == f"{layout}.json" and settings["image_mean"] == [0.1, 0.2, 0.3]
+    reader = ImageReader(vision, DataConfig(**PIXELS), processor_dir=str(tmp_path))
+    assert list(reader.processor.image_mean) == [0.1, 0.2, 0.3]
+    assert saved_image_processor(str(tmp_path / "missing")) == (None, {})

@@ -115,9 +115,11 @@ def hf_reference(model: ModelConfig) -> dict:
     }
 
 
-def run_learner(model: ModelConfig, hf_state: dict, tp: int, pp: int, impl: str = "local") -> dict:
-    """Our learner of `model` at (tp, pp) with `impl` layers loaded from `hf_state`: logits per sequence, loss
-    and every gradient under HF names (on every rank), what the step updated."""
+def run_learner(model: ModelConfig, hf_state: dict, tp: int, pp: int, sp: bool = False, impl: str = "local",
+                packed: bool = False) -> dict:
+    """Our learner of `model` at (tp, pp), sequence parallel if `sp`, with `impl` layers loaded from
+    `hf_state` (packed THD micro-batches if `packed`: Transformer Engine only): logits per sequence,
+    loss and every gradient under HF names (on every rank), what the step updated."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -126,7 +128,7 @@ def run_learner(model: ModelConfig, hf_state: dict, tp: int, pp: int, impl: str 
     from rlsd_megatron.models.hf_mapping import hf_to_megatron, megatron_to_hf
     from rlsd_megatron.parallel.state import model_parallel
 
-    cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, use_distributed_optimizer=False),
+    cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp, use_distributed_optimizer=False),
                  optimizer=OptimizerConfig(lr=1e-3, clip_grad=0.0), train=TrainConfig(steps=10))
     vocab = model.vocab_size
     sequences, images = make_inputs(model)
@@ -136,8 +138,8 @@ def run_learner(model: ModelConfig, hf_state: dict, tp: int, pp: int, impl: str 
         learner = Learner(cfg, impl=impl)
         learner.load_full_state(dict(hf_to_megatron(hf_state.__getitem__, model)))
         before = learner.full_state()
-        micro_batches = [vision_micro_batch([sequences[i] for i in idx], [images[i] for i in idx], model.vision)
-                         for idx in split]
+        micro_batches = [vision_micro_batch([sequences[i] for i in idx], [images[i] for i in idx], model.vision,
+                                            pad_to_multiple=tp if sp else 1, packed=packed) for idx in split]
         outputs = learner.forward(micro_batches, lambda logits, mb: {"logits": gather_vocab(logits, vocab)})
         total = sum(len(s) - 1 for s in sequences)
         stats = learner.train_step(micro_batches, nll_loss_fn(vocab, total))
@@ -159,7 +161,8 @@ def run_learner(model: ModelConfig, hf_state: dict, tp: int, pp: int, impl: str 
     logits = {}
     for idx, out, mb in zip(split, outputs, micro_batches):
         for row, i in enumerate(idx):
-            logits[i] = out["logits"][row, :len(sequences[i])].cpu()
+            at, start = (0, mb.offsets[row]) if packed else (row, 0)
+            logits[i] = out["logits"][at, start:start + len(sequences[i])].cpu()
     hf_grads = {}
     for name, grad in grads.items():
         hf_grads.update(megatron_to_hf(name, grad, model))
@@ -211,6 +214,28 @@ def test_mrope_positions_match_transformers(reference):
     assert torch.equal(mb.position_ids[mask], want[mask])
     # The second image of sequence 0 starts after the first image's max(h, w)/2 = 3 positions and 3 text tokens.
     assert mb.position_ids[:, 0, 4 + 6 + 3].tolist() == [4 + 3 + 3] * 3
+
+
+def test_packed_rows_hold_each_sequence_with_its_padded_positions_and_images():
+    """A packed THD row (Transformer Engine's layout) holds, at each sequence's offset, the tokens,
+    targets and M-RoPE positions of the padded batch's row, and the same images in the same order."""
+    from rlsd_megatron.learner.vision_batch import vision_micro_batch
+
+    model = MODELS["qwen3_vl"]
+    sequences, images = make_inputs(model)
+    padded = vision_micro_batch(sequences, images, model.vision)
+    packed = vision_micro_batch(sequences, images, model.vision, packed=True, pad_to_multiple=4,
+                                pad_total_to_multiple=8)
+    assert packed.tokens.shape[0] == 1 and packed.tokens.shape[1] % 8 == 0 and packed.position_ids.shape[:2] == (3, 1)
+    assert packed.packed_seq_params.cu_seqlens_q_padded[-1] == packed.tokens.shape[1]  # THD rotary's "packed freqs"
+    for i, (seq, start) in enumerate(zip(sequences, packed.offsets)):
+        n = len(seq)
+        assert torch.equal(packed.tokens[0, start:start + n], padded.tokens[i, :n])
+        assert torch.equal(packed.targets[0, start:start + n], padded.targets[i, :n])
+        assert torch.equal(packed.position_ids[:, 0, start:start + n], padded.position_ids[:, i, :n])
+    assert packed.position_ids[:, 0, packed.offsets[1]:].max() > 0  # later sequences keep their own positions
+    assert torch.equal(packed.images.pixel_values, padded.images.pixel_values)
+    assert torch.equal(packed.images.image_grid_thw, padded.images.image_grid_thw)
 
 
 def test_mrope_rejects_image_tokens_without_grid():
@@ -370,12 +395,12 @@ def test_deepstack_layouts_refused_before_the_run():
 def test_parity_with_transformers(dist_pool, reference):
     model, state = reference["model"], reference["state"]
     single = dist_pool(1).run(run_layouts, model, state, [(1, 1)], timeout=600)[0]
-    cases = {**single, **dist_pool(2).run(run_layouts, model, state, [(2, 1), (1, 2)], timeout=600)[0]}
-    for (tp, pp), case in cases.items():
+    cases = {**single, **dist_pool(2).run(run_layouts, model, state, [(2, 1), (1, 2), (2, 1, True)], timeout=600)[0]}
+    for layout, case in cases.items():
         try:
             assert_matches_hf(case, reference)
         except AssertionError as exc:
-            raise AssertionError(f"tp={tp} pp={pp}: {exc}") from exc
+            raise AssertionError(f"(tp, pp, sequence parallel)={layout}: {exc}") from exc
 
 
 MODEL = MODELS["qwen2_5_vl"]  # the checkpoint test's: the tower is a plain module child for both types
@@ -411,11 +436,13 @@ def test_checkpoint_reshards_vision_tower(dist_pool, tmp_path):
 
 
 @pytest.mark.gpu
-def test_te_layers_match_transformers_on_gpu(gpu_pool, reference):
-    """Transformer Engine's layers (unfused M-RoPE, padded batches) on one GPU, fp32: transformers'
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "thd"])
+def test_te_layers_match_transformers_on_gpu(gpu_pool, reference, packed):
+    """Transformer Engine's layers (unfused M-RoPE) on one GPU, fp32, padded or packed THD
+    micro-batches (M-RoPE's per-token frequencies at each sequence's offset): transformers'
     logits within 1e-4 and gradients within 1e-3 relative (TE's kernels sum in other orders)."""
-    case = gpu_pool(1).run(run_learner, reference["model"], reference["state"], 1, 1, "transformer_engine",
-                           timeout=600)[0]
+    case = gpu_pool(1).run(run_learner, reference["model"], reference["state"], 1, 1, impl="transformer_engine",
+                           packed=packed, timeout=600)[0]
     for i, (got, want) in enumerate(zip(case["logits"], reference["logits"])):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=f"logits of sequence {i}")
     for name, want in reference["grads"].items():

@@ -141,7 +141,8 @@ def test_server_args_and_sampling_fields(wheel):
     ours |= set(sglang_server_args(RolloutConfig(deterministic=True)))  # what other rollout fields imply
     assert not ours - server_fields, f"ServerArgs has no field(s) {ours - server_fields}"
     sampling = fields(classes(source(wheel, "sglang.srt.sampling.sampling_params"))["SamplingParams"])
-    _, requests = sglang_engine.sampling_requests([[1, 2]], SamplingParams(n=2, top_k=5, stop_token_ids=(3,), seed=1))
+    _, requests = sglang_engine.sampling_requests([[1, 2]], SamplingParams(n=2, top_k=5, stop_token_ids=(3,), seed=1),
+                                                  banned_token_ids=(4,))
     assert not set(requests[0]) - sampling, f"SamplingParams has no field(s) {set(requests[0]) - sampling}"
 
 

@@ -58,11 +58,11 @@ def kl_steps(tmp: str) -> dict:
             first = trainer.train_step()
             seen, update = {}, trainer.update
 
-            def update_recording(sequences, fields, teacher=None):
+            def update_recording(sequences, fields, teacher=None, **kwargs):
                 with learner.use_weights(trainer.reference.weights()):
                     reference = learner.full_state()
                 seen.update(sequences=sequences, fields=fields, weights=learner.full_state(), reference=reference)
-                stats = update(sequences, fields, teacher)
+                stats = update(sequences, fields, teacher, **kwargs)
                 seen["grads"] = learner.full_state(grads=True)
                 return stats
 
@@ -148,9 +148,9 @@ def kl_to_a_checkpoint(tmp: str) -> dict:
         trainer.sync_weights()
         seen, update = {}, trainer.update
 
-        def update_recording(sequences, fields, teacher=None):
+        def update_recording(sequences, fields, teacher=None, **kwargs):
             seen.update(sequences=sequences, fields=fields)
-            return update(sequences, fields, teacher)
+            return update(sequences, fields, teacher, **kwargs)
 
         trainer.update = update_recording
         trainer.step = 1

@@ -50,7 +50,7 @@ def opd_steps(tmp: str) -> dict:
             trainer.step = 1
             seen, update = {}, trainer.update
 
-            def capture(sequences, fields, teacher=None):
+            def capture(sequences, fields, teacher=None, **kwargs):
                 seen.update(sequences=sequences, fields=fields)
                 return {}
 
