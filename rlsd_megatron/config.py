@@ -204,7 +204,8 @@ class TrainConfig:
     # step n trains, so they are generated with the weights of before step n's update while the learner
     # trains; a batch is at most this many updates stale. The policy ratio is then taken against the
     # engine's log-probs (the behaviour policy), or with algorithm.tis_cap against the learner's
-    # recomputed ones with the TIS weight correcting for the engine. 0: synchronous (on-policy).
+    # recomputed ones with the TIS weight correcting for the engine. A checkpoint holds the batch generated for
+    # the next step, so a resumed run equals an uninterrupted one. 0: synchronous (on-policy).
     off_policy_steps: int = 0
 
 

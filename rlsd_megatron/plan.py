@@ -47,6 +47,8 @@ last: output layer + logits):
   state + activations + logits + teacher copy + distillation. With `train.offload` the learner's
   weights, gradients and optimizer state are off the GPU while the engine is awake
   (learner/offload.py): the rollout phase counts only what stays (teacher copy, frozen models).
+  With `rollout.placement=separate` the engines have GPUs of their own (one each, nothing else
+  on it): the plan is the learner ranks' (the world less `rollout.engine_ranks`), with no engine.
 Each phase must fit in `gpu_memory_gb` minus a reserve for the CUDA context, NCCL buffers and
 fragmentation.
 """
@@ -96,6 +98,7 @@ class MemoryPlan:
     layout: str
     learner_offloaded: bool  # train.offload: the learner state is off the GPU in the rollout phase
     hardware: Hardware
+    engine_ranks: int = 0  # rollout.placement=separate: the engines' own GPUs (not planned here)
 
     @property
     def learner_state(self) -> int:
@@ -137,6 +140,8 @@ class MemoryPlan:
         ]
         lines = [f"layout: {self.layout}", f"{'component':32s} {'GiB/GPU':>10s}"]
         lines += [f"{name:32s} {value / GiB:10.2f}" for name, value in rows]
+        if self.engine_ranks:
+            lines.append(f"rollout engines: on {self.engine_ranks} GPU(s) of their own (rollout.placement=separate)")
         if self.learner_offloaded:
             lines.append("rollout phase: the learner's weights, gradients and optimizer state off the GPU (train.offload)")
         if self.distillation:
@@ -295,7 +300,8 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware(), *, images_per_sequ
     # An upper bound: sglang 0.5.23 sizes the engine (weights + KV) as mem_fraction_static x the memory free
     # when it starts, after the learner's weights (`pre_model_load_memory`; with train.offload the learner is
     # off the GPU then), not x the whole GPU.
-    engine = int(cfg.rollout.mem_fraction_static * hardware.gpu_memory_gb * GiB) if cfg.rollout.backend != "embedded" else 0
+    colocated_sglang = cfg.rollout.backend != "embedded" and cfg.rollout.placement == "colocated"
+    engine = int(cfg.rollout.mem_fraction_static * hardware.gpu_memory_gb * GiB) if colocated_sglang else 0
     return MemoryPlan(
         params=params * dtype_bytes,
         grads=trainable * 4,
@@ -314,6 +320,7 @@ def plan_memory(cfg: Config, hardware: Hardware = Hardware(), *, images_per_sequ
                f" recompute={prec.recompute_granularity}",
         hardware=hardware,
         learner_offloaded=cfg.train.offload != "none",
+        engine_ranks=cfg.rollout.engine_ranks if cfg.rollout.placement == "separate" else 0,
     )
 
 
@@ -429,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu_memory_gb <= Hardware.reserve_gb:
         parser.error(f"--gpu-memory-gb={args.gpu_memory_gb:g} leaves nothing after the {Hardware.reserve_gb:g} GB reserve "
                      "for the CUDA context and NCCL; give the GPU's memory, e.g. 80 for an H100")
-    from rlsd_megatron.config_checks import validate_config
+    from rlsd_megatron.config_checks import engine_ranks, validate_config
     from rlsd_megatron.learner.frozen_model import frozen_model_inputs, frozen_model_problems
 
     try:
@@ -450,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
               "model.hf_config=/path/to/hf_model_dir", file=sys.stderr)
     print(describe_model(cfg, args.config))
     try:
-        plan = check_fits(cfg, args.world_size, Hardware(gpu_memory_gb=args.gpu_memory_gb),
+        plan = check_fits(cfg, args.world_size - engine_ranks(cfg), Hardware(gpu_memory_gb=args.gpu_memory_gb),
                           images_per_sequence=args.images_per_sequence)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -2,14 +2,16 @@
 # The launch logic shared by slurm/rlsd_*.sh (sourced by them, not run on its own).
 #
 # One job attempt, top to bottom (`rlsd_main`):
-#   1. resolve the layout (nodes x GPUs per node = one training process per GPU), the paths and
-#      the config overrides that point the run at them;
+#   1. resolve the layout (nodes x GPUs per node = one process per GPU; with RLSD_ENGINE_NODES the
+#      last nodes' processes host the rollout engines, see "Learner nodes + engine nodes" below),
+#      the paths and the config overrides that point the run at them;
 #   2. export the rendezvous (MASTER_ADDR = first host of the allocation) and the NCCL settings;
 #   3. check that the input paths exist and run the memory planner on this node: a typo, an
 #      invalid config or a layout that does not fit stops here, in seconds, with the reason,
 #      instead of after every rank has loaded its shard;
-#   4. `srun` one process per GPU; `rlsd_megatron.parallel.state.init_distributed` maps
-#      SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID to RANK / WORLD_SIZE / LOCAL_RANK;
+#   4. `srun` one process per GPU, ranks in node order (--distribution=block); `rlsd_megatron.
+#      parallel.state.init_distributed` maps SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID to RANK /
+#      WORLD_SIZE / LOCAL_RANK;
 #   5. the attempt ends in one of these ways, each written to $RLSD_LOGS/<run>/attempts.log:
 #      - SIGUSR1 reaches this shell: the time-limit warning (`#SBATCH --signal=B:USR1@T`), or a
 #        pre-emption when the site sets PreemptParameters=send_user_signal (the warning then comes
@@ -32,6 +34,17 @@
 #        job requeues itself up to RLSD_MAX_FAILURES times, excluding the node whose task failed
 #        first (srun's first "error: <node>: task N: ..." line), and resumes.
 # `--dry-run` does 1-3 and prints the srun command instead of running it, on any machine.
+#
+# Learner nodes + engine nodes (RLSD_ENGINE_NODES=E > 0, rollout.placement=separate): of the job's
+# N nodes x G GPUs, ranks 0 .. (N-E)*G-1 on nodes 1 .. N-E train (Megatron's TP/PP/CP/DP groups span
+# them only) and ranks (N-E)*G .. N*G-1 on the last E nodes each host one rollout engine on their GPU
+# (rollout.engine_ranks = E*G, the world's last ranks: rlsd_megatron/parallel/state.py). srun's block
+# distribution puts ranks on nodes in order, so no engine shares a node with a learner. Each
+# data-parallel replica sends its prompts to one engine rank and global rank 0 broadcasts the weights
+# to all of them (rlsd_megatron/rollout/separate.py), so the learners need E*G replicas at least (the
+# trainer refuses idle engines). The stop signals reach the engine ranks too: they keep serving until
+# the trainer, having saved its checkpoint (with one-step-off-policy the next step's batch in it),
+# stops them. The planner plans the learner ranks only.
 #
 # What the site must allow: jobs submitted with --requeue (the scripts' #SBATCH lines), users may
 # requeue their own jobs (`scontrol requeue`) and set their ExcNodeList; for a checkpoint on
@@ -59,6 +72,9 @@
 #   RLSD_EXTRA_ARGS    more dotted overrides, space-separated; script arguments come after them
 #   RLSD_PYTHON        interpreter (default $RLSD_HOME/.venv/bin/python if present, else python3)
 #   RLSD_GPUS_PER_NODE default $SLURM_GPUS_ON_NODE, else 8
+#   RLSD_ENGINE_NODES  the last nodes that host rollout engines, one per GPU (default: the script's, else
+#                      0: engines colocated with the learner): rollout.placement=separate and
+#                      rollout.engine_ranks=RLSD_ENGINE_NODES x GPUs per node; see above
 #   RLSD_NODES         node count for --dry-run outside a job (default: the script's #SBATCH --nodes)
 #   RLSD_MAX_REQUEUES  attempts after the first before the job stops requeueing itself (default 20)
 #   RLSD_MAX_FAILURES  failed attempts (non-zero exit without a warning) requeued before the run
@@ -72,6 +88,10 @@
 #   RLSD_NCCL_DEBUG_FILE   1: NCCL_DEBUG=INFO into attempt-N/nccl-<host>-<pid>.log per process
 #   MASTER_ADDR, MASTER_PORT  default: first host of $SLURM_JOB_NODELIST, 12000 + (job id + attempt)
 #                      mod 8000 (below Linux's ephemeral ports and SGLang's 22000-30000+ ports)
+# Set by a model script before it sources this file: RLSD_DEFAULT_CONFIG (its preset),
+# RLSD_DEFAULT_ENGINE_NODES (RLSD_ENGINE_NODES's default), RLSD_LAYOUT_ARGS (its changes to the preset:
+# dotted overrides on one line, before RLSD_EXTRA_ARGS), RLSD_DEFAULT_RUN (the run name's first part,
+# default the config's name).
 # Relative paths are relative to the repository root ($RLSD_HOME), where the job runs. Those set
 # are checked before the planner (also by --dry-run): RLSD_MODEL must hold config.json,
 # RLSD_INIT_CKPT and RLSD_DATA must be directories, every data file must exist.
@@ -108,6 +128,10 @@ rlsd_resolve() {
     gpus_per_node=${RLSD_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
     [[ $gpus_per_node =~ ^[1-9][0-9]*$ ]] || rlsd_die "GPUs per node '$gpus_per_node' is not a positive integer (set RLSD_GPUS_PER_NODE)"
     world_size=$((nodes * gpus_per_node))
+    engine_nodes=${RLSD_ENGINE_NODES:-${RLSD_DEFAULT_ENGINE_NODES:-0}}
+    [[ $engine_nodes =~ ^[0-9]+$ ]] && ((engine_nodes < nodes)) ||
+        rlsd_die "RLSD_ENGINE_NODES=$engine_nodes: give 0 (colocated engines) up to $((nodes - 1)) of the $nodes nodes, leaving nodes to train"
+    engine_ranks=$((engine_nodes * gpus_per_node))
     # CPUs for each rank's data loading, tokenisation and reward workers; SLURM >= 22.05 no
     # longer passes the batch script's --cpus-per-task on to srun, so it is given explicitly.
     cpus_per_task=$((${SLURM_CPUS_ON_NODE:-$(nproc)} / gpus_per_node))
@@ -125,7 +149,7 @@ rlsd_resolve() {
 
     config=${RLSD_CONFIG:-$RLSD_DEFAULT_CONFIG}
     [[ -f $config ]] || rlsd_die "config '$config' does not exist (relative paths start at $RLSD_HOME)"
-    run_name=${RLSD_RUN_NAME:-$(basename "$config" .yaml)${RLSD_MODEL:+-$(basename "$RLSD_MODEL")}}
+    run_name=${RLSD_RUN_NAME:-${RLSD_DEFAULT_RUN:-$(basename "$config" .yaml)}${RLSD_MODEL:+-$(basename "$RLSD_MODEL")}}
     [[ $run_name =~ ^[A-Za-z0-9._+-]+$ ]] || rlsd_die "run name '$run_name' may hold letters, digits and . _ + - only (set RLSD_RUN_NAME)"
     ckpt_dir=${RLSD_CKPT_DIR:-$RLSD_HOME/checkpoints}/$run_name
     log_dir=${RLSD_LOGS:-$RLSD_HOME/logs}/$run_name
@@ -143,7 +167,7 @@ rlsd_resolve() {
         python=python3
     fi
 
-    local train_files=${RLSD_TRAIN_FILES:-} val_files=${RLSD_VAL_FILES:-} extra=()
+    local train_files=${RLSD_TRAIN_FILES:-} val_files=${RLSD_VAL_FILES:-} extra=() layout=()
     if [[ -n ${RLSD_DATA:-} ]]; then
         train_files=${train_files:-$RLSD_DATA/train.parquet}
         val_files=${val_files:-$RLSD_DATA/val.parquet}
@@ -170,8 +194,13 @@ rlsd_resolve() {
     if [[ -n $val_files ]]; then
         overrides+=("data.val_files=[$val_files]")
     fi
+    if ((engine_ranks)); then
+        overrides+=("rollout.placement=separate" "rollout.engine_ranks=$engine_ranks")
+    fi
+    # The model script's own changes to its preset (RLSD_LAYOUT_ARGS), then the user's.
+    read -r -a layout <<<"${RLSD_LAYOUT_ARGS:-}"
     read -r -a extra <<<"${RLSD_EXTRA_ARGS:-}"
-    overrides+=("${extra[@]}" "${script_args[@]}")
+    overrides+=("${layout[@]}" "${extra[@]}" "${script_args[@]}")
 }
 
 # Every input path that is set must exist here (in --dry-run too, and in the job before srun):
@@ -250,10 +279,19 @@ rlsd_export_env() {
     fi
 }
 
+# "3" or "1-2": the numbers $1 to $2.
+rlsd_span() {
+    if (($1 == $2)); then echo "$1"; else echo "$1-$2"; fi
+}
+
 rlsd_print_layout() {
     echo "== rlsd launch: $script_name$( ((dry_run)) && echo ' (dry run)') =="
     echo "config:       $config"
     echo "processes:    $nodes node(s) x $gpus_per_node GPU(s) = $world_size ranks, one per GPU (srun), $cpus_per_task CPU(s) each"
+    if ((engine_ranks)); then
+        echo "learners:     ranks 0-$((world_size - engine_ranks - 1)) on node(s) $(rlsd_span 1 $((nodes - engine_nodes)))"
+        echo "engines:      ranks $((world_size - engine_ranks))-$((world_size - 1)) on node(s) $(rlsd_span $((nodes - engine_nodes + 1)) "$nodes"), one rollout engine per GPU (rollout.placement=separate)"
+    fi
     if ((in_job)); then
         echo "job:          ${SLURM_JOB_ID} attempt $attempt (max requeues ${RLSD_MAX_REQUEUES:-20}) on ${SLURM_JOB_NODELIST}"
         echo "rendezvous:   MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT (env://, ranks from SLURM_PROCID)"
@@ -299,8 +337,10 @@ rlsd_plan() {
 
 rlsd_srun_command() {
     srun_cmd=(srun --nodes="$nodes" --ntasks-per-node="$gpus_per_node" --cpus-per-task="$cpus_per_task"
-        --gpu-bind=none --cpu-bind=none --kill-on-bad-exit=1 --output="$attempt_dir/rank-%t.log" "${container_args[@]}"
+        --distribution=block --gpu-bind=none --cpu-bind=none --kill-on-bad-exit=1 --output="$attempt_dir/rank-%t.log" "${container_args[@]}"
         "$python" -m rlsd_megatron.train --config "$config" "${overrides[@]}")
+    # --distribution=block: ranks fill node 1, then node 2, ...: the learner / engine split by rank
+    # is one by node (RLSD_ENGINE_NODES).
     # --gpu-bind=none: every rank sees all GPUs of its node (it picks cuda:LOCAL_RANK itself), so
     # an SGLang engine hosted by one rank can span engine_tp GPUs of the node.
     # --cpu-bind=none: SLURM cannot know which GPU a rank drives; each rank binds itself to cores of

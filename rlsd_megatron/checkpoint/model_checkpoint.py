@@ -1,6 +1,9 @@
 """Save and load model weights of this rank's chunks with megatron.core.dist_checkpointing.
 
-Collective: every rank of the world calls these with its own chunks (any TP/PP/VPP/DP). The
+Collective: every rank of the world calls these with its own chunks (any TP/PP/VPP/DP); with
+rollout engines on ranks of their own (`rollout.placement=separate`) every learner rank, the
+engines taking no part (`parallel.state.learners_are_the_world`: megatron's `dist_checkpointing`
+takes no process group). The
 state is the chunks' `sharded_state_dict()` under Megatron-LM's keys (`model`, or `model0`,
 `model1`, … with virtual pipeline stages), written in the torch_dist format, so a checkpoint
 saved at one layout loads at any other (dist_checkpointing reshards on load) and in Megatron-LM.
@@ -37,6 +40,7 @@ from rlsd_megatron.checkpoint.directory import (
 from rlsd_megatron.checkpoint.streaming import COMMON_STATE
 from rlsd_megatron.config import Config, ModelConfig, config_to_dict
 from rlsd_megatron.dtypes import dtype_name
+from rlsd_megatron.parallel.state import learners_are_the_world
 
 ExtraSharded = Mapping[str, Any] | Callable[[dict], Mapping[str, Any]] | None
 
@@ -97,6 +101,13 @@ def save_checkpoint(root: str | Path, model_chunks: list[torch.nn.Module], cfg: 
     state, or a function of the model's sharded state dict returning one (what
     `optimizer.sharded_state_dict(model_sd)` needs); `extra_common` is plain picklable state.
     """
+    with learners_are_the_world():
+        return _save_checkpoint(root, model_chunks, cfg, iteration=iteration, release=release,
+                                extra_sharded=extra_sharded, extra_common=extra_common)
+
+
+def _save_checkpoint(root: Path | str, model_chunks: list[torch.nn.Module], cfg: Config, *, iteration: int,
+                     release: bool, extra_sharded: ExtraSharded, extra_common: Mapping[str, Any] | None) -> Path:
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -161,6 +172,12 @@ def load_checkpoint(path: str | Path, model_chunks: list[torch.nn.Module], *, mo
     `CheckpointError` on every rank. After loading into a `Learner`, call
     `learner.optimizer.reload_model_params()` so its fp32 master weights follow.
     """
+    with learners_are_the_world():
+        return _load_checkpoint(path, model_chunks, model=model, extra_sharded=extra_sharded)
+
+
+def _load_checkpoint(path: str | Path, model_chunks: list[torch.nn.Module], *, model: ModelConfig | None,
+                     extra_sharded: ExtraSharded) -> LoadedCheckpoint:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 

@@ -165,9 +165,12 @@ def initialize_model_parallel(layout: Layout, seed: int = 1234, *, collective_ti
     _WAIT_TIMEOUT = datetime.timedelta(minutes=wait_timeout_minutes)
     _REPLICA_GROUP = _new_replica_group(_WAIT_TIMEOUT)
     _WAIT_GROUP = new_group(list(range(learner_world_size())), backend="gloo", timeout=_WAIT_TIMEOUT)
-    global _WEIGHT_BROADCAST_GROUP
+    global _WEIGHT_BROADCAST_GROUP, _LEARNER_WORLD_GROUP
     # The world's backend: gloo on CPU; on GPUs NCCL for the buckets, gloo for their pickled slot lists.
     _WEIGHT_BROADCAST_GROUP = new_group([0, *engine_rank_list()], timeout=_WAIT_TIMEOUT) if engine_ranks else None
+    # The world's backend and timeout (checkpoints run there): the learners' stand-in for the world.
+    _LEARNER_WORLD_GROUP = new_group(list(range(learner_world_size())), timeout=_WAIT_TIMEOUT) \
+        if engine_ranks else None
 
 
 _REPLICA_GROUP = None
@@ -175,6 +178,7 @@ _WAIT_GROUP = None
 _WAIT_TIMEOUT = None
 _ENGINE_RANKS = 0
 _WEIGHT_BROADCAST_GROUP = None
+_LEARNER_WORLD_GROUP = None
 
 
 def weight_broadcast_group():
@@ -191,7 +195,13 @@ def learner_world_size() -> int:
 
 def engine_rank_list() -> list[int]:
     """The global ranks hosting separate rollout engines (the world's last ones; empty when colocated)."""
-    return list(range(learner_world_size(), dist.get_world_size()))
+    return engine_ranks_of(dist.get_world_size(), _ENGINE_RANKS)
+
+
+def engine_ranks_of(world_size: int, engine_ranks: int) -> list[int]:
+    """The global ranks that host the `engine_ranks` separate engines of a world of `world_size`: its
+    last ones, so that a launcher placing ranks node by node gives them nodes of their own (slurm/common.sh)."""
+    return list(range(world_size - engine_ranks, world_size))
 
 
 def is_engine_rank() -> bool:
@@ -200,19 +210,27 @@ def is_engine_rank() -> bool:
 
 
 @contextlib.contextmanager
-def _world_is_the_learners():
-    """World-wide `all_gather_object` / `get_world_size` (group=None) span the learner ranks only."""
-    gather, size = dist.all_gather_object, dist.get_world_size
-    dist.all_gather_object = lambda out, obj, group=None: gather(out, obj, group=_or_learners(group))
-    dist.get_world_size = lambda group=None: size(_or_learners(group))
+def learners_are_the_world():
+    """Inside, the default (world) group is the learner ranks' (`rollout.placement=separate`): what
+    megatron-core and torch.distributed.checkpoint do over "the world" (`group=None`: the optimizer's
+    parameter-group gather, `dist_checkpointing.save` / `load`, which take no group) spans the ranks
+    that train, and the engine ranks, busy serving requests, take no part. The learners are the
+    world's first ranks, so every rank number stays what it is. A no-op when colocated.
+
+    It swaps torch's default group (`_world.default_pg`, what `GroupMember.WORLD` reads), as
+    `torch.distributed` offers no public way to run another library's world collectives on a
+    subgroup. Only this process's collectives change: the engine ranks never call it."""
+    if _LEARNER_WORLD_GROUP is None:
+        yield
+        return
+    from torch.distributed import distributed_c10d
+
+    world = distributed_c10d._world.default_pg
+    distributed_c10d._world.default_pg = _LEARNER_WORLD_GROUP
     try:
         yield
     finally:
-        dist.all_gather_object, dist.get_world_size = gather, size
-
-
-def _or_learners(group):
-    return group if group is not None else learner_group()
+        distributed_c10d._world.default_pg = world
 
 
 def _megatron_optimizer_gathers_over_learners() -> None:
@@ -227,9 +245,7 @@ def _megatron_optimizer_gathers_over_learners() -> None:
     original = optimizer._get_param_groups
 
     def gathered_over_learners(*args, **kwargs):
-        if not _ENGINE_RANKS:
-            return original(*args, **kwargs)
-        with _world_is_the_learners():
+        with learners_are_the_world():
             return original(*args, **kwargs)
 
     gathered_over_learners._learners_only = True
@@ -323,8 +339,8 @@ def destroy_model_parallel() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    global _REPLICA_GROUP, _WAIT_GROUP, _ENGINE_RANKS, _WEIGHT_BROADCAST_GROUP
-    _REPLICA_GROUP = _WAIT_GROUP = _WEIGHT_BROADCAST_GROUP = None
+    global _REPLICA_GROUP, _WAIT_GROUP, _ENGINE_RANKS, _WEIGHT_BROADCAST_GROUP, _LEARNER_WORLD_GROUP
+    _REPLICA_GROUP = _WAIT_GROUP = _WEIGHT_BROADCAST_GROUP = _LEARNER_WORLD_GROUP = None
     _ENGINE_RANKS = 0
     while _CREATED_GROUPS:
         # ValueError: already destroyed (megatron-core destroys its gloo data-parallel groups itself).

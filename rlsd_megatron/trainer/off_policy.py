@@ -11,6 +11,16 @@ The ratio's denominator is then the behaviour policy, the engine's log-probs of 
 (`old_log_probs`), unless TIS (`algorithm.tis_cap`) is on: then the ratio stays against the
 learner's recomputed log-probs and the truncated weight π_learner/π_engine corrects for the
 behaviour policy (decoupled PPO), as in the synchronous path.
+
+Exact resume. A checkpoint after step k must say what step k+1 trains on: the batch generated with
+the weights of version k-1 while step k trained. It holds that batch itself (prompts' dataset
+indices, response tokens, the engine's log-probs, rewards: `state_dict`), not a recipe to make it
+again: regenerating would need the weights of version k-1, a second copy of the model in every
+checkpoint, and an engine that reproduces its samples bit for bit (SGLang does only in its slower
+deterministic mode), while the batch is a few tokens and floats per response. Saving first takes
+the batch in flight (`settle`: the learner waits for the rest of its generation, which the next
+step would have waited for anyway). A step abandoned for a stop after its generation puts its
+batch back (`put_back`) before it is saved, and submits the next one only once it goes on.
 """
 
 from __future__ import annotations
@@ -35,23 +45,66 @@ class Draw:
 
 
 class OneStepOffPolicy:
-    """The batch in flight between steps (see the module docstring). `engine` is the replica
-    host's `RemoteEngine` (None on its other ranks, which receive the host's rollouts over `group`)."""
+    """The batch between steps (see the module docstring): in flight on the engine, or received
+    early. `engine` is the replica host's `RemoteEngine` (None on its other ranks, which receive the
+    host's rollouts over `group`)."""
 
     def __init__(self, draw: Callable[[], Draw], engine, dataset: PromptDataset, scorer, group):
         self.draw, self.engine, self.dataset, self.scorer, self.group = draw, engine, dataset, scorer, group
-        self.in_flight: Draw | None = None
+        self.in_flight: Draw | None = None  # submitted, its generations not received yet
+        self.received: Rollouts | None = None  # received before its step (a save, an abandoned step)
 
-    def next_batch(self, *, submit_next: bool) -> Rollouts:
-        """This step's rollouts; then, with `submit_next`, the next step's prompts are submitted."""
-        if self.in_flight is None:  # the first step: nothing was submitted for it
-            self._submit()
-        rollouts = self._receive()
-        if submit_next:
-            self._submit()
-        return rollouts
+    @property
+    def pending(self) -> bool:
+        """The next step's batch was drawn in an earlier step (it is in flight or received)."""
+        return self.in_flight is not None or self.received is not None
 
-    def _submit(self) -> None:
+    def next_batch(self) -> Rollouts:
+        """This step's rollouts (drawn and generated now on the first step, which has none pending)."""
+        if self.received is not None:
+            rollouts, self.received = self.received, None
+            return rollouts
+        if self.in_flight is None:
+            self.submit_next()
+        return self._receive()
+
+    def put_back(self, rollouts: Rollouts) -> None:
+        """A step abandoned after `next_batch` returns its batch: the step after the resume trains on it."""
+        self.received = rollouts
+
+    def settle(self) -> None:
+        """Receive the batch in flight (collective over the replica), so that a checkpoint can hold it."""
+        if self.in_flight is not None:
+            self.received = self._receive()
+
+    def state_dict(self) -> dict | None:
+        """The received batch as plain data, on the replica's host rank (None on its other ranks and
+        when none is received). Call `settle()` first."""
+        if self.in_flight is not None:
+            raise RuntimeError("OneStepOffPolicy.state_dict() with a batch in flight: settle() it first")
+        batch = self.received
+        if batch is None or self.engine is None:
+            return None
+        return {"rows": [row.index for row in batch.rows], "responses": batch.responses,
+                "engine_log_probs": batch.engine_log_probs, "finish_reasons": batch.finish_reasons,
+                "rewards": batch.rewards, "reward_metrics": batch.reward_metrics,
+                "behaviour_version": batch.behaviour_version, "engine_metrics": batch.engine_metrics}
+
+    def load_state_dict(self, state: dict | None, *, pending: bool) -> None:
+        """Restore what `state_dict` returned on the host; with `pending` (every rank's flag) the host
+        shares it over the replica (collective)."""
+        self.in_flight, self.received = None, None
+        if not pending:
+            return
+        batch = None
+        if state is not None:
+            batch = Rollouts([self.dataset[i] for i in state["rows"]], state["responses"], state["engine_log_probs"],
+                             state["finish_reasons"], state["rewards"], state["reward_metrics"],
+                             behaviour_version=state["behaviour_version"], engine_metrics=state["engine_metrics"])
+        self.received = share_over(batch, self.group)
+
+    def submit_next(self) -> None:
+        """Draw the next batch and send it to the engine, which generates it while this step trains."""
         draw = self.draw()
         if self.engine is not None:
             self.engine.submit([row.prompt_ids for row in draw.rows], draw.sampling, prompt_offset=draw.prompt_offset,

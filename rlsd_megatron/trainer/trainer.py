@@ -16,7 +16,7 @@ One step, `Trainer.train_step`, in its verbs:
 
 With `rollout.placement=separate` the engines run on their own ranks (`rollout/separate.py`) and
 each replica's first rank holds a handle on one; with `train.off_policy_steps=1` the next step's
-prompts go to it before this step trains (`off_policy.py`).
+prompts go to it before this step trains (`off_policy.py`), and a checkpoint holds that batch.
 """
 
 from __future__ import annotations
@@ -202,6 +202,8 @@ class Trainer:
         offloaded = self.learner_offload is not None and not self.learner_offload.resident
         if offloaded:
             self._learner_back()
+        if self.off_policy is not None:  # the checkpoint holds the next step's batch, not a request for it
+            self.off_policy.settle()
         path = save_training_state(self, ckpt.dir)
         if offloaded:  # the engine slept for the save: its weights again, the learner off again
             self.sync_weights()
@@ -214,12 +216,15 @@ class Trainer:
 
     def _step_start(self) -> dict:
         """What generation changes before anything is trained: enough to rewind the step."""
-        return {"loader": self.loader.state_dict(), "draws": self._draws, "rng": rng_state()}
+        return {"loader": self.loader.state_dict(), "draws": self._draws, "rng": rng_state(),
+                "drawn_earlier": self.off_policy is not None and self.off_policy.pending}
 
-    def _rewind(self, start: dict) -> None:
+    def _rewind(self, start: dict, rollouts: Rollouts) -> None:
         self.loader.load_state_dict(start["loader"])
         self._draws = start["draws"]
         set_rng_state(start["rng"])
+        if start["drawn_earlier"]:  # off-policy: the batch drawn last step stays this step's
+            self.off_policy.put_back(rollouts)
         self.step -= 1
 
     def start_from_learner_weights(self) -> None:
@@ -247,7 +252,9 @@ class Trainer:
         with timer("generate"):
             start, rollouts = self._step_start(), self.collect_rollouts()
             self._learner_back()  # colocated: the learner's phases need the engine's GPU memory
-        self._abandon_if_stopped(start)
+        self._abandon_if_stopped(start, rollouts)
+        if self.off_policy is not None and self.step < self.cfg.train.steps:
+            self.off_policy.submit_next()  # generated with the weights of before this update, while it trains
         with timer("score"):
             scores = self.score(rollouts)
             advantages = self.advantages(rollouts, scores)
@@ -281,12 +288,12 @@ class Trainer:
             "perf/tokens_per_s": tokens / max(sum(timer.seconds.values()), 1e-9),
         })
 
-    def _abandon_if_stopped(self, start: dict) -> None:
+    def _abandon_if_stopped(self, start: dict, rollouts: Rollouts) -> None:
         """A safe point: a stop signal that arrived during generation (the longest phase) is honoured
         now rather than after the update, by rewinding the step: its checkpoint is the previous one."""
         reason = agreed_stop_reason(self.stop, include_time=False)
         if reason is not None:
-            self._rewind(start)
+            self._rewind(start, rollouts)
             raise StepAbandoned(reason)
 
     def score(self, rollouts: Rollouts) -> StepScores:
@@ -359,8 +366,8 @@ class Trainer:
     def collect_rollouts(self) -> Rollouts:
         """This rank's G responses for each of its prompts (refilled under dynamic sampling)."""
         a = self.cfg.algorithm
-        if self.off_policy is not None:  # this step's batch was submitted last step; the next one goes now
-            rollouts = self.off_policy.next_batch(submit_next=self.step < self.cfg.train.steps)
+        if self.off_policy is not None:  # this step's batch was submitted last step (train_step submits the next)
+            rollouts = self.off_policy.next_batch()
         else:
             rollouts = collect_rollouts(self._draw_rollouts, want=self.cfg.train.prompts_per_step // self.dp_size,
                                         group_size=self.cfg.rollout.n, dynamic_sampling=a.dynamic_sampling,

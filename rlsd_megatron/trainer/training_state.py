@@ -4,9 +4,14 @@ A checkpoint holds, besides the model weights (resharded on load to any TP/PP):
 - the optimizer (Megatron's sharded optimizer state) and the LR scheduler;
 - per rank: torch's CPU (and CUDA) RNG states, Megatron's RNG-tracker states, the teacher
   policy's local copy (frozen / EMA weights) and the KL reference's copy of the initial policy,
-  as a `ShardedObject` keyed by global rank: exact resume needs the same world size and layout,
-  which `load_training_state` checks;
-- common: step, prompt batches drawn (they number the sampling seeds), the data position.
+  as a `ShardedObject` keyed by global rank: exact resume needs the same learner ranks and layout,
+  which `load_training_state` checks (the number of separate engine ranks may change);
+- common: step, prompt batches drawn (they number the sampling seeds), the data position;
+- with one-step-off-policy (`train.off_policy_steps=1`), the next step's batch, generated while
+  this step trained (`OneStepOffPolicy.state_dict`), kept by each replica's host rank.
+With `rollout.placement=separate` saves and loads span the learner ranks only (see
+`checkpoint.model_checkpoint`): the engine ranks hold nothing to save, and get the weights by the
+sync that starts every run.
 Frozen models loaded from a path (OPD's teacher, a KL reference checkpoint) are not saved: the
 trainer loads them from their path again. Saves are atomic (see `checkpoint.model_checkpoint`);
 `resolve_resume` finds the checkpoint to resume from (for `auto`, the latest complete one).
@@ -56,13 +61,16 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_training_state(trainer, root: str | Path) -> Path:
-    """Write `trainer`'s full state as iteration `trainer.step` under `root` (collective)."""
+    """Write `trainer`'s full state as iteration `trainer.step` under `root` (collective over the
+    learner ranks). With off-policy, `OneStepOffPolicy.settle()` first."""
     learner = trainer.learner
+    off_policy = trainer.off_policy
     # Before the first update (a stop during start-up or step 1) torch's Adam has no state yet;
     # its sharded state dict would then lack the keys every load expects.
     learner.init_optimizer_state()
     rank_state = {"rng": rng_state(), "teacher": trainer.teacher.state_dict(), "layout": _layout_key(),
-                  "reference": trainer.reference.state_dict() if trainer.reference is not None else None}
+                  "reference": trainer.reference.state_dict() if trainer.reference is not None else None,
+                  "off_policy": off_policy.state_dict() if off_policy is not None else None}
 
     def extra(model_state):
         return {"optimizer": learner.optimizer.sharded_state_dict(model_state, metadata=_OPTIMIZER_FORMAT),
@@ -73,6 +81,8 @@ def save_training_state(trainer, root: str | Path) -> Path:
         "draws": trainer._draws,
         "scheduler": learner.scheduler.state_dict(),
         "loader": trainer.loader.state_dict(),
+        # Every rank's say (the batch itself is only on the hosts): whether loading it is collective.
+        "pending_batch": off_policy is not None and off_policy.pending,
     }
     return save_checkpoint(root, learner.model, trainer.cfg, iteration=trainer.step, extra_sharded=extra,
                            extra_common={"trainer": common})
@@ -98,9 +108,13 @@ def load_training_state(trainer, path: str | Path) -> int:
     if rank_state["layout"] != _layout_key():
         raise CheckpointError(
             f"{loaded.path} was written with layout {rank_state['layout']} and this run has {_layout_key()}; exact "
-            "resume (RNG, teacher copy, data order) needs the same world size and parallel layout"
+            "resume (RNG, teacher copy, data order) needs the same learner ranks (the world less separate engine "
+            "ranks) and parallel layout"
         )
     common = loaded.common["trainer"]
+    if common.get("pending_batch") and trainer.off_policy is None:
+        raise CheckpointError(f"{loaded.path} was saved by a one-step-off-policy run and holds the rollouts of the "
+                              "next step, generated before it; resume it with train.off_policy_steps=1")
     learner.scheduler.load_state_dict(common["scheduler"])
     # Megatron restores Adam's per-parameter step only for fused (apex / TE) Adam; with the
     # torch fallback it stays 0, which changes the bias correction. One optimizer step is one
@@ -111,6 +125,8 @@ def load_training_state(trainer, path: str | Path) -> int:
     trainer.teacher.load_state_dict(rank_state["teacher"])
     if trainer.reference is not None:
         trainer.reference.load_state_dict(rank_state.get("reference"))
+    if trainer.off_policy is not None:
+        trainer.off_policy.load_state_dict(rank_state.get("off_policy"), pending=bool(common.get("pending_batch")))
     set_rng_state(rank_state["rng"])
     trainer.step, trainer._draws = int(common["step"]), int(common["draws"])
     return trainer.step
@@ -119,8 +135,11 @@ def load_training_state(trainer, path: str | Path) -> int:
 def _layout_key() -> dict:
     from megatron.core import parallel_state
 
+    from rlsd_megatron.parallel.state import learner_world_size
+
     return {
-        "world": dist.get_world_size(),
+        # The learners': separate engines keep no state (each sample has its own seed), so their number may change.
+        "world": learner_world_size(),
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
         "cp": parallel_state.get_context_parallel_world_size(),

@@ -77,10 +77,11 @@ def test_separate_engine_rank_matches_colocated(dist_pool, tmp_path):
     (["rollout.placement=separate", "rollout.engine_ranks=4"], 4, "got 4"),
     (["rollout.engine_ranks=2"], 4, "with rollout.placement=colocated"),
     (["rollout.placement=separate", "rollout.engine_ranks=1", "rollout.engine_tp=2"], 4, "rollout.engine_tp=2"),
-    (["rollout.placement=separate", "rollout.engine_ranks=1", "checkpoint.dir=/tmp/x"], 4, "checkpoint.dir"),
     (["rollout.placement=separate", "rollout.engine_ranks=1", "train.offload=copy"], 4, "makes room for nothing"),
     (["rollout.placement=separate", "rollout.engine_ranks=1", "train.off_policy_steps=1",
       "train.student_log_probs_in_update=true"], 4, "not those of the weights one step older"),
+    (["rollout.placement=separate", "rollout.engine_ranks=3", "parallel.tp=2"], 5, "with 1 data-parallel replica(s)"),
+    (["rollout.placement=separate", "rollout.engine_ranks=3", "parallel.tp=2"], 7, "1 engine(s) would get no requests"),
     # The layout is checked against the learner's ranks: 3 of 4 are not divisible by tp=2.
     (["rollout.placement=separate", "rollout.engine_ranks=1", "parallel.tp=2"], 4, "world size 3"),
 ])
@@ -99,7 +100,7 @@ def test_separate_layout_is_accepted():
     from rlsd_megatron.config_checks import validate_config
 
     cfg = load_config("examples/configs/cpu_demo.yaml", ["rollout.placement=separate", "rollout.engine_ranks=1",
-                                                          "parallel.tp=2"])
+                                                          "parallel.tp=2", "checkpoint.dir=/tmp/x"])
     validate_config(cfg, 3, cuda_available=False, te_available=False)  # 2 learners at tp=2 + 1 engine rank
 
 

@@ -3,8 +3,8 @@ semantics of the real ones that the launch scripts depend on.
 
 `srun --nodes=N --ntasks-per-node=M [--output=PATTERN] ... command` starts N*M copies of the
 command with the variables real srun gives each task (SLURM_PROCID, SLURM_NTASKS,
-SLURM_LOCALID, SLURM_NODEID), each writing to PATTERN with %t replaced by its rank (or to srun's
-own stdout). Like real SLURM:
+SLURM_LOCALID, SLURM_NODEID), ranks filling the nodes in order (--distribution=block), each writing
+to PATTERN with %t replaced by its rank (or to srun's own stdout). Like real SLURM:
 - a forwarded SIGUSR1 / SIGUSR2 reaches *every* process of the step (slurmstepd signals the
   step's whole container), not only the task: here each task leads its own process group and
   the signal goes to the group, so the task's child processes (verifier workers) get it too;

@@ -4,7 +4,8 @@ reported per node as srun does) and a SLURM job environment of 2 "nodes" x 2 pro
 the tiny CPU model (gloo, TP=2 x DP=2, embedded engine, rewards in verifier worker processes).
 One run through its attempts: a rank dies (requeue, its node excluded), the time-limit warning
 (checkpoint at once, requeue), the end; a SIGTERM (the step is killed) and a resubmitted job that
-resumes the run. Also: `--dry-run` output, containers, a refused layout, shellcheck."""
+resumes the run; learner nodes + an engine node (RLSD_ENGINE_NODES): which ranks land where, and a
+run through the warning. Also: `--dry-run` output, containers, a refused layout, shellcheck."""
 
 from __future__ import annotations
 
@@ -182,6 +183,79 @@ exec {sys.executable} "$@"
     assert slurm_calls(tmp_path, "requeue") == ["requeue 4242"]
     attempts = (tmp_path / "logs" / RUN / "attempts.log").read_text()
     assert attempts.split("\t")[-1] == "stopped before the job's end\n"
+
+
+def test_engine_nodes_are_the_last_nodes_and_their_ranks_the_engine_ranks(tmp_path):
+    """RLSD_ENGINE_NODES=1 on 3 "nodes" x 2 GPUs, through the real launcher and the fake srun (which
+    places ranks node by node, as --distribution=block asks): every task reports its rank and node
+    and the command it was given; the ranks the trainer makes engines (the world's last
+    rollout.engine_ranks: parallel/state.py) are exactly the last node's, as the layout lines say."""
+    from rlsd_megatron.config import load_config
+    from rlsd_megatron.config_checks import engine_ranks
+    from rlsd_megatron.parallel.state import engine_ranks_of
+
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f"""#!/bin/bash
+if [[ " $* " == *" rlsd_megatron.train "* ]]; then
+    echo "$SLURM_PROCID $SLURM_NODEID $SLURM_LOCALID $SLURM_NTASKS $*" >>{tmp_path}/tasks.txt
+    exit 0
+fi
+exec {sys.executable} "$@"
+""")
+    stand_in.chmod(0o755)
+    env = job_env(tmp_path, attempt=0, nodes=3)  # tp=2: 2 replicas, one per engine
+    env.update(RLSD_PYTHON=str(stand_in), RLSD_ENGINE_NODES="1")
+    result = subprocess.run(["bash", str(ROOT / "slurm" / "rlsd_8b.sh")], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "learners:     ranks 0-3 on node(s) 1-2\n" in result.stdout
+    assert "engines:      ranks 4-5 on node(s) 3, one rollout engine per GPU" in result.stdout
+    assert "--distribution=block" in slurm_calls(tmp_path, "srun")[-1]
+    tasks = sorted(line.split(" ", 4) for line in (tmp_path / "tasks.txt").read_text().splitlines())
+    assert [(int(rank), int(node), int(local)) for rank, node, local, *_ in tasks] == [
+        (rank, rank // 2, rank % 2) for rank in range(6)]
+    command = tasks[0][4].split()
+    cfg = load_config(command[command.index("--config") + 1], command[command.index("--config") + 2:])
+    assert (cfg.rollout.placement, engine_ranks(cfg)) == ("separate", 2)
+    engines = engine_ranks_of(int(tasks[0][3]), engine_ranks(cfg))
+    assert {int(node) for rank, node, *_ in tasks if int(rank) in engines} == {2}  # the last node only
+    assert {int(node) for rank, node, *_ in tasks if int(rank) not in engines} == {0, 1}
+
+
+@pytest.mark.slow
+def test_an_engine_node_run_checkpoints_on_the_warning_and_resumes(tmp_path):
+    """2 "nodes" x 2: node 1 trains (dp=2), node 2's ranks serve as rollout engines, one step ahead
+    (train.off_policy_steps=1). The time-limit warning reaches every process, the engines' too: they
+    serve on, the learners checkpoint (with the next step's batch) and stop them; the requeued
+    attempt resumes and finishes."""
+    extra = TINY.replace("parallel.tp=2", "parallel.tp=1") + " train.off_policy_steps=1"
+    first = launch(tmp_path, {**job_env(tmp_path, attempt=0, extra_args=extra), "RLSD_ENGINE_NODES": "1"})
+    wait_for_step(first, tmp_path, 0, 3)
+    first.send_signal(signal.SIGUSR1)
+    output = finish(first, tmp_path, 0)
+    assert "engines:      ranks 2-3 on node(s) 2" in output and "requeueing job 4242" in output
+    assert "checkpoint saved" in read_logs(tmp_path, 0)
+    saved = latest_checkpoint(tmp_path)
+    assert 3 <= saved < 12
+
+    second = subprocess.run(["bash", str(ROOT / "slurm" / "rlsd_8b.sh")], cwd=tmp_path, capture_output=True, text=True,
+                            env={**job_env(tmp_path, attempt=1, extra_args=extra), "RLSD_ENGINE_NODES": "1"},
+                            timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:] + read_logs(tmp_path, 1)[-3000:]
+    assert f"at step {saved}" in read_logs(tmp_path, 1) and latest_checkpoint(tmp_path) == 12
+    for attempt in (0, 1):  # the engine ranks ended cleanly both times
+        for rank in (2, 3):
+            log = (tmp_path / "logs" / RUN / f"attempt-{attempt}" / f"rank-{rank}.log").read_text()
+            assert "Traceback" not in log, log[-3000:]
+
+
+def test_engine_nodes_must_leave_a_node_to_train():
+    result = subprocess.run(["bash", str(ROOT / "slurm" / "rlsd_8b.sh"), "--dry-run"],
+                            env=dry_run_env(RLSD_NODES="2", RLSD_ENGINE_NODES="2"), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == ("rlsd: error: RLSD_ENGINE_NODES=2: give 0 (colocated engines) up to 1 of the 2 nodes, "
+                             "leaving nodes to train\n")
 
 
 @pytest.mark.parametrize("script", LAUNCHERS, ids=[path.name for path in LAUNCHERS])
