@@ -12,7 +12,10 @@ WeMath, spec §7):
   result file;
 - MathVista's mixed answer types, converted from its published columns by
   ``tools/convert_vl_benchmarks.py`` and read with the shipped YAML's settings, graded on
-  hand-made answers as its official scorer rounds; MMMU's and WeMath's published layouts.
+  hand-made answers as its official scorer rounds; MMMU's, MathVision's, ZeroBench's and WeMath's
+  published layouts;
+- ``train.eval_sets`` of a vision-language file run: a benchmark row's prompt and pixels equal a
+  training row's of the same question and images; a text run refuses image benchmarks.
 """
 
 from __future__ import annotations
@@ -204,7 +207,7 @@ def test_mathvista_mixed_answer_types_are_graded_as_its_scorer_does(tmp_path):
     import pyarrow.parquet as pq
 
     from rlsd_megatron.eval.grading import ResponseGrader
-    from tools.convert_vl_benchmarks import convert
+    from tools.convert_vl_benchmarks import main
 
     published = [mathvista_published("1", "multi_choice", "text", "6 cm", choices=["3 cm", "6 cm", "9 cm"]),
                  mathvista_published("2", "free_form", "integer", "3"),
@@ -212,8 +215,8 @@ def test_mathvista_mixed_answer_types_are_graded_as_its_scorer_does(tmp_path):
                  mathvista_published("4", "free_form", "float", "0.8", precision=1.0),
                  mathvista_published("5", "free_form", "text", "Bob")]
     pq.write_table(pa.Table.from_pylist(published), tmp_path / "testmini-00000-of-00001.parquet")
-    converted = list(convert("mathvista", [tmp_path / "testmini-00000-of-00001.parquet"]))
-    pq.write_table(pa.Table.from_pylist(converted), tmp_path / "mathvista_testmini.parquet")
+    assert main(["mathvista", str(tmp_path / "testmini-00000-of-00001.parquet"), "--out",
+                 str(tmp_path / "mathvista_testmini.parquet")]) == 0
     (spec,) = [s for s in load_benchmark_specs(VL_YAML) if s.name == "mathvista_testmini"]
     spec = dataclasses.replace(spec, file=str(tmp_path / "mathvista_testmini.parquet"))
     rows, skipped = read_benchmark(spec)
@@ -233,8 +236,8 @@ def test_mathvista_mixed_answer_types_are_graded_as_its_scorer_does(tmp_path):
     assert got == want and sum(want) == 9, list(zip(cases, got, want))
 
 
-def test_mmmu_and_wemath_published_layouts():
-    from tools.convert_vl_benchmarks import ImageSource, mmmu, wemath
+def test_mmmu_mathvision_zerobench_and_wemath_published_layouts(tmp_path):
+    from tools.convert_vl_benchmarks import ImageSource, mathvision, mmmu, wemath, zerobench
 
     image = ImageSource(None)
     pic = {k: {"bytes": f"img{k}".encode(), "path": None} for k in (1, 2, 3)}
@@ -254,5 +257,50 @@ def test_mmmu_and_wemath_published_layouts():
     row = wemath({"ID": "3steps_1", "question": "Which is larger?", "option": "A. 2 cm; B. 3 cm; C. No correct answer",
                   "answer": "B", "image_path": pic[1]}, image)
     assert row["choices"] == ["2 cm", "3 cm", "No correct answer"] and row["question"] == "<image>\nWhich is larger?"
+    row = mathvision({"id": "2", "question": "Which bike is most expensive?\n<image1>", "options": ["A", "B", "C"],
+                      "image": "images/2.jpg", "decoded_image": pic[1], "answer": "A"}, image)
+    assert row["question"] == "Which bike is most expensive?\n<image>" and row["answer_type"] == "multiple_choice"
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "1.jpg").write_bytes(b"jpeg")  # an image stored as a path: its bytes are embedded
+    row = mathvision({"id": "1", "question": "Which number is missing?", "options": [], "image": "images/1.jpg",
+                      "decoded_image": None, "answer": "60"}, ImageSource(tmp_path))
+    assert row["question"] == "<image>\nWhich number is missing?" and row["answer_type"] == "math"
+    assert row["images"] == [{"bytes": b"jpeg", "path": "images/1.jpg"}]
+    with pytest.raises(ValueError, match="images/9.jpg' does not exist .*--image-root"):
+        ImageSource(tmp_path)("images/9.jpg")
+    rows = [zerobench({"question_id": "1_1", "question_text": "How many?", "question_answer": answer,
+                       "question_images_decoded": [pic[1], pic[2]]}, image) for answer in ("11.90", "blue")]
+    assert rows[0]["question"] == "<image><image>\nHow many?" and [r["answer_type"] for r in rows] == ["math", "exact"]
     with pytest.raises(ValueError, match="is not 'A. ...; B. ...'"):
         wemath({"ID": "x", "question": "q", "option": "2 cm or 3 cm", "answer": "A", "image_path": pic[1]}, image)
+
+
+def test_training_eval_sets_prompt_image_benchmarks_as_the_training_rows(tmp_path, vl_dir):
+    """train.eval_sets on a vision-language file run: a benchmark row and a training row of the same
+    question and images give the same prompt ids and pixels; a text run refuses image benchmarks."""
+    from rlsd_megatron.config import DataConfig
+    from rlsd_megatron.data import FilePromptDataset
+    from rlsd_megatron.eval.in_training import TrainingBenchmarks
+
+    root, tokenizer, model = vl_dir
+    rows = [{"question": "Compare <image> with <image>.", "answer": "2", "images": [png(16, 24, seed=1),
+                                                                                   png(24, 24, seed=2)]},
+            {"question": "<image> broken", "answer": "1", "images": [b"not an image"]}]
+    path = write_parquet(tmp_path / "v.parquet", rows)
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump([{
+        "name": "v", "file": "v.parquet", "image_key": "images", "bad_rows": "skip", "answer_type": "exact",
+        "prompt_template": MATH_STUDENT_TEMPLATE, **PIXELS}]))
+    data = DataConfig(tokenizer_dir=str(root), bad_rows="skip", **PIXELS)
+    dataset = FilePromptDataset([str(path)], data, tokenizer, vision=model.vision)
+    bench = TrainingBenchmarks(str(tmp_path / "e.yaml"), dataset, dp_rank=0, dp_size=1, hosts_engine=False)
+    (spec,) = bench.specs
+    (row,) = bench.rows["v"]
+    ids, x = bench.prompter.prompt(row.user_text(spec.template(row.answer_type)), bench.prompter.image_reader(spec),
+                                   row.images, row.base_dir)
+    trained = dataset[0]
+    assert ids == trained.prompt_ids
+    torch.testing.assert_close(x.pixel_values, trained.images.pixel_values, rtol=0, atol=0)
+    torch.testing.assert_close(x.pixel_values, processed(rows[0]["images"])[0], rtol=0, atol=0)  # the model's own
+    text_tokenizer_run = FilePromptDataset([str(path)], dataclasses.replace(data, bad_rows="skip"), tokenizer)
+    with pytest.raises(ValueError, match="has images .* but the model's prompts take none"):
+        TrainingBenchmarks(str(tmp_path / "e.yaml"), text_tokenizer_run, dp_rank=0, dp_size=1, hosts_engine=False)
