@@ -203,8 +203,10 @@ def build_engine(model: EvalModel, backend: str, *, engines: int = 1, engine_tp:
         from rlsd_megatron.rollout.sglang_engine import SGLangEngine
 
         hf_dir = str(model.hf_directory(work_dir, log=log))
+        # A VL engine builds its multimodal processor from the processor files (the tokenizer's folder).
+        processor = str(model.tokenizer_dir) if model.model.vision is not None and model.tokenizer_dir else None
         built = [SGLangEngine(model.model, model_path=hf_dir, engine_tp=engine_tp, base_gpu_id=k * engine_tp,
-                              mem_fraction_static=mem_fraction_static,
+                              mem_fraction_static=mem_fraction_static, processor_path=processor,
                               server_args={"enable_deterministic_inference": True} if deterministic else None)
                  for k in range(engines)]
     else:

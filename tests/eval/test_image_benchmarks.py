@@ -127,8 +127,8 @@ def hf_greedy(hf, ids: list[int], pixels, grids, image_token: int, new_tokens: i
     batch = torch.tensor([ids])
     extra = {} if pixels is None else dict(pixel_values=pixels, image_grid_thw=grids,
                                            mm_token_type_ids=(batch == image_token).int())
-    out = hf.generate(input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=False, max_new_tokens=new_tokens,
-                      min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, **extra)
+    out = hf.generate(input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=False,
+                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, **extra)
     return out[0, len(ids):].tolist()
 
 
@@ -166,9 +166,9 @@ def test_rlsd_eval_runs_an_image_benchmark_on_the_embedded_engine(tmp_path, vl_d
                 pixels, grids = processed(pictures[i])
             else:
                 text = MATH_STUDENT_TEMPLATE.format(question=rows[i]["question"])
-                ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                                     add_generation_prompt=True),
-                                       add_special_tokens=False)
+                rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                         add_generation_prompt=True)
+                ids = tokenizer.encode(rendered, add_special_tokens=False)
                 pixels = grids = None
             new = hf_greedy(hf, ids, pixels, grids, model.vision.image_token_id, 5)
             want.append(tokenizer.decode(new, skip_special_tokens=True))
@@ -304,3 +304,17 @@ def test_training_eval_sets_prompt_image_benchmarks_as_the_training_rows(tmp_pat
     text_tokenizer_run = FilePromptDataset([str(path)], dataclasses.replace(data, bad_rows="skip"), tokenizer)
     with pytest.raises(ValueError, match="has images .* but the model's prompts take none"):
         TrainingBenchmarks(str(tmp_path / "e.yaml"), text_tokenizer_run, dp_rank=0, dp_size=1, hosts_engine=False)
+
+
+def test_the_processor_settings_travel_with_a_checkpoints_assets(tmp_path, vl_dir):
+    """A converted checkpoint's hf_assets (and an export's folder) carry the processor files, so
+    rlsd-eval's reader of a checkpoint uses the model's normalisation, not the defaults."""
+    from rlsd_megatron.checkpoint.hf_files import copy_tokenizer_files
+    from rlsd_megatron.data.images import ImageReader
+
+    root, _, model = vl_dir
+    (tmp_path / "assets").mkdir()
+    assert {"preprocessor_config.json", "tokenizer_config.json"} <= set(copy_tokenizer_files(root, tmp_path / "assets"))
+    reader = ImageReader(model.vision, BenchmarkSpec(name="v", file="f", **PIXELS).image_settings(),
+                         str(tmp_path / "assets"))
+    assert list(reader.processor.image_mean) == PREPROCESSOR["image_mean"]
