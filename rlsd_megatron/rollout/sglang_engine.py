@@ -44,48 +44,10 @@ Llama is refused: 0.5.23's `LlamaForCausalLM.load_weights` renames `.weight_scal
 `.weight_scale`, which block-FP8 layers do not have, so the scales would be dropped (sglang PR
 #30234; the contract test notices when that changes).
 
-Images (a vision-language policy, `model.vision`). Each request of a prompt with images carries
-them as one `image_data` item `{"format": "processor_output", "pixel_values", "image_grid_thw"}`:
-the pixel patches and grids our image processor made (`data.images`), which the learner also
-reads. With that form and `input_ids`, 0.5.23 keeps our tokens verbatim (`load_mm_data`'s fast
-path for preprocessed items; the runs of image tokens give each image's offsets) and runs no image
-processor of its own. Raw images (bytes, PIL) would instead be decoded, resized by the engine's
-processor with its own pixel bounds and re-tokenised (decode → text → tokens, which can drift), so
-the engine's prompt could differ from the one the learner scores. Hence `input_ids` hold the
-expanded image tokens, one per vision-tower output embedding (t·h·w / merge²), as our prompts do.
-SGLang then places the image positions (M-RoPE) as our `models.mrope` does: Qwen3-VL's from those
-offsets and grids (`_compute_image_only_mrope_positions_from_offsets`), Qwen2.5-VL's with
-`get_rope_index`, which finds an image only where `<|vision_start|>` precedes its tokens (the chat
-template always writes it; `image_requests` refuses a prompt without it). 0.5.23 takes exactly one
-processor-output item per request, so a prompt's images go as one item (its grids split it). Each
-of a prompt's n requests (one per sample, for the seeds) carries the same patch tensors, which the
-engine pickles to its scheduler and hashes once per request: a cost to measure on GPU (a 1024-token
-image is 4096 fp32 patches of 1536 values, 25 MB).
-The engine builds its multimodal processor even then (`TokenizerManager.init_tokenizer_and_processor`),
-from `tokenizer_path`: a VL engine needs the model's processor files (`processor_path`).
-A response never holds an image or video token (the learner would find an image token without an
-image): those get a logit bias of -inf. SGLang applies it before it computes log-probs, so its
-log-probs are of the distribution without them, log(1 - p(image or video token)) above the
-learner's (the embedded engine reports the unrenormalised ones); for a trained model p is ~0.
-
 Weight names: what SGLang's `load_weights` takes are the names of checkpoint files, which for
 Qwen2.5-VL keep transformers-4's prefixes (`model.layers.`, `visual.`; given transformers-5's
 `model.language_model.` names its loader fails on the fused projections and silently skips the
 rest); pushes are renamed with `vision_config.saved_hf_name` (Qwen3-VL's loader takes either).
-
-Routed experts (`return_routed_experts=True`, routing replay): the engine runs with
-`enable_return_routed_experts` and each request asks for
-`return_routed_experts`; SGLang then returns `meta_info["routed_experts"]`, the base64 of an int32
-[prompt + output - 1, layers, top-k] array (`RoutedExpertsCapturer`: every token it ran, from
-`routed_experts_start_len=0`), which `parse_generations` turns into `Generation.routed_experts`.
-
-Log-probs: SGLang returns log_softmax(z / T) of the sampled token before top-k/top-p (greedy:
-T = 1), the convention of `rollout.engine`.
-
-Seeds: 0.5.23 reads a request's `sampling_seed` only when the engine runs with
-`enable_deterministic_inference=True` (`SamplingBatchInfo.from_schedule_batch`; that mode also
-switches to the pytorch sampler and batch-invariant kernels). Otherwise the seed is ignored and
-sampling follows the scheduler's global RNG: `generate` warns once.
 
 Shutdown: `Engine.shutdown` SIGKILLs every descendant of the calling process
 (`kill_process_tree(os.getpid(), include_parent=False)`), not only the engine's: close other
@@ -95,30 +57,24 @@ child-process pools first.
 from __future__ import annotations
 
 import functools
-import json
-import random
 import shutil
-import socket
-import tempfile
 import threading
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from rlsd_megatron.config import ConfigError, ModelConfig
-from rlsd_megatron.models.hf_mapping import MappingError, expected_hf_shapes
+from rlsd_megatron.config import ModelConfig
 from rlsd_megatron.models.vision_config import saved_hf_name
 from rlsd_megatron.parallel.cpu_binding import helper_process_cpus
 from rlsd_megatron.parallel.signals import stop_signals_blocked
-from rlsd_megatron.rollout.engine import (EngineHealth, Generation, RolloutEngine, SamplingParams, compact_expert_ids,
-                                          sample_seed)
-from rlsd_megatron.rollout.fp8 import Fp8BlockConfig, fp8_block_quantization_config, fp8_quant_config
-
-SGLANG_VERSION = "0.5.23"
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+from rlsd_megatron.rollout.engine import EngineHealth, Generation, RolloutEngine, SamplingParams
+from rlsd_megatron.rollout.fp8 import fp8_block_quantization_config
+from rlsd_megatron.rollout.sglang_launch import (SGLANG_VERSION, check_hf_config, engine_fp8_format, engine_hf_config,
+                                                 free_port_below_ephemeral, processor_dir, vision_start_token_id,
+                                                 write_hf_config_dir)
+from rlsd_megatron.rollout.sglang_requests import image_requests, parse_generations, sampling_requests
 
 
 def import_sglang():
@@ -134,189 +90,6 @@ def import_sglang():
     if sglang.__version__ != SGLANG_VERSION:
         warnings.warn(f"sglang {sglang.__version__} is installed; rlsd_megatron is tested against {SGLANG_VERSION}")
     return sglang
-
-
-# -- pure translation (tested on CPU) ----------------------------------------------------------
-def sampling_requests(prompts: Sequence[Sequence[int]], sampling: SamplingParams, prompt_offset: int = 0,
-                      banned_token_ids: Sequence[int] = ()) -> tuple[list[list[int]], list[dict]]:
-    """One SGLang request per sample, prompt-major: (input_ids, sampling_params dicts).
-    `banned_token_ids` are never sampled (a logit bias of -inf, see the module docstring)."""
-    input_ids, params = [], []
-    for i, prompt in enumerate(prompts):
-        for j in range(sampling.n):
-            request = {
-                "max_new_tokens": sampling.max_new_tokens,
-                "temperature": sampling.temperature,
-                "top_p": sampling.top_p,
-                "top_k": sampling.top_k if sampling.top_k > 0 else -1,
-                "presence_penalty": sampling.presence_penalty,
-                "stop_token_ids": list(sampling.stop_token_ids) or None,
-                "skip_special_tokens": False,
-                "no_stop_trim": True,
-            }
-            if sampling.seed is not None:
-                request["sampling_seed"] = sample_seed(sampling.seed, prompt_offset + i, j)
-            if banned_token_ids:
-                request["logit_bias"] = {str(int(t)): float("-inf") for t in banned_token_ids}
-            input_ids.append([int(t) for t in prompt])
-            params.append(request)
-    return input_ids, params
-
-
-def image_requests(prompts: Sequence[Sequence[int]], images: Sequence[Any] | None, n: int, model: ModelConfig,
-                   vision_start_token_id: int | None = None) -> list[list[dict]] | None:
-    """SGLang `image_data` for `sampling_requests`' requests (prompt-major, `n` per prompt): one
-    processor-output item per prompt with images (`ImageInputs`), [] for a text prompt; None when
-    no prompt has images. Raises ValueError when a prompt's image tokens do not match its images
-    (one run of t·h·w / merge² image tokens per image; for Qwen2.5-VL each run right after
-    `vision_start_token_id`, see the module docstring)."""
-    from rlsd_megatron.data.images import image_token_counts
-
-    if images is None or all(x is None for x in images):
-        return None
-    if model.vision is None:
-        raise ValueError("prompts with images given to the SGLang engine of a text-only model (model.vision unset)")
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts; give None for text-only ones")
-    vision = model.vision
-    data = []
-    for i, (prompt, x) in enumerate(zip(prompts, images)):
-        tokens = [int(t) for t in prompt]
-        runs = _runs(tokens, vision.image_token_id)
-        counts = image_token_counts(x.image_grid_thw, vision.spatial_merge_size) if x is not None else []
-        if [length for _, length in runs] != counts:
-            raise ValueError(f"prompt {i} holds image-token runs of {[length for _, length in runs]} tokens for images "
-                             f"of {counts} tokens (t*h*w / merge^2 each): build prompts with the model's processor")
-        if vision.model_type == "qwen2_5_vl" and any(start == 0 or tokens[start - 1] != vision_start_token_id
-                                                     for start, _ in runs):
-            raise ValueError(f"prompt {i} has an image without <|vision_start|> (id {vision_start_token_id}) right "
-                             "before its tokens: SGLang's Qwen2.5-VL would place it at text positions; render "
-                             "prompts with the model's chat template")
-        for _ in range(n):  # a list and dict of its own per request (SGLang normalises them in place)
-            data.append([] if x is None else [{"format": "processor_output", "pixel_values": x.pixel_values,
-                                               "image_grid_thw": x.image_grid_thw}])
-    return data
-
-
-def _runs(tokens: list[int], token: int) -> list[tuple[int, int]]:
-    """(start, length) of each maximal run of `token` in `tokens`."""
-    runs = []
-    for i, t in enumerate(tokens):
-        if t != token:
-            continue
-        if runs and runs[-1][0] + runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((i, 1))
-    return runs
-
-
-def parse_generations(outputs: list[dict], n: int, version: int | None, prompt_offset: int = 0,
-                      routed_experts: ModelConfig | None = None) -> list[Generation]:
-    """SGLang `generate` outputs (one per request, prompt-major) → `Generation`s; with
-    `routed_experts` (the engine's MoE model) each one's routed experts as well."""
-    generations = []
-    for index, out in enumerate(outputs):
-        meta = out["meta_info"]
-        token_ids = [int(t) for t in out["output_ids"]]
-        logprob_entries = meta["output_token_logprobs"]
-        if [int(e[1]) for e in logprob_entries] != token_ids:
-            raise RuntimeError(f"SGLang returned log-probs for other tokens than it generated (request {index})")
-        reason = meta["finish_reason"]
-        kind = reason.get("type") if isinstance(reason, dict) else reason
-        generations.append(Generation(prompt_offset + index // n, index % n, token_ids,
-                                      [float(e[0]) for e in logprob_entries], _FINISH.get(kind, "abort"), version,
-                                      _routed_experts(meta, routed_experts, index) if routed_experts else None))
-    return generations
-
-
-def _routed_experts(meta: dict, model: ModelConfig, index: int) -> torch.Tensor:
-    """`meta_info["routed_experts"]` (base64 of int32 [tokens, layers, top-k]) as a tensor."""
-    import base64
-
-    import numpy as np
-
-    if meta.get("routed_experts") is None:
-        raise RuntimeError(f"SGLang returned no routed experts for request {index}: the engine needs "
-                           "enable_return_routed_experts=True (rollout.routing_replay sets it)")
-    ids = np.frombuffer(base64.b64decode(meta["routed_experts"]), dtype=np.int32)
-    return compact_expert_ids(torch.from_numpy(ids.copy()).reshape(-1, model.num_layers, model.moe_router_topk),
-                              model.num_experts)
-
-
-def check_hf_config(model_path: str | Path, model: ModelConfig) -> None:
-    """Raise MappingError if the engine's config.json describes other tensors than `model`."""
-    from rlsd_megatron.models.hf_config import model_fields_from_hf
-
-    theirs = ModelConfig(**model_fields_from_hf(str(model_path)))
-    ours, other = expected_hf_shapes(model), expected_hf_shapes(theirs)
-    diff = sorted(n for n in set(ours) | set(other) if ours.get(n) != other.get(n))
-    if diff:
-        raise MappingError(
-            f"the engine model at {model_path} does not match the learner's model config: "
-            + ", ".join(f"{n}: engine {other.get(n)} vs learner {ours.get(n)}" for n in diff[:5])
-        )
-
-
-def engine_hf_config(model_path: str | Path) -> dict[str, Any]:
-    """The config.json SGLang builds the engine from, with a ModelOpt `hf_quant_config.json` next to
-    it (which SGLang also reads) as its quantization_config."""
-    from rlsd_megatron.models.hf_config import read_hf_config
-
-    config = read_hf_config(model_path)
-    path = Path(model_path)
-    modelopt = (path if path.is_dir() else path.parent) / "hf_quant_config.json"
-    if not config.get("quantization_config") and modelopt.is_file():
-        nested = json.loads(modelopt.read_text()).get("quantization", {})
-        config["quantization_config"] = {"quant_method": "modelopt", **nested}
-    return config
-
-
-def engine_fp8_format(hf_config: dict[str, Any], fp8_weights: bool) -> Fp8BlockConfig | None:
-    """The FP8 format pushes to an engine built from `hf_config` must have (`fp8.fp8_quant_config`),
-    refusing Llama (see the module docstring)."""
-    fp8 = fp8_quant_config(hf_config, fp8_weights=fp8_weights)
-    if fp8 is not None and "LlamaForCausalLM" in hf_config.get("architectures", ()):
-        raise ConfigError(
-            f"rollout.fp8_weights=true does not work with Llama on sglang {SGLANG_VERSION}: its LlamaForCausalLM "
-            "renames the pushed .weight_scale_inv tensors to .weight_scale, which block-FP8 layers do not have, "
-            "so the scales would be dropped (sglang PR #30234). Use a Qwen2/Qwen3 model or rollout.fp8_weights=false."
-        )
-    return fp8
-
-
-def vision_start_token_id(hf_config: dict[str, Any]) -> int:
-    """`<|vision_start|>`'s id as SGLang reads it: config.json's, else transformers' default for the
-    model type (SGLang builds its config with transformers' AutoConfig)."""
-    import transformers
-
-    return int(transformers.AutoConfig.for_model(**hf_config).vision_start_token_id)
-
-
-def write_hf_config_dir(hf_config: dict[str, Any]) -> str:
-    """A temporary model directory holding only `hf_config` as config.json (the engine starts with
-    `load_format="dummy"` and gets its weights from the first sync)."""
-    path = Path(tempfile.mkdtemp(prefix="rlsd_sglang_model_"))
-    (path / "config.json").write_text(json.dumps(hf_config, indent=1))
-    return str(path)
-
-
-def free_port_below_ephemeral(low: int = 22000, high: int = 29999, attempts: int = 64) -> int:
-    """A free TCP port for the engine's `nccl_port`, drawn from OS entropy. SGLang's own pick
-    (`get_free_port_below_ephemeral`) samples with the process-global `random`, which every
-    learner rank seeds alike, so engines started at the same moment on one node draw the same
-    port and all but one fail to bind their TP store."""
-    draw = random.SystemRandom()
-    for port in draw.sample(range(low, high + 1), attempts):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def flattened_payload(bucket, rename: Callable[[str], str] = str) -> dict:
@@ -337,27 +110,6 @@ def bucket_spec(bucket, rename: Callable[[str], str] = str) -> tuple[list[str], 
     slots = bucket.packed_slots()
     return ([rename(s.name) for s in slots], [str(s.dtype).removeprefix("torch.") for s in slots],
             [list(s.shape) for s in slots])
-
-
-def processor_dir(model: ModelConfig, processor_path: str | None, model_path: str | None) -> str | None:
-    """The directory SGLang builds a VL engine's multimodal processor from (`tokenizer_path`):
-    `processor_path`, else the model directory; None for a text model. Raises ConfigError when
-    it holds neither a `preprocessor_config.json` (released models) nor the `processor_config.json`
-    transformers 5 saves (see the module docstring)."""
-    if model.vision is None:
-        return None
-    for candidate in (processor_path, model_path):
-        if candidate is None:
-            continue
-        folder = Path(candidate) if Path(candidate).is_dir() else Path(candidate).parent
-        if any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
-            return str(folder)
-    raise ConfigError(
-        f"a vision-language policy on the SGLang backend needs the model's processor files (preprocessor_config.json "
-        f"and the tokenizer): sglang {SGLANG_VERSION} builds its multimodal processor even for preprocessed images; "
-        f"none in data.tokenizer_dir={processor_path!r} or model.hf_config={model_path!r}. Point data.tokenizer_dir at "
-        "the model's directory"
-    )
 
 
 # -- the engine --------------------------------------------------------------------------------
