@@ -105,6 +105,30 @@ def input_problems(cfg) -> list[str]:
     return problems
 
 
+def _engine_rank_stops(failure, user_errors: tuple[type[Exception], ...], errors_group) -> int:
+    """An engine rank's exit status when the learners failed (`failure`, a `PeerFailure`). Bad input
+    is reported by the learners (`report_late_problem` over `errors_group`, rank 0 prints it): this
+    rank joins that report with the same problem, so that it comes at once (rather than after the
+    report's timeout) and reads as it does without engine ranks; a learner's bug has its traceback
+    on the learner, and a line here."""
+    import socket
+
+    import torch.distributed as dist
+
+    from rlsd_megatron.parallel.agreement import report_problems
+
+    bad_input = failure.error_type in {f"{kind.__module__}.{kind.__qualname__}" for kind in user_errors}
+    if bad_input:
+        try:
+            report_problems([failure.error], prog=PROG, group=errors_group)
+            return USER_ERROR_STATUS
+        except Exception:  # the gloo timeout: not every learner reports it
+            pass
+    print(f"{PROG}: error: rollout engine rank {dist.get_rank()} ({socket.gethostname()}) stops: {failure}",
+          file=sys.stderr, flush=True)
+    return USER_ERROR_STATUS if bad_input else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlsd_megatron.config_help import HelpConfigAction
 
@@ -187,8 +211,12 @@ def main(argv: list[str] | None = None) -> int:
                               wait_timeout_minutes=p.wait_timeout_minutes, engine_ranks=engine_ranks(cfg))
     if is_engine_rank():  # rollout.placement=separate: serve the learner until it stops this rank
         from rlsd_megatron.rollout.separate import run_engine_rank
+        from rlsd_megatron.rollout.separate_failures import PeerFailure
 
-        run_engine_rank(cfg)
+        try:
+            run_engine_rank(cfg)
+        except PeerFailure as failure:  # the learners failed: this rank stops now, with their error
+            return finish(_engine_rank_stops(failure, user_errors, errors_group), layout=True)
         dist.barrier()
         return finish(0, layout=True)
 

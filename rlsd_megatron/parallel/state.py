@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import os
 import random
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -171,6 +172,8 @@ def initialize_model_parallel(layout: Layout, seed: int = 1234, *, collective_ti
     # The world's backend and timeout (checkpoints run there): the learners' stand-in for the world.
     _LEARNER_WORLD_GROUP = new_group(list(range(learner_world_size())), timeout=_WAIT_TIMEOUT) \
         if engine_ranks else None
+    global _SEPARATE_RUN_KEY
+    _SEPARATE_RUN_KEY = _agreed_run_key() if engine_ranks else None
 
 
 _REPLICA_GROUP = None
@@ -179,6 +182,28 @@ _WAIT_TIMEOUT = None
 _ENGINE_RANKS = 0
 _WEIGHT_BROADCAST_GROUP = None
 _LEARNER_WORLD_GROUP = None
+_SEPARATE_RUN_KEY = None
+
+
+def _agreed_run_key() -> str:
+    """A key of this layout's own, the same on every rank (collective over the world): it names the
+    learners' and engines' entries in the shared store (`rollout/separate_failures.py`), apart from
+    those of an earlier layout in the same processes."""
+    holder = [uuid.uuid4().hex]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def separate_run_key() -> str | None:
+    """This layout's key when engine ranks are separate (`rollout.placement=separate`); None when colocated."""
+    return _SEPARATE_RUN_KEY
+
+
+def wait_timeout() -> datetime.timedelta:
+    """`parallel.wait_timeout_minutes`: how long a rank waits for one other rank's long work."""
+    if _WAIT_TIMEOUT is None:
+        raise RuntimeError("wait_timeout() before initialize_model_parallel()")
+    return _WAIT_TIMEOUT
 
 
 def weight_broadcast_group():
@@ -339,8 +364,8 @@ def destroy_model_parallel() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    global _REPLICA_GROUP, _WAIT_GROUP, _ENGINE_RANKS, _WEIGHT_BROADCAST_GROUP, _LEARNER_WORLD_GROUP
-    _REPLICA_GROUP = _WAIT_GROUP = _WEIGHT_BROADCAST_GROUP = _LEARNER_WORLD_GROUP = None
+    global _REPLICA_GROUP, _WAIT_GROUP, _ENGINE_RANKS, _WEIGHT_BROADCAST_GROUP, _LEARNER_WORLD_GROUP, _SEPARATE_RUN_KEY
+    _REPLICA_GROUP = _WAIT_GROUP = _WEIGHT_BROADCAST_GROUP = _LEARNER_WORLD_GROUP = _SEPARATE_RUN_KEY = None
     _ENGINE_RANKS = 0
     while _CREATED_GROUPS:
         # ValueError: already destroyed (megatron-core destroys its gloo data-parallel groups itself).

@@ -7,9 +7,11 @@
   an in-process engine's parameters (`write_hf_into`)
 - `weight_sync`: `sync_weights`, the call the trainer makes after each optimizer step
 - `embedded`: `EmbeddedEngine`, a `transformers` model in-process (CPU default)
-- `sglang_engine`: `SGLangEngine` (GPU, colocated, CUDA IPC / NCCL sync)
+- `sglang_engine`: `SGLangEngine` (GPU, colocated, CUDA IPC / NCCL sync); `sglang_requests`: our
+  requests and results in SGLang's terms; `sglang_launch`: what an SGLang engine starts from
 - `data_parallel`: `DataParallelEngines`, several engines in one process as one
-- `separate`: engines on their own ranks (`rollout.placement=separate`): `RemoteEngine`, `serve_engine`
+- `separate`: engines on their own ranks (`rollout.placement=separate`): `RemoteEngine`, `serve_engine`;
+  `separate_failures`: a failure on either side stops the other at once
 - `mismatch`: `MismatchMonitor`, learner vs engine log-prob drift
 - `provider`: `create_engine(cfg)` and `sampling_params(cfg.rollout)`
 """

@@ -18,6 +18,8 @@ replica's host rank holds a `RemoteEngine`, a `RolloutEngine` whose calls travel
 
 Messages are a fixed-size header (the body's byte count) received from any rank, then the body
 from the header's sender: one engine rank serves several replicas in whatever order they come.
+A failure on either side stops the other within seconds (`separate_failures.py`): an engine rank
+waits for each message's doorbell in the job's store, where a learner's failure reaches it too.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import torch.distributed as dist
 
 from rlsd_megatron.rollout.buckets import FlatBucket
 from rlsd_megatron.rollout.engine import EngineHealth, Generation, RolloutEngine, SamplingParams
+from rlsd_megatron.rollout.separate_failures import (announce_ready, engine_gone, failures_posted, posted_failure,
+                                                     ring, wait_for_engines, wait_for_message)
 
 _HEADER_TAG, _BODY_TAG = 71, 72
 
@@ -120,6 +124,7 @@ class RemoteEngine(RolloutEngine):
         self.last_reply: GenerationReply | None = None
         self.waited_seconds = 0.0
         self._push_waits = 0.0  # weight pushes' waits for the engines while a request was in flight
+        self._serving: set[int] = set()  # the engine ranks seen ready (`_request`)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
                  prompt_offset: int = 0, images: Sequence[Any] | None = None) -> list[Generation]:
@@ -138,7 +143,23 @@ class RemoteEngine(RolloutEngine):
         """Send a generation request (with the prompts' images for a VL policy) and return at once;
         `receive()` returns its results."""
         request = ("generate", [list(p) for p in prompts], sampling, prompt_offset, images)
-        self.in_flight.append(send_message(request, self.engine_rank, wait=False))
+        self.in_flight.append(self._request(request, self.engine_rank, wait=False))
+
+    def _request(self, message: object, engine_rank: int, *, wait: bool) -> Sending:
+        """Send `message` to `engine_rank` and ring its doorbell; with `wait`, until it has taken it.
+        The first message to an engine rank waits for it to serve: one that failed to start raises
+        its error here rather than leave the message unanswered."""
+        if engine_rank not in self._serving:
+            wait_for_engines([engine_rank])
+            self._serving.add(engine_rank)
+        sending = send_message(message, engine_rank, wait=False)
+        ring(engine_rank)
+        if wait:
+            try:
+                sending.wait()
+            except RuntimeError as error:  # gloo: the engine's process is gone
+                raise engine_gone(engine_rank, error) from error
+        return sending
 
     def receive(self) -> list[Generation]:
         """The generations of the oldest submitted request not yet received (blocks until they come)."""
@@ -151,7 +172,10 @@ class RemoteEngine(RolloutEngine):
     def _take(self) -> tuple[object, float]:
         """(reply, seconds waited for it) of the oldest request in flight."""
         started = time.perf_counter()
-        _, reply = recv_message(self.engine_rank)
+        try:
+            _, reply = recv_message(self.engine_rank)
+        except RuntimeError as error:  # gloo: the engine's process is gone
+            raise engine_gone(self.engine_rank, error) from error
         self.in_flight.pop(0).wait()
         return reply, time.perf_counter() - started
 
@@ -181,7 +205,7 @@ class RemoteEngine(RolloutEngine):
                                "separate engines (the other replicas' hosts only generate)")
         started, waited = time.perf_counter(), None
         for engine in self.engines:
-            send_message(("weights", version), engine)
+            self._request(("weights", version), engine, wait=True)
         for bucket in buckets:
             _broadcast_slots(bucket.packed_slots(), self.weight_group)
             # The first broadcast completes once every engine has joined: until then rank 0 waited for them.
@@ -199,13 +223,16 @@ class RemoteEngine(RolloutEngine):
 
     def shutdown(self) -> None:
         """Take the replies of requests still in flight (an early stop leaves the next step's), then
-        stop the engine ranks (global rank 0)."""
+        stop the engine ranks (global rank 0). After a posted failure the engine ranks stop by
+        themselves, and may no longer answer."""
+        if posted_failure() is not None:
+            self.in_flight, self.sends_weights = [], False
+            return
         while self.in_flight:
-            recv_message(self.engine_rank)
-            self.in_flight.pop(0).wait()
+            self._take()
         if self.sends_weights:
             for engine in self.engines:
-                send_message(("stop",), engine)
+                self._request(("stop",), engine, wait=True)
             self.sends_weights = False  # once
 
 
@@ -240,11 +267,19 @@ def _receive_weights(engine: RolloutEngine, group, version: int, device: torch.d
 def serve_engine(engine: RolloutEngine, group) -> int:
     """The engine rank's loop: generate for whichever replica asks, take weight broadcasts from rank
     0, until rank 0 says stop; returns the requests served. An engine error is sent back to the
-    replica that asked (a failed weight sync to every later request), never left to hang it."""
+    replica that asked (a failed weight sync to every later request), never left to hang it; the
+    learners' failure raises their `PeerFailure` here."""
+    with failures_posted():
+        announce_ready()
+        return _serve(engine, group)
+
+
+def _serve(engine: RolloutEngine, group) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     failure, served, replies, idle = None, 0, [], 0.0
     while True:
         waiting = time.perf_counter()
+        wait_for_message(taken=served)  # every message but the last ("stop") is counted in `served`
         sender, message = recv_message()
         idle += time.perf_counter() - waiting
         replies = [sending for sending in replies if not sending.done()]
@@ -292,7 +327,8 @@ def run_engine_rank(cfg) -> int:
     from rlsd_megatron.parallel.state import weight_broadcast_group
     from rlsd_megatron.rollout.provider import create_engine
 
-    engine = create_engine(cfg, base_gpu_id=torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    with failures_posted():  # the learners stop at start-up, not at their first request
+        engine = create_engine(cfg, base_gpu_id=torch.cuda.current_device() if torch.cuda.is_available() else 0)
     try:
         return serve_engine(engine, weight_broadcast_group())
     finally:

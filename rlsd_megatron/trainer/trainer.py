@@ -14,7 +14,9 @@ One step, `Trainer.train_step`, in its verbs:
   time (`distillation.py`); then the teacher policy updates its copy;
 - sync: the learner's weights are pushed to the engines; the step's metrics are logged.
 
-With `rollout.placement=separate` the engines run on their own ranks (`rollout/separate.py`) and
+The engines' life cycle (which one a rank holds, the learner's offload around generation and
+saves, sleep/wake, the weight sync) is `EngineSide`'s (`engine_side.py`). With
+`rollout.placement=separate` the engines run on their own ranks (`rollout/separate.py`) and
 each replica's first rank holds a handle on one; with `train.off_policy_steps=1` the next step's
 prompts go to it before this step trains (`off_policy.py`), and a checkpoint holds that batch.
 """
@@ -33,7 +35,9 @@ from rlsd_megatron.learner.batch import ROUTED_EXPERTS
 from rlsd_megatron.logging.metrics import PhaseTimer
 from rlsd_megatron.parallel.agreement import same_on_every_rank
 from rlsd_megatron.parallel.state import learner_group, learner_world_size, replica_group, wait_for_every_rank
+from rlsd_megatron.rollout.separate_failures import post_failure
 from rlsd_megatron.trainer import distillation, objectives
+from rlsd_megatron.trainer.engine_side import EngineSide
 from rlsd_megatron.trainer.in_update import student_free_fields
 from rlsd_megatron.trainer.off_policy import Draw, OneStepOffPolicy, old_log_probs, staleness
 from rlsd_megatron.trainer.rollouts import (Rollouts, StepScores, collect_rollouts, generate_and_score,
@@ -63,50 +67,38 @@ class Trainer:
         from rlsd_megatron.data.readers import DataError
         from rlsd_megatron.learner.frozen_model import FrozenModel
         from rlsd_megatron.learner.learner import Learner
-        from rlsd_megatron.learner.offload import LearnerOffload, allocation_region, create_optimizer_state
+        from rlsd_megatron.learner.offload import allocation_region, create_optimizer_state
         from rlsd_megatron.logging.metrics import MetricsLogger
         from rlsd_megatron.rewards import RewardScorer
         from rlsd_megatron.rollout.mismatch import MismatchMonitor
-        from rlsd_megatron.rollout.provider import create_engine
         from rlsd_megatron.trainer.reference import KLReference
 
         self.cfg = cfg
         # The launcher installs it before building the trainer, so that a stop signal during
         # start-up (minutes at 70B) is kept, not fatal; `run()` installs it otherwise.
         self.stop = stop if stop is not None else StopController.from_environment()
-        self.replica_group = replica_group()
-        self.dp_group = parallel_state.get_data_parallel_group()
-        self.dp_rank, self.dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-        self.hosts_engine = dist.get_rank(self.replica_group) == 0
-        # Inputs first: a bad data row or a missing checkpoint stops every rank here, in seconds,
-        # not after the model (minutes per rank at 70B) and the engine are built.
-        self.dataset, val_dataset = same_on_every_rank(lambda: build_run_datasets(cfg), DataError,
-                                                        group=learner_group())
-        resume = resolve_resume(cfg.checkpoint)
-        self.engine = self.scorer = self.benchmarks = None
-        with allocation_region(cfg.train.offload):
-            self.learner = Learner(cfg, impl=impl)
-            if cfg.train.offload == "torch_memory_saver":
-                create_optimizer_state(self.learner)
-        self.learner_offload = LearnerOffload(self.learner, cfg.train.offload) if cfg.train.offload != "none" else None
-        # The frozen scorers before the engine, which sizes its KV cache by the memory still free.
-        self.teacher_model = FrozenModel(cfg, cfg.algorithm.teacher_model, setting="algorithm.teacher_model",
-                                         impl=impl) if cfg.algorithm.teacher_weights == "separate" else None
-        self.reference = KLReference(cfg, self.learner, impl=impl) if cfg.algorithm.kl_coef else None
+        self.scorer = self.benchmarks = self.engine_side = self.logger = None
         try:
-            # The engine takes engine_tp GPUs from the host's own: its replica's first GPUs.
-            first_gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0
-            if self.learner_offload is not None:  # the engine sizes its memory by what is free when it starts
-                self.learner_offload.offload()
-            if self.hosts_engine and cfg.rollout.placement == "separate":  # a handle on an engine rank
-                from rlsd_megatron.rollout.separate import remote_engine
-
-                self.engine = remote_engine(self.dp_rank)
-            elif self.hosts_engine:
-                self.engine = create_engine(cfg, base_gpu_id=first_gpu)
-            wait_for_every_rank("the rollout engines' start-up")
-            if self.learner_offload is not None:
-                self._learner_back()  # loading, the warm start and the first sync need it
+            self.replica_group = replica_group()
+            self.dp_group = parallel_state.get_data_parallel_group()
+            self.dp_rank, self.dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+            self.hosts_engine = dist.get_rank(self.replica_group) == 0
+            # Inputs first: a bad data row or a missing checkpoint stops every rank here, in seconds,
+            # not after the model (minutes per rank at 70B) and the engine are built.
+            self.dataset, val_dataset = same_on_every_rank(lambda: build_run_datasets(cfg), DataError,
+                                                            group=learner_group())
+            resume = resolve_resume(cfg.checkpoint)
+            with allocation_region(cfg.train.offload):
+                self.learner = Learner(cfg, impl=impl)
+                if cfg.train.offload == "torch_memory_saver":
+                    create_optimizer_state(self.learner)
+            self.engine_side = EngineSide(cfg, self.learner, hosts_engine=self.hosts_engine, dp_rank=self.dp_rank,
+                                          replica_group=self.replica_group)
+            # The frozen scorers before the engine, which sizes its KV cache by the memory still free.
+            self.teacher_model = FrozenModel(cfg, cfg.algorithm.teacher_model, setting="algorithm.teacher_model",
+                                             impl=impl) if cfg.algorithm.teacher_weights == "separate" else None
+            self.reference = KLReference(cfg, self.learner, impl=impl) if cfg.algorithm.kl_coef else None
+            self.engine_side.start()
             self.loader = PromptLoader(self.dataset, global_batch_size=cfg.train.prompts_per_step,
                                        dp_rank=self.dp_rank, dp_size=self.dp_size, seed=cfg.train.seed,
                                        shuffle=cfg.data.shuffle)
@@ -141,9 +133,20 @@ class Trainer:
                 load_checkpoint(cfg.checkpoint.init_from, self.learner.model, model=cfg.model)
                 self.learner.optimizer.reload_model_params()
                 self.start_from_learner_weights()
-        except BaseException:
+        except BaseException as error:
+            post_failure(error)  # first: separate engine ranks then stop by themselves, asking nothing more
             self.close()  # the engine and the verifier processes, when start-up fails after them
             raise
+
+    @property
+    def engine(self):
+        """This rank's rollout engine (None on ranks that host none)."""
+        return self.engine_side.engine
+
+    @property
+    def learner_offload(self):
+        """The learner's `LearnerOffload` (None without `train.offload`)."""
+        return self.engine_side.offload
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -152,6 +155,9 @@ class Trainer:
             self.stop.install()
         try:
             self._run_steps()
+        except BaseException as error:
+            post_failure(error)  # separate engine ranks stop now, not at the wait timeout
+            raise
         finally:
             if installed_here:
                 self.stop.restore()
@@ -199,14 +205,10 @@ class Trainer:
         if ckpt.dir is None:
             return
         started = time.perf_counter()
-        offloaded = self.learner_offload is not None and not self.learner_offload.resident
-        if offloaded:
-            self._learner_back()
-        if self.off_policy is not None:  # the checkpoint holds the next step's batch, not a request for it
-            self.off_policy.settle()
-        path = save_training_state(self, ckpt.dir)
-        if offloaded:  # the engine slept for the save: its weights again, the learner off again
-            self.sync_weights()
+        with self.engine_side.learner_resident(version=self.step):
+            if self.off_policy is not None:  # the checkpoint holds the next step's batch, not a request for it
+                self.off_policy.settle()
+            path = save_training_state(self, ckpt.dir)
         if dist.get_rank() == 0:
             prune_checkpoints(ckpt.dir, keep_last=ckpt.keep_last)
         self._last_save_seconds = time.perf_counter() - started
@@ -251,7 +253,7 @@ class Trainer:
         timer = PhaseTimer()
         with timer("generate"):
             start, rollouts = self._step_start(), self.collect_rollouts()
-            self._learner_back()  # colocated: the learner's phases need the engine's GPU memory
+            self.engine_side.learner_back()  # colocated: the learner's phases need the engine's GPU memory
         self._abandon_if_stopped(start, rollouts)
         if self.off_policy is not None and self.step < self.cfg.train.steps:
             self.off_policy.submit_next()  # generated with the weights of before this update, while it trains
@@ -283,7 +285,7 @@ class Trainer:
             **{k if "/" in k else f"train/{k}": v for k, v in train_stats.items()},
             **sync.metrics(),
             **{f"perf/{k}_seconds": v for k, v in timer.seconds.items()},
-            **(self.learner_offload.metrics() if self.learner_offload is not None else {}),
+            **self.engine_side.metrics(),
             **(self.learner.routing_replay.metrics() if self.learner.routing_replay is not None else {}),
             "perf/tokens_per_s": tokens / max(sum(timer.seconds.values()), 1e-9),
         })
@@ -412,42 +414,9 @@ class Trainer:
                              step=self.step, images=images)
 
     def sync_weights(self):
-        """Learner weights → this replica's engine; every rank returns the host's `SyncStats` (the
-        ranks that log hold no engine). With `rollout.placement=separate` replica 0 alone streams
-        them and its rank 0 broadcasts them to every engine rank; the other replicas report 0 bytes."""
-        from rlsd_megatron.rollout.weight_sync import SyncStats, sync_weights
-
-        stats = None
-        if self.learner_offload is not None and not self.learner_offload.resident:
-            self._learner_back()
-        engine = self.engine
-        if self.cfg.rollout.placement == "separate":
-            # Replica 0 alone streams its weights; its rank 0 broadcasts them to every engine rank.
-            engine = self.engine if dist.get_rank() == 0 else None
-            if self.dp_rank != 0:
-                stats = SyncStats(self.step, 0, 0, 0.0)  # nothing sent from this replica
-        # Other CP ranks' model-parallel groups hold no engine (replica_group), but megatron's
-        # expert-parallel group may span CP ranks: with EP every rank takes part in the stream.
-        if (self.learner.cp_rank == 0 or self.cfg.parallel.ep > 1) and stats is None:
-            if engine is not None:  # weights first, KV cache after the sync: a lower peak
-                engine.wake(["weights"])
-            stats = sync_weights(self.learner.model, self.cfg.model, engine, version=self.step,
-                                 bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb * 2**20)
-        if self.learner_offload is not None:  # before the KV cache takes the memory back
-            self.learner_offload.offload()
-        if engine is not None:
-            engine.wake()
-        holder = [stats]
-        if dist.get_world_size(self.replica_group) > 1:
-            dist.broadcast_object_list(holder, src=dist.get_global_rank(self.replica_group, 0), group=self.replica_group)
-        return holder[0]
-
-    def _learner_back(self) -> None:
-        """The engine asleep (its memory released) and the learner on its device (`train.offload`)."""
-        if self.engine is not None:
-            self.engine.sleep()
-        if self.learner_offload is not None:
-            self.learner_offload.onload()
+        """Learner weights → the engines as this step's version (`EngineSide.sync`); every rank
+        returns the host's `SyncStats`."""
+        return self.engine_side.sync(self.step)
 
     def validate(self) -> dict[str, float]:
         """Mean validation reward with the validation sampling settings; the train.eval_sets benchmarks."""
@@ -477,7 +446,7 @@ class Trainer:
             self.scorer.close()
         if self.benchmarks is not None:
             self.benchmarks.close()
-        if self.engine is not None:
-            self.engine.shutdown()
-        if getattr(self, "logger", None) is not None:  # None when start-up failed before it
+        if self.engine_side is not None:  # None when start-up failed before it (and the logger)
+            self.engine_side.close()
+        if self.logger is not None:
             self.logger.close()

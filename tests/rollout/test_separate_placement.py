@@ -164,3 +164,91 @@ def test_one_step_off_policy_overlaps_generation_with_the_update(dist_pool, tmp_
         assert s["perf/engine_generate_seconds"] > 0 and 0 <= s["perf/overlap_frac"] <= 1
     # Step 2's batch was generated while step 1 trained: the learner waited for less than its generation.
     assert m[1]["perf/overlap_seconds"] > 0
+
+
+START_UP_FAILURES = {
+    # checkpoint.resume=auto without checkpoint.dir: every learner stops before its model and its engine handle.
+    "learners, before their engine handle": ["checkpoint.resume=auto"],
+    # A missing checkpoint to start from: the learners stop after connecting to the engine rank.
+    "learners, after connecting": ["checkpoint.init_from=/nonexistent/rlsd_checkpoint"],
+    # FP8 rollout weights need SGLang: the engine rank's create_engine fails, the learners are fine.
+    "engine": ["rollout.fp8_weights=true"],
+}
+
+
+def start_up_failures(log_dir: str) -> dict:
+    """Each case of `START_UP_FAILURES` with the learners on ranks 0-1 (`Trainer`, its first sync and
+    step) and an engine rank (`run_engine_rank`): per case, this rank's error (type, message, the failure's error_type) and
+    the seconds from the layout's start until it came."""
+    import time
+
+    from rlsd_megatron.config import load_config
+    from rlsd_megatron.parallel.state import is_engine_rank, model_parallel
+    from rlsd_megatron.rollout.separate import run_engine_rank
+    from rlsd_megatron.trainer.trainer import Trainer
+
+    out = {}
+    for index, (case, overrides) in enumerate(START_UP_FAILURES.items()):
+        cfg = load_config("examples/configs/cpu_demo.yaml", [
+            *TINY, "algorithm.method=grpo", "rollout.placement=separate", "rollout.engine_ranks=1",
+            f"logging.dir={log_dir}/{index}", *overrides])
+        with model_parallel(seed=cfg.train.seed, engine_ranks=1):
+            started = time.monotonic()
+            try:
+                if is_engine_rank():
+                    run_engine_rank(cfg)
+                else:
+                    trainer = Trainer(cfg)
+                    try:  # what rank 0 (the weights) and each replica's host (its rollouts) ask the engine
+                        trainer.sync_weights()
+                        trainer.step = 1
+                        trainer.train_step()
+                    finally:
+                        trainer.close()
+                out[case] = None
+            except Exception as error:
+                out[case] = (type(error).__name__, str(error), getattr(error, "error_type", None),
+                             time.monotonic() - started)
+    return out
+
+
+def test_a_start_up_failure_on_either_side_stops_the_other_at_once(dist_pool, tmp_path):
+    # Without the failure reaching it, the other side would wait for parallel.wait_timeout_minutes (60).
+    learner, other, engine = dist_pool(3).run(start_up_failures, str(tmp_path), timeout=300)
+    for case in ("learners, before their engine handle", "learners, after connecting"):
+        kind, message, _, _ = learner[case]
+        assert kind == "CheckpointError", (case, learner[case])
+        kind, engine_message, error_type, seconds = engine[case]
+        assert kind == "PeerFailure" and error_type == "rlsd_megatron.checkpoint.directory.CheckpointError", case
+        # The learners' own error, named as theirs.
+        assert engine_message.startswith("learner rank ") and f"CheckpointError: {message}" in engine_message, case
+        assert seconds < 30, (case, seconds)
+    kind, message, _, _ = engine["engine"]
+    assert kind == "ConfigError" and "rollout.fp8_weights=true needs the SGLang backend" in message
+    for rank_result in (learner, other):
+        kind, learner_message, error_type, seconds = rank_result["engine"]
+        assert kind == "PeerFailure" and error_type == "rlsd_megatron.config.ConfigError"
+        assert learner_message == f"rollout engine rank 2 failed: ConfigError: {message}"
+        assert seconds < 30, seconds
+
+
+def test_rlsd_train_reports_a_bad_data_row_once_and_every_rank_exits(dist_pool, tmp_path):
+    """`rlsd-train` with an engine rank: the learners find the bad row after start-up (in the trainer);
+    the engine rank joins their report, so rank 0 prints it once, as without engine ranks, and every
+    rank exits with status 2 at once (not after the report's or the engine's wait timeout)."""
+    import json
+
+    from tests.data.conftest import build_tokenizer
+    from tests.test_train_cli import DEMO, run_main
+
+    tokenizer = build_tokenizer(tmp_path / "tokenizer")
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"question": "What is 1+1? " * 40, "answer": "2"}) + "\n")
+    argv = ["--config", DEMO, "data.task=null", f"data.train_files=[{data}]", f"data.tokenizer_dir={tokenizer}",
+            "data.max_prompt_length=64", "model.vocab_size=320", f"logging.dir={tmp_path / 'logs'}",
+            "rollout.placement=separate", "rollout.engine_ranks=1"]
+    first, second, engine = dist_pool(3).run(run_main, [argv] * 3, timeout=50)
+    assert first["stderr"].startswith(f"rlsd-train: error: {data}, line 1: the prompt is ")
+    assert len(first["stderr"].splitlines()) == 1
+    assert second["stderr"] == engine["stderr"] == ""
+    assert first["status"] == second["status"] == engine["status"] == 2
