@@ -84,7 +84,8 @@ class ModelConfig:
     moe_router_topk: int = 2  # experts each token goes to (num_experts_per_tok)
     moe_ffn_hidden_size: int | None = None  # one expert's SwiGLU width (moe_intermediate_size)
     moe_norm_topk_prob: bool = True  # rescale the top-k routing probabilities to sum to 1 (norm_topk_prob)
-    # transformers' load-balancing loss weight (HF router_aux_loss_coef, read from model.hf_config; 0 = off).
+    # transformers' load-balancing loss weight (HF router_aux_loss_coef, read from model.hf_config; 0 = off);
+    # any TP/EP/PP/CP layout, not parallel.vpp (learner/moe_aux_loss.py).
     moe_aux_loss_coeff: float = 0.0
     # A vision-language policy (Qwen2.5-VL, Qwen3-VL): the decoder above plus this vision tower; None: text only.
     vision: VisionConfig | None = None
