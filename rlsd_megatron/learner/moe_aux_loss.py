@@ -36,8 +36,8 @@ queues with the activations: NCCL runs a communicator's operations in order), an
 `_InjectAuxGradient` waits for m's all-reduce at its first backward. Every stage runs its training
 forwards in micro-batch order, so the k-th all-reduce of each stage is micro-batch k's: no pairing
 to do, and by the time any stage waits for m's, every stage has posted it and all earlier ones:
-nothing can deadlock. T and the serial travel along so that `end` checks, once per schedule, that
-the stages' exchanges lined up; it also waits for every exchange before the schedule returns, so
+nothing can deadlock. T, w and the serial travel along so that `end` checks, once per schedule,
+that the stages' exchanges lined up (and agreed on T and w); it also waits for every exchange before the schedule returns, so
 none is in flight after a step (a schedule that raises drops its own: megatron's activations are
 then out of step too, and the next exchange's check fails rather than pair stale counts).
 Forward-only passes (scoring) record and send nothing. The interleaved schedule (virtual stages)
@@ -63,8 +63,13 @@ import torch.distributed as dist
 from rlsd_megatron.learner.batch import MicroBatch
 
 
+# What an exchange carries after the [E] counts: the layers they cover, then what every stage must
+# agree on (T, the weight w, the serial number of the exchange).
+_TAIL = 4
+
+
 class _Exchange:
-    """One chunk's forward of a micro-batch: [counts (E), layers, T, serial] of this rank, summed
+    """One chunk's forward of a micro-batch: [counts (E), layers, T, w, serial] of this rank, summed
     over the pipeline stages in place by `work` (None without pipeline parallelism)."""
 
     def __init__(self, values: torch.Tensor, work, serial: int):
@@ -84,8 +89,8 @@ class _MicroBatchRouting:
         self._totals: torch.Tensor | None = None
 
     def totals(self) -> torch.Tensor:
-        """[E + 3] float64: the routed counts summed over every layer of every stage, L, and the
-        ranks' sums of T and of the serials (waits for the exchanges the first time)."""
+        """[E + 4] float64: the routed counts summed over every layer of every stage, L, and the
+        ranks' sums of T, w and the serials (waits for the exchanges the first time)."""
         if self._totals is None:
             if len(self.exchanges) != self.forwards:
                 raise RuntimeError(f"MoE aux loss: a backward needs all {self.forwards} forwards of its micro-batch on "
@@ -99,7 +104,7 @@ class _MicroBatchRouting:
     def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(f̄ [E], which sums to top-k; L), float32 tensors."""
         totals = self.totals()
-        experts = len(totals) - 3
+        experts = len(totals) - _TAIL
         layers = totals[experts]
         return (totals[:experts] / (layers * self.tokens)).float(), layers.float()
 
@@ -197,7 +202,8 @@ class LoadBalancingLoss:
         routing, counts = self.current, self._forward_counts
         summed = torch.stack(list(counts.values())).sum(0).double() if counts else \
             torch.zeros(self.num_experts, dtype=torch.float64, device=self.device)
-        tail = torch.tensor([len(counts), routing.tokens, self._serial], dtype=torch.float64, device=summed.device)
+        tail = torch.tensor([len(counts), routing.tokens, routing.weight, self._serial], dtype=torch.float64,
+                            device=summed.device)
         values = torch.cat([summed, tail])
         work = dist.all_reduce(values, group=self.pp_group, async_op=True) if self.pp_group is not None else None
         routing.exchanges.append(_Exchange(values, work, self._serial))
@@ -236,13 +242,14 @@ class LoadBalancingLoss:
             routing.totals()  # waits
         if self.pp_group is None or not routings:
             return
-        got = torch.stack([e.values[-2:] for r in routings for e in r.exchanges]).cpu()
-        want = self.pp_size * torch.tensor([[r.tokens, e.serial] for r in routings for e in r.exchanges],
+        got = torch.stack([e.values[1 - _TAIL:] for r in routings for e in r.exchanges]).cpu()
+        want = self.pp_size * torch.tensor([[r.tokens, r.weight, e.serial] for r in routings for e in r.exchanges],
                                            dtype=torch.float64)
-        if not torch.equal(got, want):
+        if not torch.allclose(got, want, rtol=1e-12, atol=0.0):  # integers but w: exact up to w's summation
             raise RuntimeError("MoE aux loss: the pipeline stages' routing counts did not line up (each stage's "
-                               f"[tokens, serial] x {self.pp_size} {want.tolist()}, summed {got.tolist()}): their "
-                               "training forwards ran in different orders, or an earlier schedule stopped midway")
+                               f"[tokens, weight, serial] x {self.pp_size} {want.tolist()}, summed {got.tolist()}): "
+                               "their training forwards ran in different orders or on different micro-batches, or "
+                               "an earlier schedule stopped midway")
 
     def _forget_schedule(self) -> None:
         self._by_micro_batch.clear()

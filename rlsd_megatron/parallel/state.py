@@ -281,7 +281,13 @@ def new_pipeline_side_group():
     from megatron.core import parallel_state
 
     ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
-    return new_group(ranks, use_local_synchronization=True)
+    group = new_group(ranks, use_local_synchronization=True)
+    # NCCL creates a group's communicator at its first collective, which blocks until every member
+    # gets there; the stages first use this group at different points of a pipeline schedule (one
+    # waiting there for a stage that waits for its activations would hang), so it is created now.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dist.all_reduce(torch.zeros(1, device=device), group=group)
+    return group
 
 
 @contextlib.contextmanager

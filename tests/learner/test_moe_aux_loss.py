@@ -11,7 +11,8 @@ neither the tokens, the micro-batches nor DP. At PP=2, 1F1B runs micro-batch m+1
 m's backward, and the first layer of each stage is recomputed in backward (full recomputation,
 block method: m's recomputation comes after m+1's forward too, the second layer is not
 recomputed); a forward-only pass over the same micro-batches runs first and must leave nothing
-behind. The reported `moe_aux_loss` (averaged over the ranks' micro-batches) equals
+behind; a stage whose exchanges are out of step with the other's (numbered one ahead) makes the
+step fail instead. The reported `moe_aux_loss` (averaged over the ranks' micro-batches) equals
 transformers' aux. fp32; gradients within 1e-5 of each tensor's largest entry (observed ~1e-7).
 Context parallelism needs Transformer Engine (GPU): its token layout is tested here, the counts'
 all-reduce over CP in test_gpu_learner.
@@ -136,6 +137,32 @@ def test_context_parallel_gradient_and_value_match_data_parallel(gpu_pool, refer
 def run_layouts(weights: dict) -> dict:
     return {"tp2": aux_gradient(weights, tp=2), "ep2": aux_gradient(weights, ep=2),
             "pp2+recompute": aux_gradient(weights, pp=2, recompute="block", score_first=True)}
+
+
+def stages_out_of_step(weights: dict) -> str:
+    """PP=2 where the last stage's exchanges are numbered one ahead, as after a schedule that stopped
+    midway on one stage: the step must refuse its counts (the error's text)."""
+    from megatron.core import parallel_state
+
+    from rlsd_megatron.learner.learner import Learner
+    from rlsd_megatron.parallel.state import model_parallel
+
+    with model_parallel(pp=2):
+        learner = Learner(Config(model=MODEL, parallel=ParallelConfig(pp=2)))
+        learner.load_full_state(weights)
+        if parallel_state.is_pipeline_last_stage():
+            learner.load_balancing._serial += 1
+        try:
+            learner.train_step([learner.micro_batch(batch) for batch in micro_batches()],
+                               lambda logits, mb: (logits.sum() * 0.0, {}))
+        except RuntimeError as error:
+            return str(error)
+        return "no error"
+
+
+def test_stages_out_of_step_are_refused(dist_pool, reference):
+    for message in dist_pool(2).run(stages_out_of_step, reference["weights"], timeout=600):
+        assert "the pipeline stages' routing counts did not line up" in message, message
 
 
 def test_token_mask_follows_the_context_parallel_split():
