@@ -29,17 +29,19 @@ over micro-batches and DP ranks, as our globally normalised losses expect).
 Pipeline parallelism: a stage routes only its own layers, and the schedule carries one activation
 tensor between stages. But under megatron's 1F1B schedule the backward of micro-batch m starts, on
 any stage, only after every stage has run m's forward (the gradient comes back from the last
-stage, which ran m's forward after all the others). So after each training forward the stage
-posts an asynchronous all-reduce of its layers' counts [E], its layer count, T and a serial number
-over a pipeline group of our own (`parallel.state.new_pipeline_side_group`, so that it never
-queues with the activations: NCCL runs a communicator's operations in order), and
+stage, which ran m's forward after all the others). So after each training forward, before
+sending its activation on, the stage posts an asynchronous all-reduce of its layers' counts [E],
+its layer count, T, w and a serial number over a pipeline group of our own
+(`parallel.state.new_pipeline_side_group`, so that it never queues with the activations: NCCL
+runs a communicator's operations in order), and
 `_InjectAuxGradient` waits for m's all-reduce at its first backward. Every stage runs its training
 forwards in micro-batch order, so the k-th all-reduce of each stage is micro-batch k's: no pairing
 to do, and by the time any stage waits for m's, every stage has posted it and all earlier ones:
 nothing can deadlock. T, w and the serial travel along so that `end` checks, once per schedule,
-that the stages' exchanges lined up (and agreed on T and w); it also waits for every exchange before the schedule returns, so
-none is in flight after a step (a schedule that raises drops its own: megatron's activations are
-then out of step too, and the next exchange's check fails rather than pair stale counts).
+that the stages' exchanges lined up (and agreed on T and w); it also waits for every exchange
+before the schedule returns, so none is in flight after a step (a schedule that raises drops its
+own: megatron's activations are then out of step too, and the next exchange's check fails rather
+than pair stale counts).
 Forward-only passes (scoring) record and send nothing. The interleaved schedule (virtual stages)
 walks one table of (chunk, micro-batch) on every rank, so each chunk's forward posts its own
 exchange and a micro-batch's backward waits for all of its chunks'; `config_checks` still refuses
@@ -93,8 +95,8 @@ class _MicroBatchRouting:
         ranks' sums of T, w and the serials (waits for the exchanges the first time)."""
         if self._totals is None:
             if len(self.exchanges) != self.forwards:
-                raise RuntimeError(f"MoE aux loss: a backward needs all {self.forwards} forwards of its micro-batch on "
-                                   f"this rank, {len(self.exchanges)} ran (a pipeline schedule out of micro-batch order?)")
+                raise RuntimeError(f"MoE aux loss: a backward needs all {self.forwards} forwards of its micro-batch "
+                                   f"on this rank, {len(self.exchanges)} ran (a pipeline schedule out of order?)")
             for exchange in self.exchanges:
                 if exchange.work is not None:
                     exchange.work.wait()

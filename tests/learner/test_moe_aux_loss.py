@@ -75,7 +75,8 @@ def aux_gradient(weights: dict, tp: int = 1, ep: int = 1, pp: int = 1, cp: int =
     cfg = Config(model=MODEL, parallel=ParallelConfig(tp=tp, ep=ep, pp=pp, cp=cp, sequence_parallel=tp > 1,
                                                       use_distributed_optimizer=False),
                  optimizer=OptimizerConfig(clip_grad=0.0),
-                 precision=PrecisionConfig(params_dtype=params_dtype, recompute_granularity="full" if recompute else "none",
+                 precision=PrecisionConfig(params_dtype=params_dtype,
+                                           recompute_granularity="full" if recompute else "none",
                                            recompute_method=recompute, recompute_num_layers=1 if recompute else None))
     with model_parallel(tp=tp, ep=ep, pp=pp, cp=cp):
         learner = Learner(cfg, impl=impl)
