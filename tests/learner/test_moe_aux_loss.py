@@ -6,8 +6,8 @@ right-padded micro-batches of two sequences each through transformers with their
 (`output_router_logits=True`: its `aux_loss` pools every layer's routing over the real tokens);
 the step's gradient must be 0.01 x the mean of the four micro-batches' aux gradients, whether the
 four run on one replica (TP=2 with sequence parallelism; PP=2, where each stage routes two of the
-layers and the counts cross stages) or on two (EP=2, DP=2: two each): the scale depends on
-neither the tokens, the micro-batches nor DP. At PP=2, 1F1B runs micro-batch m+1's forward before
+layers and the counts cross stages) or on two (EP=2, DP=2: two each; PP=2 x EP=2 on four ranks):
+the scale depends on neither the tokens, the micro-batches nor DP. At PP=2, 1F1B runs micro-batch m+1's forward before
 m's backward, and the first layer of each stage is recomputed in backward (full recomputation,
 block method: m's recomputation comes after m+1's forward too, the second layer is not
 recomputed); a forward-only pass over the same micro-batches runs first and must leave nothing
@@ -190,3 +190,10 @@ def test_token_mask_follows_the_context_parallel_split():
             shards.append(torch.cat(tp_slices).t())
             indices.append(local.cp_index)
         assert torch.equal(cp_merge(shards, indices, width), full)
+
+
+def test_pipeline_and_expert_parallel_together(dist_pool, reference):
+    """PP=2 x EP=2 on four ranks (DP=2: two micro-batches per replica, still interleaved by 1F1B):
+    each pipeline group (one per data-parallel rank) exchanges its own replica's counts."""
+    case = dist_pool(4).run(aux_gradient, reference["weights"], pp=2, ep=2, timeout=600)[0]
+    assert_matches_reference("pp2xep2", case, reference)
