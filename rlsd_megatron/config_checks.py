@@ -144,6 +144,10 @@ def expert_problems(cfg: Config, world_size: int) -> list[str]:
     if width % p.tp:
         problems.append(f"model.moe_ffn_hidden_size={width} is not divisible by parallel.tp={p.tp} "
                         "(experts are tensor-parallel over tp)")
+    shared = m.moe_shared_expert_intermediate_size
+    if shared and shared % p.tp:
+        problems.append(f"model.moe_shared_expert_intermediate_size={shared} is not divisible by parallel.tp={p.tp} "
+                        "(the shared expert is tensor-parallel like a dense MLP)")
     if m.moe_aux_loss_coeff < 0:
         problems.append(f"model.moe_aux_loss_coeff={m.moe_aux_loss_coeff} is negative; 0 turns the loss off")
     if m.moe_aux_loss_coeff > 0 and (p.pp > 1 or p.cp > 1):
