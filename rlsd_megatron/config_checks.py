@@ -388,7 +388,7 @@ def routing_replay_problems(cfg: Config) -> list[str]:
         return []
     problems = []
     if not cfg.model.num_experts:
-        problems.append("rollout.routing_replay=true needs an MoE policy (model.num_experts, family qwen3_moe): a "
+        problems.append("rollout.routing_replay=true needs an MoE policy (model.num_experts, family qwen3_moe or qwen2_moe): a "
                         "dense model has no routing to replay; set rollout.routing_replay=false")
     if prec.fp8 != "none" and prec.recompute_granularity == "full":
         # Under FP8 megatron-core recomputes layers with Transformer Engine's checkpoint, which does not

@@ -1,6 +1,6 @@
 """The embedded rollout engine: a Hugging Face `transformers` causal LM in this process (CPU).
 
-The default engine where there is no GPU. It is a real Llama / Qwen2 / Qwen3 / Qwen3-MoE model built from
+The default engine where there is no GPU. It is a real Llama / Qwen2 / Qwen3 / Qwen3-MoE / Qwen2-MoE model built from
 our `ModelConfig` (`models.hf_config.hf_config_from_model`, no hub access) that receives the very
 same HF-named tensors as SGLang from `rollout.resharding` — written straight into its parameters
 when it lives in the learner's process (`writable_weights`), or as buckets — so a CPU run
@@ -17,9 +17,9 @@ prompt's largest. The image placeholder token is never drawn (a sampled one woul
 behind it in the learner's forward): like top-k / top-p truncation, this changes what can be
 drawn, not the reported log-probs.
 
-Routing replay (`return_routed_experts=True`, a Qwen3-MoE model): a forward hook on every layer's
-router (transformers' `Qwen3MoeTopKRouter`, which returns the chosen expert ids third) keeps each
-forward's choices; the prefill's rows of a prompt are shared by its n samples (their KV cache is
+Routing replay (`return_routed_experts=True`, an MoE model): a forward hook on every layer's
+router (transformers' `Qwen3MoeTopKRouter` / `Qwen2MoeTopKRouter`, which return the chosen expert
+ids third) keeps each forward's choices; the prefill's rows of a prompt are shared by its n samples (their KV cache is
 repeated), each decode step adds one row per sample still running, so a sample's
 `Generation.routed_experts` covers its prompt and every response token but the last, as SGLang's.
 
@@ -84,7 +84,7 @@ def checkpoint_views(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`named` (a transformers model's parameters, or tensors keyed like them, e.g. gradients)
     under the names its checkpoints and the weight sync use, as views of the same memory.
 
-    transformers 5 holds a Qwen3-MoE layer's experts fused in 3-D tensors (`mlp.experts.gate_up_proj`
+    transformers 5 holds a Qwen3-MoE / Qwen2-MoE layer's routed experts fused in 3-D tensors (`mlp.experts.gate_up_proj`
     [E, 2F, H]: per expert [gate; up]; `mlp.experts.down_proj` [E, H, F]); checkpoints, SGLang and
     our mapping name each expert's `gate_proj` / `up_proj` / `down_proj` [F, H] / [F, H] / [H, F] on
     its own. Other names pass through.
