@@ -229,7 +229,7 @@ def test_sampling_params_from_config_training_and_validation():
     assert (val.n, val.temperature, val.top_p, val.top_k, val.presence_penalty, val.max_new_tokens) == (2, 0.7, 0.8, 20, 1.5, 9)
     # Routing replay: training draws ask for the routed experts, validation never does.
     assert not train.return_routed_experts
-    replay = replace(rollout, routing_replay=True)
+    replay = dataclasses.replace(rollout, routing_replay=True)
     assert sampling_params(replay).return_routed_experts and not sampling_params(replay, validation=True).return_routed_experts
 
 
