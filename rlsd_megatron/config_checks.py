@@ -144,6 +144,10 @@ def expert_problems(cfg: Config, world_size: int) -> list[str]:
     if width % p.tp:
         problems.append(f"model.moe_ffn_hidden_size={width} is not divisible by parallel.tp={p.tp} "
                         "(experts are tensor-parallel over tp)")
+    shared = m.moe_shared_expert_intermediate_size
+    if shared and shared % p.tp:
+        problems.append(f"model.moe_shared_expert_intermediate_size={shared} is not divisible by parallel.tp={p.tp} "
+                        "(the shared expert is tensor-parallel like a dense MLP)")
     if m.moe_aux_loss_coeff < 0:
         problems.append(f"model.moe_aux_loss_coeff={m.moe_aux_loss_coeff} is negative; 0 turns the loss off")
     if m.moe_aux_loss_coeff > 0 and p.vpp is not None:
@@ -385,7 +389,7 @@ def routing_replay_problems(cfg: Config) -> list[str]:
         return []
     problems = []
     if not cfg.model.num_experts:
-        problems.append("rollout.routing_replay=true needs an MoE policy (model.num_experts, family qwen3_moe): a "
+        problems.append("rollout.routing_replay=true needs an MoE policy (model.num_experts, family qwen3_moe or qwen2_moe): a "
                         "dense model has no routing to replay; set rollout.routing_replay=false")
     if prec.fp8 != "none" and prec.recompute_granularity == "full":
         # Under FP8 megatron-core recomputes layers with Transformer Engine's checkpoint, which does not

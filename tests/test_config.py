@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -261,6 +263,17 @@ def moe_layout_config(**parallel) -> Config:
 def test_expert_layout_errors(parallel, world, message):
     with pytest.raises(ConfigError, match=message):
         validate_config(moe_layout_config(**parallel), world, cuda_available=False, te_available=False)
+
+
+def test_shared_expert_width_must_divide_by_tp():
+    cfg = moe_layout_config(tp=2, sequence_parallel=True)
+    cfg.model = dataclasses.replace(cfg.model, family="qwen2_moe", qk_layernorm=False, qkv_bias=True,
+                                    moe_shared_expert_intermediate_size=33)
+    with pytest.raises(ConfigError, match=r"model\.moe_shared_expert_intermediate_size=33 is not divisible by "
+                                          r"parallel\.tp=2 \(the shared expert is tensor-parallel"):
+        validate_config(cfg, 2, cuda_available=False, te_available=False)
+    cfg.model.moe_shared_expert_intermediate_size = 32
+    validate_config(cfg, 2, cuda_available=False, te_available=False)
 
 
 def test_load_balancing_loss_crosses_pipeline_stages_but_not_virtual_ones():

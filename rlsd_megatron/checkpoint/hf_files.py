@@ -20,11 +20,13 @@ from rlsd_megatron.checkpoint.directory import CheckpointError
 from rlsd_megatron.dtypes import of_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
-# Everything a tokenizer / generation setup may need; copied when present.
+# Everything a tokenizer / generation setup may need; copied when present. A VL model's image
+# processor settings too (flat in preprocessor_config.json, or nested in the processor_config.json
+# transformers 5 saves): a checkpoint's assets then process images as the model's own processor.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "generation_config.json",
+    "generation_config.json", "preprocessor_config.json", "processor_config.json",
 )
 
 

@@ -32,17 +32,25 @@ class ResponseGrader:
         self._pool = None
 
     def grade(self, spec: BenchmarkSpec, rows: Sequence[BenchmarkRow], responses: Sequence[str]) -> list[Graded]:
+        """Each response by its row's answer type (``row.answer_type``: a mixed benchmark's rows
+        differ), numeric ones with the row's own tolerance when it has one."""
         if len(rows) != len(responses):
             raise ValueError(f"{len(responses)} responses for {len(rows)} rows; give one row per response.")
-        kind = spec.answer_type
-        if kind == "math":
-            return self._grade_math(rows, responses)
-        if kind == "multiple_choice":
-            return [grade_multiple_choice(r, row.answer, row.choices) for r, row in zip(responses, rows)]
-        if kind == "numeric":
-            return [grade_numeric(r, row.answer, rel_tol=spec.rel_tol, abs_tol=spec.abs_tol)
-                    for r, row in zip(responses, rows)]
-        return [grade_exact(r, row.answer, case_sensitive=spec.case_sensitive) for r, row in zip(responses, rows)]
+        graded: list[Graded | None] = [None] * len(rows)
+        math_rows = [i for i, row in enumerate(rows) if row.answer_type == "math"]
+        if math_rows:
+            for i, grade in zip(math_rows, self._grade_math([rows[i] for i in math_rows],
+                                                           [responses[i] for i in math_rows])):
+                graded[i] = grade
+        for i, (row, response) in enumerate(zip(rows, responses)):
+            if row.answer_type == "multiple_choice":
+                graded[i] = grade_multiple_choice(response, row.answer, row.choices)
+            elif row.answer_type == "numeric":
+                graded[i] = grade_numeric(response, row.answer, rel_tol=spec.rel_tol,
+                                          abs_tol=spec.abs_tol if row.abs_tol is None else row.abs_tol)
+            elif row.answer_type == "exact":
+                graded[i] = grade_exact(response, row.answer, case_sensitive=spec.case_sensitive)
+        return graded
 
     def _grade_math(self, rows: Sequence[BenchmarkRow], responses: Sequence[str]) -> list[Graded]:
         if self._pool is None:

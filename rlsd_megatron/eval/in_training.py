@@ -8,7 +8,9 @@ engine (problems keep their benchmark-wide index and seed, so the samples are th
 draws for the same weights), the replica's engine host broadcasts its records to the replica, and
 the records are gathered over data-parallel ranks so that every rank computes the same metrics.
 Prompts are rendered by the training dataset's renderer (its tokenizer, chat template and system
-prompt, or the built-in task's format); a benchmark's ``prompt_template`` shapes the user turn.
+prompt, or the built-in task's format); a benchmark's ``prompt_template`` shapes the user turn. A
+vision-language run on data files evaluates image benchmarks too, with the training data's
+processor settings; a text run refuses them at start-up.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
+from rlsd_megatron.data.prompts import FilePromptDataset
 from rlsd_megatron.eval.benchmarks import load_benchmark_specs, read_benchmark_rows
 from rlsd_megatron.eval.grading import ResponseGrader
 from rlsd_megatron.eval.model_source import Prompter
@@ -24,7 +27,7 @@ from rlsd_megatron.eval.runner import generate_samples, metrics_from_samples
 from rlsd_megatron.parallel.state import wait_for_every_rank
 
 if TYPE_CHECKING:
-    from rlsd_megatron.config import TrainConfig
+    from rlsd_megatron.config import Config, TrainConfig
     from rlsd_megatron.data.prompts import PromptDataset
     from rlsd_megatron.rollout.engine import RolloutEngine
 
@@ -40,9 +43,13 @@ class TrainingBenchmarks:
 
     def __init__(self, path: str, dataset: "PromptDataset", *, dp_rank: int, dp_size: int, hosts_engine: bool):
         self.specs = _load_specs(path)
-        self.rows = {spec.name: read_benchmark_rows(spec) for spec in self.specs}
+        # A vision-language run's file dataset renders <image> placeholders: its image benchmarks
+        # are evaluated with the model's processor settings (data.tokenizer_dir), like its rows.
+        vision = dataset.vision if isinstance(dataset, FilePromptDataset) else None
+        self.prompter = Prompter(dataset.render_prompt, dataset.decode, [dataset.eos_id], vision=vision,
+                                 processor_dir=dataset.cfg.tokenizer_dir if vision is not None else None)
+        self.rows = {spec.name: read_benchmark_rows(spec, self.prompter.image_reader(spec)) for spec in self.specs}
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.prompter = Prompter(dataset.render_prompt, dataset.decode, [dataset.eos_id])
         self.grader = ResponseGrader() if hosts_engine else None
 
     def evaluate(self, engine: "RolloutEngine | None", dp_group, replica_group) -> dict[str, float]:
@@ -80,18 +87,23 @@ def training_benchmarks(train: "TrainConfig", dataset: "PromptDataset", dp_rank:
     return TrainingBenchmarks(train.eval_sets, dataset, dp_rank=dp_rank, dp_size=dp_size, hosts_engine=hosts_engine)
 
 
-def eval_sets_problems(train: "TrainConfig") -> list[str]:
-    """What is wrong with ``train.eval_sets`` (the YAML, its settings, every benchmark row), checked
-    by the trainer's input checks before the model is built; [] when it is fine or unset."""
-    if not train.eval_sets:
+def eval_sets_problems(cfg: "Config") -> list[str]:
+    """What is wrong with ``train.eval_sets`` (the YAML, its settings, every benchmark row and
+    image: an image benchmark of a run whose prompts take none), checked by the trainer's input
+    checks before the model is built; [] when it is fine or unset."""
+    path = cfg.train.eval_sets
+    if not path:
         return []
     from rlsd_megatron.data.readers import DataError
 
+    # As `TrainingBenchmarks`: a VL run on data files renders images, with the model's processor.
+    vision = cfg.model.vision if cfg.data.task is None else None
+    prompter = Prompter(None, None, [], vision=vision, processor_dir=cfg.data.tokenizer_dir if vision else None)
     try:
-        for spec in _load_specs(train.eval_sets):
-            read_benchmark_rows(spec)
+        for spec in _load_specs(path):
+            read_benchmark_rows(spec, prompter.image_reader(spec))
     except (OSError, ValueError, DataError) as exc:
-        return [f"train.eval_sets={train.eval_sets!r}: {exc}"]
+        return [f"train.eval_sets={path!r}: {exc}"]
     return []
 
 

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
 from rlsd_megatron.checkpoint.directory import (HF_ASSETS_DIR, CheckpointError, model_config_from_hf_config,
                                                 read_checkpoint_info, resolve_checkpoint_dir)
-from rlsd_megatron.config import ModelConfig
+from rlsd_megatron.config import ModelConfig, VisionConfig
+
+if TYPE_CHECKING:
+    from rlsd_megatron.data.images import ImageReader
+    from rlsd_megatron.eval.benchmarks import BenchmarkSpec
 
 __all__ = ["EvalModel", "Prompter", "build_engine", "build_prompter", "open_model"]
 
@@ -40,9 +44,13 @@ class EvalModel:
     def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The weights as HF-named tensors, a layer at a time (stored dtype)."""
         if self.kind == "hf":
-            from rlsd_megatron.checkpoint.hf_files import HFSafetensors
+            import functools
 
-            weights = HFSafetensors(self.path)
+            from rlsd_megatron.checkpoint.hf_files import HFSafetensors
+            from rlsd_megatron.models.vision_config import loaded_hf_name
+
+            # A VL checkpoint's files may name tensors as saved (`visual.*`): the engine's are module names.
+            weights = HFSafetensors(self.path, rename=functools.partial(loaded_hf_name, self.model))
             for name in sorted(weights.names()):
                 yield name, weights[name]
             return
@@ -95,16 +103,52 @@ def open_model(path: str | Path, *, tokenizer_dir: str | Path | None = None) -> 
 @dataclass
 class Prompter:
     """How a benchmark's user text becomes prompt ids and sampled ids become text:
-    ``render(user_text) -> ids``, ``decode(ids) -> str``, ``stop_token_ids``."""
+    ``render(user_text) -> ids``, ``decode(ids) -> str``, ``stop_token_ids``. A vision-language
+    model's also has ``vision`` (its ``model.vision``; ``render`` then turns each ``<image>`` of
+    the text into one image placeholder token, as training prompts do) and ``processor_dir``
+    (the folder of its ``preprocessor_config.json``: the model's own image processor settings)."""
 
     render: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
     stop_token_ids: list[int]
+    vision: VisionConfig | None = None
+    processor_dir: Path | None = None
+
+    def image_reader(self, spec: "BenchmarkSpec") -> "ImageReader | None":
+        """The reader of ``spec``'s images for this model (its processor, the benchmark's pixel
+        bounds); None for a text benchmark. Raises ValueError for an image benchmark on a model
+        whose prompts take no images."""
+        if spec.image_key is None:
+            return None
+        if self.vision is None:
+            raise ValueError(f"benchmark {spec.name!r} has images (image_key={spec.image_key!r}) but the model's "
+                             "prompts take none (a text-only model, or a built-in task's prompt format); evaluate a "
+                             "vision-language model with its chat tokenizer, or remove image_key.")
+        from rlsd_megatron.data.images import ImageReader
+
+        return ImageReader(self.vision, spec.image_settings(),
+                           str(self.processor_dir) if self.processor_dir is not None else None)
+
+    def prompt(self, user_text: str, images: "ImageReader | None" = None, entries: Sequence[Any] = (),
+               base_dir: Path = Path(".")) -> tuple[list[int], Any]:
+        """The prompt ids of ``user_text`` and its ``ImageInputs`` (None without images): each
+        image of ``entries`` processed by ``images`` and its placeholder token repeated once per
+        image embedding (``data.images.expand_image_tokens``), as in a training prompt."""
+        ids = list(self.render(user_text))
+        if self.vision is None:
+            return ids, None
+        from rlsd_megatron.data.images import expand_image_tokens, image_token_counts
+
+        inputs = images.inputs(entries, base_dir) if entries else None
+        counts = image_token_counts(inputs.image_grid_thw, self.vision.spatial_merge_size) if inputs else []
+        # Also for a text row: a stray <image> in its text (no image to fill it) is refused here.
+        return expand_image_tokens(ids, counts, self.vision.image_token_id), inputs
 
 
 def build_prompter(model: EvalModel, *, system_prompt: str | None = None) -> Prompter:
     """The built-in task's prompt format and tokenizer when the checkpoint's run used one (no
-    system prompt possible there), else the chat template of ``model.tokenizer_dir``."""
+    system prompt possible there), else the chat template of ``model.tokenizer_dir`` (with
+    ``<image>`` placeholders and the model's image processor for a vision-language model)."""
     if model.task:
         from rlsd_megatron.data.build import BUILTIN_TASKS
 
@@ -119,9 +163,15 @@ def build_prompter(model: EvalModel, *, system_prompt: str | None = None) -> Pro
     if model.tokenizer_dir is None:
         raise ValueError(f"{model.path} names no tokenizer (no hf_assets, no data.tokenizer_dir in its training "
                          f"config); pass --tokenizer DIR (the model's HF directory works).")
+    from rlsd_megatron.data.images import IMAGE_PLACEHOLDER
+
     tokenizer = load_chat_tokenizer(model.tokenizer_dir)
-    return Prompter(hf_chat_renderer(tokenizer, system_prompt=system_prompt),
-                    lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), [tokenizer.eos_token_id])
+    vision = model.model.vision
+    render = hf_chat_renderer(tokenizer, system_prompt=system_prompt,
+                              image_placeholder=IMAGE_PLACEHOLDER if vision is not None else None)
+    return Prompter(render, lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True),
+                    [tokenizer.eos_token_id], vision=vision,
+                    processor_dir=model.tokenizer_dir if vision is not None else None)
 
 
 def build_engine(model: EvalModel, backend: str, *, engines: int = 1, engine_tp: int = 1, work_dir: Path,
@@ -153,8 +203,10 @@ def build_engine(model: EvalModel, backend: str, *, engines: int = 1, engine_tp:
         from rlsd_megatron.rollout.sglang_engine import SGLangEngine
 
         hf_dir = str(model.hf_directory(work_dir, log=log))
+        # A VL engine builds its multimodal processor from the processor files (the tokenizer's folder).
+        processor = str(model.tokenizer_dir) if model.model.vision is not None and model.tokenizer_dir else None
         built = [SGLangEngine(model.model, model_path=hf_dir, engine_tp=engine_tp, base_gpu_id=k * engine_tp,
-                              mem_fraction_static=mem_fraction_static,
+                              mem_fraction_static=mem_fraction_static, processor_path=processor,
                               server_args={"enable_deterministic_inference": True} if deterministic else None)
                  for k in range(engines)]
     else:

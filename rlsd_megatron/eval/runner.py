@@ -3,11 +3,16 @@
 For each benchmark: render every problem's prompt, generate ``n`` samples per problem (in chunks
 of problems, with a progress bar), grade the responses by the answer type, compute the metrics
 (``eval.metrics``) and write ``<out>/<name>.json``: the settings, the metrics and every sample
-(response, extracted answer, score, tokens, finish reason). The file is written atomically when
+(response, extracted answer, score, tokens, finish reason), and the bad rows skipped by kind
+(``skipped_rows``, with ``bad_rows: skip``). The file is written atomically when
 the benchmark is finished, so a benchmark whose file exists is done: a rerun with the same model,
 settings and benchmark file reuses it; a rerun that differs in any of them is refused (the old
 numbers would be mixed with new ones). ``<out>/summary.json`` and ``<out>/results.md`` (a markdown
 table) cover all benchmarks of the run.
+
+An image benchmark's images are decoded when its rows are read (a bad one is a bad row, before
+the engine starts) and processed into pixel patches a chunk of problems at a time, so only one
+chunk's patches are held; they go to the engine with the prompts (``generate(..., images=...)``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from rlsd_megatron.eval.benchmarks import BenchmarkRow, BenchmarkSpec, read_benchmark_rows
+from rlsd_megatron.eval.benchmarks import BenchmarkRow, BenchmarkSpec, read_benchmark
 from rlsd_megatron.eval.grading import ResponseGrader
 from rlsd_megatron.eval.metrics import ProblemSamples, benchmark_metrics
 from rlsd_megatron.eval.model_source import Prompter
@@ -27,7 +32,7 @@ from rlsd_megatron.rollout.engine import RolloutEngine, SamplingParams
 __all__ = ["ResultMismatch", "evaluate_benchmark", "generate_samples", "markdown_table", "metrics_from_samples",
            "run_benchmarks"]
 
-RESULT_VERSION = 1
+RESULT_VERSION = 2  # 2: per-row answer types and images (samples carry answer_type; skipped_rows)
 
 
 class ResultMismatch(RuntimeError):
@@ -62,25 +67,33 @@ def generate_samples(spec: BenchmarkSpec, rows: Sequence[BenchmarkRow], engine: 
     """Generate and grade ``spec.n`` samples of each row; one record per sample, problem-major
     (see the module docstring). ``rows`` may be a share of the benchmark starting at problem
     ``index_offset``: problems are numbered and seeded by their index in the whole benchmark
-    (``sample_seed(spec.seed, problem, sample)``), so neither chunking nor sharding changes them."""
+    (``sample_seed(spec.seed, problem, sample)``), so neither chunking nor sharding changes them.
+    Each row's prompt is its answer type's template (``spec.template``); an image row's images
+    are processed a chunk at a time (module docstring)."""
     from tqdm import tqdm
 
-    prompts = [prompter.render(row.user_text(spec.prompt_template)) for row in rows]
+    images = prompter.image_reader(spec)
     sampling = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
                               max_new_tokens=spec.max_new_tokens, stop_token_ids=tuple(prompter.stop_token_ids),
-                              seed=spec.seed)
+                              seed=spec.seed, presence_penalty=spec.presence_penalty)
     samples: list[dict[str, Any]] = []
     with tqdm(total=len(rows), desc=spec.name, unit="problem", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(rows), chunk_prompts):
-            count = len(rows[start:start + chunk_prompts])
-            generations = engine.generate(prompts[start:start + count], sampling, prompt_offset=index_offset + start)
+            chunk = rows[start:start + chunk_prompts]
+            count = len(chunk)
+            prompts, pictures = zip(*(prompter.prompt(row.user_text(spec.template(row.answer_type)), images,
+                                                      row.images, row.base_dir) for row in chunk))
+            # Text-only chunks call generate() without images (engines of text models take none).
+            extra = {"images": list(pictures)} if any(x is not None for x in pictures) else {}
+            generations = engine.generate(list(prompts), sampling, prompt_offset=index_offset + start, **extra)
             generations.sort(key=lambda g: (g.prompt_index, g.sample_index))
             texts = [prompter.decode(g.token_ids) for g in generations]
             graded = grader.grade(spec, [rows[g.prompt_index - index_offset] for g in generations], texts)
             for g, text, grade in zip(generations, texts, graded):
                 row = rows[g.prompt_index - index_offset]
                 samples.append({"problem": g.prompt_index, "sample": g.sample_index, "source": row.source,
-                                "question": row.question, "answer": row.answer, "response": text,
+                                "question": row.question, "answer": row.answer, "answer_type": row.answer_type,
+                                "response": text,
                                 "extracted": grade.answer, "score": grade.score, "tokens": len(g.token_ids),
                                 "finish_reason": g.finish_reason})
             bar.update(count)
@@ -125,16 +138,20 @@ def run_benchmarks(specs: Sequence[BenchmarkSpec], out: str | Path, *, model_id:
                                      "to redo it.")
             summary[spec.name] = done["metrics"]
             log(f"[{spec.name}] finished before ({path}), not redone")
-        else:
-            todo.append((spec, path, identity, read_benchmark_rows(spec)))  # bad rows fail before any generation
+        else:  # bad rows (and bad images) fail, or are counted, before any generation
+            rows, skipped = read_benchmark(spec, make_prompter(spec).image_reader(spec))
+            todo.append((spec, path, identity, rows, skipped))
     engine = make_engine() if todo else None
     try:
-        for spec, path, identity, rows in todo:
+        for spec, path, identity, rows, skipped in todo:
+            types = sorted({row.answer_type for row in rows})
             log(f"[{spec.name}] {len(rows)} problems x {spec.n} samples, T={spec.temperature}, "
-                f"answer type {spec.answer_type}")
+                f"answer type{'s' if len(types) > 1 else ''} {', '.join(types)}"
+                + (f", {sum(1 for row in rows if row.images)} with images" if spec.image_key else "")
+                + (f"; skipped bad rows {skipped}" if skipped else ""))
             result = evaluate_benchmark(spec, rows, engine, make_prompter(spec), grader,
                                         chunk_prompts=chunk_prompts, progress=progress)
-            _write_json(path, {**identity, **result})
+            _write_json(path, {**identity, "skipped_rows": skipped, **result})
             summary[spec.name] = result["metrics"]
             log(f"[{spec.name}] " + ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items()))
     finally:

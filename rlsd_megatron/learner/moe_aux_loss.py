@@ -1,8 +1,8 @@
 """The MoE load-balancing loss as transformers defines it, with our globally normalised losses.
 
-transformers' Qwen3-MoE adds `router_aux_loss_coef` x `load_balancing_loss_func` to a forward's
-loss: with every layer's router softmax p_lte (layer l, token t, expert e) over the T real
-(unpadded) tokens of the batch and L layers,
+transformers' Qwen3-MoE (and Qwen2-MoE, with the same function) adds `router_aux_loss_coef` x
+`load_balancing_loss_func` to a forward's loss: with every layer's router softmax p_lte (layer l,
+token t, expert e) over the T real (unpadded) tokens of the batch and L layers,
 
     aux = E · Σ_e f̄_e · P̄_e,   f̄_e = Σ_l count_le / (L·T),   P̄_e = Σ_l Σ_t p_lte / (L·T),
 

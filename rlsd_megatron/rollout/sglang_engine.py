@@ -74,7 +74,8 @@ Qwen2.5-VL keep transformers-4's prefixes (`model.layers.`, `visual.`; given tra
 rest); pushes are renamed with `vision_config.saved_hf_name` (Qwen3-VL's loader takes either).
 
 Routed experts (`return_routed_experts=True`, routing replay): the engine runs with
-`enable_return_routed_experts` and each request asks for
+`enable_return_routed_experts` and each request of a training draw (`SamplingParams.
+return_routed_experts`; validation and evaluation do not ask) asks for
 `return_routed_experts`; SGLang then returns `meta_info["routed_experts"]`, the base64 of an int32
 [prompt + output - 1, layers, top-k] array (`RoutedExpertsCapturer`: every token it ran, from
 `routed_experts_start_len=0`), which `parse_generations` turns into `Generation.routed_experts`.
@@ -456,12 +457,15 @@ class SGLangEngine(RolloutEngine):
             warnings.warn(f"sglang {SGLANG_VERSION} ignores per-request sampling_seed unless the engine runs with "
                           "enable_deterministic_inference=True (rollout.deterministic=true): samples are not "
                           "reproducible and depend on batching")
+        if sampling.return_routed_experts and not self.return_routed_experts:
+            raise ValueError("sampling asks for routed experts from an engine started without them "
+                             "(return_routed_experts=False: rollout.routing_replay is off)")
         input_ids, params = sampling_requests(prompts, sampling, prompt_offset, self.banned_token_ids)
         image_data = image_requests(prompts, images, sampling.n, self.model_config, self.vision_start_token_id)
         outputs = self.engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True,
-                                       image_data=image_data, return_routed_experts=self.return_routed_experts)
+                                       image_data=image_data, return_routed_experts=sampling.return_routed_experts)
         return parse_generations(outputs, sampling.n, self.weight_version, prompt_offset,
-                                 self.model_config if self.return_routed_experts else None)
+                                 self.model_config if sampling.return_routed_experts else None)
 
     # -- weights ---------------------------------------------------------------------------
     def update_weights(self, buckets: Iterable, version: int) -> None:
