@@ -186,7 +186,9 @@ class TrainConfig:
     # `fused_output_chunk_tokens` tokens at a time, never for the whole micro-batch ([tokens, V/TP] fp32);
     # the backward recomputes each chunk's matmul. Not with distillation losses on whole distributions.
     fused_output_layer: bool = False
-    fused_output_chunk_tokens: int = 1024  # tokens per chunk of the fused output layer (its logits: chunk x V/TP fp32)
+    # Tokens per chunk of the fused output layer (its logits: chunk x V/TP fp32). 512: at 8K tokens x 152K
+    # vocabulary 0.079x the unfused path's memory at 0.96x its CPU time (benchmarks/fused_output.py).
+    fused_output_chunk_tokens: int = 512
     # Skip the score phase's forward of the student: with one optimizer step per rollout batch (ppo_epochs x
     # optimizer_steps_per_batch = 1) the ratio's old log-probs are the current policy's, which the update's own
     # forward computes with the same weights on the same micro-batches, so the loss takes them from there
