@@ -347,7 +347,7 @@ def test_fused_output_layer_counts_one_chunk_of_logits():
     plain.train.max_seq_length = 8192
     fused = config(tp=8, pp=4, dp=2)
     fused.train.max_seq_length = 8192
-    fused.train.fused_output_layer = True
+    fused.train.fused_output_layer, fused.train.fused_output_chunk_tokens = True, 1024
     vocab_local = 129024 // 8  # 128256 padded to a multiple of 128 x TP
     assert plan_memory(plain).logits == (8192 + 4096) * vocab_local * 4
     assert plan_memory(fused).logits == 3 * 1024 * vocab_local * 4
