@@ -62,7 +62,7 @@ class ModelConfig:
     """
 
     hf_config: str | None = None  # HF model directory or its config.json; the architecture then comes from it
-    family: Literal["llama", "qwen2", "qwen3", "qwen3_moe"] = "llama"  # llama (Llama 2/3), qwen2 (QKV bias), qwen3 (QK layernorm), qwen3_moe (Qwen3 with routed experts)
+    family: Literal["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe"] = "llama"  # llama (Llama 2/3), qwen2 (QKV bias), qwen3 (QK layernorm), qwen3_moe (Qwen3 with routed experts), qwen2_moe (Qwen2 with routed experts and a gated shared expert)
     vocab_size: int = 128  # tokenizer vocabulary, unpadded (see make_vocab_size_divisible_by)
     hidden_size: int = 64  # model width
     num_layers: int = 2  # decoder layers
@@ -79,12 +79,16 @@ class ModelConfig:
     tie_word_embeddings: bool = False  # the output layer reuses the input embedding matrix
     make_vocab_size_divisible_by: int = 128  # padded vocab: a multiple of this times TP
     init_method_std: float = 0.02  # std of the normal init of weights no checkpoint overwrites
-    # Mixture of experts (family qwen3_moe: every layer's MLP is routed experts; HF names in brackets).
+    # Mixture of experts (families qwen3_moe, qwen2_moe: every layer's MLP is routed experts; HF names in brackets).
     num_experts: int | None = None  # routed experts per layer (num_experts); None: a dense model
     moe_router_topk: int = 2  # experts each token goes to (num_experts_per_tok)
     moe_ffn_hidden_size: int | None = None  # one expert's SwiGLU width (moe_intermediate_size)
     moe_norm_topk_prob: bool = True  # rescale the top-k routing probabilities to sum to 1 (norm_topk_prob)
-    # transformers' load-balancing loss weight (HF router_aux_loss_coef, read from model.hf_config; 0 = off).
+    # Width of the shared expert every token also goes through, its output scaled by a sigmoid gate
+    # (qwen2_moe; shared_expert_intermediate_size); None: no shared expert (qwen3_moe).
+    moe_shared_expert_intermediate_size: int | None = None
+    # transformers' load-balancing loss weight (HF router_aux_loss_coef, read from model.hf_config; 0 = off);
+    # any TP/EP/PP/CP layout, not parallel.vpp (learner/moe_aux_loss.py).
     moe_aux_loss_coeff: float = 0.0
     # A vision-language policy (Qwen2.5-VL, Qwen3-VL): the decoder above plus this vision tower; None: text only.
     vision: VisionConfig | None = None
@@ -182,7 +186,9 @@ class TrainConfig:
     # `fused_output_chunk_tokens` tokens at a time, never for the whole micro-batch ([tokens, V/TP] fp32);
     # the backward recomputes each chunk's matmul. Not with distillation losses on whole distributions.
     fused_output_layer: bool = False
-    fused_output_chunk_tokens: int = 1024  # tokens per chunk of the fused output layer (its logits: chunk x V/TP fp32)
+    # Tokens per chunk of the fused output layer (its logits: chunk x V/TP fp32). 512: at 8K tokens x 152K
+    # vocabulary 0.079x the unfused path's memory at 0.96x its CPU time (benchmarks/fused_output.py).
+    fused_output_chunk_tokens: int = 512
     # Skip the score phase's forward of the student: with one optimizer step per rollout batch (ppo_epochs x
     # optimizer_steps_per_batch = 1) the ratio's old log-probs are the current policy's, which the update's own
     # forward computes with the same weights on the same micro-batches, so the loss takes them from there

@@ -243,9 +243,9 @@ def activation_bytes_per_token_layer(cfg: Config) -> float:
     copies, router_logits = 0, 0
     if m.num_experts:
         # The token's top-k copies (the experts' input, all-gathered over TP, and their output),
-        # the experts' fc1 outputs and SwiGLU parts, fp32 router logits.
+        # the experts' fc1 outputs and SwiGLU parts (and the shared expert's), fp32 router logits.
         copies, router_logits = 2 * m.moe_router_topk * h, 4 * m.num_experts
-        split += 4 * m.moe_router_topk * (m.moe_ffn_hidden_size or f)
+        split += 4 * m.moe_router_topk * (m.moe_ffn_hidden_size or f) + 4 * (m.moe_shared_expert_intermediate_size or 0)
     else:
         split += 2 * f + 2 * f  # fc1 out, SwiGLU parts
     dtype_bytes = bytes_per_element(cfg.precision.params_dtype)

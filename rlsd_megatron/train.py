@@ -94,7 +94,7 @@ def input_problems(cfg) -> list[str]:
         problems.append("the config names no model (no model.hf_config and no model.* shape fields), so this would "
                         "train the built-in placeholder on your prompts; set model.hf_config=/path/to/hf_model_dir "
                         "(and checkpoint.init_from=… for its weights)")
-    problems += data_input_problems(cfg.data) + checkpoint_problems(cfg) + eval_sets_problems(cfg.train)
+    problems += data_input_problems(cfg.data) + checkpoint_problems(cfg) + eval_sets_problems(cfg)
     for setting, path in frozen_model_inputs(cfg):
         problems += frozen_model_problems(cfg, path, setting)
     if cfg.reward.custom_fn:

@@ -22,7 +22,8 @@
 # (`sbatch --nodes=4 slurm/rlsd_30b_a3b.sh`: dp=8, the expert state sharded over expert-dp=2).
 # The planner assumes tokens spread evenly over the experts (its MoE dispatcher row); the
 # load-balancing loss keeps the released model's coefficient (0.001, pooled over every layer as
-# transformers defines it, which needs PP=1 and CP=1: learner/moe_aux_loss.py).
+# transformers defines it; under PP the stages exchange their routing counts, not under VPP:
+# learner/moe_aux_loss.py).
 #
 #   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_qwen3_30b_a3b.yaml --world-size 16
 #   model: 30.53B parameters (qwen3_moe, 48 layers, hidden 2048, 32 heads / 4 KV groups, 128 experts (top-8) of width 768, vocab 151936) from the model.* fields of examples/configs/rlsd_qwen3_30b_a3b.yaml

@@ -8,13 +8,18 @@ from rlsd_megatron.config import ModelConfig
 
 # What sets each family apart in the HF mapping: Llama-3 rope scaling (llama), QKV bias and tied
 # embeddings (qwen2), q/k RMSNorm with an explicit head dim (qwen3), routed experts: 4 of width 16,
-# top-2 with renormalised probabilities, the load-balancing loss off (qwen3_moe).
+# top-2 with renormalised probabilities, the load-balancing loss off (qwen3_moe); QKV bias, routed
+# experts whose top-2 softmax values are not renormalised (as released) and a gated shared expert of
+# width 24 (qwen2_moe).
 FAMILY_FEATURES = {
     "llama": dict(rope_theta=500000.0, rope_scaling_factor=8.0, max_position_embeddings=256),
     "qwen2": dict(qkv_bias=True, tie_word_embeddings=True, rope_theta=1000000.0),
     "qwen3": dict(qk_layernorm=True, kv_channels=32, rope_theta=1000000.0),
     "qwen3_moe": dict(qk_layernorm=True, kv_channels=16, hidden_size=32, rope_theta=1000000.0, num_experts=4,
                       moe_router_topk=2, moe_ffn_hidden_size=16, moe_norm_topk_prob=True, moe_aux_loss_coeff=0.0),
+    "qwen2_moe": dict(qkv_bias=True, hidden_size=32, rope_theta=1000000.0, num_experts=4, moe_router_topk=2,
+                      moe_ffn_hidden_size=16, moe_norm_topk_prob=False, moe_aux_loss_coeff=0.0,
+                      moe_shared_expert_intermediate_size=24),
 }
 
 

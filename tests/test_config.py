@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -263,14 +265,27 @@ def test_expert_layout_errors(parallel, world, message):
         validate_config(moe_layout_config(**parallel), world, cuda_available=False, te_available=False)
 
 
-def test_load_balancing_loss_needs_every_layer_in_one_stage():
-    cfg = moe_layout_config(ep=2)
-    cfg.model.moe_aux_loss_coeff = 0.001
+def test_shared_expert_width_must_divide_by_tp():
+    cfg = moe_layout_config(tp=2, sequence_parallel=True)
+    cfg.model = dataclasses.replace(cfg.model, family="qwen2_moe", qk_layernorm=False, qkv_bias=True,
+                                    moe_shared_expert_intermediate_size=33)
+    with pytest.raises(ConfigError, match=r"model\.moe_shared_expert_intermediate_size=33 is not divisible by "
+                                          r"parallel\.tp=2 \(the shared expert is tensor-parallel"):
+        validate_config(cfg, 2, cuda_available=False, te_available=False)
+    cfg.model.moe_shared_expert_intermediate_size = 32
     validate_config(cfg, 2, cuda_available=False, te_available=False)
-    cfg = moe_layout_config(pp=2)
+
+
+def test_load_balancing_loss_crosses_pipeline_stages_but_not_virtual_ones():
+    # Its counts cross pipeline stages (learner.moe_aux_loss); the interleaved schedule is not verified.
+    for parallel, world in ((dict(ep=2), 2), (dict(pp=2), 2), (dict(pp=2, ep=2), 4)):
+        cfg = moe_layout_config(**parallel)
+        cfg.model.moe_aux_loss_coeff = 0.001
+        validate_config(cfg, world, cuda_available=False, te_available=False)
+    cfg = moe_layout_config(pp=2, vpp=2)
     cfg.model.moe_aux_loss_coeff = 0.001
-    with pytest.raises(ConfigError, match=r"model\.moe_aux_loss_coeff=0\.001 with parallel\.pp=2, parallel\.cp=1: "
-                                          r"the load-balancing loss pools all layers' routing"):
+    with pytest.raises(ConfigError, match=r"model\.moe_aux_loss_coeff=0\.001 with parallel\.vpp=2: the load-balancing "
+                                          r"loss is not verified under the interleaved pipeline schedule"):
         validate_config(cfg, 2, cuda_available=False, te_available=False)
 
 

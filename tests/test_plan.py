@@ -235,6 +235,28 @@ def test_qwen3_30b_a3b_counts_experts_per_expert_parallel_rank():
     assert stage_params(cfg, first=True, last=True) == whole - experts * 7 // 8
 
 
+def test_qwen15_moe_a27b_counts_its_shared_expert_as_dense():
+    """Qwen1.5-MoE-A2.7B (config.json as released): 14.3B parameters and 2.7B activated (top-4 of 60
+    experts) as Qwen reports; its shared expert (3 x 5632 x 2048 per layer, and the [1, 2048] gate)
+    is split by TP like a dense MLP, not by EP."""
+    from rlsd_megatron.models.hf_config import model_fields_from_hf
+    from rlsd_megatron.plan import layer_params
+    from tests.models.test_families import QWEN15_MOE_A27B
+
+    cfg = config()
+    cfg.model = ModelConfig(**model_fields_from_hf(QWEN15_MOE_A27B))
+    cfg.parallel.tp = cfg.parallel.pp = 1
+    experts = 24 * layer_params(cfg, experts=True)
+    assert experts == 24 * 60 * 3 * 2048 * 1408
+    whole = stage_params(cfg, first=True, last=True)
+    assert whole == pytest.approx(14.3e9, rel=0.005)
+    assert whole - experts * 56 // 60 == pytest.approx(2.7e9, rel=0.01)
+    h = 2048  # per layer outside the experts: q/k/v with biases, o, 2 norms, router, shared expert and gate
+    assert layer_params(cfg, experts=False) == 3 * (h * h + h) + h * h + 2 * h + 60 * h + 3 * 5632 * h + h
+    cfg.parallel.ep = 4
+    assert stage_params(cfg, first=True, last=True) == whole - experts * 3 // 4
+
+
 def qwen3_30b_a3b(**parallel) -> Config:
     cfg = config(**parallel)
     cfg.model = ModelConfig(family="qwen3_moe", vocab_size=151936, hidden_size=2048, num_layers=48,
@@ -325,7 +347,7 @@ def test_fused_output_layer_counts_one_chunk_of_logits():
     plain.train.max_seq_length = 8192
     fused = config(tp=8, pp=4, dp=2)
     fused.train.max_seq_length = 8192
-    fused.train.fused_output_layer = True
+    fused.train.fused_output_layer, fused.train.fused_output_chunk_tokens = True, 1024
     vocab_local = 129024 // 8  # 128256 padded to a multiple of 128 x TP
     assert plan_memory(plain).logits == (8192 + 4096) * vocab_local * 4
     assert plan_memory(fused).logits == 3 * 1024 * vocab_local * 4

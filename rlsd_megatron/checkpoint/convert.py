@@ -140,8 +140,8 @@ def megatron_lm_args(model: ModelConfig, *, tp: int, pp: int, vpp: int | None, d
 
 
 def moe_lm_args(model: ModelConfig) -> list[str]:
-    """Megatron-LM's MoE arguments for a Qwen3-MoE model (the options `families.qwen3_moe` gives
-    megatron-core). The checkpoint does not depend on the expert-parallel size: add
+    """Megatron-LM's MoE arguments for a Qwen3-MoE / Qwen2-MoE model (the options `families.qwen3_moe`
+    and `families.qwen2_moe` give megatron-core). The checkpoint does not depend on the expert-parallel size: add
     `--expert-model-parallel-size` for the run's layout."""
     from rlsd_megatron.models.families.qwen3_moe import expert_width
 
@@ -149,6 +149,9 @@ def moe_lm_args(model: ModelConfig) -> list[str]:
             f"--moe-ffn-hidden-size {expert_width(model)}", "--moe-router-score-function softmax"]
     if not model.moe_norm_topk_prob:
         args.append("--moe-router-pre-softmax")
+    if model.moe_shared_expert_intermediate_size:
+        args += [f"--moe-shared-expert-intermediate-size {model.moe_shared_expert_intermediate_size}",
+                 "--moe-shared-expert-gate"]
     if model.moe_aux_loss_coeff > 0:
         return args + ["--moe-router-load-balancing-type aux_loss",
                        f"--moe-aux-loss-coeff {model.moe_aux_loss_coeff:g}"]
@@ -182,7 +185,7 @@ def mapping_table(model: ModelConfig, layout: dict) -> list[str]:
 def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
                            dtype: str = "auto", dry_run: bool = False, progress: bool = True,
                            log: Callable[[str], None] = print) -> Path | None:
-    """Convert an HF Llama/Qwen2/Qwen3/Qwen3-MoE/Qwen2.5-VL/Qwen3-VL directory into the checkpoint root `out`
+    """Convert an HF Llama/Qwen2/Qwen3/Qwen3-MoE/Qwen2-MoE/Qwen2.5-VL/Qwen3-VL directory into the checkpoint root `out`
     (`out/release/` + tracker), padded for and checked against `--tp/--pp`; returns the
     release directory (None for a dry run or on ranks other than 0)."""
     hf_dir, out = Path(hf_dir), Path(out)

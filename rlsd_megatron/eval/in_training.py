@@ -27,7 +27,7 @@ from rlsd_megatron.eval.runner import generate_samples, metrics_from_samples
 from rlsd_megatron.parallel.state import wait_for_every_rank
 
 if TYPE_CHECKING:
-    from rlsd_megatron.config import TrainConfig
+    from rlsd_megatron.config import Config, TrainConfig
     from rlsd_megatron.data.prompts import PromptDataset
     from rlsd_megatron.rollout.engine import RolloutEngine
 
@@ -87,18 +87,23 @@ def training_benchmarks(train: "TrainConfig", dataset: "PromptDataset", dp_rank:
     return TrainingBenchmarks(train.eval_sets, dataset, dp_rank=dp_rank, dp_size=dp_size, hosts_engine=hosts_engine)
 
 
-def eval_sets_problems(train: "TrainConfig") -> list[str]:
-    """What is wrong with ``train.eval_sets`` (the YAML, its settings, every benchmark row), checked
-    by the trainer's input checks before the model is built; [] when it is fine or unset."""
-    if not train.eval_sets:
+def eval_sets_problems(cfg: "Config") -> list[str]:
+    """What is wrong with ``train.eval_sets`` (the YAML, its settings, every benchmark row and
+    image: an image benchmark of a run whose prompts take none), checked by the trainer's input
+    checks before the model is built; [] when it is fine or unset."""
+    path = cfg.train.eval_sets
+    if not path:
         return []
     from rlsd_megatron.data.readers import DataError
 
+    # As `TrainingBenchmarks`: a VL run on data files renders images, with the model's processor.
+    vision = cfg.model.vision if cfg.data.task is None else None
+    prompter = Prompter(None, None, [], vision=vision, processor_dir=cfg.data.tokenizer_dir if vision else None)
     try:
-        for spec in _load_specs(train.eval_sets):
-            read_benchmark_rows(spec)
+        for spec in _load_specs(path):
+            read_benchmark_rows(spec, prompter.image_reader(spec))
     except (OSError, ValueError, DataError) as exc:
-        return [f"train.eval_sets={train.eval_sets!r}: {exc}"]
+        return [f"train.eval_sets={path!r}: {exc}"]
     return []
 
 

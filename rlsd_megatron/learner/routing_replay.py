@@ -148,4 +148,6 @@ class RoutingReplay:
         totals = self.counts.take(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                                   else torch.device("cpu"))
         dist.all_reduce(totals, group=parallel_state.get_model_parallel_group())
+        if parallel_state.get_context_parallel_world_size() > 1:  # CP ranks hold the other tokens
+            dist.all_reduce(totals, group=parallel_state.get_context_parallel_group())
         return {"rollout/routing_replay_changed_frac": float(totals[0] / totals[1]) if totals[1] > 0 else 0.0}

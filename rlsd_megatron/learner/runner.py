@@ -189,11 +189,13 @@ class ModelRunner:
 
         local = [cp_split(mb, self.cp_size, self.cp_rank) for mb in micro_batches]
         device = self.device
+        # The load-balancing loss sees training forwards only (scoring passes send no routing counts).
+        load_balancing = self.load_balancing if not forward_only else None
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            if self.load_balancing is not None:
-                self.load_balancing.begin(mb, self.load_balancing_weight)
+            if load_balancing is not None:
+                load_balancing.begin(mb, self.load_balancing_weight)
             if self.routing_replay is not None:
                 self.routing_replay.begin(mb, model)
             images = {"images": mb.images.to(device)} if mb.images is not None else {}
@@ -205,12 +207,15 @@ class ModelRunner:
                 **self._output_options,
                 **images,
             )
+            if load_balancing is not None:
+                load_balancing.end_forward()
             # Called on the last stage only: targets and mask next to the logits there.
             return output, lambda logits: fn(_targets_on(mb, device), logits)
 
         iterators = [iter(local) for _ in self.model] if len(self.model) > 1 else iter(local)
+        completed = False
         try:
-            return get_forward_backward_func()(
+            outputs = get_forward_backward_func()(
                 forward_step_func=forward_step,
                 data_iterator=iterators,
                 model=self.model if len(self.model) > 1 else self.model[0],
@@ -219,9 +224,13 @@ class ModelRunner:
                 micro_batch_size=max(mb.tokens.shape[0] for mb in local),
                 forward_only=forward_only,
             )
+            completed = True
         finally:
             if self.routing_replay is not None:
                 self.routing_replay.end()
+            if load_balancing is not None:
+                load_balancing.end(completed)
+        return outputs
 
     def forward(self, micro_batches: list[MicroBatch], per_token_fn: PerTokenFn) -> list[dict] | None:
         """Forward-only pass; per micro-batch, the dict `per_token_fn(logits, mb)` returned

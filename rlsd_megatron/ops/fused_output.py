@@ -26,7 +26,7 @@ from rlsd_megatron.ops.vocab_shard import check_temperature, compute_dtype, toke
 
 # Tokens per chunk: 1024 tokens x 152K/TP columns are ~0.6 GB/TP of fp32 logits, about as much
 # again for their gradient and the op's workspace: a few GB at most on a GPU.
-DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_TOKENS = 512  # train.fused_output_chunk_tokens's default
 
 
 def output_layer_input(hidden: torch.Tensor, *, sequence_parallel: bool = False) -> torch.Tensor:

@@ -298,6 +298,23 @@ def new_group(ranks=None, **kwargs):
     return _recorded(dist.new_group(ranks, **kwargs))
 
 
+def new_pipeline_side_group():
+    """A new group of this rank's pipeline-parallel ranks, beside megatron's: for small messages
+    between stages that must not queue behind (or block) the schedule's activations there (NCCL
+    runs a communicator's operations in order). Created by its members alone, every pipeline group
+    at the same time, so ranks outside the learner (separate engine ranks) need not call it."""
+    from megatron.core import parallel_state
+
+    ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+    group = new_group(ranks, use_local_synchronization=True)
+    # NCCL creates a group's communicator at its first collective, which blocks until every member
+    # gets there; the stages first use this group at different points of a pipeline schedule (one
+    # waiting there for a stage that waits for its activations would hang), so it is created now.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dist.all_reduce(torch.zeros(1, device=device), group=group)
+    return group
+
+
 @contextlib.contextmanager
 def _recording_megatron_groups():
     """Record the groups megatron-core creates: it makes every one through

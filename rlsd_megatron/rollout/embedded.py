@@ -1,6 +1,6 @@
 """The embedded rollout engine: a Hugging Face `transformers` causal LM in this process (CPU).
 
-The default engine where there is no GPU. It is a real Llama / Qwen2 / Qwen3 / Qwen3-MoE model built from
+The default engine where there is no GPU. It is a real Llama / Qwen2 / Qwen3 / Qwen3-MoE / Qwen2-MoE model built from
 our `ModelConfig` (`models.hf_config.hf_config_from_model`, no hub access) that receives the very
 same HF-named tensors as SGLang from `rollout.resharding` — written straight into its parameters
 when it lives in the learner's process (`writable_weights`), or as buckets — so a CPU run
@@ -17,9 +17,11 @@ prompt's largest. The image placeholder token is never drawn (a sampled one woul
 behind it in the learner's forward): like top-k / top-p truncation, this changes what can be
 drawn, not the reported log-probs.
 
-Routing replay (`return_routed_experts=True`, a Qwen3-MoE model): a forward hook on every layer's
-router (transformers' `Qwen3MoeTopKRouter`, which returns the chosen expert ids third) keeps each
-forward's choices; the prefill's rows of a prompt are shared by its n samples (their KV cache is
+Routing replay (`return_routed_experts=True`, an MoE model): while a generate call's sampling
+asks for them (`SamplingParams.return_routed_experts`: training draws, not validation or
+evaluation), a forward hook on every layer's router (transformers' `Qwen3MoeTopKRouter` /
+`Qwen2MoeTopKRouter`, which return the chosen expert ids third) keeps each forward's choices; the
+prefill's rows of a prompt are shared by its n samples (their KV cache is
 repeated), each decode step adds one row per sample still running, so a sample's
 `Generation.routed_experts` covers its prompt and every response token but the last, as SGLang's.
 
@@ -84,7 +86,7 @@ def checkpoint_views(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`named` (a transformers model's parameters, or tensors keyed like them, e.g. gradients)
     under the names its checkpoints and the weight sync use, as views of the same memory.
 
-    transformers 5 holds a Qwen3-MoE layer's experts fused in 3-D tensors (`mlp.experts.gate_up_proj`
+    transformers 5 holds a Qwen3-MoE / Qwen2-MoE layer's routed experts fused in 3-D tensors (`mlp.experts.gate_up_proj`
     [E, 2F, H]: per expert [gate; up]; `mlp.experts.down_proj` [E, H, F]); checkpoints, SGLang and
     our mapping name each expert's `gate_proj` / `up_proj` / `down_proj` [F, H] / [F, H] / [H, F] on
     its own. Other names pass through.
@@ -159,12 +161,13 @@ class EmbeddedEngine(RolloutEngine):
         self.num_threads = num_threads
         self.model = build_hf_model(model, dtype=dtype, attn_implementation=attn_implementation)
         self._routing: list[torch.Tensor] | None = None  # the last forward's [tokens, k] per layer
+        self._recording = False  # this generate call's sampling asks for the routed experts
         if return_routed_experts:
             if not model.num_experts:
                 raise ValueError("return_routed_experts needs an MoE model (model.num_experts)")
             self._routing = []
             for layer in self.model.model.layers:
-                layer.mlp.gate.register_forward_hook(lambda module, args, output: self._routing.append(output[2]))
+                layer.mlp.gate.register_forward_hook(self._record_routing)
         self.max_batch_size = max_batch_size
         self.weight_version: int | None = None
         self.asleep = False
@@ -210,6 +213,9 @@ class EmbeddedEngine(RolloutEngine):
                  prompt_offset: int = 0, images: Sequence | None = None) -> list[Generation]:
         if self.asleep:
             raise RuntimeError("the embedded engine is asleep; call wake() before generate()")
+        if sampling.return_routed_experts and self._routing is None:
+            raise ValueError("sampling asks for routed experts from an engine built without them "
+                             "(return_routed_experts=False: rollout.routing_replay is off)")
         for i, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
@@ -219,11 +225,17 @@ class EmbeddedEngine(RolloutEngine):
             raise ValueError("prompts with images given to the embedded engine of a text-only model (model.vision unset)")
         per_call = max(1, self.max_batch_size // sampling.n)
         out: list[Generation] = []
-        with _torch_threads(self.num_threads):
-            for start in range(0, len(prompts), per_call):
-                batch_images = images[start:start + per_call] if images is not None else None
-                out.extend(self._generate_batch(prompts[start:start + per_call], prompt_offset + start, sampling,
-                                                batch_images))
+        self._recording = sampling.return_routed_experts
+        try:
+            with _torch_threads(self.num_threads):
+                for start in range(0, len(prompts), per_call):
+                    batch_images = images[start:start + per_call] if images is not None else None
+                    out.extend(self._generate_batch(prompts[start:start + per_call], prompt_offset + start, sampling,
+                                                    batch_images))
+        finally:  # forwards outside generate (and a failed call's leftovers) record nothing
+            self._recording = False
+            if self._routing is not None:
+                self._routing.clear()
         return out
 
     def _prefill_inputs(self, prompts: Sequence[Sequence[int]], ids: torch.Tensor, mask: torch.Tensor,
@@ -337,9 +349,13 @@ class EmbeddedEngine(RolloutEngine):
             for r in range(rows)
         ]
 
+    def _record_routing(self, module, args, output) -> None:
+        if self._recording:
+            self._routing.append(output[2])
+
     def _take_routing(self, batch: int, width: int) -> torch.Tensor | None:
         """The last forward's recorded experts as [batch, width, layers, k] (None when not recording)."""
-        if self._routing is None:
+        if not self._recording:
             return None
         per_layer, self._routing[:] = list(self._routing), []
         return torch.stack(per_layer, dim=1).reshape(batch, width, len(per_layer), -1)

@@ -53,6 +53,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     presence_penalty: float = 0.0
+    # Return each token's routed experts (`Generation.routed_experts`; routing replay's training
+    # draws): only an engine built to record them can, and validation and evaluation never ask.
+    return_routed_experts: bool = False
 
     def __post_init__(self):
         problems = []

@@ -63,4 +63,5 @@ def sampling_params(rollout: RolloutConfig, *, validation: bool = False, stop_to
                               stop_token_ids=tuple(stop_token_ids), seed=seed,
                               presence_penalty=rollout.val_presence_penalty)
     return SamplingParams(n=rollout.n, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-                          max_new_tokens=rollout.max_new_tokens, stop_token_ids=tuple(stop_token_ids), seed=seed)
+                          max_new_tokens=rollout.max_new_tokens, stop_token_ids=tuple(stop_token_ids), seed=seed,
+                          return_routed_experts=rollout.routing_replay)

@@ -27,8 +27,8 @@ of the whole model:
    over the expert-TP group) are planned over the EP group too: the owning EP rank gathers an
    expert's expert-TP shards, then broadcasts them over the EP group (before the PP broadcast),
    so every rank of the EP group streams every expert under its HF per-expert names
-   (`mlp.experts.{j}.gate_proj/up_proj/down_proj`, what SGLang's Qwen3-MoE loader reads). The
-   EP group spans data-parallel replicas, so all of them sync together (as the trainer does);
+   (`mlp.experts.{j}.gate_proj/up_proj/down_proj`, what SGLang's Qwen3-MoE and Qwen2-MoE loaders
+   read). The EP group spans data-parallel replicas, so all of them sync together (as the trainer does);
 5. for an FP8 engine (the `fp8` argument, see `rollout.fp8`), each projection weight is assembled
    whole (its TP pieces concatenated: a block's scale needs its rows from every shard) and
    written as its fp8 tensor followed by its `weight_scale_inv`.

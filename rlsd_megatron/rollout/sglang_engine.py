@@ -208,12 +208,15 @@ class SGLangEngine(RolloutEngine):
             warnings.warn(f"sglang {SGLANG_VERSION} ignores per-request sampling_seed unless the engine runs with "
                           "enable_deterministic_inference=True (rollout.deterministic=true): samples are not "
                           "reproducible and depend on batching")
+        if sampling.return_routed_experts and not self.return_routed_experts:
+            raise ValueError("sampling asks for routed experts from an engine started without them "
+                             "(return_routed_experts=False: rollout.routing_replay is off)")
         input_ids, params = sampling_requests(prompts, sampling, prompt_offset, self.banned_token_ids)
         image_data = image_requests(prompts, images, sampling.n, self.model_config, self.vision_start_token_id)
         outputs = self.engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True,
-                                       image_data=image_data, return_routed_experts=self.return_routed_experts)
+                                       image_data=image_data, return_routed_experts=sampling.return_routed_experts)
         return parse_generations(outputs, sampling.n, self.weight_version, prompt_offset,
-                                 self.model_config if self.return_routed_experts else None)
+                                 self.model_config if sampling.return_routed_experts else None)
 
     # -- weights ---------------------------------------------------------------------------
     def update_weights(self, buckets: Iterable, version: int) -> None:

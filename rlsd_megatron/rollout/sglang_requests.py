@@ -28,7 +28,8 @@ log-probs are of the distribution without them, log(1 - p(image or video token))
 learner's (the embedded engine reports the unrenormalised ones); for a trained model p is ~0.
 
 Routed experts (`return_routed_experts=True`, routing replay): the engine runs with
-`enable_return_routed_experts` and each request asks for
+`enable_return_routed_experts` and each request of a training draw (`SamplingParams.
+return_routed_experts`; validation and evaluation do not ask) asks for
 `return_routed_experts`; SGLang then returns `meta_info["routed_experts"]`, the base64 of an int32
 [prompt + output - 1, layers, top-k] array (`RoutedExpertsCapturer`: every token it ran, from
 `routed_experts_start_len=0`), which `parse_generations` turns into `Generation.routed_experts`.

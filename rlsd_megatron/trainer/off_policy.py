@@ -25,7 +25,7 @@ batch back (`put_back`) before it is saved, and submits the next one only once i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -85,10 +85,9 @@ class OneStepOffPolicy:
         batch = self.received
         if batch is None or self.engine is None:
             return None
-        return {"rows": [row.index for row in batch.rows], "responses": batch.responses,
-                "engine_log_probs": batch.engine_log_probs, "finish_reasons": batch.finish_reasons,
-                "rewards": batch.rewards, "reward_metrics": batch.reward_metrics,
-                "behaviour_version": batch.behaviour_version, "engine_metrics": batch.engine_metrics}
+        # Every field (the routed experts of routing replay too), the prompt rows by their index.
+        state = {f.name: getattr(batch, f.name) for f in fields(batch) if f.name != "rows"}
+        return {**state, "rows": [row.index for row in batch.rows]}
 
     def load_state_dict(self, state: dict | None, *, pending: bool) -> None:
         """Restore what `state_dict` returned on the host; with `pending` (every rank's flag) the host
@@ -98,9 +97,7 @@ class OneStepOffPolicy:
             return
         batch = None
         if state is not None:
-            batch = Rollouts([self.dataset[i] for i in state["rows"]], state["responses"], state["engine_log_probs"],
-                             state["finish_reasons"], state["rewards"], state["reward_metrics"],
-                             behaviour_version=state["behaviour_version"], engine_metrics=state["engine_metrics"])
+            batch = Rollouts(**{**state, "rows": [self.dataset[i] for i in state["rows"]]})
         self.received = share_over(batch, self.group)
 
     def submit_next(self) -> None:

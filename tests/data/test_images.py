@@ -163,9 +163,11 @@ def test_teacher_context_carries_the_images(tmp_path, vl_tokenizer, vision):
 
 @pytest.mark.parametrize("layout", ["processor_config", "preprocessor_config"])
 def test_image_settings_are_read_from_both_saved_layouts(tmp_path, vision, layout):
-    """The model directory's image normalisation reaches the processor whether transformers 5
-    saved it nested in processor_config.json or it is a released checkpoint's flat
-    preprocessor_config.json (written here by transformers itself in both cases)."""
+    """The model directory's image normalisation reaches the processor whether it is nested in
+    processor_config.json (transformers 5's ProcessorMixin.save_pretrained; that needs torchvision
+    for the video processor, so here the nesting is written from the image processor's own file) or
+    a released checkpoint's flat preprocessor_config.json; transformers' own loader reads each
+    directory to the same settings."""
     import json
 
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -181,6 +183,7 @@ def test_image_settings_are_read_from_both_saved_layouts(tmp_path, vision, layou
         flat.unlink()
     file, settings = saved_image_processor(str(tmp_path))
     assert file.name == f"{layout}.json" and settings["image_mean"] == [0.1, 0.2, 0.3]
+    assert list(Qwen2VLImageProcessorPil.from_pretrained(tmp_path).image_mean) == [0.1, 0.2, 0.3]
     reader = ImageReader(vision, DataConfig(**PIXELS), processor_dir=str(tmp_path))
     assert list(reader.processor.image_mean) == [0.1, 0.2, 0.3]
     assert saved_image_processor(str(tmp_path / "missing")) == (None, {})

@@ -304,6 +304,18 @@ def test_training_eval_sets_prompt_image_benchmarks_as_the_training_rows(tmp_pat
     text_tokenizer_run = FilePromptDataset([str(path)], dataclasses.replace(data, bad_rows="skip"), tokenizer)
     with pytest.raises(ValueError, match="has images .* but the model's prompts take none"):
         TrainingBenchmarks(str(tmp_path / "e.yaml"), text_tokenizer_run, dp_rank=0, dp_size=1, hosts_engine=False)
+    # The trainer's input checks (before the model is built) read the images with the same reader.
+    from rlsd_megatron.config import Config, TrainConfig
+    from rlsd_megatron.eval.in_training import eval_sets_problems
+
+    run = Config(model=model, data=dataclasses.replace(data, train_files=[str(path)]),
+                 train=TrainConfig(eval_sets=str(tmp_path / "e.yaml")))
+    assert eval_sets_problems(run) == []  # the broken image is a counted skip (bad_rows: skip)
+    (problem,) = eval_sets_problems(dataclasses.replace(run, model=dataclasses.replace(model, vision=None)))
+    assert "has images (image_key='images') but the model's prompts take none" in problem
+    (tmp_path / "strict.yaml").write_text((tmp_path / "e.yaml").read_text().replace("bad_rows: skip", "bad_rows: error"))
+    (problem,) = eval_sets_problems(dataclasses.replace(run, train=TrainConfig(eval_sets=str(tmp_path / "strict.yaml"))))
+    assert "v.parquet" in problem and "image" in problem
 
 
 def test_the_processor_settings_travel_with_a_checkpoints_assets(tmp_path, vl_dir):

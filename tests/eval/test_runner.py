@@ -160,8 +160,11 @@ def test_benchmark_yaml_and_row_problems_are_named(tmp_path):
 
 
 def test_train_eval_sets_problems_are_input_problems(tmp_path):
-    from rlsd_megatron.config import TrainConfig
-    from rlsd_megatron.eval.in_training import eval_sets_problems
+    from rlsd_megatron.config import Config, TrainConfig
+    from rlsd_megatron.eval.in_training import eval_sets_problems as problems_of
+
+    def eval_sets_problems(train):
+        return problems_of(Config(train=train))
 
     assert eval_sets_problems(TrainConfig()) == []
     (tmp_path / "e.yaml").write_text("- {name: x, file: gone.jsonl}\n")

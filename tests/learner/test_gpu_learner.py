@@ -24,6 +24,11 @@ MODEL = ModelConfig(family="qwen3", vocab_size=1000, hidden_size=256, num_layers
 MOE_MODEL = ModelConfig(family="qwen3_moe", vocab_size=1000, hidden_size=256, num_layers=2, num_attention_heads=8,
                         num_query_groups=4, kv_channels=32, ffn_hidden_size=512, qk_layernorm=True, num_experts=8,
                         moe_router_topk=2, moe_ffn_hidden_size=128, moe_aux_loss_coeff=0.0)
+# Qwen2-MoE's: QKV bias, top-2 not renormalised, a gated shared expert of width 256 (TE linears).
+QWEN2_MOE_MODEL = ModelConfig(family="qwen2_moe", vocab_size=1000, hidden_size=256, num_layers=2, num_attention_heads=8,
+                              num_query_groups=4, ffn_hidden_size=512, qkv_bias=True, num_experts=8, moe_router_topk=2,
+                              moe_ffn_hidden_size=128, moe_norm_topk_prob=False, moe_aux_loss_coeff=0.0,
+                              moe_shared_expert_intermediate_size=256)
 
 
 def _sequences(lengths=(48, 32, 80)):
@@ -180,9 +185,11 @@ def test_context_parallel_matches_single_gpu(gpu_pool):
         assert relative < 2e-2
 
 
-def test_te_grouped_experts_match_local_spec_in_bf16(gpu_pool):
-    """Qwen3-MoE: Transformer Engine's grouped-GEMM experts (`TEGroupedMLP`, `weight{k}` names) load
-    the local spec's (`SequentialMLP`) weights under the same canonical names and give its logits."""
-    relative, changed = gpu_pool(1).run(te_matches_local_bf16, MOE_MODEL)[0]
+@pytest.mark.parametrize("model", [MOE_MODEL, QWEN2_MOE_MODEL], ids=["qwen3_moe", "qwen2_moe"])
+def test_te_grouped_experts_match_local_spec_in_bf16(gpu_pool, model):
+    """Qwen3-MoE / Qwen2-MoE: Transformer Engine's grouped-GEMM experts (`TEGroupedMLP`, `weight{k}`
+    names) and TE shared expert load the local spec's (`SequentialMLP`, local linears) weights under
+    the same canonical names and give its logits."""
+    relative, changed = gpu_pool(1).run(te_matches_local_bf16, model)[0]
     assert changed == []
     assert relative < 2e-2  # bf16 kernels differ, as for the dense TE spec

@@ -10,6 +10,10 @@ EP=2×TP=2 (four) must reproduce transformers' model on a batch of variable-leng
 - every parameter's gradient (mapped from HF's names) within 1e-5 of its largest entry.
 The load-balancing loss is off (coefficient 0) so that the loss is the NLL alone.
 fp32 throughout; observed at EP=2: logits 3e-7, loss 0, gradients 8e-7 relative (summation order).
+
+A tiny random Qwen2-MoE (QKV bias, top-2 of the full softmax without renormalisation, a shared
+expert of width 24 scaled by its sigmoid gate) goes through the same comparison at EP=2 and TP=2
+(with sequence parallelism: the shared expert is TP-split, its gate replicated) on two ranks.
 """
 
 from __future__ import annotations
@@ -24,16 +28,17 @@ from tests.learner.test_parallel_parity import _logits_by_sequence, gather_vocab
 
 TOL = 1e-5
 MODEL = tiny_model("qwen3_moe")
+QWEN2_MOE = tiny_model("qwen2_moe")
 LENGTHS = (9, 5, 12, 7)  # make_sequences' lengths
 
 
-def hf_reference() -> dict:
+def hf_reference(model=MODEL) -> dict:
     """transformers' logits, NLL, gradients (canonical Megatron names) and each layer's chosen
     experts for `make_sequences`; also the canonical weights the learner loads."""
     from rlsd_megatron.models.hf_mapping import hf_to_megatron
 
-    hf = random_hf_model(MODEL)
-    sequences = make_sequences(MODEL.vocab_size)
+    hf = random_hf_model(model)
+    sequences = make_sequences(model.vocab_size)
     total_tokens = sum(len(s) - 1 for s in sequences)
     chosen: dict[tuple[int, int], torch.Tensor] = {}  # (sequence, layer) → top-k expert ids [L, k]
     current = {}
@@ -55,8 +60,8 @@ def hf_reference() -> dict:
         hook.remove()
     grads = hf_checkpoint_state(hf, {name: p.grad for name, p in hf.named_parameters()})
     return {
-        "weights": dict(hf_to_megatron(hf_checkpoint_state(hf).__getitem__, MODEL)),
-        "grads": dict(hf_to_megatron(grads.__getitem__, MODEL)),
+        "weights": dict(hf_to_megatron(hf_checkpoint_state(hf).__getitem__, model)),
+        "grads": dict(hf_to_megatron(grads.__getitem__, model)),
         "logits": dict(enumerate(logits)),
         "loss": float(loss.detach()),
         "chosen": chosen,
@@ -64,7 +69,7 @@ def hf_reference() -> dict:
 
 
 def run_layout(weights: dict, tp: int = 1, pp: int = 1, ep: int = 1, replay: dict | None = None,
-               recompute: bool = False) -> dict:
+               recompute: bool = False, model=MODEL) -> dict:
     """The learner at (tp, pp, ep), data-parallel over the rest, loaded with `weights`: logits per
     sequence, loss, canonical gradients and each layer's chosen experts per sequence. TP runs with
     sequence parallelism, which megatron-core requires of MoE under TP. With `replay` (sequence →
@@ -77,9 +82,9 @@ def run_layout(weights: dict, tp: int = 1, pp: int = 1, ep: int = 1, replay: dic
     from rlsd_megatron.learner.learner import Learner
     from rlsd_megatron.parallel.state import model_parallel
 
-    vocab = MODEL.vocab_size
+    vocab = model.vocab_size
     # clip_grad=0: no clipping, so the gradients are the loss's own.
-    cfg = Config(model=MODEL, parallel=ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=tp > 1,
+    cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=tp > 1,
                                                       use_distributed_optimizer=False),
                  optimizer=OptimizerConfig(clip_grad=0.0), rollout=RolloutConfig(routing_replay=replay is not None),
                  precision=PrecisionConfig(recompute_granularity="full", recompute_method="uniform",
@@ -172,16 +177,21 @@ def assert_matches_hf(case: dict, ref: dict) -> None:
         assert diff < TOL, f"grad {name}: relative diff {diff:.2e}"
 
 
-@pytest.fixture(scope="module")
-def reference():
-    ref = hf_reference()
-    # The signal: routing is not degenerate (every expert of every layer gets tokens), so "same
-    # experts chosen" says something; and gradients reach every expert.
-    for layer in range(MODEL.num_layers):
+def checked_reference(model) -> dict:
+    """`hf_reference(model)` after checking the signal: routing is not degenerate (every expert of
+    every layer gets tokens), so "same experts chosen" says something; and gradients reach every
+    tensor."""
+    ref = hf_reference(model)
+    for layer in range(model.num_layers):
         used = torch.cat([ref["chosen"][(s, layer)].flatten() for s in range(len(LENGTHS))]).unique()
-        assert used.tolist() == list(range(MODEL.num_experts)), f"layer {layer} uses experts {used.tolist()}"
+        assert used.tolist() == list(range(model.num_experts)), f"layer {layer} uses experts {used.tolist()}"
     assert all(grad.abs().max() > 0 for grad in ref["grads"].values())
     return ref
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return checked_reference(MODEL)
 
 
 def test_single_process_matches_transformers(dist_pool, reference):
@@ -189,18 +199,28 @@ def test_single_process_matches_transformers(dist_pool, reference):
     assert_matches_hf(case, reference)
 
 
-def layouts_on_two_ranks(weights: dict) -> dict:
-    return {layout: run_layout(weights, **layout_kwargs) for layout, layout_kwargs in
-            {"ep2": dict(ep=2), "tp2": dict(tp=2), "pp2": dict(pp=2)}.items()}
+def layouts_on_two_ranks(weights: dict, model=MODEL, layouts: tuple[str, ...] = ("ep2", "tp2", "pp2")) -> dict:
+    kwargs = {"ep2": dict(ep=2), "tp2": dict(tp=2), "pp2": dict(pp=2)}
+    return {layout: run_layout(weights, model=model, **kwargs[layout]) for layout in layouts}
+
+
+def assert_layouts_match_hf(cases: dict, ref: dict) -> None:
+    for layout, case in cases.items():
+        try:
+            assert_matches_hf(case, ref)
+        except AssertionError as exc:
+            raise AssertionError(f"{layout}: {exc}") from exc
 
 
 def test_expert_tensor_and_pipeline_parallel_match_transformers(dist_pool, reference):
-    cases = dist_pool(2).run(layouts_on_two_ranks, reference["weights"], timeout=600)[0]
-    for layout, case in cases.items():
-        try:
-            assert_matches_hf(case, reference)
-        except AssertionError as exc:
-            raise AssertionError(f"{layout}: {exc}") from exc
+    assert_layouts_match_hf(dist_pool(2).run(layouts_on_two_ranks, reference["weights"], timeout=600)[0], reference)
+
+
+def test_qwen2_moe_at_ep2_and_tp2_matches_transformers(dist_pool):
+    """Qwen2-MoE's shared expert and gate, QKV biases and unrenormalised top-k at EP=2 and TP=2."""
+    ref = checked_reference(QWEN2_MOE)
+    cases = dist_pool(2).run(layouts_on_two_ranks, ref["weights"], QWEN2_MOE, ("ep2", "tp2"), timeout=600)[0]
+    assert_layouts_match_hf(cases, ref)
 
 
 def expert_and_tensor_parallel_on_four_ranks(weights: dict) -> dict:

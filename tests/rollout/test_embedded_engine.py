@@ -4,6 +4,7 @@ errors that name the tensor."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -226,6 +227,10 @@ def test_sampling_params_from_config_training_and_validation():
     assert (train.n, train.temperature, train.top_k, train.presence_penalty, train.stop_token_ids) == (4, 1.0, -1, 0.0, (5,))
     val = sampling_params(rollout, validation=True)
     assert (val.n, val.temperature, val.top_p, val.top_k, val.presence_penalty, val.max_new_tokens) == (2, 0.7, 0.8, 20, 1.5, 9)
+    # Routing replay: training draws ask for the routed experts, validation never does.
+    assert not train.return_routed_experts
+    replay = dataclasses.replace(rollout, routing_replay=True)
+    assert sampling_params(replay).return_routed_experts and not sampling_params(replay, validation=True).return_routed_experts
 
 
 def test_routed_experts_are_the_routers_choices_on_every_token_the_engine_ran():
@@ -241,7 +246,8 @@ def test_routed_experts_are_the_routers_choices_on_every_token_the_engine_ran():
         for param in engine.model.parameters():
             param.add_(torch.randn_like(param) * 0.3)
     stop = tuple(range(0, 61, 5))  # some samples stop early, the others run to the limit
-    generations = engine.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=6, stop_token_ids=stop, seed=3))
+    sampling = SamplingParams(n=2, max_new_tokens=6, stop_token_ids=stop, seed=3, return_routed_experts=True)
+    generations = engine.generate(PROMPTS, sampling)
     assert {g.finish_reason for g in generations} == {"stop", "length"}
     full = []
     hooks = [layer.mlp.gate.register_forward_hook(lambda m, args, out: full.append(out[2].sort(-1).values))
@@ -259,7 +265,13 @@ def test_routed_experts_are_the_routers_choices_on_every_token_the_engine_ran():
     for hook in hooks:
         hook.remove()
     assert used == {0, 1, 2, 3}
-    plain = EmbeddedEngine(moe).generate(PROMPTS[:1], SamplingParams(n=1, max_new_tokens=2, seed=3))
-    assert plain[0].routed_experts is None
+    # Validation and evaluation draws do not ask: nothing recorded, the same samples.
+    unasked = engine.generate(PROMPTS, dataclasses.replace(sampling, return_routed_experts=False))
+    assert all(g.routed_experts is None for g in unasked) and not engine._routing
+    assert [g.token_ids for g in unasked] == [g.token_ids for g in generations]
+    plain = EmbeddedEngine(moe)
+    assert plain.generate(PROMPTS[:1], SamplingParams(n=1, max_new_tokens=2, seed=3))[0].routed_experts is None
+    with pytest.raises(ValueError, match="engine built without them"):
+        plain.generate(PROMPTS[:1], sampling)
     with pytest.raises(ValueError, match="MoE"):
         EmbeddedEngine(MODEL, return_routed_experts=True)

@@ -348,35 +348,28 @@ def test_missing_sglang_says_how_to_install(monkeypatch):
         sglang_engine.import_sglang()
 
 
-def test_qwen3_moe_loader_takes_our_expert_names(wheel):
-    """The names the weight sync pushes for Qwen3-MoE (every expert on its own, `mlp.experts.{j}.
-    gate_proj/up_proj/down_proj`, the router as `mlp.gate`) run through 0.5.23's own
-    `Qwen3MoeForCausalLM.load_weights` name logic (its stacked mapping and `FusedMoE.
-    make_expert_params_mapping`, executed from the wheel): each expert tensor lands in the fused
-    `w13_weight` (gate = w1, up = w3) or `w2_weight` of its own expert id, the router and the rest by
-    name, none skipped."""
+def sglang_load_targets(wheel, module: str, model) -> dict[str, tuple]:
+    """Where `module`'s (e.g. `qwen3_moe`) `<Model>ForCausalLM.load_weights`, executed as 0.5.23 writes
+    its name logic (its stacked mapping, experts skipped there, then `FusedMoE.
+    make_expert_params_mapping` run from the wheel, else the name itself), puts each HF tensor our
+    weight sync pushes for `model`: (param name, shard id) / (param name, expert id, shard id) /
+    (name,). Also checks the loader has the shape this replay assumes."""
     from rlsd_megatron.models.hf_mapping import expected_hf_shapes
-    from rlsd_megatron.models.hf_config import hf_config_from_model
-    from tests.hf_models import tiny_model
 
-    model_src = wheel.read("sglang/srt/models/qwen3_moe.py").decode()
-    loader = methods(classes(ast.parse(model_src))["Qwen3MoeForCausalLM"])["load_weights"]
+    model_src = wheel.read(f"sglang/srt/models/{module}.py").decode()
+    loader_class = next(name for name in classes(ast.parse(model_src)) if name.endswith("MoeForCausalLM"))
+    loader = methods(classes(ast.parse(model_src))[loader_class])["load_weights"]
     stacked = next(ast.literal_eval(n.value) for n in ast.walk(loader)
                    if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "stacked_params_mapping")
     call = next(n for n in ast.walk(loader) if isinstance(n, ast.Call)
                 and getattr(n.func, "attr", None) == "make_expert_params_mapping")
     ckpt_names = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg != "num_experts"}
     assert 'if "mlp.experts" in name:' in ast.get_source_segment(model_src, loader)  # experts skip the stacking
-    # The router and the MoE block are registered as `mlp.gate` under `mlp`; experts counted by num_experts.
-    assert 'prefix=add_prefix("gate", prefix)' in model_src and "self.mlp = Qwen3MoeSparseMoeBlock(" in model_src
-    assert "num_experts=self.config.num_experts" in model_src
     fused = classes(source(wheel, "sglang.srt.layers.moe.fused_moe_triton.layer"))["FusedMoE"]
     make = methods(fused)["make_expert_params_mapping"]
     namespace: dict = {"List": list, "Tuple": tuple}
     exec(compile(ast.Module(body=[without_decorators(make)], type_ignores=[]), "layer.py", "exec"), namespace)
 
-    model = tiny_model("qwen3_moe")
-    assert hf_config_from_model(model)["num_experts"] == model.num_experts
     mapping = namespace["make_expert_params_mapping"](None, num_experts=model.num_experts, **ckpt_names)
     loaded = {}
     for name in expected_hf_shapes(model):
@@ -401,6 +394,57 @@ def test_qwen3_moe_loader_takes_our_expert_names(wheel):
     assert loaded["model.layers.0.self_attn.k_proj.weight"] == ("model.layers.0.self_attn.qkv_proj.weight", "k")
     experts = {v for n, v in loaded.items() if ".mlp.experts." in n}
     assert len(experts) == 3 * model.num_experts * model.num_layers  # every expert tensor a place of its own
+    return loaded
+
+
+def test_qwen3_moe_loader_takes_our_expert_names(wheel):
+    """The names the weight sync pushes for Qwen3-MoE (every expert on its own, `mlp.experts.{j}.
+    gate_proj/up_proj/down_proj`, the router as `mlp.gate`) run through 0.5.23's own
+    `Qwen3MoeForCausalLM.load_weights` name logic (`sglang_load_targets`): each expert tensor lands
+    in the fused `w13_weight` (gate = w1, up = w3) or `w2_weight` of its own expert id, the router
+    and the rest by name, none skipped."""
+    from rlsd_megatron.models.hf_config import hf_config_from_model
+    from tests.hf_models import tiny_model
+
+    model_src = wheel.read("sglang/srt/models/qwen3_moe.py").decode()
+    # The router and the MoE block are registered as `mlp.gate` under `mlp`; experts counted by num_experts.
+    assert 'prefix=add_prefix("gate", prefix)' in model_src and "self.mlp = Qwen3MoeSparseMoeBlock(" in model_src
+    assert "num_experts=self.config.num_experts" in model_src
+    model = tiny_model("qwen3_moe")
+    assert hf_config_from_model(model)["num_experts"] == model.num_experts
+    sglang_load_targets(wheel, "qwen3_moe", model)
+
+
+def test_qwen2_moe_loader_takes_our_expert_and_shared_expert_names(wheel):
+    """Qwen2-MoE through 0.5.23's `Qwen2MoeForCausalLM.load_weights` name logic: the routed experts
+    as for Qwen3-MoE; the shared expert's gate/up stacked into its `gate_up_proj` (0 = gate, 1 = up),
+    its down_proj and the [1, H] `shared_expert_gate` by name (SGLang's module and parameter names,
+    checked in its source, since the loader skips names it does not have); the q/k/v biases into
+    `qkv_proj.bias`. The config keys SGLang reads (qkv_bias, norm_topk_prob, the shared width) are
+    ones our HF config writes."""
+    from rlsd_megatron.models.hf_config import hf_config_from_model
+    from tests.hf_models import tiny_model
+
+    model_src = wheel.read("sglang/srt/models/qwen2_moe.py").decode()
+    assert "self.mlp = Qwen2MoeSparseMoeBlock(" in model_src and 'prefix=add_prefix("gate", prefix)' in model_src
+    assert 'prefix=add_prefix("shared_expert", prefix)' in model_src
+    assert "self.shared_expert_gate = torch.nn.Linear(config.hidden_size, 1, bias=False)" in model_src
+    assert "F.sigmoid(self.shared_expert_gate(hidden_states))" in model_src  # the gate scales as HF's
+    mlp = ast.get_source_segment(model_src, classes(ast.parse(model_src))["Qwen2MoeMLP"])
+    assert "self.gate_up_proj = MergedColumnParallelLinear(" in mlp and "self.down_proj = RowParallelLinear(" in mlp
+    for read in ('getattr(config, "qkv_bias", True)', "renormalize=config.norm_topk_prob",
+                 "config.shared_expert_intermediate_size", "num_experts=self.config.num_experts"):
+        assert read in model_src, read
+    model = tiny_model("qwen2_moe")
+    hf = hf_config_from_model(model)
+    assert (hf["qkv_bias"], hf["norm_topk_prob"], hf["shared_expert_intermediate_size"]) == (True, False, 24)
+    loaded = sglang_load_targets(wheel, "qwen2_moe", model)
+    shared = "model.layers.1.mlp.shared_expert"
+    assert loaded[f"{shared}.gate_proj.weight"] == (f"{shared}.gate_up_proj.weight", 0)
+    assert loaded[f"{shared}.up_proj.weight"] == (f"{shared}.gate_up_proj.weight", 1)
+    assert loaded[f"{shared}.down_proj.weight"] == (f"{shared}.down_proj.weight",)
+    assert loaded["model.layers.1.mlp.shared_expert_gate.weight"] == ("model.layers.1.mlp.shared_expert_gate.weight",)
+    assert loaded["model.layers.0.self_attn.v_proj.bias"] == ("model.layers.0.self_attn.qkv_proj.bias", "v")
 
 
 def without_decorators(function: ast.FunctionDef) -> ast.FunctionDef:

@@ -34,13 +34,15 @@ MODELS = {
     "qwen3": tiny_model("qwen3", **SIZES, kv_channels=16, tie_word_embeddings=True),
     # 16 experts of 1.5 KB per tensor: a bucket holds a few experts' tensors, never a layer's worth.
     "qwen3_moe": tiny_model("qwen3_moe", **SIZES, num_experts=16, moe_ffn_hidden_size=12),
+    # Routed experts and a gated shared expert (TP-split like a dense MLP, its gate replicated).
+    "qwen2_moe": tiny_model("qwen2_moe", **SIZES, num_experts=8, moe_ffn_hidden_size=12),
 }
 # (family, tp, pp, path[, ep]): "buckets" streams FlatBuckets into `update_weights` (SGLang's path),
 # "direct" lets `sync_weights` write into the in-process engine's parameters. MoE at EP=2 x TP=2
-# and EP=2 x PP=2 (the EP group spans the two data-parallel replicas; each hosts an engine).
+# (Qwen3-MoE and Qwen2-MoE) and EP=2 x PP=2 (the EP group spans the two data-parallel replicas; each hosts an engine).
 CASES = [("llama", 2, 2, "buckets"), ("qwen2", 2, 2, "direct"), ("qwen3", 2, 2, "buckets"), ("llama", 2, 1, "direct"),
          ("qwen3", 1, 2, "buckets"), ("qwen2", 1, 2, "direct"), ("qwen3_moe", 2, 1, "buckets", 2),
-         ("qwen3_moe", 1, 2, "direct", 2)]
+         ("qwen3_moe", 1, 2, "direct", 2), ("qwen2_moe", 2, 1, "buckets", 2)]
 
 
 def fixed_sequences(vocab: int) -> list[torch.Tensor]:
@@ -230,7 +232,7 @@ def test_learner_to_embedded_engine(results, case):
     assert got["fixed_diff"] < 1e-4, got["fixed_diff"]
     assert got["sampled"].tokens > 0 and got["sampled"].max_abs < 1e-4, got["sampled"]
     assert got["version"] == 7
-    if case[0] == "qwen3_moe":  # greedy generation after the sync equals transformers' on the same weights
+    if MODELS[case[0]].num_experts:  # greedy generation after the sync equals transformers' on the same weights
         assert got["greedy"] == got["greedy_hf"] and got["greedy_replicas"] == [got["greedy"]] * 2
     largest_bucket = got["largest_bucket"]
     assert largest_bucket <= BUCKET_BYTES

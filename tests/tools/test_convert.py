@@ -27,6 +27,7 @@ TOL = 1e-5
 FAMILIES = {name: model for name, model in tiny_families().items() if model.num_experts is None}
 # Qwen3-MoE (4 experts over 2 layers) converted for TP=2 and loaded at EP=2 x TP=2 and EP=2 x PP=2.
 MOE = tiny_families()["qwen3_moe"]
+QWEN2_MOE = tiny_families()["qwen2_moe"]  # 4 experts and a shared expert, at the same layouts
 
 
 def sequences(vocab: int) -> list[torch.Tensor]:
@@ -300,20 +301,18 @@ def test_fp8_export_with_modelopt(tmp_path):
     assert "model.layers.0.mlp.down_proj.weight_scale" in weights
 
 
-def test_moe_converts_at_any_expert_layout_and_round_trips_bit_exact(dist_pool, tmp_path):
-    """HF Qwen3-MoE → Megatron (for TP=2) → a learner at EP=2 x TP=2 gives HF's logits; the export
-    back is bit-exact and transformers loads it; a learner saved at EP=2 x PP=2 goes to HF and back
-    to EP=2 x TP=2 unchanged (megatron keys experts by global number, so EP is not in the files)."""
+def moe_hf_megatron_hf(pool, model: ModelConfig, tmp_path: Path) -> list[str]:
+    """HF MoE model → Megatron (for TP=2) → a learner at EP=2 x TP=2 gives HF's logits; the export
+    back is bit-exact and transformers loads it. Returns the conversion's log."""
     import transformers
 
-    pool = dist_pool(4)
-    hf = save_hf_model(MOE, tmp_path / "hf")
+    hf = save_hf_model(model, tmp_path / "hf")
     lines = pool.run(convert_to_megatron, tmp_path / "hf", tmp_path / "megatron", 2, 1)[0]
     assert any("at most 1 held at once" in line for line in lines) and "--num-experts 4" in "".join(lines)
-    seqs = sequences(MOE.vocab_size)
+    seqs = sequences(model.vocab_size)
     with torch.no_grad():
         want = [hf(s[None]).logits[0] for s in seqs]
-    got = next(r for r in pool.run(logits_from_checkpoint, tmp_path / "megatron", MOE, 2, 1, seqs, 2) if r)
+    got = next(r for r in pool.run(logits_from_checkpoint, tmp_path / "megatron", model, 2, 1, seqs, 2) if r)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=TOL)
 
@@ -324,6 +323,14 @@ def test_moe_converts_at_any_expert_layout_and_round_trips_bit_exact(dist_pool, 
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager")
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(seqs[0][None]).logits, hf(seqs[0][None]).logits)
+    return lines
+
+
+def test_moe_converts_at_any_expert_layout_and_round_trips_bit_exact(dist_pool, tmp_path):
+    """Qwen3-MoE through `moe_hf_megatron_hf`; and a learner saved at EP=2 x PP=2 goes to HF and back
+    to EP=2 x TP=2 unchanged (megatron keys experts by global number, so EP is not in the files)."""
+    pool = dist_pool(4)
+    moe_hf_megatron_hf(pool, MOE, tmp_path)
 
     saved = pool.run(save_learner, tmp_path / "run", MOE, 1, 2, 2)[0]
     pool.run(convert_to_hf, tmp_path / "run", tmp_path / "run_hf")
@@ -332,3 +339,12 @@ def test_moe_converts_at_any_expert_layout_and_round_trips_bit_exact(dist_pool, 
     assert sorted(via_hf) == sorted(saved) and "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight" in saved
     for name in saved:
         assert torch.equal(via_hf[name], saved[name]), name
+
+
+def test_qwen2_moe_converts_with_its_shared_expert_and_round_trips_bit_exact(dist_pool, tmp_path):
+    """Qwen2-MoE (QKV bias, a gated shared expert) through `moe_hf_megatron_hf` (the shared expert and
+    its gate among the tensors compared); the Megatron-LM arguments written with it build that MLP."""
+    moe_hf_megatron_hf(dist_pool(4), QWEN2_MOE, tmp_path)
+    lm_args = (tmp_path / "megatron" / "release" / "megatron_lm_args.txt").read_text()
+    assert "--moe-shared-expert-intermediate-size 24 \\\n--moe-shared-expert-gate" in lm_args
+    assert "--add-qkv-bias" in lm_args and "--moe-router-pre-softmax" in lm_args

@@ -126,3 +126,32 @@ def test_off_policy_with_separate_engines_resumes_exactly_after_both_stops(dist_
     assert engine["d"]["version"] == engine["a"]["version"] == 4
     for name, value in engine["a"]["weights"].items():
         assert torch.equal(engine["d"]["weights"][name], value), name
+
+
+def test_the_checkpointed_batch_keeps_every_rollout_field():
+    """The in-flight batch a checkpoint holds comes back with every `Rollouts` field, routing
+    replay's experts included (a resumed MoE run must replay the behaviour policy's routing)."""
+    import dataclasses
+
+    from rlsd_megatron.data.prompts import PromptRow
+    from rlsd_megatron.trainer.off_policy import OneStepOffPolicy
+    from rlsd_megatron.trainer.rollouts import Rollouts
+
+    dataset = [PromptRow(index=i, question=f"q{i}", answer=str(i), reference_solution=None, prompt_ids=[1, 2 + i],
+                         source="test") for i in range(4)]
+    batch = Rollouts([dataset[3], dataset[1]], [[5], [6, 7], [8], [9]], [[-0.5], [-0.1, -0.2], [-1.0], [-2.0]],
+                     ["stop", "length", "stop", "stop"], torch.tensor([1.0, 0.0, 0.5, 0.0]), {"reward/mean": 0.4},
+                     behaviour_version=3, engine_metrics={"perf/engine_wait_seconds": 0.1},
+                     routed_experts=[torch.randint(0, 8, (length, 2, 2), dtype=torch.int16) for length in (2, 3, 2, 2)])
+    saving = OneStepOffPolicy(None, object(), dataset, None, None)
+    saving.received = batch
+    loading = OneStepOffPolicy(None, object(), dataset, None, None)
+    loading.load_state_dict(saving.state_dict(), pending=True)
+    for field in dataclasses.fields(Rollouts):
+        got, want = getattr(loading.received, field.name), getattr(batch, field.name)
+        if field.name == "rewards":
+            assert torch.equal(got, want)
+        elif field.name == "routed_experts":
+            assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        else:
+            assert got == want, field.name

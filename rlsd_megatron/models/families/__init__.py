@@ -14,12 +14,13 @@ from rlsd_megatron.config import ConfigError, ModelConfig
 from rlsd_megatron.models.families.base import ModelFamily, TensorRule
 from rlsd_megatron.models.families.llama import Llama
 from rlsd_megatron.models.families.qwen2 import Qwen2
+from rlsd_megatron.models.families.qwen2_moe import Qwen2Moe
 from rlsd_megatron.models.families.qwen3 import Qwen3
 from rlsd_megatron.models.families.qwen3_moe import Qwen3Moe
 
 __all__ = ["ModelFamily", "TensorRule", "family_of", "family_for_hf", "supported_families"]
 
-_FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (Llama(), Qwen2(), Qwen3(), Qwen3Moe())}
+_FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (Llama(), Qwen2(), Qwen3(), Qwen3Moe(), Qwen2Moe())}
 
 
 def supported_families() -> list[str]:

@@ -62,6 +62,7 @@ class LlamaLayoutFamily(ModelFamily):
     explicit_head_dim: bool = False
     hf_flags: dict[str, Any] = {}  # config.json keys of the family's HF class saying "no such feature"
     moe: bool = False  # routed experts in every layer's MLP (`model.num_experts`) instead of a dense one
+    shared_expert: bool = False  # a gated shared expert beside the routed ones (Qwen2-MoE)
 
     def refuse_hf(self, hf: dict[str, Any]) -> None:
         """Raise ConfigError for HF features of this family the layout cannot reproduce."""
@@ -94,11 +95,17 @@ class LlamaLayoutFamily(ModelFamily):
         }
 
     def check_experts(self, model: ModelConfig) -> None:
-        """Raise ConfigError when `model.num_experts` says MoE and the family is dense, or the reverse."""
+        """Raise ConfigError when `model.num_experts` says MoE and the family is dense, or the reverse,
+        and likewise for a shared expert (`model.moe_shared_expert_intermediate_size`)."""
         if bool(model.num_experts) != self.moe:
             what = "is a mixture of experts and needs model.num_experts" if self.moe else "is dense"
             raise ConfigError(f"model.family={self.name} {what}, got model.num_experts={model.num_experts}; "
-                              f"set model.family to an MoE family (qwen3_moe) or model.num_experts to match")
+                              f"set model.family to an MoE family (qwen3_moe, qwen2_moe) or model.num_experts to match")
+        if bool(model.moe_shared_expert_intermediate_size) != self.shared_expert:
+            what = "has a shared expert and needs" if self.shared_expert else "has no shared expert, so no"
+            raise ConfigError(f"model.family={self.name} {what} model.moe_shared_expert_intermediate_size, got "
+                              f"{model.moe_shared_expert_intermediate_size}; set model.family to the family with "
+                              "that MLP (qwen2_moe has a shared expert) or the field to match")
 
     def check_options(self, model: ModelConfig) -> None:
         """Raise ConfigError when `model`'s options are not this family's (no HF equivalent)."""

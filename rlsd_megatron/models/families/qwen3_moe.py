@@ -50,7 +50,7 @@ class Qwen3Moe(Qwen3):
             raise ConfigError(
                 f"model.hf_config: dense layers among the MoE layers (mlp_only_layers={hf.get('mlp_only_layers')}, "
                 f"decoder_sparse_step={hf.get('decoder_sparse_step')}) are not supported; only models with routed "
-                "experts in every layer (mlp_only_layers=[], decoder_sparse_step=1), as every released Qwen3-MoE"
+                f"experts in every layer (mlp_only_layers=[], decoder_sparse_step=1), as every released {self.name} model"
             )
 
     def fields_from_hf(self, hf: dict[str, Any]) -> dict[str, Any]:
