@@ -88,7 +88,7 @@ class ModelConfig:
     # (qwen2_moe; shared_expert_intermediate_size); None: no shared expert (qwen3_moe).
     moe_shared_expert_intermediate_size: int | None = None
     # transformers' load-balancing loss weight (HF router_aux_loss_coef, read from model.hf_config; 0 = off);
-    # any TP/EP/PP/CP layout, not parallel.vpp (learner/moe_aux_loss.py).
+    # any TP/EP/PP/CP layout (learner/moe_aux_loss.py).
     moe_aux_loss_coeff: float = 0.0
     # A vision-language policy (Qwen2.5-VL, Qwen3-VL): the decoder above plus this vision tower; None: text only.
     vision: VisionConfig | None = None
@@ -105,7 +105,9 @@ class ParallelConfig:
 
     tp: int = 1  # tensor-parallel size: ranks splitting each layer
     pp: int = 1  # pipeline-parallel size: stages of consecutive layers
-    vpp: int | None = None  # virtual pipeline stages per rank (interleaved schedule)
+    # Virtual pipeline stages per rank (interleaved schedule). Training with it is refused for now
+    # (config_checks: on CPU its gradients differ from pp alone); checkpoints and forward passes work.
+    vpp: int | None = None
     cp: int = 1  # context-parallel size: ranks splitting each sequence
     # Expert parallelism: each MoE layer's experts are split over ep ranks, carved out of the
     # data-parallel ranks (dense layers stay data-parallel there); experts use tp as their own TP.

@@ -103,6 +103,12 @@ def layout_problems(cfg: Config, world_size: int) -> list[str]:
                         "(micro-batches whose teacher logits are held at a time), or null for parallel.pp")
     if p.sequence_parallel and p.tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if p.vpp is not None:
+        # Forward-only passes under vpp match pp alone, and vpp checkpoints load at other layouts, but
+        # the learner's training under the interleaved schedule does not: on gloo its gradients differ
+        # from pp alone (pp=2, grad norm 255 vs 3.4) and pp=4 hangs; nothing shows it exact on GPUs.
+        problems.append(f"parallel.vpp={p.vpp}: training under the interleaved pipeline schedule is refused until "
+                        "it is shown exact (on CPU its gradients differ from parallel.pp alone); unset vpp")
     return problems + expert_problems(cfg, world_size) + deepstack_problems(cfg)
 
 
@@ -150,12 +156,6 @@ def expert_problems(cfg: Config, world_size: int) -> list[str]:
                         "(the shared expert is tensor-parallel like a dense MLP)")
     if m.moe_aux_loss_coeff < 0:
         problems.append(f"model.moe_aux_loss_coeff={m.moe_aux_loss_coeff} is negative; 0 turns the loss off")
-    if m.moe_aux_loss_coeff > 0 and p.vpp is not None:
-        # learner.moe_aux_loss follows the interleaved schedule's order of forwards, but the learner's
-        # training under VPP has no parity test to show it exact (it does not match PP alone on CPU).
-        problems.append(f"model.moe_aux_loss_coeff={m.moe_aux_loss_coeff} with parallel.vpp={p.vpp}: the "
-                        "load-balancing loss is not verified under the interleaved pipeline schedule; unset vpp "
-                        "(pp alone is fine) or set moe_aux_loss_coeff=0")
     if p.tp > 1 and not p.sequence_parallel:
         problems.append(f"an MoE model under parallel.tp={p.tp} needs parallel.sequence_parallel=true "
                         "(megatron-core refuses MoE with TP alone)")

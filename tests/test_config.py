@@ -276,17 +276,20 @@ def test_shared_expert_width_must_divide_by_tp():
     validate_config(cfg, 2, cuda_available=False, te_available=False)
 
 
-def test_load_balancing_loss_crosses_pipeline_stages_but_not_virtual_ones():
-    # Its counts cross pipeline stages (learner.moe_aux_loss); the interleaved schedule is not verified.
+def test_load_balancing_loss_crosses_pipeline_stages():
+    # Its counts cross pipeline stages (learner.moe_aux_loss).
     for parallel, world in ((dict(ep=2), 2), (dict(pp=2), 2), (dict(pp=2, ep=2), 4)):
         cfg = moe_layout_config(**parallel)
         cfg.model.moe_aux_loss_coeff = 0.001
         validate_config(cfg, world, cuda_available=False, te_available=False)
-    cfg = moe_layout_config(pp=2, vpp=2)
-    cfg.model.moe_aux_loss_coeff = 0.001
-    with pytest.raises(ConfigError, match=r"model\.moe_aux_loss_coeff=0\.001 with parallel\.vpp=2: the load-balancing "
-                                          r"loss is not verified under the interleaved pipeline schedule"):
-        validate_config(cfg, 2, cuda_available=False, te_available=False)
+
+
+def test_interleaved_pipeline_training_is_refused():
+    # Its training is not exact on CPU (config_checks says what was measured); forward-only and
+    # checkpoints at vpp work but a run trains.
+    with pytest.raises(ConfigError, match=r"parallel\.vpp=2: training under the interleaved pipeline schedule is "
+                                          r"refused"):
+        validate_config(layout_config(pp=2, vpp=2), 2, cuda_available=False, te_available=False)
 
 
 def test_expert_parallelism_needs_experts_and_valid_moe_layouts_pass():
