@@ -105,6 +105,17 @@ rlsd_log() {
     echo "rlsd: $*"
 }
 
+# The interpreter: RLSD_PYTHON, else the repository's .venv, else python3.
+rlsd_python() {
+    if [[ -n ${RLSD_PYTHON:-} ]]; then
+        echo "$RLSD_PYTHON"
+    elif [[ -x $RLSD_HOME/.venv/bin/python ]]; then
+        echo "$RLSD_HOME/.venv/bin/python"
+    else
+        echo python3
+    fi
+}
+
 # The #SBATCH --nodes of the model script: the node count its layout was planned for.
 rlsd_header_nodes() {
     sed -n 's/^#SBATCH --nodes=\([0-9][0-9]*\).*/\1/p' "$1" | head -n 1
@@ -159,13 +170,7 @@ rlsd_resolve() {
         attempt=$((attempt + 1))
     done
     attempt_dir=$log_dir/attempt-$attempt
-    if [[ -n ${RLSD_PYTHON:-} ]]; then
-        python=$RLSD_PYTHON
-    elif [[ -x $RLSD_HOME/.venv/bin/python ]]; then
-        python=$RLSD_HOME/.venv/bin/python
-    else
-        python=python3
-    fi
+    python=$(rlsd_python)
 
     local train_files=${RLSD_TRAIN_FILES:-} val_files=${RLSD_VAL_FILES:-} extra=() layout=()
     if [[ -n ${RLSD_DATA:-} ]]; then

@@ -58,13 +58,9 @@ else
     [[ -e $model ]] || die "RLSD_EVAL_MODEL=$model does not exist (relative paths start at $RLSD_HOME)"
     [[ -f $benchmarks ]] || die "RLSD_EVAL_BENCHMARKS=$benchmarks does not exist"
 fi
-if [[ -n ${RLSD_PYTHON:-} ]]; then
-    python=$RLSD_PYTHON
-elif [[ -x $RLSD_HOME/.venv/bin/python ]]; then
-    python=$RLSD_HOME/.venv/bin/python
-else
-    python=python3
-fi
+# shellcheck source=slurm/common.sh
+source "$RLSD_HOME/slurm/common.sh"  # functions only
+python=$(rlsd_python)
 gpus=${RLSD_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 engine_tp=${RLSD_EVAL_ENGINE_TP:-1}
 [[ $gpus =~ ^[1-9][0-9]*$ && $engine_tp =~ ^[1-9][0-9]*$ ]] && ((gpus % engine_tp == 0)) ||
