@@ -105,8 +105,11 @@ def layout_problems(cfg: Config, world_size: int) -> list[str]:
         problems.append("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.vpp is not None:
         # Forward-only passes under vpp match pp alone, and vpp checkpoints load at other layouts, but
-        # the learner's training under the interleaved schedule does not: on gloo its gradients differ
-        # from pp alone (pp=2, grad norm 255 vs 3.4) and pp=4 hangs; nothing shows it exact on GPUs.
+        # the learner's training under the interleaved schedule does not: at pp=2 its gradients differ
+        # from pp alone (grad norm 255 vs 3.4) because megatron-core batches the activation to the next
+        # stage and the gradient to the previous one, the same peer at pp=2, in one group, where sends
+        # to a peer pair with its receives in posting order (its shape exchange for our variable
+        # sequence lengths always does); at pp=4 it hangs on gloo. Nothing shows it exact on GPUs.
         problems.append(f"parallel.vpp={p.vpp}: training under the interleaved pipeline schedule is refused until "
                         "it is shown exact (on CPU its gradients differ from parallel.pp alone); unset vpp")
     return problems + expert_problems(cfg, world_size) + deepstack_problems(cfg)
