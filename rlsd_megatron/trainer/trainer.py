@@ -304,6 +304,10 @@ class Trainer:
         how far the student's are from the engine's. With `train.student_log_probs_in_update` the
         student's are left to the update's forward (trainer/in_update.py): None here."""
         algorithm = self.cfg.algorithm
+        if self.cfg.rollout.routing_replay and rollouts.routed_experts is None:
+            # Scoring and the update would route freely: a silent fallback the metrics would not show.
+            raise RuntimeError("rollout.routing_replay is on but this step's rollouts carry no routed experts "
+                               "(an engine that did not record them, or a checkpointed batch saved without them)")
         sequences, images = rollouts.sequences(), rollouts.images()
         in_update = self.cfg.train.student_log_probs_in_update
         # Routing replay: the student's forwards route by the engine's experts; the reference's and the

@@ -67,3 +67,17 @@ def test_routed_experts_follow_their_rollouts_onto_the_sequences():
     batch.routed_experts[0] = batch.routed_experts[0][:-1]
     with pytest.raises(RuntimeError, match="rollout 0: the engine recorded experts for 1 tokens, its sequence has 3"):
         batch.routed_experts_on_sequences()
+
+
+def test_routing_replay_without_recorded_experts_stops_the_step():
+    """With rollout.routing_replay on, rollouts without the engine's experts would be scored and
+    trained with free routing, silently: the step refuses them before any forward."""
+    from types import SimpleNamespace
+
+    from rlsd_megatron.config import Config
+    from rlsd_megatron.trainer.trainer import Trainer
+
+    cfg = Config()
+    cfg.rollout.routing_replay = True
+    with pytest.raises(RuntimeError, match="rollout.routing_replay is on but this step's rollouts carry no routed"):
+        Trainer.score(SimpleNamespace(cfg=cfg), rollouts([1], [[1]], [0.0]))
