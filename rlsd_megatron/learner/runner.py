@@ -111,22 +111,17 @@ class ModelRunner:
         if self.cfg.precision.fp8 != "none":
             rows *= 32 if self.cfg.precision.fp8_recipe == "mxfp8" else 16
         packed = self.impl == "transformer_engine"
+        padding = ({"pad_to_multiple": chunks, "pad_total_to_multiple": math.lcm(chunks, cp * rows)} if packed
+                   else {"pad_to_multiple": math.lcm(chunks, rows)})
         if self.cfg.model.vision is not None:
             from rlsd_megatron.learner.vision_batch import vision_micro_batch
 
             images = images if images is not None else [None] * len(sequences)
-            if packed:
-                return vision_micro_batch(sequences, images, self.cfg.model.vision, fields, packed=True,
-                                          pad_to_multiple=chunks, pad_total_to_multiple=math.lcm(chunks, cp * rows))
-            return vision_micro_batch(sequences, images, self.cfg.model.vision, fields,
-                                      pad_to_multiple=math.lcm(chunks, rows))
+            return vision_micro_batch(sequences, images, self.cfg.model.vision, fields, packed=packed, **padding)
         if images is not None and any(x is not None for x in images):
             raise ValueError("sequences with images given to a text-only model (model.vision is unset); a "
                              "vision-language policy needs model.hf_config of a VL model or model.vision")
-        if packed:
-            return packed_micro_batch(sequences, fields, pad_to_multiple=chunks,
-                                      pad_total_to_multiple=math.lcm(chunks, cp * rows))
-        return padded_micro_batch(sequences, fields, pad_to_multiple=math.lcm(chunks, rows))
+        return (packed_micro_batch if packed else padded_micro_batch)(sequences, fields, **padding)
 
     def micro_batches(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]] | None = None,
                       images: list | None = None) -> tuple[list[MicroBatch], list[list[int]]]:
