@@ -1,11 +1,12 @@
 """The methods, one record each: what a training step computes for `algorithm.method`.
 
-The step (`trainer/trainer.py`), its objectives (`trainer/objectives.py`), the teacher's context
-(`trainer/teacher.py`) and the config checks read these records; none of them tests a method's
-name. Adding a method is one record here, its token-advantage math if it is new (as `rlsd.py`),
-a name in `AlgorithmConfig.method` (a test keeps those names and this table equal) and its preset
-in `examples/configs/<name>.yaml`. What tells GRPO, DAPO and Dr.GRPO apart is their presets'
-settings (`normalize_adv_std`, `dynamic_sampling`, `loss_agg`), not their records.
+The step's scoring (`trainer/scoring.py`), its objectives (`trainer/objectives.py`), the
+teacher's context (`trainer/teacher.py`) and the config checks read these records; none of them
+tests a method's name. Adding a method is one record here, its token-advantage math if it is
+new (as `rlsd.py`), a name in `AlgorithmConfig.method` (a test keeps those names and this table
+equal) and its preset in `examples/configs/<name>.yaml`. What tells GRPO, DAPO and Dr.GRPO
+apart is their presets' settings (`normalize_adv_std`, `dynamic_sampling`, `loss_agg`), not
+their records.
 """
 
 from __future__ import annotations

@@ -9,10 +9,14 @@ One step, `Trainer.train_step`, in its verbs:
   1), the KL reference's, and for teacher methods the teacher's in its context (`teacher.py`);
 - advantages: group-normalised rewards → the method's token advantages (`objectives.py`, by the
   method's record in `algorithms/methods.py`);
-- update: optimizer steps through Megatron's schedules, the loss normalised by global counts;
+- update: the loss's per-token fields are assembled from the rollouts and scores, then optimizer
+  steps run through Megatron's schedules, the loss normalised by global counts (`update.py`);
   distillation methods get the teacher's logits inside each step, a chunk of micro-batches at a
   time (`distillation.py`); then the teacher policy updates its copy;
 - sync: the learner's weights are pushed to the engines; the step's metrics are logged.
+
+Score, advantages and the update's inputs are `StepScoring`'s (`scoring.py`), which also holds
+what `train.student_log_probs_in_update` changes in them (`in_update.py`).
 
 The engines' life cycle (which one a rank holds, the learner's offload around generation and
 saves, sleep/wake, the weight sync) is `EngineSide`'s (`engine_side.py`). With
@@ -31,20 +35,17 @@ import torch.distributed as dist
 from rlsd_megatron import algorithms as alg
 from rlsd_megatron.config import Config, config_to_dict
 from rlsd_megatron.eval.in_training import training_benchmarks
-from rlsd_megatron.learner.batch import ROUTED_EXPERTS
 from rlsd_megatron.logging.metrics import PhaseTimer
 from rlsd_megatron.parallel.agreement import same_on_every_rank
 from rlsd_megatron.parallel.state import learner_group, learner_world_size, replica_group, wait_for_every_rank
 from rlsd_megatron.rollout.separate_failures import post_failure
 from rlsd_megatron.trainer import distillation, objectives
 from rlsd_megatron.trainer.engine_side import EngineSide
-from rlsd_megatron.trainer.in_update import student_free_fields
-from rlsd_megatron.trainer.off_policy import Draw, OneStepOffPolicy, old_log_probs, staleness
-from rlsd_megatron.trainer.rollouts import (Rollouts, StepScores, collect_rollouts, generate_and_score,
-                                            response_tensors)
+from rlsd_megatron.trainer.off_policy import Draw, OneStepOffPolicy, staleness
+from rlsd_megatron.trainer.rollouts import Rollouts, StepScores, collect_rollouts, generate_and_score
 from rlsd_megatron.trainer.stopping import (StepAbandoned, StopController, agreed_stop_reason, fault_injection_point,
                                             report_stop, run_end_message)
-from rlsd_megatron.trainer.teacher import teacher_contexts, teacher_response_outputs
+from rlsd_megatron.trainer.scoring import StepScoring
 from rlsd_megatron.trainer.training_state import (load_training_state, prune_checkpoints, resolve_resume, rng_state,
                                                   save_training_state, set_rng_state)
 from rlsd_megatron.trainer.update import update_policy
@@ -70,7 +71,6 @@ class Trainer:
         from rlsd_megatron.learner.offload import allocation_region, create_optimizer_state
         from rlsd_megatron.logging.metrics import MetricsLogger
         from rlsd_megatron.rewards import RewardScorer
-        from rlsd_megatron.rollout.mismatch import MismatchMonitor
         from rlsd_megatron.trainer.reference import KLReference
 
         self.cfg = cfg
@@ -109,7 +109,8 @@ class Trainer:
                 cfg.algorithm.teacher_weights, sync_interval=cfg.algorithm.teacher_sync_interval,
                 ema_rate=cfg.algorithm.teacher_ema_rate)
             self.teacher.initialize(self.learner.local_weights())
-            self.mismatch = MismatchMonitor(cfg.rollout.max_logprob_mismatch)
+            self.scoring = StepScoring(cfg, self.learner, self.dataset, reference=self.reference, teacher=self.teacher,
+                                       teacher_model=self.teacher_model, dp_group=self.dp_group)
             self.off_policy = OneStepOffPolicy(self._next_draw, self.engine, self.dataset, self.scorer,
                                                self.replica_group) if cfg.train.off_policy_steps else None
             self.logger = MetricsLogger(cfg.logging, total_steps=cfg.train.steps,
@@ -258,11 +259,11 @@ class Trainer:
         if self.off_policy is not None and self.step < self.cfg.train.steps:
             self.off_policy.submit_next()  # generated with the weights of before this update, while it trains
         with timer("score"):
-            scores = self.score(rollouts)
-            advantages = self.advantages(rollouts, scores)
+            scores = self.scoring.score(rollouts, step=self.step)
+            advantages = self.scoring.advantages(rollouts, scores, step=self.step)
         with timer("train"):
-            train_stats = self.update(scores.sequences, *self.update_inputs(rollouts, scores, advantages),
-                                      images=rollouts.images())
+            fields, teacher_inputs = self.scoring.update_inputs(rollouts, scores, advantages)
+            train_stats = self.update(scores.sequences, fields, teacher_inputs, images=rollouts.images())
             self.teacher.on_step(self.step, self.learner.local_weights())
         with timer("sync"):
             sync = self.sync_weights()
@@ -298,76 +299,6 @@ class Trainer:
             self._rewind(start, rollouts)
             raise StepAbandoned(reason)
 
-    def score(self, rollouts: Rollouts) -> StepScores:
-        """The log-probs the step's advantages and loss read: the student's (the ratio's "old"
-        log-probs), the KL reference's, and for teacher methods the teacher's in its context; and
-        how far the student's are from the engine's. With `train.student_log_probs_in_update` the
-        student's are left to the update's forward (trainer/in_update.py): None here."""
-        algorithm = self.cfg.algorithm
-        if self.cfg.rollout.routing_replay and rollouts.routed_experts is None:
-            # Scoring and the update would route freely: a silent fallback the metrics would not show.
-            raise RuntimeError("rollout.routing_replay is on but this step's rollouts carry no routed experts "
-                               "(an engine that did not record them, or a checkpointed batch saved without them)")
-        sequences, images = rollouts.sequences(), rollouts.images()
-        in_update = self.cfg.train.student_log_probs_in_update
-        # Routing replay: the student's forwards route by the engine's experts; the reference's and the
-        # teacher's do not (learner.routing_replay says why).
-        student = None if in_update else self.log_probs(sequences, images, rollouts.routed_experts_on_sequences())
-        reference = self.reference.outputs(sequences, self._log_prob_fn, images)["logp"] \
-            if self.reference is not None else None
-        contexts = teacher_contexts(algorithm, rollouts, self.dataset, think_tag=self.cfg.reward.think_tag) \
-            if alg.get_method(algorithm.method).has_teacher else None
-        teacher_logp = teacher_response_outputs(
-            contexts, self._log_prob_fn, learner=self.learner, weights=self.teacher.teacher_state(),
-            teacher_model=self.teacher_model)["logp"] if objectives.uses_teacher_log_probs(algorithm) else None
-        mismatch = None if in_update else self.mismatch.check(
-            response_tensors(rollouts.on_responses(student)), response_tensors(rollouts.engine_log_probs),
-            rollouts.padded_response_mask(), group=self.dp_group, version=self.step - 1)
-        return StepScores(sequences, student, reference, contexts, teacher_logp, mismatch)
-
-    def advantages(self, rollouts: Rollouts, scores: StepScores) -> objectives.TokenAdvantages | None:
-        """Group-normalised sequence advantages of the rewards → the method's token advantages;
-        None when the update computes them (no student log-probs yet: trainer/in_update.py)."""
-        if scores.student is None:
-            return None
-        mask = rollouts.padded_response_mask()
-        width = mask.shape[1]
-        contexts = scores.teacher_contexts
-        return objectives.token_advantages(
-            self.cfg.algorithm, self.step, objectives.sequence_advantages(self.cfg, rollouts.rewards), mask,
-            response_tensors(rollouts.on_responses(scores.student), width),
-            response_tensors(scores.teacher, width) if scores.teacher is not None else None,
-            teacher_mask=torch.tensor([c.has_teacher for c in contexts]) if contexts is not None else None)
-
-    def update_inputs(self, rollouts: Rollouts, scores: StepScores, advantages: objectives.TokenAdvantages | None
-                      ) -> tuple[dict[str, list[torch.Tensor]], distillation.TeacherInputs | None]:
-        """The loss's per-token fields of each student sequence (`objectives.policy_loss_fn`), and
-        for a distillation loss on distributions what the teacher scores inside each update."""
-        algorithm, masks = self.cfg.algorithm, rollouts.response_mask()
-        contexts = scores.teacher_contexts
-        if advantages is None:  # what the student's log-probs give is derived in the loss
-            fields = {"loss_mask": masks, **student_free_fields(
-                rollouts, objectives.sequence_advantages(self.cfg, rollouts.rewards), scores.teacher,
-                [c.has_teacher for c in contexts] if contexts is not None else None)}
-        else:
-            old = old_log_probs(rollouts, scores.student, off_policy=bool(self.cfg.train.off_policy_steps),
-                                tis=bool(algorithm.tis_cap))
-            fields = {"old_logp": old, "loss_mask": masks, "advantages": rollouts.on_sequences(advantages.values)}
-        if scores.reference is not None:
-            fields["ref_logp"] = scores.reference
-        if rollouts.routed_experts is not None:
-            fields[ROUTED_EXPERTS] = rollouts.routed_experts_on_sequences()
-        if algorithm.tis_cap and advantages is not None:
-            fields["tis_weight"] = rollouts.on_sequences(alg.tis_weights(
-                response_tensors(rollouts.on_responses(scores.student)), response_tensors(rollouts.engine_log_probs),
-                rollouts.padded_response_mask(), cap=algorithm.tis_cap))
-        if not objectives.uses_distillation(algorithm):
-            return fields, None
-        fields["distill_mask"] = [m * float(c.has_teacher) for m, c in zip(masks, contexts)]
-        updates = self.cfg.train.ppo_epochs * self.cfg.train.optimizer_steps_per_batch
-        weights = distillation.teacher_weights_for_update(self.teacher.teacher_state(), self.learner, updates)
-        return fields, distillation.TeacherInputs(contexts, rollouts.prompt_lengths(), weights)
-
     # ------------------------------------------------------------------------------------------
     def collect_rollouts(self) -> Rollouts:
         """This rank's G responses for each of its prompts (refilled under dynamic sampling)."""
@@ -396,19 +327,6 @@ class Trainer:
                                    seed=self.cfg.train.seed * 1_000_003 + self._draws)
         self._draws += 1
         return Draw(rows, sampling, self.dp_rank * len(rows))
-
-    def _log_prob_fn(self, logits: torch.Tensor, mb) -> dict[str, torch.Tensor]:
-        from rlsd_megatron.ops import token_log_probs
-
-        return {"logp": token_log_probs(logits, mb.targets.to(logits.device), temperature=self.cfg.rollout.temperature,
-                                        vocab_size=self.cfg.model.vocab_size)}
-
-    def log_probs(self, sequences: list[torch.Tensor], images: list | None = None,
-                  routed_experts: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Per-token log-probs under the learner's current weights (aligned with tokens), the
-        sequences' `images` in context (a vision-language policy), routed by the engine's
-        `routed_experts` when given (routing replay)."""
-        return self.learner.forward_sequences(sequences, self._log_prob_fn, images, routed_experts)["logp"]
 
     def update(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]],
                teacher: distillation.TeacherInputs | None = None, *, images: list | None = None) -> dict[str, float]:

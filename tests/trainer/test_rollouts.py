@@ -72,12 +72,11 @@ def test_routed_experts_follow_their_rollouts_onto_the_sequences():
 def test_routing_replay_without_recorded_experts_stops_the_step():
     """With rollout.routing_replay on, rollouts without the engine's experts would be scored and
     trained with free routing, silently: the step refuses them before any forward."""
-    from types import SimpleNamespace
-
     from rlsd_megatron.config import Config
-    from rlsd_megatron.trainer.trainer import Trainer
+    from rlsd_megatron.trainer.scoring import StepScoring
 
     cfg = Config()
     cfg.rollout.routing_replay = True
+    scoring = StepScoring(cfg, learner=None, dataset=None, reference=None, teacher=None)  # refused before any is used
     with pytest.raises(RuntimeError, match="rollout.routing_replay is on but this step's rollouts carry no routed"):
-        Trainer.score(SimpleNamespace(cfg=cfg), rollouts([1], [[1]], [0.0]))
+        scoring.score(rollouts([1], [[1]], [0.0]), step=1)
