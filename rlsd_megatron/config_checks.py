@@ -193,6 +193,12 @@ def algorithm_problems(cfg: Config) -> list[str]:
     if a.teacher_weights == "separate" and not method.separate_teacher:
         problems.append(f"algorithm.teacher_weights=separate is only for method {' or '.join(separate)}, "
                         f"not {a.method}")
+    if not method.has_teacher and a.teacher_weights in ("frozen", "frozen_sync", "ema"):
+        # The trainer would still keep the copy (an fp32 one for ema), update it every step and checkpoint it.
+        teachers = [m.name for m in METHODS.values() if m.has_teacher and not m.separate_teacher]
+        problems.append(f"algorithm.teacher_weights={a.teacher_weights} has no effect with method {a.method}, which has "
+                        "no teacher, but would keep a copy of the policy's weights (memory, checkpoints); set "
+                        f"algorithm.teacher_weights=live, or use method {', '.join(teachers)}")
     if method.distills and a.distill_loss == "none":
         problems.append(f"algorithm.method={a.method} trains with a distillation loss: set algorithm.distill_loss "
                         "(jsd, topk or sampled)")

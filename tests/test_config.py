@@ -345,6 +345,11 @@ def test_rlsd_preset_is_the_recipe():
     [
         (["algorithm.method=opd"], r"method=opd scores rollouts with a separate teacher"),
         (["algorithm.teacher_weights=separate"], r"teacher_weights=separate is only for method opd"),
+        (["algorithm.method=grpo", "algorithm.teacher_weights=frozen_sync"],
+         r"algorithm.teacher_weights=frozen_sync has no effect with method grpo, which has no teacher, but would keep "
+         r"a copy of the policy's weights \(memory, checkpoints\); set algorithm.teacher_weights=live, or use method "
+         r"rlsd, opsd, sdpo, grpo_opsd"),
+        (["algorithm.method=dapo", "algorithm.teacher_weights=ema"], r"teacher_weights=ema has no effect with method dapo"),
         (["algorithm.method=opsd"], r"method=opsd trains with a distillation loss"),
         (["algorithm.distill_loss=jsd"], r"distill_loss=jsd has no effect with method rlsd"),
         (["rollout.n=1", "train.prompts_per_step=8"], r"method=rlsd needs rollout.n >= 2"),
