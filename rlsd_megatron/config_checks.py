@@ -281,12 +281,25 @@ def hardware_problems(cfg: Config, *, cuda_available: bool, te_available: bool) 
             f"parallel.cp={cfg.parallel.cp} needs Transformer Engine attention on GPUs (megatron-core's "
             "context-parallel attention is TE-only); use parallel.cp=1 here"
         )
-    if prec.recompute_granularity == "full" and prec.recompute_method is None:
-        problems.append(
-            "precision.recompute_granularity=full needs precision.recompute_method (uniform or block) "
-            "and precision.recompute_num_layers"
-        )
-    return problems
+    return problems + recompute_problems(cfg)
+
+
+def recompute_problems(cfg: Config) -> list[str]:
+    """Activation recomputation settings megatron-core's TransformerConfig would refuse at model build
+    (a bare ValueError), or ignore: recompute_method / recompute_num_layers apply to full recomputation only."""
+    prec = cfg.precision
+    if prec.recompute_granularity != "full":
+        if prec.recompute_method is None and prec.recompute_num_layers is None:
+            return []
+        return [f"precision.recompute_method={prec.recompute_method} / recompute_num_layers={prec.recompute_num_layers} "
+                f"apply to recompute_granularity=full only (got {prec.recompute_granularity}); unset them"]
+    if prec.recompute_method is None or prec.recompute_num_layers is None:
+        return ["precision.recompute_granularity=full needs precision.recompute_method (uniform or block) and "
+                f"precision.recompute_num_layers (got {prec.recompute_method} and {prec.recompute_num_layers})"]
+    if prec.recompute_num_layers < 1:  # uniform would loop forever on 0 (groups of 0 layers)
+        return [f"precision.recompute_num_layers={prec.recompute_num_layers} must be >= 1 (uniform: layers per "
+                "recomputed group; block: recomputed layers per pipeline stage)"]
+    return []
 
 
 def engine_ranks(cfg: Config) -> int:

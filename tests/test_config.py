@@ -189,6 +189,25 @@ def test_fp8_rollout_weights_need_sglang_and_bf16():
         validate_config(cfg, 1, cuda_available=True, te_available=True)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["precision.recompute_granularity=full"], r"recompute_granularity=full needs precision\.recompute_method \(uniform "
+     r"or block\) and precision\.recompute_num_layers \(got None and None\)"),
+    (["precision.recompute_granularity=full", "precision.recompute_method=uniform"], r"\(got uniform and None\)"),
+    (["precision.recompute_granularity=full", "precision.recompute_method=uniform", "precision.recompute_num_layers=0"],
+     r"precision\.recompute_num_layers=0 must be >= 1"),
+    (["precision.recompute_granularity=selective", "precision.recompute_num_layers=1"],
+     r"precision\.recompute_method=None / recompute_num_layers=1 apply to recompute_granularity=full only \(got "
+     r"selective\); unset them"),
+    (["precision.recompute_method=block"], r"recompute_method=block / recompute_num_layers=None apply to "
+     r"recompute_granularity=full only \(got none\)"),
+])
+def test_recompute_settings_megatron_would_refuse_or_ignore(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(load_config(None, overrides), 1, cuda_available=False, te_available=False)
+    validate_config(load_config(None, ["precision.recompute_granularity=full", "precision.recompute_method=block",
+                                       "precision.recompute_num_layers=1"]), 1, cuda_available=False, te_available=False)
+
+
 def test_sglang_server_args_mapping_and_deterministic(tmp_path):
     from rlsd_megatron.rollout.provider import sglang_server_args
 
@@ -216,7 +235,8 @@ def test_routing_replay_refusals():
     with pytest.raises(ConfigError, match=r"routing_replay=true with precision\.fp8=e4m3 and precision\."
                                           r"recompute_granularity=full"):
         validate_config(fp8, 1, cuda_available=True, te_available=True)
-    fp8.precision.recompute_granularity = "selective"
+    fp8.precision.recompute_granularity, fp8.precision.recompute_method, fp8.precision.recompute_num_layers = \
+        "selective", None, None
     validate_config(fp8, 1, cuda_available=True, te_available=True)
     off = load_config(None, [*moe, "rollout.sglang_server_args.enable_return_routed_experts=false"])
     with pytest.raises(ConfigError, match=r"sets enable_return_routed_experts=false"):
