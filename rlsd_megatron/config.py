@@ -340,11 +340,13 @@ class AlgorithmConfig:
     # the row's data.solution_key text, else its answer). None: the spec's §2 wording (a built-in
     # task: its own). SDPO's teacher has its own template.
     teacher_template: str | None = None
-    # Distillation (OPSD, SDPO, GRPO+OPSD): generalised JSD_β, over the full vocabulary, a top-k
-    # support (SDPO: the student's top-100 plus a tail bucket) or the sampled token only.
+    # Distillation (OPSD, SDPO, GRPO+OPSD): jsd: generalised JSD_β over the full vocabulary; topk: over a
+    # top-k support (SDPO: the student's top-100 plus a tail bucket); sampled: no loss on distributions but
+    # the token advantage log π_T − log π_S of the sampled token, an estimate of the reverse KL(S‖T) whatever
+    # distill_beta (which, like the topk fields, plays no part there).
     distill_loss: Literal["none", "jsd", "topk", "sampled"] = "none"  # none: no distillation loss (the RL methods)
     distill_coef: float = 1.0  # weight of the distillation loss (OPD: of its reverse-KL advantage)
-    distill_beta: float = 0.5  # β of JSD_β: 0 gives KL(T‖S), 1 gives KL(S‖T) (OPSD, SDPO 0.5)
+    distill_beta: float = 0.5  # jsd, topk: β of JSD_β: 0 gives KL(T‖S), 1 gives KL(S‖T) (OPSD, SDPO 0.5)
     distill_topk: int = 100  # topk: support size (SDPO 100)
     distill_support: Literal["teacher", "student"] = "teacher"  # topk: whose top-k ids form the support (SDPO: student)
     distill_tail_bucket: bool = True  # topk: one more bucket for the mass outside the support
