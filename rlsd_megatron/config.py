@@ -409,7 +409,7 @@ class CheckpointConfig:
 
     dir: str | None = None  # None: no checkpoints
     save_interval: int = 50  # steps (0: only the last); SIGTERM / SIGUSR1 also save (slurm pre-emption)
-    keep_last: int = 2  # older iteration directories are deleted
+    keep_last: int = 2  # older iteration directories are deleted (0: none is)
     resume: str | None = None  # "auto" (latest complete one in dir, if any), a checkpoint path, or None
     init_from: str | None = None  # initial weights: a Megatron checkpoint (tools/convert_hf_to_megatron.py)
 

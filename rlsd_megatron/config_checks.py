@@ -429,16 +429,19 @@ def routing_replay_problems(cfg: Config) -> list[str]:
 
 def validate_config(cfg: Config, world_size: int, *, cuda_available: bool | None = None,
                     te_available: bool | None = None) -> None:
-    """Raise one ConfigError listing every layout, batch, hardware and rollout problem of `cfg`."""
+    """Raise one ConfigError listing every layout, batch, hardware and rollout problem of `cfg`
+    (values out of range alone when there are any: the other checks compute with them)."""
     import torch
+
+    from rlsd_megatron.config_values import value_problems
 
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     if te_available is None:
         te_available = cuda_available and transformer_engine_available()
     learners = world_size - engine_ranks(cfg) if 1 <= engine_ranks(cfg) < world_size else world_size
-    problems = placement_problems(cfg, world_size) + layout_problems(cfg, learners) + algorithm_problems(cfg) + hardware_problems(
-        cfg, cuda_available=cuda_available, te_available=te_available
+    problems = value_problems(cfg) or placement_problems(cfg, world_size) + layout_problems(cfg, learners) + algorithm_problems(
+        cfg) + hardware_problems(cfg, cuda_available=cuda_available, te_available=te_available
     ) + rollout_problems(cfg, cuda_available=cuda_available) + routing_replay_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
