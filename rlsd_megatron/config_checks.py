@@ -440,8 +440,9 @@ def validate_config(cfg: Config, world_size: int, *, cuda_available: bool | None
     if te_available is None:
         te_available = cuda_available and transformer_engine_available()
     learners = world_size - engine_ranks(cfg) if 1 <= engine_ranks(cfg) < world_size else world_size
-    problems = value_problems(cfg) or placement_problems(cfg, world_size) + layout_problems(cfg, learners) + algorithm_problems(
-        cfg) + hardware_problems(cfg, cuda_available=cuda_available, te_available=te_available
-    ) + rollout_problems(cfg, cuda_available=cuda_available) + routing_replay_problems(cfg)
+    problems = value_problems(cfg) or (
+        placement_problems(cfg, world_size) + layout_problems(cfg, learners) + algorithm_problems(cfg)
+        + hardware_problems(cfg, cuda_available=cuda_available, te_available=te_available)
+        + rollout_problems(cfg, cuda_available=cuda_available) + routing_replay_problems(cfg))
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -26,7 +26,8 @@ from rlsd_megatron.config_checks import validate_config
     (["algorithm.dual_clip=1"], r"algorithm\.dual_clip=1\.0 must be > 1"),
     (["algorithm.clip_low=1.5"], r"algorithm\.clip_low=1\.5 must be in \[0, 1\)"),
     (["algorithm.tis_cap=0"], r"algorithm\.tis_cap=0\.0 must be > 0, or null to turn TIS off"),
-    (["algorithm.teacher_weights=ema", "algorithm.teacher_ema_rate=0"], r"algorithm\.teacher_ema_rate=0\.0 must be in \(0, 1\]"),
+    (["algorithm.teacher_weights=ema", "algorithm.teacher_ema_rate=0"],
+     r"algorithm\.teacher_ema_rate=0\.0 must be in \(0, 1\]"),
 ])
 def test_out_of_range_values_are_config_errors(overrides, message):
     cfg = load_config("examples/configs/cpu_demo.yaml", overrides)
