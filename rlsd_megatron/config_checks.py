@@ -216,6 +216,12 @@ def algorithm_problems(cfg: Config) -> list[str]:
         problems.append(f"algorithm.lam0={a.lam0} must be in [0, 1]")
     if a.lam_warmup_steps < 0:
         problems.append(f"algorithm.lam_warmup_steps={a.lam_warmup_steps} must be >= 0 (0: no warm-up)")
+    # Switches of one method's token advantage, set away from their off value for another method.
+    for owner, setting, value in (("rlsd", "negative_only", a.negative_only), ("rlsd", "lam_warmup_steps",
+                                  a.lam_warmup_steps), ("opd", "opd_reward_weight", a.opd_reward_weight)):
+        if value and method.token_advantage != owner:
+            problems.append(f"algorithm.{setting}={value} has no effect with method {a.method} (only {owner} reads "
+                            "it); unset it")
     if a.teacher_template is not None:
         problems += _teacher_template_problems(a)
     if a.teacher_model and not method.separate_teacher:

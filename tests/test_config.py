@@ -374,6 +374,12 @@ def test_rlsd_preset_is_the_recipe():
         (["algorithm.distill_loss=jsd"], r"distill_loss=jsd has no effect with method rlsd"),
         (["rollout.n=1", "train.prompts_per_step=8"], r"method=rlsd needs rollout.n >= 2"),
         (["algorithm.lam_warmup_steps=-5"], r"algorithm.lam_warmup_steps=-5 must be >= 0 \(0: no warm-up\)"),
+        (["algorithm.method=grpo", "algorithm.negative_only=true"],
+         r"algorithm\.negative_only=True has no effect with method grpo \(only rlsd reads it\); unset it"),
+        (["algorithm.method=opsd", "algorithm.distill_loss=jsd", "algorithm.lam_warmup_steps=5"],
+         r"algorithm\.lam_warmup_steps=5 has no effect with method opsd \(only rlsd reads it\)"),
+        (["algorithm.opd_reward_weight=0.5"], r"algorithm\.opd_reward_weight=0\.5 has no effect with method rlsd "
+                                              r"\(only opd reads it\)"),
         (["algorithm.teacher_template='{question} only'"],
          r"algorithm.teacher_template has placeholders \['question'\]; it must use \{answer\} and only "
          r"\['\{answer\}', '\{question\}'\]"),
