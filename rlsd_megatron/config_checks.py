@@ -410,6 +410,15 @@ def rollout_problems(cfg: Config, *, cuda_available: bool) -> list[str]:
     return problems
 
 
+def warm_start_problems(cfg: Config) -> list[str]:
+    """The supervised warm start stops on greedy accuracy over the validation rows: it needs some."""
+    if cfg.warm_start.max_steps and cfg.data.task is None and not cfg.data.val_files:
+        # Without any its first accuracy check died in the learner (max() of no micro-batches).
+        return [f"warm_start.max_steps={cfg.warm_start.max_steps} measures greedy accuracy on the validation rows to "
+                "know when to stop, but there are none: set data.val_files, or warm_start.max_steps=0"]
+    return []
+
+
 def routing_replay_problems(cfg: Config) -> list[str]:
     """What routing replay (`rollout.routing_replay`, learner/routing_replay.py) cannot run with."""
     rollout, prec = cfg.rollout, cfg.precision
@@ -449,6 +458,6 @@ def validate_config(cfg: Config, world_size: int, *, cuda_available: bool | None
     problems = value_problems(cfg) or (
         placement_problems(cfg, world_size) + layout_problems(cfg, learners) + algorithm_problems(cfg)
         + hardware_problems(cfg, cuda_available=cuda_available, te_available=te_available)
-        + rollout_problems(cfg, cuda_available=cuda_available) + routing_replay_problems(cfg))
+        + rollout_problems(cfg, cuda_available=cuda_available) + routing_replay_problems(cfg) + warm_start_problems(cfg))
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -208,6 +208,17 @@ def test_recompute_settings_megatron_would_refuse_or_ignore(overrides, message):
                                        "precision.recompute_num_layers=1"]), 1, cuda_available=False, te_available=False)
 
 
+def test_a_warm_start_needs_validation_rows():
+    files = ["data.train_files=[train.jsonl]", "data.tokenizer_dir=tok", "warm_start.max_steps=10"]
+    with pytest.raises(ConfigError, match=r"warm_start\.max_steps=10 measures greedy accuracy on the validation rows to "
+                                          r"know when to stop, but there are none: set data\.val_files"):
+        validate_config(load_config(None, files), 1, cuda_available=False, te_available=False)
+    validate_config(load_config(None, [*files, "data.val_files=[val.jsonl]"]), 1, cuda_available=False,
+                    te_available=False)
+    validate_config(load_config(None, ["data.task=reversed_addition", "warm_start.max_steps=10"]), 1,
+                    cuda_available=False, te_available=False)  # a built-in task has its own validation rows
+
+
 def test_sglang_server_args_mapping_and_deterministic(tmp_path):
     from rlsd_megatron.rollout.provider import sglang_server_args
 
