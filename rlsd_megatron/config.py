@@ -116,7 +116,10 @@ class ParallelConfig:
     sequence_parallel: bool = False  # Megatron SP: activations outside attention/MLP split over the TP ranks
     use_distributed_optimizer: bool = True  # only takes effect when dp * cp > 1
     overlap_grad_reduce: bool = False  # overlap the data-parallel gradient reduction with backward
-    overlap_param_gather: bool = False  # distributed optimizer: overlap the parameter all-gather with forward
+    # Distributed optimizer at dp * cp > 1 only (else no effect): megatron-core's overlap of the parameter
+    # all-gather with the next forward. The RL step reads the weights right after each update (weight sync,
+    # teacher copy, checkpoint), so the learner completes the gather there: in this loop it saves no time.
+    overlap_param_gather: bool = False
     # Minutes a training collective (Megatron's TP / PP / CP / DP groups) waits before it fails
     # (on GPUs NCCL's flight recorder then dumps every rank's last collectives); torch's default is 30.
     collective_timeout_minutes: float = 10.0
@@ -337,11 +340,13 @@ class AlgorithmConfig:
     # the row's data.solution_key text, else its answer). None: the spec's §2 wording (a built-in
     # task: its own). SDPO's teacher has its own template.
     teacher_template: str | None = None
-    # Distillation (OPSD, SDPO, GRPO+OPSD): generalised JSD_β, over the full vocabulary, a top-k
-    # support (SDPO: the student's top-100 plus a tail bucket) or the sampled token only.
+    # Distillation (OPSD, SDPO, GRPO+OPSD): jsd: generalised JSD_β over the full vocabulary; topk: over a
+    # top-k support (SDPO: the student's top-100 plus a tail bucket); sampled: no loss on distributions but
+    # the token advantage log π_T − log π_S of the sampled token, an estimate of the reverse KL(S‖T) whatever
+    # distill_beta (which, like the topk fields, plays no part there).
     distill_loss: Literal["none", "jsd", "topk", "sampled"] = "none"  # none: no distillation loss (the RL methods)
     distill_coef: float = 1.0  # weight of the distillation loss (OPD: of its reverse-KL advantage)
-    distill_beta: float = 0.5  # β of JSD_β: 0 gives KL(T‖S), 1 gives KL(S‖T) (OPSD, SDPO 0.5)
+    distill_beta: float = 0.5  # jsd, topk: β of JSD_β: 0 gives KL(T‖S), 1 gives KL(S‖T) (OPSD, SDPO 0.5)
     distill_topk: int = 100  # topk: support size (SDPO 100)
     distill_support: Literal["teacher", "student"] = "teacher"  # topk: whose top-k ids form the support (SDPO: student)
     distill_tail_bucket: bool = True  # topk: one more bucket for the mass outside the support
@@ -404,7 +409,7 @@ class CheckpointConfig:
 
     dir: str | None = None  # None: no checkpoints
     save_interval: int = 50  # steps (0: only the last); SIGTERM / SIGUSR1 also save (slurm pre-emption)
-    keep_last: int = 2  # older iteration directories are deleted
+    keep_last: int = 2  # older iteration directories are deleted (0: none is)
     resume: str | None = None  # "auto" (latest complete one in dir, if any), a checkpoint path, or None
     init_from: str | None = None  # initial weights: a Megatron checkpoint (tools/convert_hf_to_megatron.py)
 

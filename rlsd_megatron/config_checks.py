@@ -193,6 +193,12 @@ def algorithm_problems(cfg: Config) -> list[str]:
     if a.teacher_weights == "separate" and not method.separate_teacher:
         problems.append(f"algorithm.teacher_weights=separate is only for method {' or '.join(separate)}, "
                         f"not {a.method}")
+    if not method.has_teacher and a.teacher_weights in ("frozen", "frozen_sync", "ema"):
+        # The trainer would still keep the copy (an fp32 one for ema), update it every step and checkpoint it.
+        teachers = [m.name for m in METHODS.values() if m.has_teacher and not m.separate_teacher]
+        problems.append(f"algorithm.teacher_weights={a.teacher_weights} has no effect with method {a.method}, which has "
+                        "no teacher, but would keep a copy of the policy's weights (memory, checkpoints); set "
+                        f"algorithm.teacher_weights=live, or use method {', '.join(teachers)}")
     if method.distills and a.distill_loss == "none":
         problems.append(f"algorithm.method={a.method} trains with a distillation loss: set algorithm.distill_loss "
                         "(jsd, topk or sampled)")
@@ -210,6 +216,12 @@ def algorithm_problems(cfg: Config) -> list[str]:
         problems.append(f"algorithm.lam0={a.lam0} must be in [0, 1]")
     if a.lam_warmup_steps < 0:
         problems.append(f"algorithm.lam_warmup_steps={a.lam_warmup_steps} must be >= 0 (0: no warm-up)")
+    # Switches of one method's token advantage, set away from their off value for another method.
+    for owner, setting, value in (("rlsd", "negative_only", a.negative_only), ("rlsd", "lam_warmup_steps",
+                                  a.lam_warmup_steps), ("opd", "opd_reward_weight", a.opd_reward_weight)):
+        if value and method.token_advantage != owner:
+            problems.append(f"algorithm.{setting}={value} has no effect with method {a.method} (only {owner} reads "
+                            "it); unset it")
     if a.teacher_template is not None:
         problems += _teacher_template_problems(a)
     if a.teacher_model and not method.separate_teacher:
@@ -275,12 +287,25 @@ def hardware_problems(cfg: Config, *, cuda_available: bool, te_available: bool) 
             f"parallel.cp={cfg.parallel.cp} needs Transformer Engine attention on GPUs (megatron-core's "
             "context-parallel attention is TE-only); use parallel.cp=1 here"
         )
-    if prec.recompute_granularity == "full" and prec.recompute_method is None:
-        problems.append(
-            "precision.recompute_granularity=full needs precision.recompute_method (uniform or block) "
-            "and precision.recompute_num_layers"
-        )
-    return problems
+    return problems + recompute_problems(cfg)
+
+
+def recompute_problems(cfg: Config) -> list[str]:
+    """Activation recomputation settings megatron-core's TransformerConfig would refuse at model build
+    (a bare ValueError), or ignore: recompute_method / recompute_num_layers apply to full recomputation only."""
+    prec = cfg.precision
+    if prec.recompute_granularity != "full":
+        if prec.recompute_method is None and prec.recompute_num_layers is None:
+            return []
+        return [f"precision.recompute_method={prec.recompute_method} / recompute_num_layers={prec.recompute_num_layers} "
+                f"apply to recompute_granularity=full only (got {prec.recompute_granularity}); unset them"]
+    if prec.recompute_method is None or prec.recompute_num_layers is None:
+        return ["precision.recompute_granularity=full needs precision.recompute_method (uniform or block) and "
+                f"precision.recompute_num_layers (got {prec.recompute_method} and {prec.recompute_num_layers})"]
+    if prec.recompute_num_layers < 1:  # uniform would loop forever on 0 (groups of 0 layers)
+        return [f"precision.recompute_num_layers={prec.recompute_num_layers} must be >= 1 (uniform: layers per "
+                "recomputed group; block: recomputed layers per pipeline stage)"]
+    return []
 
 
 def engine_ranks(cfg: Config) -> int:
@@ -385,6 +410,15 @@ def rollout_problems(cfg: Config, *, cuda_available: bool) -> list[str]:
     return problems
 
 
+def warm_start_problems(cfg: Config) -> list[str]:
+    """The supervised warm start stops on greedy accuracy over the validation rows: it needs some."""
+    if cfg.warm_start.max_steps and cfg.data.task is None and not cfg.data.val_files:
+        # Without any its first accuracy check died in the learner (max() of no micro-batches).
+        return [f"warm_start.max_steps={cfg.warm_start.max_steps} measures greedy accuracy on the validation rows to "
+                "know when to stop, but there are none: set data.val_files, or warm_start.max_steps=0"]
+    return []
+
+
 def routing_replay_problems(cfg: Config) -> list[str]:
     """What routing replay (`rollout.routing_replay`, learner/routing_replay.py) cannot run with."""
     rollout, prec = cfg.rollout, cfg.precision
@@ -410,16 +444,20 @@ def routing_replay_problems(cfg: Config) -> list[str]:
 
 def validate_config(cfg: Config, world_size: int, *, cuda_available: bool | None = None,
                     te_available: bool | None = None) -> None:
-    """Raise one ConfigError listing every layout, batch, hardware and rollout problem of `cfg`."""
+    """Raise one ConfigError listing every layout, batch, hardware and rollout problem of `cfg`
+    (values out of range alone when there are any: the other checks compute with them)."""
     import torch
+
+    from rlsd_megatron.config_values import value_problems
 
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     if te_available is None:
         te_available = cuda_available and transformer_engine_available()
     learners = world_size - engine_ranks(cfg) if 1 <= engine_ranks(cfg) < world_size else world_size
-    problems = placement_problems(cfg, world_size) + layout_problems(cfg, learners) + algorithm_problems(cfg) + hardware_problems(
-        cfg, cuda_available=cuda_available, te_available=te_available
-    ) + rollout_problems(cfg, cuda_available=cuda_available) + routing_replay_problems(cfg)
+    problems = value_problems(cfg) or (
+        placement_problems(cfg, world_size) + layout_problems(cfg, learners) + algorithm_problems(cfg)
+        + hardware_problems(cfg, cuda_available=cuda_available, te_available=te_available)
+        + rollout_problems(cfg, cuda_available=cuda_available) + routing_replay_problems(cfg) + warm_start_problems(cfg))
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -366,7 +366,8 @@ def check_fits(cfg: Config, world_size: int, hardware: Hardware = Hardware(), *,
         raise ConfigError(
             "the layout does not fit in GPU memory:\n" + plan.table()
             + "\nraise parallel.pp/tp, enable parallel.use_distributed_optimizer with more data parallelism, "
-              "set precision.recompute_granularity=full, lower train.max_tokens_per_micro_batch or "
+              "set precision.recompute_granularity=full (with recompute_method=uniform, recompute_num_layers=1), "
+              "lower train.max_tokens_per_micro_batch or "
               "rollout.mem_fraction_static, or set train.offload=copy (the learner off the GPU while the engine generates)"
         )
     return plan

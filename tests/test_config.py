@@ -189,6 +189,36 @@ def test_fp8_rollout_weights_need_sglang_and_bf16():
         validate_config(cfg, 1, cuda_available=True, te_available=True)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["precision.recompute_granularity=full"], r"recompute_granularity=full needs precision\.recompute_method \(uniform "
+     r"or block\) and precision\.recompute_num_layers \(got None and None\)"),
+    (["precision.recompute_granularity=full", "precision.recompute_method=uniform"], r"\(got uniform and None\)"),
+    (["precision.recompute_granularity=full", "precision.recompute_method=uniform", "precision.recompute_num_layers=0"],
+     r"precision\.recompute_num_layers=0 must be >= 1"),
+    (["precision.recompute_granularity=selective", "precision.recompute_num_layers=1"],
+     r"precision\.recompute_method=None / recompute_num_layers=1 apply to recompute_granularity=full only \(got "
+     r"selective\); unset them"),
+    (["precision.recompute_method=block"], r"recompute_method=block / recompute_num_layers=None apply to "
+     r"recompute_granularity=full only \(got none\)"),
+])
+def test_recompute_settings_megatron_would_refuse_or_ignore(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(load_config(None, overrides), 1, cuda_available=False, te_available=False)
+    validate_config(load_config(None, ["precision.recompute_granularity=full", "precision.recompute_method=block",
+                                       "precision.recompute_num_layers=1"]), 1, cuda_available=False, te_available=False)
+
+
+def test_a_warm_start_needs_validation_rows():
+    files = ["data.train_files=[train.jsonl]", "data.tokenizer_dir=tok", "warm_start.max_steps=10"]
+    with pytest.raises(ConfigError, match=r"warm_start\.max_steps=10 measures greedy accuracy on the validation rows to "
+                                          r"know when to stop, but there are none: set data\.val_files"):
+        validate_config(load_config(None, files), 1, cuda_available=False, te_available=False)
+    validate_config(load_config(None, [*files, "data.val_files=[val.jsonl]"]), 1, cuda_available=False,
+                    te_available=False)
+    validate_config(load_config(None, ["data.task=reversed_addition", "warm_start.max_steps=10"]), 1,
+                    cuda_available=False, te_available=False)  # a built-in task has its own validation rows
+
+
 def test_sglang_server_args_mapping_and_deterministic(tmp_path):
     from rlsd_megatron.rollout.provider import sglang_server_args
 
@@ -216,7 +246,8 @@ def test_routing_replay_refusals():
     with pytest.raises(ConfigError, match=r"routing_replay=true with precision\.fp8=e4m3 and precision\."
                                           r"recompute_granularity=full"):
         validate_config(fp8, 1, cuda_available=True, te_available=True)
-    fp8.precision.recompute_granularity = "selective"
+    fp8.precision.recompute_granularity, fp8.precision.recompute_method, fp8.precision.recompute_num_layers = \
+        "selective", None, None
     validate_config(fp8, 1, cuda_available=True, te_available=True)
     off = load_config(None, [*moe, "rollout.sglang_server_args.enable_return_routed_experts=false"])
     with pytest.raises(ConfigError, match=r"sets enable_return_routed_experts=false"):
@@ -345,10 +376,21 @@ def test_rlsd_preset_is_the_recipe():
     [
         (["algorithm.method=opd"], r"method=opd scores rollouts with a separate teacher"),
         (["algorithm.teacher_weights=separate"], r"teacher_weights=separate is only for method opd"),
+        (["algorithm.method=grpo", "algorithm.teacher_weights=frozen_sync"],
+         r"algorithm.teacher_weights=frozen_sync has no effect with method grpo, which has no teacher, but would keep "
+         r"a copy of the policy's weights \(memory, checkpoints\); set algorithm.teacher_weights=live, or use method "
+         r"rlsd, opsd, sdpo, grpo_opsd"),
+        (["algorithm.method=dapo", "algorithm.teacher_weights=ema"], r"teacher_weights=ema has no effect with method dapo"),
         (["algorithm.method=opsd"], r"method=opsd trains with a distillation loss"),
         (["algorithm.distill_loss=jsd"], r"distill_loss=jsd has no effect with method rlsd"),
         (["rollout.n=1", "train.prompts_per_step=8"], r"method=rlsd needs rollout.n >= 2"),
         (["algorithm.lam_warmup_steps=-5"], r"algorithm.lam_warmup_steps=-5 must be >= 0 \(0: no warm-up\)"),
+        (["algorithm.method=grpo", "algorithm.negative_only=true"],
+         r"algorithm\.negative_only=True has no effect with method grpo \(only rlsd reads it\); unset it"),
+        (["algorithm.method=opsd", "algorithm.distill_loss=jsd", "algorithm.lam_warmup_steps=5"],
+         r"algorithm\.lam_warmup_steps=5 has no effect with method opsd \(only rlsd reads it\)"),
+        (["algorithm.opd_reward_weight=0.5"], r"algorithm\.opd_reward_weight=0\.5 has no effect with method rlsd "
+                                              r"\(only opd reads it\)"),
         (["algorithm.teacher_template='{question} only'"],
          r"algorithm.teacher_template has placeholders \['question'\]; it must use \{answer\} and only "
          r"\['\{answer\}', '\{question\}'\]"),

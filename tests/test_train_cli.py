@@ -130,8 +130,9 @@ def test_a_bad_data_row_stops_every_rank_before_the_model_is_built(dist_pool, tm
     tokenizer = build_tokenizer(tmp_path / "tokenizer")
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"question": "What is 1+1? " * 40, "answer": "2"}) + "\n")
-    argv = ["--config", DEMO, "data.task=null", f"data.train_files=[{data}]", f"data.tokenizer_dir={tokenizer}",
-            "data.max_prompt_length=64", "model.vocab_size=320", f"logging.dir={tmp_path / 'logs'}"]
+    argv = ["--config", DEMO, "data.task=null", "warm_start.max_steps=0", f"data.train_files=[{data}]",
+            f"data.tokenizer_dir={tokenizer}", "data.max_prompt_length=64", "model.vocab_size=320",
+            f"logging.dir={tmp_path / 'logs'}"]
     first, second = dist_pool(2).run(run_main, [argv, argv])
     assert first["stderr"].startswith(f"rlsd-train: error: {data}, line 1: the prompt is ")
     assert first["stderr"].endswith(" tokens, over data.max_prompt_length=64. Fix the row, or set data.bad_rows=skip "

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from rlsd_megatron.data.prompts import PromptDataset, PromptRow
+from rlsd_megatron.data.readers import DataError
 
 __all__ = ["PromptLoader", "epoch_order", "validation_rows"]
 
@@ -98,7 +99,12 @@ class PromptLoader:
 
 def validation_rows(dataset: PromptDataset, *, dp_rank: int = 0, dp_size: int = 1) -> list[PromptRow]:
     """This rank's validation rows, in order: rows ``dp_rank, dp_rank + dp_size, …`` (disjoint
-    across ranks, together every row once; counts differ by at most one)."""
+    across ranks, together every row once; counts differ by at most one). Raises DataError when
+    some rank would get none: validation and the warm start's accuracy checks are collectives
+    over the data-parallel ranks, which a rank without rows would skip (the others then hang)."""
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} is not in [0, {dp_size}).")
+    if len(dataset) < dp_size:
+        raise DataError(f"the validation data (data.val_files) hold {len(dataset)} row(s), fewer than the {dp_size} "
+                        "data-parallel replicas that each validate a share of them: give at least one row per replica")
     return [dataset[i] for i in range(dp_rank, len(dataset), dp_size)]

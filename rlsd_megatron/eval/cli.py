@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     quiet_known_noise()
     try:
-        if args.engines < 1 or args.engine_tp < 1:
-            raise ValueError(f"--engines {args.engines} and --engine-tp {args.engine_tp} must be >= 1.")
+        if min(args.engines, args.engine_tp, args.chunk_prompts) < 1:
+            raise ValueError(f"--engines {args.engines}, --engine-tp {args.engine_tp} and --chunk-prompts "
+                             f"{args.chunk_prompts} must be >= 1.")
         specs = load_benchmark_specs(args.benchmarks)
         model = open_model(args.model, tokenizer_dir=args.tokenizer)
         backend = resolve_backend(args.backend)

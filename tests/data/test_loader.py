@@ -3,6 +3,7 @@
 import pytest
 
 from rlsd_megatron.data import PromptDataset, PromptLoader, PromptRow, epoch_order, validation_rows
+from rlsd_megatron.data.readers import DataError
 
 
 class Numbers(PromptDataset):
@@ -75,6 +76,11 @@ def test_data_parallel_shards_are_disjoint_and_complete(rows):
     val = [validation_rows(Numbers(50), dp_rank=r, dp_size=4) for r in range(4)]
     assert sorted(row.index for shard in val for row in shard) == list(range(50))
     assert [len(shard) for shard in val] == [13, 13, 12, 12]
+    # A rank without rows would skip the validation collectives the others wait in.
+    assert [len(validation_rows(Numbers(4), dp_rank=r, dp_size=4)) for r in range(4)] == [1, 1, 1, 1]
+    with pytest.raises(DataError, match=r"the validation data \(data\.val_files\) hold 3 row\(s\), fewer than the 4 "
+                                        r"data-parallel replicas"):
+        validation_rows(Numbers(3), dp_rank=0, dp_size=4)
 
 
 def test_resume_refuses_a_different_stream():

@@ -170,6 +170,15 @@ def test_input_problems_exit_2_before_loading_a_model(tmp_path):
                                     "rlsd-eval --model takes a Megatron checkpoint")
 
 
+def test_counts_below_one_are_usage_errors(tmp_path, capsys):
+    from rlsd_megatron.eval.cli import main
+
+    # --chunk-prompts 0 was a bare "range() arg 3 must not be zero" from the runner.
+    assert main(["--model", str(tmp_path), "--benchmarks", "b.yaml", "--out", str(tmp_path), "--chunk-prompts", "0"]) == 2
+    assert capsys.readouterr().err == ("rlsd-eval: error: --engines 1, --engine-tp 1 and --chunk-prompts 0 must be "
+                                       ">= 1.\n")
+
+
 def test_an_hf_directory_with_its_chat_template_and_system_prompt(tmp_path):
     """An HF directory (weights + chat tokenizer): the prompt is the chat template's rendering of the
     system prompt and the user turn; greedy answers equal transformers' own ``generate``."""

@@ -247,8 +247,9 @@ def test_rlsd_train_reports_a_bad_data_row_once_and_every_rank_exits(dist_pool, 
     tokenizer = build_tokenizer(tmp_path / "tokenizer")
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"question": "What is 1+1? " * 40, "answer": "2"}) + "\n")
-    argv = ["--config", DEMO, "data.task=null", f"data.train_files=[{data}]", f"data.tokenizer_dir={tokenizer}",
-            "data.max_prompt_length=64", "model.vocab_size=320", f"logging.dir={tmp_path / 'logs'}",
+    argv = ["--config", DEMO, "data.task=null", "warm_start.max_steps=0", f"data.train_files=[{data}]",
+            f"data.tokenizer_dir={tokenizer}", "data.max_prompt_length=64", "model.vocab_size=320",
+            f"logging.dir={tmp_path / 'logs'}",
             "rollout.placement=separate", "rollout.engine_ranks=1"]
     first, second, engine = dist_pool(3).run(run_main, [argv] * 3, timeout=50)
     assert first["stderr"].startswith(f"rlsd-train: error: {data}, line 1: the prompt is ")

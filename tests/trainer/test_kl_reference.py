@@ -178,7 +178,7 @@ def test_planner_counts_the_reference(tmp_path):
 
     def plan(*overrides: str):
         return plan_memory(load_config("examples/configs/rlsd_8b.yaml", ["parallel.dp=2", "algorithm.method=grpo",
-                                                                         *overrides]))
+                                                                         "algorithm.teacher_weights=live", *overrides]))
 
     without, copy = plan(), plan(f"algorithm.kl_coef={KL_COEF}")
     assert without.kl_reference == 0 and copy.kl_reference == copy.params  # a copy of the initial policy's weights
