@@ -105,8 +105,8 @@ class ParallelConfig:
 
     tp: int = 1  # tensor-parallel size: ranks splitting each layer
     pp: int = 1  # pipeline-parallel size: stages of consecutive layers
-    # Virtual pipeline stages per rank (interleaved schedule). Training with it is refused for now
-    # (config_checks: on CPU its gradients differ from pp alone); checkpoints and forward passes work.
+    # Virtual pipeline stages per rank (interleaved schedule): model chunks per rank, which shrinks the
+    # pipeline bubble by this factor. Needs pp >= 3; micro-batches run in groups of pp.
     vpp: int | None = None
     cp: int = 1  # context-parallel size: ranks splitting each sequence
     # Expert parallelism: each MoE layer's experts are split over ep ranks, carved out of the

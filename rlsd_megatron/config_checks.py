@@ -98,20 +98,28 @@ def layout_problems(cfg: Config, world_size: int) -> list[str]:
                 f"{sequences // per_update} sequences per rank and optimizer step are not a multiple of "
                 f"train.micro_batch_size={t.micro_batch_size}"
             )
+        elif p.vpp is not None and sequences // per_update < p.pp:
+            problems.append(
+                f"{sequences // per_update} sequences per rank and optimizer step: the interleaved schedule "
+                f"(parallel.vpp) needs at least parallel.pp={p.pp} micro-batches"
+            )
     if t.distill_chunk_micro_batches is not None and t.distill_chunk_micro_batches < 1:
         problems.append(f"train.distill_chunk_micro_batches={t.distill_chunk_micro_batches} must be >= 1 "
                         "(micro-batches whose teacher logits are held at a time), or null for parallel.pp")
     if p.sequence_parallel and p.tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tp > 1")
-    if p.vpp is not None:
-        # Forward-only passes under vpp match pp alone, and vpp checkpoints load at other layouts, but
-        # the learner's training under the interleaved schedule does not: at pp=2 its gradients differ
-        # from pp alone (grad norm 255 vs 3.4) because megatron-core batches the activation to the next
-        # stage and the gradient to the previous one, the same peer at pp=2, in one group, where sends
-        # to a peer pair with its receives in posting order (its shape exchange for our variable
-        # sequence lengths always does); at pp=4 it hangs on gloo. Nothing shows it exact on GPUs.
-        problems.append(f"parallel.vpp={p.vpp}: training under the interleaved pipeline schedule is refused until "
-                        "it is shown exact (on CPU its gradients differ from parallel.pp alone); unset vpp")
+    if p.vpp is not None and p.pp == 2:
+        # At pp=2 the next and the previous stage are the same rank. megatron-core exchanges an
+        # activation for the next stage and a gradient for the previous one in one batch of p2p
+        # operations (and their shapes first: our micro-batches differ in width), and sends to one
+        # peer pair with its receives in posting order, so the two swap (on CPU: grad norm 521 vs
+        # 4.50 at pp=2 alone, or a shape error). Megatron-LM long required pp > 2 for interleaving.
+        problems.append(f"parallel.vpp={p.vpp} with parallel.pp=2: the interleaved schedule swaps activations and "
+                        "gradients between two stages; use parallel.pp >= 3 or unset vpp")
+    if p.vpp is not None and t.distill_chunk_micro_batches is not None and t.distill_chunk_micro_batches % p.pp:
+        problems.append(f"train.distill_chunk_micro_batches={t.distill_chunk_micro_batches} is not a multiple of "
+                        f"parallel.pp={p.pp}: the interleaved schedule (parallel.vpp) runs micro-batches in groups "
+                        "of pp")
     return problems + expert_problems(cfg, world_size) + deepstack_problems(cfg)
 
 

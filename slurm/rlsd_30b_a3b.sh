@@ -22,7 +22,7 @@
 # (`sbatch --nodes=4 slurm/rlsd_30b_a3b.sh`: dp=8, the expert state sharded over expert-dp=2).
 # The planner assumes tokens spread evenly over the experts (its MoE dispatcher row); the
 # load-balancing loss keeps the released model's coefficient (0.001, pooled over every layer as
-# transformers defines it; under PP the stages exchange their routing counts, not under VPP:
+# transformers defines it; under PP (and VPP) the stages exchange their routing counts:
 # learner/moe_aux_loss.py).
 #
 #   $ python -m rlsd_megatron.plan --config examples/configs/rlsd_qwen3_30b_a3b.yaml --world-size 16

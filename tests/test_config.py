@@ -315,12 +315,20 @@ def test_load_balancing_loss_crosses_pipeline_stages():
         validate_config(cfg, world, cuda_available=False, te_available=False)
 
 
-def test_interleaved_pipeline_training_is_refused():
-    # Its training is not exact on CPU (config_checks says what was measured); forward-only and
-    # checkpoints at vpp work but a run trains.
-    with pytest.raises(ConfigError, match=r"parallel\.vpp=2: training under the interleaved pipeline schedule is "
-                                          r"refused"):
+def test_interleaved_pipeline_needs_three_stages_and_groups_of_pp_micro_batches():
+    # pp=2: the stages' activations and gradients swap (config_checks says what was measured).
+    with pytest.raises(ConfigError, match=r"parallel\.vpp=2 with parallel\.pp=2: the interleaved schedule swaps"):
         validate_config(layout_config(pp=2, vpp=2), 2, cuda_available=False, te_available=False)
+    cfg = layout_config(pp=4, vpp=2)
+    cfg.model.num_layers = 8
+    validate_config(cfg, 4, cuda_available=False, te_available=False)
+    cfg.train.distill_chunk_micro_batches = 6
+    with pytest.raises(ConfigError, match=r"distill_chunk_micro_batches=6 is not a multiple of parallel\.pp=4"):
+        validate_config(cfg, 4, cuda_available=False, te_available=False)
+    cfg.train.distill_chunk_micro_batches = None
+    cfg.train.prompts_per_step, cfg.rollout.n = 1, 2  # 2 sequences per optimizer step on the one replica
+    with pytest.raises(ConfigError, match=r"2 sequences per rank and optimizer step: the interleaved schedule"):
+        validate_config(cfg, 4, cuda_available=False, te_available=False)
 
 
 def test_expert_parallelism_needs_experts_and_valid_moe_layouts_pass():

@@ -239,17 +239,21 @@ def cp_merge(shards: list[torch.Tensor], indices: list[torch.Tensor], width: int
 
 
 def plan_micro_batches(
-    lengths: list[int], *, micro_batch_size: int | None = None, max_tokens: int | None = None
+    lengths: list[int], *, micro_batch_size: int | None = None, max_tokens: int | None = None, count_multiple: int = 1
 ) -> list[list[int]]:
     """Group sequence indices into micro-batches: `micro_batch_size` sequences each, or, with a
-    token budget, first-fit-decreasing bins of at most `max_tokens` tokens (dynamic batching)."""
+    token budget, first-fit-decreasing bins of at most `max_tokens` tokens (dynamic batching).
+    `count_multiple`: the number of micro-batches must be a multiple of it (the interleaved
+    pipeline schedule runs them in groups of `parallel.pp`); the micro-batches with the most
+    sequences are halved until it is."""
     if (micro_batch_size is None) == (max_tokens is None):
         raise ValueError("give exactly one of micro_batch_size or max_tokens")
     if micro_batch_size is not None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         order = list(range(len(lengths)))
-        return [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+        return _to_count_multiple([order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)],
+                                  count_multiple)
     too_long = [(i, n) for i, n in enumerate(lengths) if n > max_tokens]
     if too_long:
         i, n = too_long[0]
@@ -268,4 +272,18 @@ def plan_micro_batches(
         else:
             bins.append([i])
             loads.append(lengths[i])
-    return [sorted(b) for b in bins]
+    return _to_count_multiple([sorted(b) for b in bins], count_multiple)
+
+
+def _to_count_multiple(plan: list[list[int]], multiple: int) -> list[list[int]]:
+    """`plan` with its largest micro-batches halved until their number is a multiple of `multiple`."""
+    plan = list(plan)
+    while len(plan) % multiple:
+        largest = max(range(len(plan)), key=lambda b: len(plan[b]))
+        members = plan[largest]
+        if len(members) < 2:
+            raise ValueError(f"{sum(map(len, plan))} sequences cannot make a multiple of {multiple} micro-batches: "
+                             f"the interleaved pipeline schedule (parallel.vpp) runs micro-batches in groups of "
+                             f"parallel.pp={multiple}; give each rank at least {multiple} sequences per pass")
+        plan[largest:largest + 1] = [members[:len(members) // 2], members[len(members) // 2:]]
+    return plan

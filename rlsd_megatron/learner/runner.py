@@ -126,13 +126,15 @@ class ModelRunner:
     def micro_batches(self, sequences: list[torch.Tensor], fields: dict[str, list[torch.Tensor]] | None = None,
                       images: list | None = None) -> tuple[list[MicroBatch], list[list[int]]]:
         """Split sequences (with their `images`, see `micro_batch`) into micro-batches per
-        `train.micro_batch_size` or, when set, `train.max_tokens_per_micro_batch`; returns them
-        and the sequence indices of each."""
-        train = self.cfg.train
+        `train.micro_batch_size` or, when set, `train.max_tokens_per_micro_batch` (under the
+        interleaved schedule, a multiple of `parallel.pp` of them); returns them and the sequence
+        indices of each."""
+        train, parallel = self.cfg.train, self.cfg.parallel
         plan = plan_micro_batches(
             [len(s) for s in sequences],
             micro_batch_size=None if train.max_tokens_per_micro_batch else train.micro_batch_size,
             max_tokens=train.max_tokens_per_micro_batch,
+            count_multiple=parallel.pp if parallel.vpp else 1,
         )
         fields = fields or {}
         batches = [

@@ -23,6 +23,12 @@ distributed optimizer run unchanged on CPU over gloo once these assumptions hold
 4. The autograd engine runs custom Functions' backward (megatron's activation recompute reruns
    whole layers there) without the thread's torch-function modes: their backward gets the mode
    of (1) again.
+5. NCCL completes a small send into the peer's buffer before the peer posts its receive; a gloo
+   send waits for the receive. The interleaved pipeline schedule relies on the former: a stage
+   waits on the tensor-shape sends of one exchange while its peer is still waiting on the data
+   of an earlier one (pp=4, vpp=2 deadlocks on gloo). `_batch_isend_irecv` sends a copy and
+   reports the send done at once, as NCCL's buffering does; the copy is sent when the peer
+   receives it, in the order the sends were posted.
 
 `install()` is a no-op when CUDA is available: GPU runs use megatron-core untouched.
 `tests/parallel/test_cpu_compat.py` runs the model, pipeline schedule and optimizer with the
@@ -118,6 +124,42 @@ def _reduce_scatter(output, input_list, op=torch.distributed.ReduceOp.SUM, group
     return None
 
 
+class _Sent:
+    """The request of a send that is buffered (see `_batch_isend_irecv`): already complete."""
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+_gloo_batch_isend_irecv = torch.distributed.batch_isend_irecv
+# Buffered sends whose receiver has not taken them yet; their requests must outlive the call.
+_sends_in_flight: list = []
+
+
+def _batch_isend_irecv(p2p_op_list):
+    """`dist.batch_isend_irecv` with NCCL's buffered sends: each send goes out as a copy (the
+    caller may free or reuse its tensor, as megatron's `deallocate_pipeline_outputs` does) and
+    its request is complete at once; receives are returned as they are."""
+    ops = []
+    for op in p2p_op_list:
+        if op.op is torch.distributed.isend:
+            op = torch.distributed.P2POp(op.op, op.tensor.clone(), op.peer, op.group, op.tag)
+        ops.append(op)
+    works = _gloo_batch_isend_irecv(ops)
+    assert len(works) == len(ops), "gloo returns one request per operation"
+    _sends_in_flight[:] = [w for w in _sends_in_flight if not w.is_completed()]
+    requests = []
+    for op, work in zip(ops, works):
+        if op.op is torch.distributed.isend:
+            _sends_in_flight.append(work)
+            work = _Sent()
+        requests.append(work)
+    return requests
+
+
 class CpuRNGStatesTracker:
     """Megatron's RNG-states tracker interface (add / fork / get_states / set_states / reset)
     over the CPU default generator, so tensor-parallel regions get their own seeded streams."""
@@ -190,6 +232,7 @@ def install() -> bool:
     token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
     torch.distributed.all_gather = _all_gather
     torch.distributed.reduce_scatter = _reduce_scatter
+    torch.distributed.batch_isend_irecv = _batch_isend_irecv
 
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()

@@ -110,6 +110,18 @@ def test_plan_by_count_and_by_token_budget():
         plan_micro_batches([1], micro_batch_size=1, max_tokens=4)
 
 
+def test_plan_makes_a_multiple_of_the_pipeline_groups():
+    """The interleaved schedule takes micro-batches in groups of pp: the fullest ones are halved."""
+    assert plan_micro_batches([5] * 5, micro_batch_size=2, count_multiple=4) == [[0], [1], [2, 3], [4]]
+    lengths = [6, 3, 5, 2, 4, 1]
+    plan = plan_micro_batches(lengths, max_tokens=8, count_multiple=4)
+    assert len(plan) == 4 and sorted(i for b in plan for i in b) == list(range(6))
+    assert all(sum(lengths[i] for i in b) <= 8 for b in plan)
+    assert plan_micro_batches([5] * 8, micro_batch_size=2, count_multiple=4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    with pytest.raises(ValueError, match=r"3 sequences cannot make a multiple of 4 micro-batches"):
+        plan_micro_batches([5, 5, 5], micro_batch_size=1, count_multiple=4)
+
+
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_routed_experts_stay_at_their_tokens(layout):
     """The engine's experts are a model input (the router runs on token t at position t): unlike the

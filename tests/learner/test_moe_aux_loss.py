@@ -35,15 +35,15 @@ TOL = 1e-5
 
 def micro_batches() -> list[list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(5)
-    sequences = [torch.randint(0, MODEL.vocab_size, (n,), generator=gen) for n in LENGTHS]
+    sequences = [torch.randint(0, MODEL.vocab_size, (n,), generator=gen) for n in LENGTHS]  # same vocabulary at 8 layers
     return [sequences[i:i + 2] for i in range(0, len(sequences), 2)]
 
 
-def hf_reference() -> dict:
+def hf_reference(model=MODEL) -> dict:
     """transformers' aux value per micro-batch and the gradient of COEFF x their mean."""
     from rlsd_megatron.models.hf_mapping import hf_to_megatron
 
-    hf = random_hf_model(MODEL)
+    hf = random_hf_model(model)
     values = []
     batches = micro_batches()
     for batch in batches:
@@ -58,12 +58,13 @@ def hf_reference() -> dict:
     # Nothing after the last router (its layer's experts, the final norm, the head) gets a gradient.
     grads = hf_checkpoint_state(hf, {name: p.grad if p.grad is not None else torch.zeros_like(p)
                                      for name, p in hf.named_parameters()})
-    return {"weights": dict(hf_to_megatron(hf_checkpoint_state(hf).__getitem__, MODEL)), "values": values,
-            "grads": dict(hf_to_megatron(grads.__getitem__, MODEL))}
+    return {"weights": dict(hf_to_megatron(hf_checkpoint_state(hf).__getitem__, model)), "values": values,
+            "grads": dict(hf_to_megatron(grads.__getitem__, model))}
 
 
 def aux_gradient(weights: dict, tp: int = 1, ep: int = 1, pp: int = 1, cp: int = 1, recompute: str | None = None,
-                 score_first: bool = False, impl: str = "local", params_dtype: str = "fp32") -> dict:
+                 score_first: bool = False, impl: str = "local", params_dtype: str = "fp32", vpp: int | None = None,
+                 model=MODEL) -> dict:
     """The learner's gradient and reported aux with a zero main loss; this replica's micro-batches.
     `recompute`: full activation recomputation of one layer (per stage: "block") or every layer one
     at a time ("uniform"); `score_first`: a forward-only pass over the same micro-batches first."""
@@ -72,13 +73,13 @@ def aux_gradient(weights: dict, tp: int = 1, ep: int = 1, pp: int = 1, cp: int =
     from rlsd_megatron.learner.learner import Learner
     from rlsd_megatron.parallel.state import model_parallel
 
-    cfg = Config(model=MODEL, parallel=ParallelConfig(tp=tp, ep=ep, pp=pp, cp=cp, sequence_parallel=tp > 1,
+    cfg = Config(model=model, parallel=ParallelConfig(tp=tp, ep=ep, pp=pp, vpp=vpp, cp=cp, sequence_parallel=tp > 1,
                                                       use_distributed_optimizer=False),
                  optimizer=OptimizerConfig(clip_grad=0.0),
                  precision=PrecisionConfig(params_dtype=params_dtype,
                                            recompute_granularity="full" if recompute else "none",
                                            recompute_method=recompute, recompute_num_layers=1 if recompute else None))
-    with model_parallel(tp=tp, ep=ep, pp=pp, cp=cp):
+    with model_parallel(tp=tp, ep=ep, pp=pp, vpp=vpp, cp=cp):
         learner = Learner(cfg, impl=impl)
         learner.load_full_state(weights)
         dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
@@ -197,3 +198,15 @@ def test_pipeline_and_expert_parallel_together(dist_pool, reference):
     each pipeline group (one per data-parallel rank) exchanges its own replica's counts."""
     case = dist_pool(4).run(aux_gradient, reference["weights"], pp=2, ep=2, timeout=600)[0]
     assert_matches_reference("pp2xep2", case, reference)
+
+
+def test_interleaved_pipeline(dist_pool):
+    """PP=4 x VPP=2 (8 layers: each rank routes two layers, one in each of its chunks, with the
+    first layer of each chunk recomputed in backward): the interleaved schedule runs every
+    micro-batch's chunk-0 forwards before its chunk-1 forwards and backwards in reverse, and the
+    counts still meet across all eight chunks."""
+    model = tiny_model("qwen3_moe", num_layers=8, moe_aux_loss_coeff=COEFF)
+    reference = hf_reference(model)
+    case = dist_pool(4).run(aux_gradient, reference["weights"], pp=4, vpp=2, recompute="block", score_first=True,
+                            model=model, timeout=600)[-1]
+    assert_matches_reference("pp4xvpp2+recompute", case, reference)

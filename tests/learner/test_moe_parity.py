@@ -69,7 +69,7 @@ def hf_reference(model=MODEL) -> dict:
 
 
 def run_layout(weights: dict, tp: int = 1, pp: int = 1, ep: int = 1, replay: dict | None = None,
-               recompute: bool = False, model=MODEL) -> dict:
+               recompute: bool = False, model=MODEL, vpp: int | None = None, micro_batches_per_rank: int = 2) -> dict:
     """The learner at (tp, pp, ep), data-parallel over the rest, loaded with `weights`: logits per
     sequence, loss, canonical gradients and each layer's chosen experts per sequence. TP runs with
     sequence parallelism, which megatron-core requires of MoE under TP. With `replay` (sequence →
@@ -84,12 +84,12 @@ def run_layout(weights: dict, tp: int = 1, pp: int = 1, ep: int = 1, replay: dic
 
     vocab = model.vocab_size
     # clip_grad=0: no clipping, so the gradients are the loss's own.
-    cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=tp > 1,
+    cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp, ep=ep, sequence_parallel=tp > 1,
                                                       use_distributed_optimizer=False),
                  optimizer=OptimizerConfig(clip_grad=0.0), rollout=RolloutConfig(routing_replay=replay is not None),
                  precision=PrecisionConfig(recompute_granularity="full", recompute_method="uniform",
                                            recompute_num_layers=1) if recompute else PrecisionConfig())
-    with model_parallel(tp=tp, pp=pp, ep=ep):
+    with model_parallel(tp=tp, pp=pp, vpp=vpp, ep=ep):
         learner = Learner(cfg)
         learner.load_full_state(weights)
         sequences = make_sequences(vocab)
@@ -97,8 +97,8 @@ def run_layout(weights: dict, tp: int = 1, pp: int = 1, ep: int = 1, replay: dic
         dp = parallel_state.get_data_parallel_world_size()
         dp_rank = parallel_state.get_data_parallel_rank()
         mine = list(range(len(sequences)))[dp_rank::dp]
-        # Two micro-batches per rank (accumulation); sequence indices kept to name the routing.
-        batches = [mine[i::2] for i in range(2)]
+        # Several micro-batches per rank (accumulation); sequence indices kept to name the routing.
+        batches = [mine[i::micro_batches_per_rank] for i in range(micro_batches_per_rank)]
         micro_batches = [learner.micro_batch([sequences[s] for s in batch],
                                              {ROUTED_EXPERTS: [replay[s] for s in batch]} if replay else None)
                          for batch in batches]

@@ -1,4 +1,5 @@
-"""Learner parity: TP=2, PP=2, DP=2 and TP=2×PP=2 against a single-process TP=1/PP=1 reference.
+"""Learner parity: TP=2, PP=2, DP=2, TP=2×PP=2 and the interleaved PP=4×VPP=2 against a
+single-process TP=1/PP=1 reference.
 
 Same canonical weights, same batch of variable-length sequences: logits, loss, every gradient
 and the weights after one AdamW step must match the single-process run within 1e-5 (fp32,
@@ -29,10 +30,11 @@ MODELS = {
 }
 
 
-def make_config(model: str, tp=1, pp=1, distributed_optimizer=False) -> Config:
+def make_config(model: str, tp=1, pp=1, distributed_optimizer=False, vpp=None, num_layers=None) -> Config:
+    spec = {**MODELS[model], **({"num_layers": num_layers} if num_layers else {})}
     return Config(
-        model=ModelConfig(**MODELS[model]),
-        parallel=ParallelConfig(tp=tp, pp=pp, use_distributed_optimizer=distributed_optimizer),
+        model=ModelConfig(**spec),
+        parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp, use_distributed_optimizer=distributed_optimizer),
         # eps well above the gradients' float32 noise keeps Adam's first step (~lr·sign(g)) a smooth
         # function of g, so layouts that agree on gradients to 1e-6 agree on weights too.
         optimizer=OptimizerConfig(lr=1e-3, adam_eps=1e-4, weight_decay=0.01, clip_grad=1.0),
@@ -76,8 +78,9 @@ def gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.cat(shards, dim=-1)[..., :vocab_size]
 
 
-def run_case(model: str, tp: int, pp: int, full_state=None, distributed_optimizer=False) -> dict:
-    """Build the learner at (tp, pp) with dp = world/(tp*pp); load `full_state` (or keep the
+def run_case(model: str, tp: int, pp: int, full_state=None, distributed_optimizer=False, vpp=None,
+             num_layers=None, micro_batches_per_rank=2) -> dict:
+    """Build the learner at (tp, pp, vpp) with dp = world/(tp*pp); load `full_state` (or keep the
     seeded init); return logits, loss, grads and post-step weights as canonical full tensors."""
     from megatron.core import parallel_state
 
@@ -85,9 +88,9 @@ def run_case(model: str, tp: int, pp: int, full_state=None, distributed_optimize
     from rlsd_megatron.learner.learner import Learner
     from rlsd_megatron.parallel.state import model_parallel
 
-    cfg = make_config(model, tp, pp, distributed_optimizer)
+    cfg = make_config(model, tp, pp, distributed_optimizer, vpp, num_layers)
     vocab = cfg.model.vocab_size
-    with model_parallel(tp=tp, pp=pp):
+    with model_parallel(tp=tp, pp=pp, vpp=vpp):
         learner = Learner(cfg)
         if full_state is not None:
             learner.load_full_state(full_state)
@@ -97,8 +100,9 @@ def run_case(model: str, tp: int, pp: int, full_state=None, distributed_optimize
         dp = parallel_state.get_data_parallel_world_size()
         dp_rank = parallel_state.get_data_parallel_rank()
         mine = sequences[dp_rank::dp]
-        # Two micro-batches per rank so that accumulation is exercised.
-        micro_batches = [padded_micro_batch(mine[i::2]) for i in range(2)]
+        # Several micro-batches per rank so that accumulation is exercised.
+        n = micro_batches_per_rank
+        micro_batches = [padded_micro_batch(mine[i::n]) for i in range(n)]
 
         outputs = learner.forward(micro_batches, lambda logits, mb: {"logits": gather_vocab(logits, vocab)})
         logits = None
@@ -128,8 +132,14 @@ def run_case(model: str, tp: int, pp: int, full_state=None, distributed_optimize
     }
 
 
+INTERLEAVED_MODELS = ["llama_gqa", "qwen3_tied"]
+
+
 def reference_cases() -> dict:
-    return {model: run_case(model, 1, 1) for model in MODELS}
+    """The single process: 4-layer models, and 8-layer ones for the interleaved layout ("name@8")."""
+    return {**{model: run_case(model, 1, 1) for model in MODELS},
+            **{f"{model}@8": run_case(model, 1, 1, num_layers=8, micro_batches_per_rank=4)
+               for model in INTERLEAVED_MODELS}}
 
 
 def layout_cases(references: dict, layouts: list[tuple[int, int, bool]]) -> dict:
@@ -152,7 +162,7 @@ def _logits_by_sequence(logits_by_dp: dict, dp: int) -> dict[int, torch.Tensor]:
     for dp_rank, micro_logits in logits_by_dp.items():
         mine = list(range(len(lengths)))[dp_rank::dp]
         for m, mb_logits in enumerate(micro_logits):
-            for row, seq in enumerate(mine[m::2]):
+            for row, seq in enumerate(mine[m::len(micro_logits)]):
                 out[seq] = mb_logits[row, : lengths[seq]]
     return out
 
@@ -190,3 +200,22 @@ def test_layouts_match_single_process(dist_pool, references, world):
             assert_matches(case, references[model], dp, check_grads=not dopt)
         except AssertionError as exc:
             raise AssertionError(f"{model} tp={tp} pp={pp} dp={dp} distributed_optimizer={dopt}: {exc}") from exc
+
+
+
+def interleaved_cases(full_states: dict) -> dict:
+    return {model: run_case(model, 1, 4, full_state=state, vpp=2, num_layers=8, micro_batches_per_rank=4)
+            for model, state in full_states.items()}
+
+
+def test_interleaved_pipeline_matches_single_process(dist_pool, references):
+    """PP=4 × VPP=2: 8 layers, two chunks per rank, the embedding and the (tied) output layer on
+    different ranks' chunks; micro-batches of different widths, so every p2p exchange sends its
+    shape first. Same weights, same checks as every other layout."""
+    states = {model: references[f"{model}@8"]["initial"] for model in INTERLEAVED_MODELS}
+    cases = dist_pool(4).run(interleaved_cases, states, timeout=600)[0]
+    for model, case in cases.items():
+        try:
+            assert_matches(case, references[f"{model}@8"], 1, check_grads=True)
+        except AssertionError as exc:
+            raise AssertionError(f"{model} pp=4 vpp=2: {exc}") from exc

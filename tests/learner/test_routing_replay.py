@@ -22,12 +22,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.hf_models import hf_checkpoint_state, random_hf_model
+from tests.hf_models import hf_checkpoint_state, random_hf_model, tiny_model
 from tests.learner.test_moe_parity import LENGTHS, MODEL, assert_matches_hf, run_layout
 from tests.learner.test_parallel_parity import make_sequences
 
 
-def _routes(hf, sequences, forced: dict | None = None) -> dict:
+def _routes(hf, sequences, forced: dict | None = None, model=MODEL) -> dict:
     """Forward every sequence through `hf` (loss: the token-mean NLL over all sequences, backward
     run); the routers take `forced[(s, layer)]` [L, k] where >= 0, else their own top-k. Returns
     logits, loss, canonical gradients, chosen experts (sorted) and the router's own top-k (sorted)
@@ -63,37 +63,37 @@ def _routes(hf, sequences, forced: dict | None = None) -> dict:
         loss = loss + torch.nn.functional.cross_entropy(out[:-1], seq[1:], reduction="sum") / total_tokens
     loss.backward()
     grads = hf_checkpoint_state(hf, {name: p.grad for name, p in hf.named_parameters()})
-    return {"logits": logits, "loss": float(loss.detach()), "grads": dict(hf_to_megatron(grads.__getitem__, MODEL)),
+    return {"logits": logits, "loss": float(loss.detach()), "grads": dict(hf_to_megatron(grads.__getitem__, model)),
             "chosen": chosen, "own": own}
 
 
-@pytest.fixture(scope="module")
-def reference():
+def replay_reference(model) -> dict:
+    """transformers' routes of `model`: its own, an engine's (perturbed routers) and the replay's."""
     from rlsd_megatron.models.hf_mapping import hf_to_megatron
 
-    sequences = make_sequences(MODEL.vocab_size)
-    learner_hf = random_hf_model(MODEL)
-    weights = dict(hf_to_megatron(hf_checkpoint_state(learner_hf).__getitem__, MODEL))
-    free = _routes(learner_hf, sequences)
-    engine_hf = random_hf_model(MODEL)
+    sequences = make_sequences(model.vocab_size)
+    learner_hf = random_hf_model(model)
+    weights = dict(hf_to_megatron(hf_checkpoint_state(learner_hf).__getitem__, model))
+    free = _routes(learner_hf, sequences, model=model)
+    engine_hf = random_hf_model(model)
     with torch.no_grad():
         torch.manual_seed(1)
         for block in engine_hf.model.layers:
             block.mlp.gate.weight.add_(torch.randn_like(block.mlp.gate.weight))
-    engine = _routes(engine_hf, sequences)
+    engine = _routes(engine_hf, sequences, model=model)
     # What an engine records: every token but the last; the learner's field marks that one -1.
-    unrecorded = torch.full((1, MODEL.moe_router_topk), -1)
+    unrecorded = torch.full((1, model.moe_router_topk), -1)
     replay = {s: torch.stack([torch.cat([engine["chosen"][(s, layer)][:-1], unrecorded])
-                              for layer in range(MODEL.num_layers)], dim=1).to(torch.int16)
+                              for layer in range(model.num_layers)], dim=1).to(torch.int16)
               for s in range(len(sequences))}
-    forced = {(s, layer): replay[s][:, layer] for s in range(len(sequences)) for layer in range(MODEL.num_layers)}
-    ref = _routes(random_hf_model(MODEL), sequences, forced)
+    forced = {(s, layer): replay[s][:, layer] for s in range(len(sequences)) for layer in range(model.num_layers)}
+    ref = _routes(random_hf_model(model), sequences, forced, model)
     ref["weights"], ref["replay"], ref["free"] = weights, replay, free
     # The signal: the engine's experts are not the learner's, and replaying them changes the logits.
     changed = [(ref["chosen"][key][:-1] != ref["own"][key][:-1]).any(-1) for key in sorted(ref["chosen"])]
     ref["changed_by_sequence"] = {
         s: (sum(int(c.sum()) for (seq, _), c in zip(sorted(ref["chosen"]), changed) if seq == s),
-            MODEL.num_layers * (LENGTHS[s] - 1)) for s in range(len(sequences))}
+            model.num_layers * (LENGTHS[s] - 1)) for s in range(len(sequences))}
     share = sum(c for c, _ in ref["changed_by_sequence"].values()) / sum(n for _, n in ref["changed_by_sequence"].values())
     assert share >= 0.2, share
     assert max((ref["logits"][s] - free["logits"][s]).abs().max() for s in range(len(sequences))) > 1e-2
@@ -103,22 +103,40 @@ def reference():
     return ref
 
 
+@pytest.fixture(scope="module")
+def reference():
+    return replay_reference(MODEL)
+
+
 def replayed_layouts(weights: dict, replay: dict) -> dict:
     return {"ep2+recompute": run_layout(weights, ep=2, replay=replay, recompute=True),
             "tp2": run_layout(weights, tp=2, replay=replay),
             "pp2+recompute": run_layout(weights, pp=2, replay=replay, recompute=True)}
 
 
+def assert_replayed(case: dict, reference: dict, dp: int) -> None:
+    assert_matches_hf(case, reference)  # chosen experts, logits, loss, every gradient
+    for key, experts in reference["free"]["chosen"].items():
+        assert torch.equal(case["free_chosen"][key], experts), f"free routing of (sequence, layer) {key}"
+    for dp_rank, share in case["changed_frac"].items():
+        counts = [reference["changed_by_sequence"][s] for s in range(len(LENGTHS))[dp_rank::dp]]
+        assert share == pytest.approx(sum(c for c, _ in counts) / sum(n for _, n in counts), abs=1e-12)
+
+
 def test_learner_replays_the_engines_experts(dist_pool, reference):
     cases = dist_pool(2).run(replayed_layouts, reference["weights"], reference["replay"], timeout=600)[0]
     for layout, case in cases.items():
         try:
-            assert_matches_hf(case, reference)  # chosen experts, logits, loss, every gradient
-            for key, experts in reference["free"]["chosen"].items():
-                assert torch.equal(case["free_chosen"][key], experts), f"free routing of (sequence, layer) {key}"
-            dp = 2 if layout.startswith("ep2") else 1
-            for dp_rank, share in case["changed_frac"].items():
-                counts = [reference["changed_by_sequence"][s] for s in range(len(LENGTHS))[dp_rank::dp]]
-                assert share == pytest.approx(sum(c for c, _ in counts) / sum(n for _, n in counts), abs=1e-12)
+            assert_replayed(case, reference, dp=2 if layout.startswith("ep2") else 1)
         except AssertionError as exc:
             raise AssertionError(f"{layout}: {exc}") from exc
+
+
+def test_replay_under_the_interleaved_pipeline(dist_pool):
+    """PP=4 x VPP=2 with full recomputation (8 layers, one sequence per micro-batch): each chunk's
+    routers replay its micro-batches in the schedule's order, in forward and in recomputation."""
+    model = tiny_model("qwen3_moe", num_layers=8)
+    reference = replay_reference(model)
+    case = dist_pool(4).run(run_layout, reference["weights"], pp=4, vpp=2, replay=reference["replay"],
+                            recompute=True, model=model, micro_batches_per_rank=4, timeout=600)[0]
+    assert_replayed(case, reference, dp=1)

@@ -127,3 +127,32 @@ def test_bf16_training_runs_on_cpu_and_tracks_fp32(dist_pool):
     for lo32, lo16 in zip(losses["fp32"], losses["bf16"]):
         assert lo16 == pytest.approx(lo32, rel=2e-2)
     assert losses["bf16"][-1] < losses["bf16"][0]
+
+
+def _buffered_send_case() -> list[float]:
+    """Rank 0 sends in a p2p batch and waits on it, then meets rank 1 at a barrier; rank 1 posts its
+    receive only after that barrier. With gloo's own sends (complete once received) this deadlocks;
+    NCCL-like buffered sends let it through, and the tensor rank 0 overwrote meanwhile is not what
+    arrives."""
+    import torch.distributed as dist
+
+    from rlsd_megatron.parallel.cpu_compat import install
+
+    install()
+    values = torch.tensor([1.0, 2.0, 3.0])
+    if dist.get_rank() == 0:
+        for request in dist.batch_isend_irecv([dist.P2POp(dist.isend, values, 1)]):
+            request.wait()
+        values.fill_(-1.0)  # megatron frees a sent activation once the send is done
+        dist.barrier()
+    else:
+        dist.barrier()
+        for request in dist.batch_isend_irecv([dist.P2POp(dist.irecv, values.zero_(), 0)]):
+            request.wait()
+    return values.tolist()
+
+
+def test_p2p_sends_are_buffered_as_on_nccl(dist_pool):
+    """The interleaved pipeline schedule waits on its shape sends before the peer posts the receive
+    (pp=4, vpp=2 hangs on gloo without this)."""
+    assert dist_pool(2).run(_buffered_send_case, timeout=60)[1] == [1.0, 2.0, 3.0]

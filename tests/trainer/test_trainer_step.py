@@ -85,3 +85,50 @@ def test_one_step_per_method_at_tp2_and_pp2(dist_pool, tmp_path):
             # A policy-gradient term from the teacher's log-probs of the sampled tokens, no loss on logits.
             assert "train/distill" not in m, where
             assert m["distill/sampled_abs_log_ratio"] > 1e-3, (where, m["distill/sampled_abs_log_ratio"])
+
+
+def interleaved_and_plain_steps(method: str, log_dir: str) -> dict:
+    """One step at PP=4 and at PP=4 x VPP=2 (8 layers) from the same weights: learner weights after
+    the update, the step's metrics, and (on the engine's rank) the weights the engine got."""
+    from rlsd_megatron.config import load_config
+    from rlsd_megatron.parallel.state import model_parallel
+    from rlsd_megatron.trainer.trainer import Trainer
+
+    overrides = [o for o in TINY if not o.startswith(("model.num_layers", "train.micro_batch_size"))]
+    # 8 micro-batches of 2 sequences, two groups of pp for the interleaved schedule; the same
+    # micro-batches in both layouts, so that sums run in the same order.
+    overrides += ["model.num_layers=8", "train.micro_batch_size=2", *METHOD_OVERRIDES[method],
+                  "parallel.pp=4", f"logging.dir={log_dir}"]
+    results, weights = {}, None
+    for vpp in (None, 2):
+        cfg = load_config("examples/configs/cpu_demo.yaml", [*overrides, f"parallel.vpp={vpp or 'null'}"])
+        with model_parallel(pp=4, vpp=vpp, seed=cfg.train.seed):
+            trainer = Trainer(cfg)
+            if weights is not None:  # layouts draw their initial weights differently (seed per stage)
+                trainer.learner.load_full_state(weights)
+                trainer.teacher.initialize(trainer.learner.local_weights())
+            weights = weights or trainer.learner.full_state()
+            trainer.sync_weights()
+            trainer.step = 1
+            metrics = trainer.train_step()
+            engine = {n: t.clone() for n, t in trainer.engine.writable_weights().items()} if trainer.engine else None
+            results[vpp] = {"metrics": {k: v for k, v in metrics.items() if not k.startswith(("perf/", "weight_sync/"))},
+                            "after": trainer.learner.full_state(), "engine": engine}
+            trainer.close()
+    return results
+
+
+def test_interleaved_pipeline_step_equals_the_plain_pipeline(dist_pool, tmp_path):
+    """RLSD (the teacher's log-probs in the score phase) and OPSD (the teacher's logits in the
+    update's chunks of micro-batches) under the interleaved schedule: bit for bit the PP=4 step."""
+    for method in ("rlsd", "opsd"):
+        ranks = dist_pool(4).run(interleaved_and_plain_steps, method, str(tmp_path / method), timeout=900)
+        plain, interleaved = ranks[-1][None], ranks[-1][2]
+        assert plain["metrics"] == interleaved["metrics"], method
+        assert plain["metrics"]["train/grad_norm"] > 0, method
+        for name, tensor in plain["after"].items():
+            assert torch.equal(tensor, interleaved["after"][name]), (method, name)
+        engine_plain, engine_interleaved = ranks[0][None]["engine"], ranks[0][2]["engine"]
+        assert engine_plain.keys() == engine_interleaved.keys() and engine_plain
+        for name, tensor in engine_plain.items():
+            assert torch.equal(tensor, engine_interleaved[name]), (method, name)
