@@ -116,10 +116,9 @@ class ParallelConfig:
     sequence_parallel: bool = False  # Megatron SP: activations outside attention/MLP split over the TP ranks
     use_distributed_optimizer: bool = True  # only takes effect when dp * cp > 1
     overlap_grad_reduce: bool = False  # overlap the data-parallel gradient reduction with backward
-    # Distributed optimizer at dp * cp > 1 only (else no effect): megatron-core's overlap of the parameter
-    # all-gather with the next forward. The RL step reads the weights right after each update (weight sync,
-    # teacher copy, checkpoint), so the learner completes the gather there: in this loop it saves no time.
-    overlap_param_gather: bool = False
+    # (No overlap_param_gather: megatron-core's overlap of the distributed optimizer's parameter all-gather
+    # with the next forward leaves stale shards, yet the RL step reads the weights right after each update
+    # (weight sync, teacher copy, checkpoint), so the gather must finish there and saves no time.)
     # Minutes a training collective (Megatron's TP / PP / CP / DP groups) waits before it fails
     # (on GPUs NCCL's flight recorder then dumps every rank's last collectives); torch's default is 30.
     collective_timeout_minutes: float = 10.0

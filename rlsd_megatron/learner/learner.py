@@ -56,13 +56,9 @@ class Learner(ModelRunner):
         distributed = cfg.parallel.use_distributed_optimizer and parallel_state.get_data_parallel_world_size(
             with_context_parallel=True
         ) > 1
-        # Without the distributed optimizer megatron-core reads overlap_param_gather as its layer-wise
-        # optimizer's, whose gather sizes plain Adam never sets (a TypeError in the first forward's hook).
-        self.overlap_param_gather = cfg.parallel.overlap_param_gather and distributed
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-            overlap_param_gather=self.overlap_param_gather,
             use_distributed_optimizer=distributed,
         )
         model = [
@@ -105,7 +101,6 @@ class Learner(ModelRunner):
                 bf16=dtype is torch.bfloat16,
                 params_dtype=dtype,
                 use_distributed_optimizer=distributed,
-                overlap_param_gather=self.overlap_param_gather,
             ),
             self.model,
         )
@@ -160,11 +155,6 @@ class Learner(ModelRunner):
             with contextlib.nullcontext() if last else self._accumulate_gradients_only():
                 outputs += self._run(micro_batches, loss_with_count, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
-        if self.overlap_param_gather:
-            # megatron-core leaves the other ranks' updated shards to the next forward's hooks, but the
-            # RL step reads the weights before any (weight sync, teacher copy, checkpoint): gather now.
-            for m in self.model:
-                m.start_param_sync(force_sync=True)
         if update_ok:
             self.scheduler.step(increment=1)
         stats = {
