@@ -14,7 +14,7 @@ flow-insensitive inference:
 - `getattr(x, "field")` with a constant name.
 
 What it catches: a field that no typed receiver reads outside config.py, the `*_problems` /
-`validate_config` checks in config_checks.py (its resolvers, like `resolve_transformer_impl`,
+`validate_config` checks in config_checks/ (its resolvers, like `resolve_transformer_impl`,
 are readers) and plan.py (a field only the planner counts, as OPD's teacher could have been, is
 no feature either; the few fields whose job is a check or the plan are listed, with why). An
 attribute of the same name on an unrelated object (`args.lr`, `hf.vocab_size`) does not count, so
@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "rlsd_megatron"
 CONFIG = PACKAGE / "config.py"
-CHECKS = PACKAGE / "config_checks.py"
+CHECKS = PACKAGE / "config_checks"  # a package: every module holds checks
 # Fields whose documented job is done before the run, by a config check or the planner; each must be
 # read there (checked below) and nowhere at run time (else the entry is stale).
 CHECKED_OR_PLANNED = {
@@ -218,7 +218,7 @@ def fields_read(*, at_run_time: bool) -> set[str]:
     for path in package_files():
         if path == CONFIG or (path == PACKAGE / "plan.py" and at_run_time):
             continue
-        if path == CHECKS:
+        if CHECKS in path.parents:
             skip = is_check if at_run_time else (lambda name: not is_check(name))
         elif at_run_time or path == PACKAGE / "plan.py":
             skip = lambda name: False  # noqa: E731

@@ -1,4 +1,4 @@
-"""Values out of range are config errors naming field, value and range (config_values), before
+"""Values out of range are config errors naming field, value and range (config_checks/values.py), before
 the layout checks that divide by them (a zero was a bare ZeroDivisionError there) or the run
 that used them (log_interval=0 at the first progress line, rollout.temperature=0 in the first scoring)."""
 
