@@ -450,3 +450,10 @@ def test_student_log_probs_in_update_needs_one_update_per_batch_and_no_mismatch_
         validate_config(cfg, 1, cuda_available=False, te_available=False)
     validate_config(load_config(None, ["train.student_log_probs_in_update=true"]), 1, cuda_available=False,
                     te_available=False)
+
+
+def test_freezing_a_vision_tower_needs_one():
+    cfg = layout_config()
+    cfg.model.freeze_vision_tower = True
+    with pytest.raises(ConfigError, match=r"model\.freeze_vision_tower=true but the model has no vision tower"):
+        validate_config(cfg, 1, cuda_available=False, te_available=False)

@@ -86,6 +86,9 @@ def layout_problems(cfg: Config, world_size: int) -> list[str]:
     if t.distill_chunk_micro_batches is not None and t.distill_chunk_micro_batches < 1:
         problems.append(f"train.distill_chunk_micro_batches={t.distill_chunk_micro_batches} must be >= 1 "
                         "(micro-batches whose teacher logits are held at a time), or null for parallel.pp")
+    if m.freeze_vision_tower and m.vision is None:
+        problems.append("model.freeze_vision_tower=true but the model has no vision tower (model.vision, or model.hf_config "
+                        "of a vision-language model); unset it")
     if p.sequence_parallel and p.tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.vpp is not None and p.pp == 2:
