@@ -99,15 +99,18 @@ def free_port_below_ephemeral(low: int = 22000, high: int = 29999, attempts: int
 def processor_dir(model: ModelConfig, processor_path: str | None, model_path: str | None) -> str | None:
     """The directory SGLang builds a VL engine's multimodal processor from (`tokenizer_path`):
     `processor_path`, else the model directory; None for a text model. Raises ConfigError when
-    it holds neither a `preprocessor_config.json` (released models) nor the `processor_config.json`
-    transformers 5 saves (see `sglang_requests`' docstring on images)."""
+    it holds no image processor settings where transformers looks for them (`saved_image_processor`:
+    a released model's `preprocessor_config.json`, or the `processor_config.json` transformers 5
+    saves, with its settings under "image_processor"); see `sglang_requests`' docstring on images."""
+    from rlsd_megatron.data.images import saved_image_processor
+
     if model.vision is None:
         return None
     for candidate in (processor_path, model_path):
         if candidate is None:
             continue
         folder = Path(candidate) if Path(candidate).is_dir() else Path(candidate).parent
-        if any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
+        if saved_image_processor(str(folder))[0] is not None:
             return str(folder)
     raise ConfigError(
         f"a vision-language policy on the SGLang backend needs the model's processor files (preprocessor_config.json "

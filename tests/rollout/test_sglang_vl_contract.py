@@ -173,7 +173,10 @@ def test_a_vl_engine_needs_the_processor_files(tmp_path):
         sglang_engine.processor_dir(model, None, str(tmp_path / "config.json"))
     processor = tmp_path / "processor"
     processor.mkdir()
-    (processor / "processor_config.json").write_text("{}")  # what transformers 5 saves
+    (processor / "processor_config.json").write_text("{}")  # a processor without image settings: not enough
+    with pytest.raises(ConfigError, match=r"needs the model's processor files"):
+        sglang_engine.processor_dir(model, str(processor), str(tmp_path / "config.json"))
+    (processor / "processor_config.json").write_text('{"image_processor": {"merge_size": 2}}')  # transformers 5's
     assert sglang_engine.processor_dir(model, str(processor), str(tmp_path)) == str(processor)
     (tmp_path / "preprocessor_config.json").write_text("{}")  # a released model's directory
     assert sglang_engine.processor_dir(model, None, str(tmp_path / "config.json")) == str(tmp_path)
