@@ -277,7 +277,8 @@ class RolloutConfig:
     # Where the engines run. colocated: each model replica's first rank hosts its engine on the
     # learner's own GPUs (asleep during the update); separate: the job's last `engine_ranks` ranks
     # (processes/GPUs) host one engine each, never join Megatron's groups, get the learner's
-    # weights by broadcast and serve the replicas' prompts (rollout/separate.py).
+    # weights by broadcast and serve the replicas' prompts (rollout/separate.py): with fewer engines
+    # than replicas, replicas share one; with more, each replica splits its prompts over several.
     placement: Literal["colocated", "separate"] = "colocated"
     engine_ranks: int = 0  # with placement=separate: how many of the job's ranks (the last ones) are engines
     # Routing replay (R3; MoE policies): the engine records the top-k experts it routed each token to

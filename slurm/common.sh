@@ -40,9 +40,9 @@
 # them only) and ranks (N-E)*G .. N*G-1 on the last E nodes each host one rollout engine on their GPU
 # (rollout.engine_ranks = E*G, the world's last ranks: rlsd_megatron/parallel/state.py). srun's block
 # distribution puts ranks on nodes in order, so no engine shares a node with a learner. Each
-# data-parallel replica sends its prompts to one engine rank and global rank 0 broadcasts the weights
-# to all of them (rlsd_megatron/rollout/separate.py), so the learners need E*G replicas at least (the
-# trainer refuses idle engines). The stop signals reach the engine ranks too: they keep serving until
+# data-parallel replica sends its prompts to its engine rank(s) (with more engines than replicas it
+# splits them over several; with fewer, replicas share one) and global rank 0 broadcasts the weights
+# to all of them (rlsd_megatron/rollout/separate.py). The stop signals reach the engine ranks too: they keep serving until
 # the trainer, having saved its checkpoint (with one-step-off-policy the next step's batch in it),
 # stops them. The planner plans the learner ranks only.
 #

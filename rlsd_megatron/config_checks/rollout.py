@@ -22,14 +22,6 @@ def placement_problems(cfg: Config, world_size: int) -> list[str]:
     if not 1 <= r.engine_ranks < world_size:
         problems.append(f"rollout.placement=separate needs 1 <= rollout.engine_ranks < the world size ({world_size}), "
                         f"got {r.engine_ranks}: the job's last engine_ranks ranks host the engines, the rest train")
-    else:
-        model_parallel = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
-        replicas = (world_size - r.engine_ranks) // model_parallel
-        if 1 <= replicas < r.engine_ranks:  # (a layout that does not divide is reported by layout_problems)
-            problems.append(f"rollout.engine_ranks={r.engine_ranks} with {replicas} data-parallel replica(s): each "
-                            "replica sends its whole batch to one engine rank (rollout/separate.py), so "
-                            f"{r.engine_ranks - replicas} engine(s) would get no requests; set rollout.engine_ranks <= "
-                            f"{replicas} or train with more replicas")
     if r.engine_tp != 1:
         problems.append(f"rollout.engine_tp={r.engine_tp} with rollout.placement=separate: for now each engine rank "
                         "hosts a one-GPU engine; set rollout.engine_tp=1 and raise rollout.engine_ranks instead")

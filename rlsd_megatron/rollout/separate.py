@@ -3,12 +3,16 @@
 The job's last `rollout.engine_ranks` ranks (`parallel.state.engine_rank_list`) each host one
 engine (SGLang on its own GPU, or the embedded engine on CPU) and run `serve_engine`: a loop that
 takes requests from the learner and never joins Megatron's groups. On the learner, each model
-replica's host rank holds a `RemoteEngine`, a `RolloutEngine` whose calls travel to engine rank
-`engines[dp_rank % len(engines)]`, so the trainer drives it like a colocated engine:
+replica's host rank holds a `RemoteEngine`, a `RolloutEngine` whose calls travel to the replica's
+engine ranks (`engine_ranks_for`: with fewer engines than replicas, one engine serves several
+replicas; with more, each replica splits its batch over several engines), so the trainer drives it
+like a colocated engine:
 
-- `generate`: the prompts, sampling parameters and prompt offset go to the replica's engine rank as
-  one pickled message, point to point over the world group; the `Generation`s come back the same way.
-  The engine samples with the same per-sample seeds, so the rollouts equal a colocated engine's.
+- `generate`: the prompts, sampling parameters and prompt offset go to each of the replica's engine
+  ranks (a contiguous share of the prompts each) as one pickled message, point to point over the
+  world group; the `Generation`s come back the same way and are put back in prompt order. Each
+  engine samples with the per-sample seeds of its prompts' places in the whole batch (the offset of
+  its share), so the rollouts equal a colocated engine's.
 - `update_weights` (global rank 0 only, the first rank of replica 0, which holds every bucket of
   the resharding stream): each bucket is broadcast over `weight_broadcast_group` (rank 0 and every
   engine rank) — its slot list as a pickled object, then its byte buffer in place. The group has
@@ -95,15 +99,37 @@ class EngineFailure:
     message: str
 
 
-def engine_rank_for(dp_rank: int, engines: Sequence[int]) -> int:
-    """The engine rank serving data-parallel replica `dp_rank` (round robin)."""
-    return engines[dp_rank % len(engines)]
+def engine_ranks_for(dp_rank: int, replicas: int, engines: Sequence[int]) -> list[int]:
+    """The engine ranks serving data-parallel replica `dp_rank` of `replicas`: with no more engines
+    than replicas, one (round robin: replicas share it); with more, every `replicas`-th engine from
+    the replica's index (they split its batch)."""
+    if len(engines) <= replicas:
+        return [engines[dp_rank % len(engines)]]
+    return list(engines[dp_rank::replicas])
+
+
+def _shares(count: int, parts: int) -> list[tuple[int, int]]:
+    """(start, stop) of `parts` contiguous shares of `count` items, sizes differing by at most one."""
+    bounds = [count * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _merged(replies: list) -> GenerationReply | EngineFailure:
+    """One reply for a request split over engines: the generations in prompt order, the engines'
+    common span of work (from the first start to the last end) and their longest idle wait."""
+    failures = [reply for reply in replies if isinstance(reply, EngineFailure)]
+    if failures:
+        return failures[0]
+    start = min(reply.started for reply in replies)
+    end = max(reply.started + reply.seconds for reply in replies)
+    return GenerationReply([g for reply in replies for g in reply.generations], start, end - start,
+                           max(reply.idle_seconds for reply in replies))
 
 
 class RemoteEngine(RolloutEngine):
-    """The learner's handle on separate engine ranks (see the module docstring). `engine_rank`
-    generates this replica's rollouts; with `sends_weights` (global rank 0) `update_weights`
-    broadcasts to every engine rank and `shutdown` stops them all.
+    """The learner's handle on separate engine ranks (see the module docstring). `engine_ranks`
+    generate this replica's rollouts, each a share of every request; with `sends_weights` (global
+    rank 0) `update_weights` broadcasts to every engine rank and `shutdown` stops them all.
 
     `generate` is `submit` then `receive`; between the two the learner is free (one-step-off-policy
     submits step n+1's prompts before training step n). `last_reply` holds the engine's timings of
@@ -113,13 +139,14 @@ class RemoteEngine(RolloutEngine):
 
     backend = "separate"
 
-    def __init__(self, engine_rank: int, engines: Sequence[int], *, weight_group, sends_weights: bool):
-        self.engine_rank = engine_rank
+    def __init__(self, engine_ranks: Sequence[int], engines: Sequence[int], *, weight_group, sends_weights: bool):
+        self.engine_ranks = list(engine_ranks)
         self.engines = list(engines)
         self.weight_group = weight_group
         self.sends_weights = sends_weights
         self.weight_version: int | None = None
-        self.in_flight: list[Sending] = []  # submitted requests whose replies have not arrived, oldest first
+        # Submitted requests whose replies have not arrived, oldest first: (engine rank, its share's message) each.
+        self.in_flight: list[list[tuple[int, Sending]]] = []
         self._arrived: list[tuple[object, float]] = []  # (reply, wait) taken early by `generate`, oldest first
         self.last_reply: GenerationReply | None = None
         self.waited_seconds = 0.0
@@ -142,8 +169,12 @@ class RemoteEngine(RolloutEngine):
                images: Sequence[Any] | None = None) -> None:
         """Send a generation request (with the prompts' images for a VL policy) and return at once;
         `receive()` returns its results."""
-        request = ("generate", [list(p) for p in prompts], sampling, prompt_offset, images)
-        self.in_flight.append(self._request(request, self.engine_rank, wait=False))
+        shares = [(rank, share) for rank, share in zip(self.engine_ranks, _shares(len(prompts), len(self.engine_ranks)))
+                  if share[1] > share[0]] or [(self.engine_ranks[0], (0, 0))]
+        self.in_flight.append([
+            (rank, self._request(("generate", [list(p) for p in prompts[start:stop]], sampling, prompt_offset + start,
+                                  images[start:stop] if images is not None else None), rank, wait=False))
+            for rank, (start, stop) in shares])
 
     def _request(self, message: object, engine_rank: int, *, wait: bool) -> Sending:
         """Send `message` to `engine_rank` and ring its doorbell; with `wait`, until it has taken it.
@@ -170,14 +201,15 @@ class RemoteEngine(RolloutEngine):
         return self._accept(*self._take())
 
     def _take(self) -> tuple[object, float]:
-        """(reply, seconds waited for it) of the oldest request in flight."""
-        started = time.perf_counter()
-        try:
-            _, reply = recv_message(self.engine_rank)
-        except RuntimeError as error:  # gloo: the engine's process is gone
-            raise engine_gone(self.engine_rank, error) from error
-        self.in_flight.pop(0).wait()
-        return reply, time.perf_counter() - started
+        """(reply, seconds waited for it) of the oldest request in flight, its engines' replies merged."""
+        started, replies = time.perf_counter(), []
+        for rank, sending in self.in_flight.pop(0):
+            try:
+                replies.append(recv_message(rank)[1])
+            except RuntimeError as error:  # gloo: the engine's process is gone
+                raise engine_gone(rank, error) from error
+            sending.wait()
+        return _merged(replies), time.perf_counter() - started
 
     def _accept(self, reply, waited: float) -> list[Generation]:
         self.waited_seconds = waited + self._push_waits
@@ -219,7 +251,7 @@ class RemoteEngine(RolloutEngine):
 
     def health(self) -> EngineHealth:
         return EngineHealth(self.backend, ok=True, weight_version=self.weight_version, asleep=False,
-                            detail={"engine_rank": self.engine_rank})
+                            detail={"engine_ranks": self.engine_ranks})
 
     def shutdown(self) -> None:
         """Take the replies of requests still in flight (an early stop leaves the next step's), then
@@ -311,13 +343,13 @@ def _generate(engine: RolloutEngine, request: tuple, failure: str | None, idle: 
     return GenerationReply(generations, started, time.perf_counter() - clock, idle)
 
 
-def remote_engine(dp_rank: int) -> RemoteEngine:
-    """The `RemoteEngine` of data-parallel replica `dp_rank`'s host rank (after
+def remote_engine(dp_rank: int, replicas: int) -> RemoteEngine:
+    """The `RemoteEngine` of data-parallel replica `dp_rank`'s host rank, one of `replicas` (after
     `initialize_model_parallel(..., engine_ranks=N)`)."""
     from rlsd_megatron.parallel.state import engine_rank_list, weight_broadcast_group
 
     engines = engine_rank_list()
-    return RemoteEngine(engine_rank_for(dp_rank, engines), engines, weight_group=weight_broadcast_group(),
+    return RemoteEngine(engine_ranks_for(dp_rank, replicas, engines), engines, weight_group=weight_broadcast_group(),
                         sends_weights=dist.get_rank() == 0)
 
 

@@ -56,9 +56,11 @@ class EngineSide:
         if self.offload is not None:  # the engine sizes its memory by what is free when it starts
             self.offload.offload()
         if self.hosts_engine and self.cfg.rollout.placement == "separate":  # a handle on an engine rank
+            from megatron.core import parallel_state
+
             from rlsd_megatron.rollout.separate import remote_engine
 
-            self.engine = remote_engine(self.dp_rank)
+            self.engine = remote_engine(self.dp_rank, parallel_state.get_data_parallel_world_size())
         elif self.hosts_engine:
             self.engine = create_engine(self.cfg, base_gpu_id=first_gpu)
         wait_for_every_rank("the rollout engines' start-up")

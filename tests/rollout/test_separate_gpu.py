@@ -33,7 +33,7 @@ def push_and_generate() -> dict:
             return {"weights": {n: t.clone() for n, t in engine.writable_weights().items()}}
         state = {n: t.cuda() for n, t in random_hf_model(MODEL, seed=3).state_dict().items()
                  if n != "lm_head.weight" or not MODEL.tie_word_embeddings}
-        remote = RemoteEngine(engine_rank_list()[0], engine_rank_list(), weight_group=weight_broadcast_group(),
+        remote = RemoteEngine(engine_rank_list()[:1], engine_rank_list(), weight_group=weight_broadcast_group(),
                               sends_weights=True)
         remote.update_weights(pack_buckets(list(state.items()), bucket_bytes=2**20, device="cuda"), version=5)
         generations = remote.generate(PROMPTS, SamplingParams(n=2, temperature=0.0, max_new_tokens=8))

@@ -80,8 +80,6 @@ def test_separate_engine_rank_matches_colocated(dist_pool, tmp_path):
     (["rollout.placement=separate", "rollout.engine_ranks=1", "train.offload=copy"], 4, "makes room for nothing"),
     (["rollout.placement=separate", "rollout.engine_ranks=1", "train.off_policy_steps=1",
       "train.student_log_probs_in_update=true"], 4, "not those of the weights one step older"),
-    (["rollout.placement=separate", "rollout.engine_ranks=3", "parallel.tp=2"], 5, "with 1 data-parallel replica(s)"),
-    (["rollout.placement=separate", "rollout.engine_ranks=3", "parallel.tp=2"], 7, "1 engine(s) would get no requests"),
     # The layout is checked against the learner's ranks: 3 of 4 are not divisible by tp=2.
     (["rollout.placement=separate", "rollout.engine_ranks=1", "parallel.tp=2"], 4, "world size 3"),
 ])
@@ -102,6 +100,63 @@ def test_separate_layout_is_accepted():
     cfg = load_config("examples/configs/cpu_demo.yaml", ["rollout.placement=separate", "rollout.engine_ranks=1",
                                                           "parallel.tp=2", "checkpoint.dir=/tmp/x"])
     validate_config(cfg, 3, cuda_available=False, te_available=False)  # 2 learners at tp=2 + 1 engine rank
+    cfg.rollout.engine_ranks = 3
+    validate_config(cfg, 5, cuda_available=False, te_available=False)  # 1 replica splits its batch over 3 engines
+
+
+def test_replicas_and_engines_pair_up():
+    from rlsd_megatron.rollout.separate import engine_ranks_for
+
+    engines = [8, 9, 10]
+    # Fewer engines than replicas: round robin, replicas share one.
+    assert [engine_ranks_for(r, 4, engines) for r in range(4)] == [[8], [9], [10], [8]]
+    # More: each replica splits its batch over its share of them.
+    assert [engine_ranks_for(r, 2, engines) for r in range(2)] == [[8, 10], [9]]
+    assert engine_ranks_for(0, 1, engines) == engines
+
+
+def split_over_engines(log_dir: str) -> dict:
+    """One replica (rank 0) and two engine ranks: the same step with the batch split over both
+    engines, and with a colocated engine on rank 0 (ranks 1 and 2 sit out)."""
+    from rlsd_megatron.config import load_config
+    from rlsd_megatron.parallel.state import is_engine_rank, model_parallel, weight_broadcast_group
+    from rlsd_megatron.rollout.provider import create_engine
+    from rlsd_megatron.rollout.separate import serve_engine
+    from rlsd_megatron.trainer.trainer import Trainer
+
+    results = {}
+    for placement, engine_ranks in (("colocated", 0), ("separate", 2)):
+        cfg = load_config("examples/configs/cpu_demo.yaml", [
+            *TINY, "algorithm.method=grpo", f"rollout.placement={placement}", f"rollout.engine_ranks={engine_ranks}",
+            f"logging.dir={log_dir}/{placement}"])
+        with model_parallel(seed=cfg.train.seed, engine_ranks=2):
+            if is_engine_rank():
+                if placement == "separate":
+                    engine = create_engine(cfg)
+                    results[placement] = {"served": serve_engine(engine, weight_broadcast_group())}
+                continue
+            trainer = Trainer(cfg)
+            trainer.sync_weights()
+            trainer.step = 1
+            seen = []
+            collect = trainer.collect_rollouts
+            trainer.collect_rollouts = lambda: seen.append(collect()) or seen[-1]
+            metrics = trainer.train_step()
+            results[placement] = {"responses": seen[0].responses, "engine_log_probs": seen[0].engine_log_probs,
+                                  "metrics": metrics}
+            trainer.close()
+    return results
+
+
+def test_one_replica_splits_its_batch_over_two_engines(dist_pool, tmp_path):
+    ranks = dist_pool(3).run(split_over_engines, str(tmp_path), timeout=900)
+    # Each engine rank: two weight syncs (start, after the step) and its share of the one generate request.
+    assert ranks[1]["separate"]["served"] == ranks[2]["separate"]["served"] == 3
+    colocated, separate = ranks[0]["colocated"], ranks[0]["separate"]
+    assert separate["responses"] == colocated["responses"] and len(colocated["responses"]) == 16
+    assert separate["engine_log_probs"] == colocated["engine_log_probs"]  # per-sample seeds of the whole batch
+    for key in ("train/loss", "train/grad_norm", "rollout/logprob_mismatch_mean"):
+        assert separate["metrics"][key] == colocated["metrics"][key], key
 
 
 def off_policy_steps(log_dir: str) -> dict:
