@@ -19,12 +19,30 @@ def _config(placement: str, log_dir: str):
         f"rollout.engine_ranks={1 if placement == 'separate' else 0}", f"logging.dir={log_dir}/{placement}"])
 
 
+def trained_step(cfg) -> dict:
+    """A learner rank's weight sync and one training step: the rollouts, the metrics and (with a
+    colocated engine) the engine's weights."""
+    from rlsd_megatron.trainer.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    trainer.sync_weights()
+    trainer.step = 1
+    seen = []
+    collect = trainer.collect_rollouts
+    trainer.collect_rollouts = lambda: seen.append(collect()) or seen[-1]
+    metrics = trainer.train_step()
+    weights = trainer.engine.writable_weights() if cfg.rollout.placement == "colocated" and trainer.engine else None
+    out = {"responses": seen[0].responses, "engine_log_probs": seen[0].engine_log_probs, "metrics": metrics,
+           "weights": {n: t.clone() for n, t in weights.items()} if weights else None}
+    trainer.close()
+    return out
+
+
 def one_step(placement: str, log_dir: str) -> dict:
     """A weight sync and one training step; returns the rollouts, the metrics and the engine's weights."""
     from rlsd_megatron.parallel.state import is_engine_rank, model_parallel, weight_broadcast_group
     from rlsd_megatron.rollout.provider import create_engine
     from rlsd_megatron.rollout.separate import serve_engine
-    from rlsd_megatron.trainer.trainer import Trainer
 
     cfg = _config(placement, log_dir)
     with model_parallel(seed=cfg.train.seed, engine_ranks=1):
@@ -35,18 +53,7 @@ def one_step(placement: str, log_dir: str) -> dict:
             served = serve_engine(engine, weight_broadcast_group())
             return {"served": served, "weights": {n: t.clone() for n, t in engine.writable_weights().items()},
                     "version": engine.health().weight_version}
-        trainer = Trainer(cfg)
-        trainer.sync_weights()
-        trainer.step = 1
-        seen = []
-        collect = trainer.collect_rollouts
-        trainer.collect_rollouts = lambda: seen.append(collect()) or seen[-1]
-        metrics = trainer.train_step()
-        weights = trainer.engine.writable_weights() if placement == "colocated" and trainer.engine else None
-        out = {"responses": seen[0].responses, "engine_log_probs": seen[0].engine_log_probs, "metrics": metrics,
-               "weights": {n: t.clone() for n, t in weights.items()} if weights else None}
-        trainer.close()
-        return out
+        return trained_step(cfg)
 
 
 def both_placements(log_dir: str) -> dict:
@@ -122,7 +129,6 @@ def split_over_engines(log_dir: str) -> dict:
     from rlsd_megatron.parallel.state import is_engine_rank, model_parallel, weight_broadcast_group
     from rlsd_megatron.rollout.provider import create_engine
     from rlsd_megatron.rollout.separate import serve_engine
-    from rlsd_megatron.trainer.trainer import Trainer
 
     results = {}
     for placement, engine_ranks in (("colocated", 0), ("separate", 2)):
@@ -135,16 +141,7 @@ def split_over_engines(log_dir: str) -> dict:
                     engine = create_engine(cfg)
                     results[placement] = {"served": serve_engine(engine, weight_broadcast_group())}
                 continue
-            trainer = Trainer(cfg)
-            trainer.sync_weights()
-            trainer.step = 1
-            seen = []
-            collect = trainer.collect_rollouts
-            trainer.collect_rollouts = lambda: seen.append(collect()) or seen[-1]
-            metrics = trainer.train_step()
-            results[placement] = {"responses": seen[0].responses, "engine_log_probs": seen[0].engine_log_probs,
-                                  "metrics": metrics}
-            trainer.close()
+            results[placement] = trained_step(cfg)
     return results
 
 
