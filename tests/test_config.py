@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 
 import pytest
@@ -450,6 +449,15 @@ def test_student_log_probs_in_update_needs_one_update_per_batch_and_no_mismatch_
         validate_config(cfg, 1, cuda_available=False, te_available=False)
     validate_config(load_config(None, ["train.student_log_probs_in_update=true"]), 1, cuda_available=False,
                     te_available=False)
+
+
+def test_interleaved_pipeline_is_refused_for_vision_language_policies():
+    from tests.hf_models import tiny_vision_language_model
+
+    cfg = layout_config(pp=4, vpp=2)
+    cfg.model = dataclasses.replace(tiny_vision_language_model("qwen2_5_vl"), num_layers=8)
+    with pytest.raises(ConfigError, match=r"parallel\.vpp=2 with a vision-language policy \(model\.vision\) is not"):
+        validate_config(cfg, 4, cuda_available=False, te_available=False)
 
 
 def test_freezing_a_vision_tower_needs_one():
