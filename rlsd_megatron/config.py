@@ -345,7 +345,9 @@ class AlgorithmConfig:
     # the token advantage log π_T − log π_S of the sampled token, an estimate of the reverse KL(S‖T) whatever
     # distill_beta (which, like the topk fields, plays no part there).
     distill_loss: Literal["none", "jsd", "topk", "sampled"] = "none"  # none: no distillation loss (the RL methods)
-    distill_coef: float = 1.0  # weight of the distillation loss (OPD: of its reverse-KL advantage)
+    # Weight of the distillation term (jsd / topk: of the loss; sampled: of its reverse-KL advantage).
+    # OPD's reverse-KL advantage is unweighted (opd_reward_weight weighs the verifier against it).
+    distill_coef: float = 1.0
     distill_beta: float = 0.5  # jsd, topk: β of JSD_β: 0 gives KL(T‖S), 1 gives KL(S‖T) (OPSD, SDPO 0.5)
     distill_topk: int = 100  # topk: support size (SDPO 100)
     distill_support: Literal["teacher", "student"] = "teacher"  # topk: whose top-k ids form the support (SDPO: student)

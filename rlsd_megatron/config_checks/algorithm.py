@@ -42,6 +42,9 @@ def algorithm_problems(cfg: Config) -> list[str]:
     if not method.distills and a.distill_loss != "none":
         problems.append(f"algorithm.distill_loss={a.distill_loss} has no effect with method {a.method}; "
                         f"use method {', '.join(distilling[:-1])} or {distilling[-1]}, or set distill_loss=none")
+    if not method.distills and a.distill_coef != 1.0:
+        problems.append(f"algorithm.distill_coef={a.distill_coef} has no effect with method {a.method} (only "
+                        f"{', '.join(distilling)} read it); unset it")
     # OPD's advantage holds the group-normalised one only when it mixes the reward in.
     uses_group_baseline = method.token_advantage in ("sequence", "rlsd") or (
         method.token_advantage == "opd" and a.opd_reward_weight != 0)

@@ -130,7 +130,6 @@ class FilePromptDataset(PromptDataset):
         self.name = ", ".join(str(f) for f in files)
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.student_template = student_template
         self.vision = vision
         self.images = ImageReader(vision, cfg, cfg.tokenizer_dir) if vision is not None else None
         self.render_prompt = hf_chat_renderer(tokenizer, system_prompt=system_prompt,
@@ -139,7 +138,8 @@ class FilePromptDataset(PromptDataset):
         image_tokens = (vision.image_token_id, vision.spatial_merge_size) if vision is not None else None
         self.teacher_context = TeacherContextBuilder(self.render_prompt, truncate_text=hf_text_truncator(tokenizer),
                                                      max_reference_tokens=cfg.max_solution_tokens,
-                                                     template=teacher_template, image_tokens=image_tokens)
+                                                     template=teacher_template, student_template=student_template,
+                                                     image_tokens=image_tokens)
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # question, answer, solution, source, image entries (as stored: decoded when drawn), their folder
@@ -174,7 +174,7 @@ class FilePromptDataset(PromptDataset):
                 "rows_without_solution": counts["rows_without_solution"]}
 
     def _student_ids(self, question: str, image_counts: Sequence[int] = ()) -> list[int]:
-        ids = self.render_prompt(self.student_template.format(question=question.strip()))
+        ids = self.render_prompt(self.teacher_context.student_text(question))
         if self.vision is None:
             return list(ids)
         return expand_image_tokens(ids, image_counts, self.vision.image_token_id)

@@ -42,7 +42,8 @@ RLSD_TEACHER_TEMPLATE = (
     "approach below. You FIRST think about the reasoning process as an internal monologue enclosed "
     "within <thought> </thought> tags. The final answer MUST be enclosed within <answer> </answer> tags."
 )
-# Official SDPO (lasgroup/SDPO actor.yaml) reprompt_template + solution_template, without feedback.
+# Official SDPO (lasgroup/SDPO actor.yaml) reprompt_template + solution_template, without feedback;
+# {question} is its {prompt}: the student's own user text (TeacherContextBuilder.student_text).
 SDPO_TEACHER_TEMPLATE = "{question}\nCorrect solution:\n\n{solution}\n\nCorrectly solve the original question."
 
 
@@ -146,7 +147,9 @@ class TeacherContextBuilder:
     start, so the hint always sits in the user turn, before the assistant turn. A hint longer
     than ``max_reference_tokens`` is cut with ``truncate_text(text, max_tokens)`` (recipe:
     12,000); pass ``max_reference_tokens=None`` when the task has no truncator. ``template``
-    uses ``{question}``/``{answer}``, ``sdpo_template`` ``{question}``/``{solution}``.
+    uses ``{question}``/``{answer}``, ``sdpo_template`` ``{question}``/``{solution}``, where SDPO's
+    ``{question}`` is the student's user text: ``student_template`` (the dataset's, ``{question}``
+    filled with the raw question) as official SDPO reprompts with the student's last user message.
     With ``image_tokens`` (a vision-language model: its image token id and spatial merge size),
     the ``images`` given to ``build`` / ``build_sdpo`` (the student prompt's) go with the teacher
     sequence, each image's placeholder in the rendered prompt (from the question's ``<image>``)
@@ -155,17 +158,20 @@ class TeacherContextBuilder:
 
     def __init__(self, render_prompt: PromptRenderer, *, truncate_text: TextTruncator | None = None,
                  max_reference_tokens: int | None = 12_000, template: str = RLSD_TEACHER_TEMPLATE,
-                 sdpo_template: str = SDPO_TEACHER_TEMPLATE, image_tokens: tuple[int, int] | None = None) -> None:
+                 sdpo_template: str = SDPO_TEACHER_TEMPLATE, student_template: str = "{question}",
+                 image_tokens: tuple[int, int] | None = None) -> None:
         if max_reference_tokens is not None and (truncate_text is None or max_reference_tokens <= 0):
             raise ValueError(f"max_reference_tokens={max_reference_tokens} needs a truncate_text "
                              "callable and a positive limit; pass max_reference_tokens=None to disable.")
         check_teacher_template(template)
         _template_fields(sdpo_template, {"question", "solution"}, "solution", "sdpo_template")
+        _template_fields(student_template, {"question"}, "question", "student_template")
         self.render_prompt = render_prompt
         self.truncate_text = truncate_text
         self.max_reference_tokens = max_reference_tokens
         self.template = template
         self.sdpo_template = sdpo_template
+        self.student_template = student_template
         self.image_tokens = image_tokens
 
     @classmethod
@@ -179,6 +185,10 @@ class TeacherContextBuilder:
         if self.max_reference_tokens is None:
             return text
         return self.truncate_text(text, self.max_reference_tokens)
+
+    def student_text(self, question: str) -> str:
+        """The student's user text for the raw ``question`` (what its prompt renders)."""
+        return self.student_template.format(question=question.strip())
 
     def hint_text(self, question: str, answer: str, reference_solution: str | None = None) -> str:
         """The teacher's user text: the template filled with the raw question and the hint.
@@ -202,22 +212,24 @@ class TeacherContextBuilder:
 
     def build_sdpo(self, question: str, response_ids: Sequence[int] | torch.Tensor, *,
                    solution: str | None, fallback_answer: str | None = None, images: Any = None) -> TeacherSequence:
-        """Teacher sequence for SDPO: the prompt plus a successful sibling's ``solution`` text.
+        """Teacher sequence for SDPO: the student's prompt plus a successful sibling's ``solution`` text.
 
-        ``question`` is whatever text the SDPO prompt starts from (official SDPO uses the
-        student's formatted prompt text). With no successful sibling (``solution`` None or blank)
-        the default follows official SDPO: the teacher sees the prompt with no hint (no
-        privileged signal to distil) and ``has_teacher=False`` tells the loss to give the sample
-        weight 0. Passing
+        ``question`` is the raw question; the SDPO prompt starts from the student's user text
+        (:meth:`student_text`), as official SDPO's ``{prompt}`` is the student's last user
+        message, task instructions included. With no successful sibling (``solution`` None or
+        blank) the default follows official SDPO: the teacher sees the student's prompt with no
+        hint (no privileged signal to distil) and ``has_teacher=False`` tells the loss to give
+        the sample weight 0. Passing
         ``fallback_answer`` instead uses the dataset answer with the RLSD ``template`` (an
         OPSD-style teacher; this mixes methods, so it is opt-in).
         """
+        prompt = self.student_text(question)
         if solution is not None and solution.strip():
-            text = self.sdpo_template.format(question=question.strip(), solution=self._limit(solution).strip())
+            text = self.sdpo_template.format(question=prompt, solution=self._limit(solution).strip())
             return self._splice(self.render_prompt(text), response_ids, has_teacher=True, images=images)
         if fallback_answer is not None:
             return self.build(question, fallback_answer, response_ids, images=images)
-        return self._splice(self.render_prompt(question.strip()), response_ids, has_teacher=False, images=images)
+        return self._splice(self.render_prompt(prompt), response_ids, has_teacher=False, images=images)
 
     def _splice(self, prompt_ids: Sequence[int], response_ids: Sequence[int] | torch.Tensor, *,
                 has_teacher: bool, images: Any = None) -> TeacherSequence:

@@ -114,14 +114,19 @@ def distillation_per_token(cfg: Config, logits: torch.Tensor, teacher_logits: to
                      f"{list(DISTRIBUTION_LOSSES)}); sampled distillation enters through token_advantages")
 
 
-def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor], *, step: int | None = None):
+def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor], *,
+                   distill_normalisers: dict[str, torch.Tensor] | None = None, step: int | None = None):
     """The learner's loss. Micro-batch fields (shifted, aligned with the logits): `old_logp`,
     `advantages`, `loss_mask`, optional `ref_logp` (KL), `tis_weight`, and for distillation
     methods with a loss on distributions `teacher_logits` ([B, S, V/TP]) with `distill_mask`.
     The clipped surrogate is used by every method but OPSD and SDPO (there, only with sampled
     distillation, whose signal is in `advantages`); jsd / topk add `distill_coef` × the
-    aggregated divergence. `normalisers` are the *global* counts (`loss_normalisers` summed
-    over all micro-batches and data-parallel ranks). With `train.student_log_probs_in_update` the
+    divergence aggregated over the tokens of `distill_mask`. `normalisers` are the *global*
+    counts of `loss_mask` (`loss_normalisers` summed over all micro-batches and data-parallel
+    ranks), `distill_normalisers` those of `distill_mask` (needed with `teacher_logits`): the
+    divergence is a mean over the tokens that have a teacher, as official SDPO's loss mask
+    `response_mask · self_distillation_mask` (an SDPO sample without a successful sibling
+    neither adds to the sum nor dilutes it). With `train.student_log_probs_in_update` the
     fields hold `in_update.student_free_fields` instead of `old_logp` / `advantages` / `tis_weight`,
     which are derived from this forward's log-probs (`step`: the update, from 1, for RLSD's λ)."""
     from rlsd_megatron.ops import token_log_probs
@@ -153,10 +158,13 @@ def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor], *, step: i
         else:
             loss, metrics = logp.new_zeros(()), {}
         if "teacher_logits" in fields:
+            if distill_normalisers is None:
+                raise ValueError("a distillation loss needs distill_normalisers: the global counts of distill_mask")
             distill_mask = fields["distill_mask"].to(logp)
             divergence = distillation_per_token(cfg, logits, fields["teacher_logits"].to(logits.device),
                                                 mb.targets.to(logits.device))
-            loss = loss + a.distill_coef * alg.aggregate_loss(divergence * distill_mask, mask, **aggregation)
+            loss = loss + a.distill_coef * alg.aggregate_loss(divergence, distill_mask, agg=a.loss_agg,
+                                                              norm_constant=norm_constant, **distill_normalisers)
             metrics["distill"] = _masked_mean(divergence, distill_mask)
         if a.kl_coef:
             kl = alg.kl_penalty(logp, fields["ref_logp"].to(logp), a.kl_kind)

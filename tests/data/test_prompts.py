@@ -51,6 +51,20 @@ def test_jsonl_round_trip(tmp_path, tokenizer):
     assert dataset.decode(dataset[0].prompt_ids).startswith("user\nYou are an intelligent assistant")
 
 
+
+def test_sdpo_teacher_without_a_sibling_sees_the_students_own_prompt(tmp_path, tokenizer):
+    # The dataset's student template reaches the SDPO teacher: with no successful sibling its
+    # context is the student's prompt token for token (official SDPO's {prompt} is the student's
+    # user message, instructions included).
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    dataset = FilePromptDataset([str(path)], DataConfig(), tokenizer)
+    row = dataset[1]
+    alone = dataset.teacher_context.build_sdpo(row.question, [5, 6], solution=None)
+    assert alone.input_ids[: alone.response_start] == student_ids(tokenizer, row.question)
+    with_sibling = dataset.teacher_context.build_sdpo(row.question, [5, 6], solution="<answer>2</answer>")
+    assert dataset.decode(with_sibling.input_ids).count("[MATHEMATICS Tasks]") == 1
+
+
 def test_parquet_and_json_round_trip(tmp_path, tokenizer):
     cfg = DataConfig(solution_key="solution")
     parquet = write_parquet(tmp_path / "train.parquet", [{**r, "answer": str(r["answer"])} for r in ROWS])

@@ -137,6 +137,28 @@ def test_sdpo_teacher_with_sibling_and_fallbacks(tokenizer):
     assert fallback.has_teacher and "Here is a reference solution:\n5" in tokenizer.decode(fallback.input_ids)
 
 
+
+def test_sdpo_teacher_starts_from_the_students_user_text(tokenizer):
+    # Official SDPO reprompts with the student's last user message ({prompt}), task instructions
+    # included, not the raw question: "<student text>\nCorrect solution:\n\n<sibling>\n\nCorrectly
+    # solve the original question." Without a sibling the context is exactly the student's prompt.
+    student_template = "Answer inside <answer></answer>.\n\n{question}"
+    builder = TeacherContextBuilder.from_hf_tokenizer(tokenizer, student_template=student_template)
+    response = tokenizer.encode("<answer>4</answer>", add_special_tokens=False)
+    student_text = "Answer inside <answer></answer>.\n\n" + QUESTION
+    with_sibling = builder.build_sdpo("  " + QUESTION + "\n", response, solution="<answer>5</answer>")
+    want = hf_chat_renderer(tokenizer)(student_text + "\nCorrect solution:\n\n<answer>5</answer>\n\n"
+                                       "Correctly solve the original question.")
+    assert with_sibling.input_ids[: with_sibling.response_start] == want
+    alone = builder.build_sdpo(QUESTION, response, solution=None)
+    assert alone.input_ids[: alone.response_start] == hf_chat_renderer(tokenizer)(student_text)
+    # The RLSD / OPSD teacher still reads the raw question (spec §2).
+    hinted = tokenizer.decode(builder.build(QUESTION, ANSWER, response).input_ids)
+    assert QUESTION in hinted and "Answer inside" not in hinted
+    with pytest.raises(ValueError, match="student_template"):
+        TeacherContextBuilder(lambda text: [1], max_reference_tokens=None, student_template="no placeholder")
+
+
 def test_remove_thinking():
     assert remove_thinking("<think>a\nb</think>\n\nThe answer is 5") == "The answer is 5"
     assert remove_thinking("<thought>x</thought> <answer>5</answer>", tag="thought") == "<answer>5</answer>"

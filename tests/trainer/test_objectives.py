@@ -53,6 +53,30 @@ def test_sdpo_topk_uses_the_student_support_and_a_tail_bucket():
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-9)
 
 
+
+def test_distillation_is_a_mean_over_the_tokens_with_a_teacher():
+    # SDPO: row 1 has no successful sibling (distill_mask 0). Official SDPO's loss mask is
+    # response_mask · self_distillation_mask, so the divergence is averaged over row 0's 3 tokens
+    # only: coef · Σ_row0 JSD / 3, not / 5 (all response tokens). Plain torch JSD_0.5, float64.
+    student, teacher = logits_pair()
+    student.requires_grad_()
+    cfg = cfg_for("algorithm.method=sdpo", "algorithm.distill_loss=jsd", "algorithm.distill_coef=2.0")
+    loss_mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    distill_mask = loss_mask * torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    from rlsd_megatron.algorithms import loss_normalisers
+
+    loss_fn = objectives.policy_loss_fn(cfg, loss_normalisers(loss_mask),
+                                        distill_normalisers=loss_normalisers(distill_mask))
+    mb = types.SimpleNamespace(targets=torch.zeros(2, 3, dtype=torch.long), fields={
+        "loss_mask": loss_mask, "distill_mask": distill_mask, "teacher_logits": teacher})
+    loss, _ = loss_fn(student, mb)
+    p_s, p_t = student.detach().softmax(-1), teacher.softmax(-1)
+    m = 0.5 * (p_s + p_t)
+    jsd = 0.5 * (p_t * (p_t / m).log()).sum(-1) + 0.5 * (p_s * (p_s / m).log()).sum(-1)
+    want = 2.0 * float(jsd[0].sum()) / 3  # the all-token mean would be 3/5 of this
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-9)
+
+
 def test_sampled_distillation_needs_teacher_log_probs_not_logits():
     for method in ("opsd", "sdpo", "grpo_opsd"):
         a = cfg_for(f"algorithm.method={method}", "algorithm.distill_loss=sampled").algorithm
