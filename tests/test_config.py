@@ -468,3 +468,16 @@ def test_freezing_a_vision_tower_needs_one():
     cfg.model.freeze_vision_tower = True
     with pytest.raises(ConfigError, match=r"model\.freeze_vision_tower=true but the model has no vision tower"):
         validate_config(cfg, 1, cuda_available=False, te_available=False)
+
+
+def test_settings_this_run_never_reads_are_refused():
+    cfg = load_config("examples/configs/cpu_demo.yaml", ["reward.format_weight=0.5", "reward.answer_tag=res",
+                                                          "reward.think_tag=think"])  # SDPO reads think_tag too
+    with pytest.raises(ConfigError, match=r"reward\.format_weight, reward\.answer_tag only shape the math reward, "
+                                          r"which data\.task=reversed_addition replaces; unset them$"):
+        validate_config(cfg, 2, cuda_available=False, te_available=False)
+    cfg = load_config("examples/configs/cpu_demo.yaml", ["optimizer.min_lr=1e-7", "optimizer.lr_decay_style=constant"])
+    with pytest.raises(ConfigError, match=r"optimizer\.min_lr=1e-07 is where a decay ends"):
+        validate_config(cfg, 2, cuda_available=False, te_available=False)
+    cfg.optimizer.lr_decay_style = "cosine"
+    validate_config(cfg, 2, cuda_available=False, te_available=False)
