@@ -454,15 +454,6 @@ def test_student_log_probs_in_update_needs_one_update_per_batch_and_no_mismatch_
                     te_available=False)
 
 
-def test_interleaved_pipeline_is_refused_for_vision_language_policies():
-    from tests.hf_models import tiny_vision_language_model
-
-    cfg = layout_config(pp=4, vpp=2)
-    cfg.model = dataclasses.replace(tiny_vision_language_model("qwen2_5_vl"), num_layers=8)
-    with pytest.raises(ConfigError, match=r"parallel\.vpp=2 with a vision-language policy \(model\.vision\) is not"):
-        validate_config(cfg, 4, cuda_available=False, te_available=False)
-
-
 def test_freezing_a_vision_tower_needs_one():
     cfg = layout_config()
     cfg.model.freeze_vision_tower = True
