@@ -123,8 +123,9 @@ def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor], *,
     distillation, whose signal is in `advantages`); jsd / topk add `distill_coef` × the
     divergence aggregated over the tokens of `distill_mask`. `normalisers` are the *global*
     counts of `loss_mask` (`loss_normalisers` summed over all micro-batches and data-parallel
-    ranks), `distill_normalisers` those of `distill_mask` (needed with `teacher_logits`): the
-    divergence is a mean over the tokens that have a teacher, as official SDPO's loss mask
+    ranks), `distill_normalisers` those of `distill_mask` (needed with `teacher_logits`, and for
+    OPSD / SDPO with sampled distillation, whose surrogate then runs over `distill_mask`): the
+    distillation is a mean over the tokens that have a teacher, as official SDPO's loss mask
     `response_mask · self_distillation_mask` (an SDPO sample without a successful sibling
     neither adds to the sum nor dilutes it). With `train.student_log_probs_in_update` the
     fields hold `in_update.student_free_fields` instead of `old_logp` / `advantages` / `tis_weight`,
@@ -134,6 +135,9 @@ def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor], *,
 
     a = cfg.algorithm
     use_surrogate = uses_surrogate(a)
+    # OPSD / SDPO with sampled distillation: the surrogate carries the distillation alone, so like the
+    # divergence it is a mean over the tokens that have a teacher (`distill_mask`; see above).
+    surrogate_on_teacher_tokens = uses_sampled_distillation(a) and not get_method(a.method).surrogate
     norm_constant = None
     if a.loss_agg == "seq-mean-token-sum-norm":
         norm_constant = float(a.loss_norm_constant or cfg.rollout.max_new_tokens)
@@ -149,22 +153,24 @@ def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor], *,
             derived, derived_metrics = student_dependent_fields(cfg, step, logp, fields, mask.bool())
             fields = {**fields, **derived}
         if use_surrogate:
+            on, counts = mask, normalisers
+            if surrogate_on_teacher_tokens:
+                on, counts = fields["distill_mask"].to(logits.device), _distill_counts(distill_normalisers)
             loss, metrics = alg.policy_loss(
-                logp, fields["old_logp"].to(logp), fields["advantages"].to(logp), mask,
+                logp, fields["old_logp"].to(logp), fields["advantages"].to(logp), on,
                 clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
                 is_weights=fields["tis_weight"].to(logp) if "tis_weight" in fields else None,
-                **aggregation,
+                agg=a.loss_agg, norm_constant=norm_constant, **counts,
             )
         else:
             loss, metrics = logp.new_zeros(()), {}
         if "teacher_logits" in fields:
-            if distill_normalisers is None:
-                raise ValueError("a distillation loss needs distill_normalisers: the global counts of distill_mask")
             distill_mask = fields["distill_mask"].to(logp)
             divergence = distillation_per_token(cfg, logits, fields["teacher_logits"].to(logits.device),
                                                 mb.targets.to(logits.device))
             loss = loss + a.distill_coef * alg.aggregate_loss(divergence, distill_mask, agg=a.loss_agg,
-                                                              norm_constant=norm_constant, **distill_normalisers)
+                                                              norm_constant=norm_constant,
+                                                              **_distill_counts(distill_normalisers))
             metrics["distill"] = _masked_mean(divergence, distill_mask)
         if a.kl_coef:
             kl = alg.kl_penalty(logp, fields["ref_logp"].to(logp), a.kl_kind)
@@ -176,6 +182,12 @@ def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor], *,
         return loss, {**metrics, **derived_metrics}
 
     return loss_fn
+
+
+def _distill_counts(distill_normalisers: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    if distill_normalisers is None:
+        raise ValueError("a distillation term needs distill_normalisers: the global counts of distill_mask")
+    return distill_normalisers
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -113,9 +113,11 @@ class StepScoring:
             fields["tis_weight"] = rollouts.on_sequences(alg.tis_weights(
                 response_tensors(rollouts.on_responses(scores.student)), response_tensors(rollouts.engine_log_probs),
                 rollouts.padded_response_mask(), cap=algorithm.tis_cap))
+        if objectives.uses_distillation(algorithm) or objectives.uses_sampled_distillation(algorithm):
+            # The distillation's tokens (a sample without a teacher has none): its normaliser (update.py).
+            fields["distill_mask"] = [m * float(c.has_teacher) for m, c in zip(masks, contexts)]
         if not objectives.uses_distillation(algorithm):
             return fields, None
-        fields["distill_mask"] = [m * float(c.has_teacher) for m, c in zip(masks, contexts)]
         updates = self.cfg.train.ppo_epochs * self.cfg.train.optimizer_steps_per_batch
         weights = distillation.teacher_weights_for_update(self.teacher.teacher_state(), self.learner, updates)
         return fields, distillation.TeacherInputs(contexts, rollouts.prompt_lengths(), weights)

@@ -77,6 +77,34 @@ def test_distillation_is_a_mean_over_the_tokens_with_a_teacher():
     assert float(loss.detach()) == pytest.approx(want, rel=1e-9)
 
 
+def test_sampled_sdpo_surrogate_is_a_mean_over_the_tokens_with_a_teacher():
+    # SDPO with sampled distillation: its surrogate carries the distillation alone (the advantages
+    # are the teacher's log-ratios, 0 on row 1, which has no successful sibling), so it is averaged
+    # over row 0's 3 tokens as the divergence is. At ratio 1 (old = current log-probs) the loss is
+    # -Σ_row0 A / 3, not / 5.
+    student, _ = logits_pair()
+    cfg = cfg_for("algorithm.method=sdpo", "algorithm.distill_loss=sampled")
+    loss_mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    distill_mask = loss_mask * torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    advantages = torch.tensor([[0.5, -1.5, 2.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    from rlsd_megatron.algorithms import loss_normalisers
+    from rlsd_megatron.ops import token_log_probs
+
+    targets = torch.tensor([[1, 0, 2], [0, 1, 0]])
+    old = token_log_probs(student, targets, vocab_size=student.shape[-1]).detach()
+    mb = types.SimpleNamespace(targets=targets, fields={
+        "loss_mask": loss_mask, "distill_mask": distill_mask, "old_logp": old, "advantages": advantages})
+    loss_fn = objectives.policy_loss_fn(cfg, loss_normalisers(loss_mask), distill_normalisers=loss_normalisers(distill_mask))
+    loss, _ = loss_fn(student, mb)
+    assert float(loss) == pytest.approx(-(0.5 - 1.5 + 2.0) / 3, rel=1e-9)
+    with pytest.raises(ValueError, match="needs distill_normalisers"):
+        objectives.policy_loss_fn(cfg, loss_normalisers(loss_mask))(student, mb)
+    # GRPO+OPSD's surrogate mixes the reward's advantage in: it stays over every response token.
+    grpo_opsd = objectives.policy_loss_fn(cfg_for("algorithm.method=grpo_opsd", "algorithm.distill_loss=sampled"),
+                                          loss_normalisers(loss_mask), distill_normalisers=loss_normalisers(distill_mask))
+    assert float(grpo_opsd(student, mb)[0]) == pytest.approx(-(0.5 - 1.5 + 2.0) / 5, rel=1e-9)
+
+
 def test_sampled_distillation_needs_teacher_log_probs_not_logits():
     for method in ("opsd", "sdpo", "grpo_opsd"):
         a = cfg_for(f"algorithm.method={method}", "algorithm.distill_loss=sampled").algorithm
@@ -118,8 +146,8 @@ def _exact_expected_gradient(cfg, student, teacher, temperature):
     trainer's loss (token advantages → policy_loss_fn) on that one sampled sequence. `student`
     and `teacher` are (logits at step 1 [V], logits at step 2 given y1 [V, V])."""
     first, second = student
-    loss_fn = objectives.policy_loss_fn(cfg, {"global_token_count": torch.tensor(2),
-                                              "global_seq_count": torch.tensor(1)})
+    counts = {"global_token_count": torch.tensor(2), "global_seq_count": torch.tensor(1)}
+    loss_fn = objectives.policy_loss_fn(cfg, counts, distill_normalisers=counts)  # every token has the teacher
     grads = [torch.zeros_like(first), torch.zeros_like(second)]
     mask = torch.ones(1, 2, dtype=torch.bool)
     for y1 in range(V_TAB):
@@ -131,7 +159,8 @@ def _exact_expected_gradient(cfg, student, teacher, temperature):
             teacher_logp = (teacher_logits / temperature).log_softmax(-1).gather(-1, targets[..., None])[..., 0]
             adv = objectives.token_advantages(cfg.algorithm, 1, torch.zeros(1), mask, student_logp, teacher_logp)
             mb = types.SimpleNamespace(targets=targets, fields={
-                "old_logp": student_logp, "advantages": adv.values, "loss_mask": mask.double()})
+                "old_logp": student_logp, "advantages": adv.values, "loss_mask": mask.double(),
+                "distill_mask": mask.double()})
             loss, _ = loss_fn(logits, mb)
             step_grads = torch.autograd.grad(loss, [first, second])
             prob = student_logp.sum().exp()  # P_S(y), detached: the sampling distribution
