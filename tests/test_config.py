@@ -485,17 +485,21 @@ def test_student_log_probs_in_update_needs_one_update_per_batch_and_no_mismatch_
                     te_available=False)
 
 
-def test_interleaved_pipeline_is_refused_for_vision_language_policies():
-    from tests.hf_models import tiny_vision_language_model
-
-    cfg = layout_config(pp=4, vpp=2)
-    cfg.model = dataclasses.replace(tiny_vision_language_model("qwen2_5_vl"), num_layers=8)
-    with pytest.raises(ConfigError, match=r"parallel\.vpp=2 with a vision-language policy \(model\.vision\) is not"):
-        validate_config(cfg, 4, cuda_available=False, te_available=False)
-
-
 def test_freezing_a_vision_tower_needs_one():
     cfg = layout_config()
     cfg.model.freeze_vision_tower = True
     with pytest.raises(ConfigError, match=r"model\.freeze_vision_tower=true but the model has no vision tower"):
         validate_config(cfg, 1, cuda_available=False, te_available=False)
+
+
+def test_settings_this_run_never_reads_are_refused():
+    cfg = load_config("examples/configs/cpu_demo.yaml", ["reward.format_weight=0.5", "reward.answer_tag=res",
+                                                          "reward.think_tag=think"])  # SDPO reads think_tag too
+    with pytest.raises(ConfigError, match=r"reward\.format_weight, reward\.answer_tag only shape the math reward, "
+                                          r"which data\.task=reversed_addition replaces; unset them$"):
+        validate_config(cfg, 2, cuda_available=False, te_available=False)
+    cfg = load_config("examples/configs/cpu_demo.yaml", ["optimizer.min_lr=1e-7", "optimizer.lr_decay_style=constant"])
+    with pytest.raises(ConfigError, match=r"optimizer\.min_lr=1e-07 is where a decay ends"):
+        validate_config(cfg, 2, cuda_available=False, te_available=False)
+    cfg.optimizer.lr_decay_style = "cosine"
+    validate_config(cfg, 2, cuda_available=False, te_available=False)

@@ -8,7 +8,7 @@ per concern: `values` (single values out of range, checked first: the others com
 from __future__ import annotations
 
 from rlsd_megatron.config import Config, ConfigError
-from rlsd_megatron.config_checks.algorithm import algorithm_problems, warm_start_problems
+from rlsd_megatron.config_checks.algorithm import algorithm_problems, inert_setting_problems, warm_start_problems
 from rlsd_megatron.config_checks.hardware import (hardware_problems, recompute_problems, resolve_transformer_impl,
                                                   transformer_engine_available)
 from rlsd_megatron.config_checks.layout import deepstack_problems, expert_problems, layout_problems
@@ -17,6 +17,7 @@ from rlsd_megatron.config_checks.rollout import (engine_ranks, off_policy_proble
 from rlsd_megatron.config_checks.values import value_problems
 
 __all__ = ["algorithm_problems", "deepstack_problems", "engine_ranks", "expert_problems", "hardware_problems",
+           "inert_setting_problems",
            "layout_problems", "off_policy_problems", "placement_problems", "recompute_problems",
            "resolve_transformer_impl", "rollout_problems", "routing_replay_problems", "transformer_engine_available",
            "validate_config", "value_problems", "warm_start_problems"]
@@ -36,6 +37,7 @@ def validate_config(cfg: Config, world_size: int, *, cuda_available: bool | None
     problems = value_problems(cfg) or (
         placement_problems(cfg, world_size) + layout_problems(cfg, learners) + algorithm_problems(cfg)
         + hardware_problems(cfg, cuda_available=cuda_available, te_available=te_available)
-        + rollout_problems(cfg, cuda_available=cuda_available) + routing_replay_problems(cfg) + warm_start_problems(cfg))
+        + rollout_problems(cfg, cuda_available=cuda_available) + routing_replay_problems(cfg) + warm_start_problems(cfg)
+        + inert_setting_problems(cfg))
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))

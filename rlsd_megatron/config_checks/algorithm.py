@@ -1,9 +1,11 @@
 """The method's settings: which fields each method reads, teacher weights and templates, the
-supervised warm start."""
+supervised warm start, and recipe settings this run's reward or schedule would never read."""
 
 from __future__ import annotations
 
-from rlsd_megatron.config import AlgorithmConfig, Config
+import dataclasses
+
+from rlsd_megatron.config import AlgorithmConfig, Config, OptimizerConfig, RewardConfig
 
 
 def algorithm_problems(cfg: Config) -> list[str]:
@@ -134,3 +136,27 @@ def warm_start_problems(cfg: Config) -> list[str]:
         return [f"warm_start.max_steps={cfg.warm_start.max_steps} measures greedy accuracy on the validation rows to "
                 "know when to stop, but there are none: set data.val_files, or warm_start.max_steps=0"]
     return []
+
+
+def inert_setting_problems(cfg: Config) -> list[str]:
+    """Settings moved off their defaults where this run never reads them: the math reward's weights
+    and answer tag under another reward (`rewards/scorer.py`: a custom function or a built-in task;
+    `think_tag` is SDPO's too, which strips those spans from demonstrations), the decay's end under
+    a constant learning rate."""
+    problems = []
+    other_reward = (f"reward.custom_fn={cfg.reward.custom_fn}" if cfg.reward.custom_fn
+                    else f"data.task={cfg.data.task}" if cfg.data.task else None)
+    if other_reward:
+        math_only = ("accuracy_weight", "format_weight", "answer_tag")
+        moved = [name for name in math_only if getattr(cfg.reward, name) != _default(RewardConfig, name)]
+        if moved:
+            problems.append(f"reward.{', reward.'.join(moved)} only shape the math reward, which {other_reward} "
+                            "replaces; unset them")
+    if cfg.optimizer.lr_decay_style == "constant" and cfg.optimizer.min_lr != _default(OptimizerConfig, "min_lr"):
+        problems.append(f"optimizer.min_lr={cfg.optimizer.min_lr} is where a decay ends, but "
+                        "optimizer.lr_decay_style=constant never decays: set lr_decay_style (linear, cosine) or unset it")
+    return problems
+
+
+def _default(config_class, name: str):
+    return next(f.default for f in dataclasses.fields(config_class) if f.name == name)

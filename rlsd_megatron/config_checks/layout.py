@@ -86,10 +86,6 @@ def layout_problems(cfg: Config, world_size: int) -> list[str]:
     if t.distill_chunk_micro_batches is not None and t.distill_chunk_micro_batches < 1:
         problems.append(f"train.distill_chunk_micro_batches={t.distill_chunk_micro_batches} must be >= 1 "
                         "(micro-batches whose teacher logits are held at a time), or null for parallel.pp")
-    if p.vpp is not None and m.vision is not None:
-        # Nothing shows a vision-language policy exact under the interleaved schedule yet (the tower on
-        # the first chunk of the first stage, its images' micro-batches in groups of pp).
-        problems.append(f"parallel.vpp={p.vpp} with a vision-language policy (model.vision) is not verified; unset vpp")
     if m.freeze_vision_tower and m.vision is None:
         problems.append("model.freeze_vision_tower=true but the model has no vision tower (model.vision, or model.hf_config "
                         "of a vision-language model); unset it")

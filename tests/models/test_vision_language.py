@@ -13,6 +13,7 @@ attention vs HF's eager, TP's split reductions).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -116,10 +117,11 @@ def hf_reference(model: ModelConfig) -> dict:
 
 
 def run_learner(model: ModelConfig, hf_state: dict, tp: int, pp: int, sp: bool = False, impl: str = "local",
-                packed: bool = False) -> dict:
-    """Our learner of `model` at (tp, pp), sequence parallel if `sp`, with `impl` layers loaded from
-    `hf_state` (packed THD micro-batches if `packed`: Transformer Engine only): logits per sequence,
-    loss and every gradient under HF names (on every rank), what the step updated."""
+                packed: bool = False, vpp: int | None = None, split: list[list[int]] | None = None) -> dict:
+    """Our learner of `model` at (tp, pp, vpp), sequence parallel if `sp`, with `impl` layers loaded
+    from `hf_state` (packed THD micro-batches if `packed`: Transformer Engine only), the sequences
+    in the micro-batches of `split` (default: 0 and 2, then 1): logits per sequence, loss and every
+    gradient under HF names (on every rank), what the step updated."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -128,13 +130,14 @@ def run_learner(model: ModelConfig, hf_state: dict, tp: int, pp: int, sp: bool =
     from rlsd_megatron.models.hf_mapping import hf_to_megatron, megatron_to_hf
     from rlsd_megatron.parallel.state import model_parallel
 
-    cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp, use_distributed_optimizer=False),
+    cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp,
+                                                      use_distributed_optimizer=False),
                  optimizer=OptimizerConfig(lr=1e-3, clip_grad=0.0), train=TrainConfig(steps=10))
     vocab = model.vocab_size
     sequences, images = make_inputs(model)
-    # Two micro-batches (gradient accumulation): sequences 0 and 2, then 1.
-    split = [[0, 2], [1]]
-    with model_parallel(tp=tp, pp=pp):
+    # Two micro-batches by default (gradient accumulation): sequences 0 and 2, then 1.
+    split = split or [[0, 2], [1]]
+    with model_parallel(tp=tp, pp=pp, vpp=vpp):
         learner = Learner(cfg, impl=impl)
         learner.load_full_state(dict(hf_to_megatron(hf_state.__getitem__, model)))
         before = learner.full_state()
@@ -320,8 +323,6 @@ def test_interleaved_mrope_matches_transformers(monkeypatch):
 def run_frozen(model: ModelConfig, hf_state: dict) -> dict:
     """One train step at TP=1 with `freeze_vision_tower`: logits per sequence, which weights the
     step changed, and whether any vision parameter wants gradients or sits in the optimizer."""
-    import dataclasses
-
     from rlsd_megatron.learner.learner import Learner
     from rlsd_megatron.learner.vision_batch import vision_micro_batch
     from rlsd_megatron.models.hf_mapping import hf_to_megatron
@@ -370,8 +371,6 @@ def test_freeze_vision_tower(dist_pool, reference):
 def test_deepstack_layouts_refused_before_the_run():
     """DeepStack's layers must all be on the first stage (2 here: pp*vpp up to 2 of 4 layers) and
     full recompute would lose its features: both refused by the config checks."""
-    import dataclasses
-
     from rlsd_megatron.config import PrecisionConfig
     from rlsd_megatron.config_checks import layout_problems
 
@@ -401,6 +400,17 @@ def test_parity_with_transformers(dist_pool, reference):
             assert_matches_hf(case, reference)
         except AssertionError as exc:
             raise AssertionError(f"(tp, pp, sequence parallel)={layout}: {exc}") from exc
+
+
+def test_interleaved_pipeline_matches_transformers(dist_pool):
+    """PP=3 x VPP=2 (6 layers, one per chunk; the tower on rank 0's first chunk, the output layer on
+    rank 2's second), one sequence per micro-batch: the images' embeddings enter the first chunk
+    in the schedule's order. Qwen2.5-VL: Qwen3-VL's DeepStack needs its layers on one chunk."""
+    model = dataclasses.replace(MODELS["qwen2_5_vl"], num_layers=6)
+    reference = hf_reference(model)
+    case = dist_pool(3).run(run_learner, model, reference["state"], 1, 3, vpp=2, split=[[0], [1], [2]],
+                            timeout=600)[0]
+    assert_matches_hf(case, reference)
 
 
 MODEL = MODELS["qwen2_5_vl"]  # the checkpoint test's: the tower is a plain module child for both types
