@@ -352,7 +352,15 @@ class AlgorithmConfig:
     distill_topk: int = 100  # topk: support size (SDPO 100)
     distill_support: Literal["teacher", "student"] = "teacher"  # topk: whose top-k ids form the support (SDPO: student)
     distill_tail_bucket: bool = True  # topk: one more bucket for the mass outside the support
-    sdpo_success_threshold: float = 0.5  # a sibling counts as a demonstration at this reward
+    sdpo_success_threshold: float = 0.5  # a sibling counts as a demonstration (correct) at this reward
+    # SDPO: which siblings its teacher sees (spec §6). first_success: official SDPO (lasgroup/SDPO), the
+    # first successful sibling in official SDPO's reprompt template after the student's own user text.
+    # shortest_correct_and_incorrect: the RLSD paper's SDPO run (iie-ycx/RLSD@93e46f7, opsd_trainer.py
+    # _select_sdpo_feedback + format_prompt/sdpo_teacher.jinja): the sibling with the fewest tokens
+    # among those at reward >= sdpo_success_threshold and among the others, both in the authors'
+    # template after the raw question; the sample has a teacher when it has either. The authors draw a
+    # separate pool of 8 candidates per prompt; here the pool is the rollout's siblings (not itself).
+    sdpo_demonstrations: Literal["first_success", "shortest_correct_and_incorrect"] = "first_success"
     # SDPO: drop the sibling's <reward.think_tag>…</…> spans before its teacher sees it, leaving its
     # answer part (SDPO's remove_thinking_from_demonstration, default on).
     sdpo_remove_thinking: bool = True

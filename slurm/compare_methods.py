@@ -3,7 +3,7 @@ preset, each final checkpoint (and the base model) scored by rlsd-eval, and the 
 
     # spec §7: Qwen3-VL-8B-Instruct, the five image benchmarks
     RLSD_MODEL=/ckpt/Qwen3-VL-8B-Instruct RLSD_INIT_CKPT=/ckpt/qwen3-vl-8b-mcore RLSD_DATA=/data/visual-math \\
-      python slurm/compare_methods.py slurm/rlsd_qwen3vl_8b.sh --methods rlsd grpo opsd sdpo grpo_opsd \\
+      python slurm/compare_methods.py slurm/rlsd_qwen3vl_8b.sh --methods rlsd grpo opsd sdpo_paper grpo_opsd \\
         --seeds 1 --benchmarks examples/benchmarks/vision_language.yaml
     python slurm/compare_methods.py slurm/rlsd_qwen3vl_8b.sh --dry-run   # anywhere: checks, prints the sbatch commands
 
@@ -44,8 +44,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "examples" / "configs"
-METHODS = ("rlsd", "grpo", "dapo", "drgrpo", "opd", "opsd", "sdpo", "grpo_opsd")
-PAPER_METHODS = ("rlsd", "grpo", "opsd", "sdpo", "grpo_opsd")  # spec §7's rows, with the base model
+# The recipes (examples/configs/<name>.yaml): a method each, and sdpo_paper, SDPO as the RLSD paper ran it.
+METHODS = ("rlsd", "grpo", "dapo", "drgrpo", "opd", "opsd", "sdpo", "sdpo_paper", "grpo_opsd")
+# Spec §7's rows, with the base model: its SDPO number is the paper's own SDPO run (sdpo_paper).
+PAPER_METHODS = ("rlsd", "grpo", "opsd", "sdpo_paper", "grpo_opsd")
 
 
 def script_preset(script: Path) -> Path:

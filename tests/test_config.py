@@ -370,6 +370,28 @@ def test_qwen3vl_8b_preset_is_the_papers_model_and_recipe():
     validate_config(cfg, 8, cuda_available=True, te_available=True)
 
 
+def test_sdpo_paper_preset_is_the_papers_sdpo_run():
+    """examples/configs/sdpo_paper.yaml: official SDPO's preset but for the demonstrations (shortest
+    correct and incorrect sibling, at the authors' reward > 0), the live teacher and the thinking kept."""
+    cfg = load_config("examples/configs/sdpo_paper.yaml")
+    a, official = cfg.algorithm, load_config("examples/configs/sdpo.yaml")
+    assert (a.method, a.sdpo_demonstrations, a.teacher_weights) == ("sdpo", "shortest_correct_and_incorrect", "live")
+    assert (a.sdpo_success_threshold, a.sdpo_remove_thinking) == (0.05, False)
+    # 0.05 splits the recipe's reward values (0.9·acc + 0.1·format) as the authors' > 0 does.
+    r = cfg.reward
+    for acc in (0, 1):
+        for fmt in (0, 1):
+            assert (r.accuracy_weight * acc + r.format_weight * fmt >= a.sdpo_success_threshold) == bool(acc or fmt)
+    changed = {"sdpo_demonstrations", "sdpo_success_threshold", "sdpo_remove_thinking", "teacher_weights"}
+    assert {k: v for k, v in vars(a).items() if k not in changed} == \
+        {k: v for k, v in vars(official.algorithm).items() if k not in changed}
+    for section in ("optimizer", "train", "rollout", "reward", "data", "precision"):
+        assert getattr(cfg, section) == getattr(official, section), section
+    cfg.model = ModelConfig(vocab_size=1000)
+    cfg.train.micro_batch_size = 1
+    validate_config(cfg, 8, cuda_available=True, te_available=True)
+
+
 def test_rlsd_preset_is_the_recipe():
     a = load_config("examples/configs/rlsd.yaml").algorithm
     assert (a.lam0, a.lam_decay_steps, a.weight_clip_eps) == (0.5, 60, 0.2)
@@ -413,6 +435,15 @@ def test_rlsd_preset_is_the_recipe():
          r"algorithm.teacher_template has no effect with method grpo"),
         (["algorithm.method=sdpo", "algorithm.distill_loss=topk", "algorithm.teacher_template='{answer}'"],
          r"teacher_template has no effect with method sdpo \(only rlsd, opsd, grpo_opsd"),
+        (["algorithm.sdpo_demonstrations=shortest_correct_and_incorrect"],
+         r"algorithm\.sdpo_demonstrations=shortest_correct_and_incorrect has no effect with method rlsd \(only sdpo "
+         r"reads it: its teacher sees sibling rollouts\); unset it"),
+        (["algorithm.method=sdpo", "algorithm.distill_loss=topk", "rollout.n=1", "train.prompts_per_step=8"],
+         r"algorithm\.method=sdpo shows its teacher sibling rollouts of the same prompt: it needs rollout\.n >= 2, "
+         r"got 1"),
+        (["algorithm.method=sdpo", "algorithm.distill_loss=topk", "data.task=reversed_addition",
+          "algorithm.sdpo_demonstrations=shortest_correct_and_incorrect"],
+         r"the built-in task data\.task=reversed_addition cannot write in its tokens"),
     ],
 )
 def test_algorithm_contradictions(overrides, message):

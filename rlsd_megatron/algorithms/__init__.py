@@ -30,7 +30,7 @@ from rlsd_megatron.algorithms.rollout_corrections import (
     soft_overlong_penalty,
     tis_weights,
 )
-from rlsd_megatron.algorithms.sdpo import select_sdpo_demonstrations
+from rlsd_megatron.algorithms.sdpo import select_sdpo_demonstrations, select_sdpo_paper_demonstrations
 from rlsd_megatron.algorithms.teacher_policy import TEACHER_MODES, TeacherWeightPolicy
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "rlsd_token_advantages",
     "rlsd_token_weights",
     "select_sdpo_demonstrations",
+    "select_sdpo_paper_demonstrations",
     "soft_overlong_penalty",
     "tis_weights",
 ]

@@ -25,7 +25,8 @@ TokenAdvantageKind = Literal["sequence", "rlsd", "opd", "none"]
 # What the teacher reads before the student's response tokens:
 #   none: no teacher;
 #   hinted: the question with the dataset's hint in the user turn (algorithm.teacher_template);
-#   sibling: SDPO's prompt with a successful sibling's response (algorithm.sdpo_success_threshold);
+#   sibling: SDPO's prompt with a successful sibling's response, or the shortest correct and incorrect
+#            siblings' (algorithm.sdpo_demonstrations, sdpo_success_threshold);
 #   student_prompt: the student's own prompt, scored by a separate teacher model (OPD).
 TeacherContextKind = Literal["none", "hinted", "sibling", "student_prompt"]
 

@@ -66,6 +66,7 @@ def algorithm_problems(cfg: Config) -> list[str]:
                             "it); unset it")
     if a.teacher_template is not None:
         problems += _teacher_template_problems(a)
+    problems += _sdpo_demonstration_problems(cfg)
     if a.teacher_model and not method.separate_teacher:
         owners = " / ".join(name.upper() for name in separate)
         problems.append(f"algorithm.teacher_model={a.teacher_model!r} is {owners}'s separate teacher and method "
@@ -104,6 +105,28 @@ def _teacher_template_problems(a: AlgorithmConfig) -> list[str]:
     except ValueError as exc:
         return [str(exc)]
     return []
+
+
+def _sdpo_demonstration_problems(cfg: Config) -> list[str]:
+    from rlsd_megatron.algorithms.methods import METHODS, get_method
+
+    a = cfg.algorithm
+    if get_method(a.method).teacher_context != "sibling":
+        if a.sdpo_demonstrations == "first_success":
+            return []
+        siblings = [m.name for m in METHODS.values() if m.teacher_context == "sibling"]
+        return [f"algorithm.sdpo_demonstrations={a.sdpo_demonstrations} has no effect with method {a.method} (only "
+                f"{', '.join(siblings)} reads it: its teacher sees sibling rollouts); unset it"]
+    problems = []
+    if cfg.rollout.n < 2:  # without a sibling no sample has a teacher: no gradient at all
+        problems.append(f"algorithm.method={a.method} shows its teacher sibling rollouts of the same prompt: it needs "
+                        f"rollout.n >= 2, got {cfg.rollout.n}")
+    if a.sdpo_demonstrations == "shortest_correct_and_incorrect" and cfg.data.task is not None:
+        problems.append(f"algorithm.sdpo_demonstrations=shortest_correct_and_incorrect puts the RLSD paper's English "
+                        f"template (\"Problem: ... Correct solution: ...\") in the teacher's prompt, which the built-in "
+                        f"task data.task={cfg.data.task} cannot write in its tokens; use data.train_files with a "
+                        "tokenizer, or sdpo_demonstrations=first_success (the task's own SDPO template)")
+    return problems
 
 
 def warm_start_problems(cfg: Config) -> list[str]:

@@ -21,6 +21,7 @@ import torch
 
 __all__ = [
     "RLSD_TEACHER_TEMPLATE",
+    "SDPO_PAPER_TEACHER_TEMPLATE",
     "SDPO_TEACHER_TEMPLATE",
     "TeacherContextBuilder",
     "TeacherSequence",
@@ -45,6 +46,16 @@ RLSD_TEACHER_TEMPLATE = (
 # Official SDPO (lasgroup/SDPO actor.yaml) reprompt_template + solution_template, without feedback;
 # {question} is its {prompt}: the student's own user text (TeacherContextBuilder.student_text).
 SDPO_TEACHER_TEMPLATE = "{question}\nCorrect solution:\n\n{solution}\n\nCorrectly solve the original question."
+# The RLSD paper's SDPO run (iie-ycx/RLSD@93e46f7 examples/visual_rl/format_prompt/sdpo_teacher.jinja,
+# rendered by jinja2 defaults after .strip()): {question} the raw question; {correct} and {incorrect}
+# each "\n<text>\n" for a demonstration and "" for none (the jinja's `{% if %}` blocks keep their
+# newlines, the headers stay): `TeacherContextBuilder.build_sdpo_paper`.
+SDPO_PAPER_TEACHER_TEMPLATE = (
+    "Problem:\n{question}\n\n"
+    "Correct solution:\n{correct}\n\n"
+    "The following is feedback from your unsuccessful earlier attempt:\n{incorrect}\n\n"
+    "Correctly solve the original question."
+)
 
 
 def _template_fields(template: str, allowed: set[str], required: str, name: str) -> None:
@@ -141,7 +152,8 @@ def remove_thinking(text: str, tag: str = "think") -> str:
 
 
 class TeacherContextBuilder:
-    """Builds teacher sequences for RLSD/OPSD (dataset hint) and SDPO (sibling hint).
+    """Builds teacher sequences for RLSD/OPSD (dataset hint) and SDPO (sibling hint: official SDPO's
+    ``sdpo_template``, or the RLSD paper's run's fixed :data:`SDPO_PAPER_TEACHER_TEMPLATE`).
 
     ``render_prompt(user_text) -> ids`` renders the user turn through the assistant-turn
     start, so the hint always sits in the user turn, before the assistant turn. A hint longer
@@ -230,6 +242,25 @@ class TeacherContextBuilder:
         if fallback_answer is not None:
             return self.build(question, fallback_answer, response_ids, images=images)
         return self._splice(self.render_prompt(prompt), response_ids, has_teacher=False, images=images)
+
+    def build_sdpo_paper(self, question: str, response_ids: Sequence[int] | torch.Tensor, *, correct: str | None,
+                         incorrect: str | None, images: Any = None) -> TeacherSequence:
+        """Teacher sequence for the RLSD paper's SDPO run: :data:`SDPO_PAPER_TEACHER_TEMPLATE` with
+        the raw ``question`` (the authors' ``teacher_question``, not the student's text) and a
+        correct and an incorrect sibling's text, each cut to ``max_reference_tokens`` and stripped.
+
+        A missing one (None or blank) leaves its header with an empty block, as the authors'
+        template does; the sample has a teacher when at least one is given.
+        """
+        def block(text: str | None) -> str:
+            text = self._limit(text.strip()).strip() if text is not None and text.strip() else ""  # theirs: strip, cut
+            return f"\n{text}\n" if text else ""
+
+        correct_block, incorrect_block = block(correct), block(incorrect)
+        text = SDPO_PAPER_TEACHER_TEMPLATE.format(question=question.strip(), correct=correct_block,
+                                                  incorrect=incorrect_block)
+        return self._splice(self.render_prompt(text), response_ids, has_teacher=bool(correct_block or incorrect_block),
+                            images=images)
 
     def _splice(self, prompt_ids: Sequence[int], response_ids: Sequence[int] | torch.Tensor, *,
                 has_teacher: bool, images: Any = None) -> TeacherSequence:

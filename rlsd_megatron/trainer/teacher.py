@@ -24,7 +24,8 @@ def teacher_contexts(algorithm: AlgorithmConfig, rollouts: Rollouts, dataset: Pr
                      think_tag: str = "thought") -> list[TeacherSequence]:
     """The teacher's input for each of the P·G responses of `rollouts`, by `algorithm.method`'s
     teacher context: the privileged hint (dataset answer or reference solution) in the user turn,
-    for SDPO a successful sibling's response (its `<think_tag>` spans removed when
+    for SDPO a successful sibling's response, or the shortest correct and shortest incorrect
+    sibling's (`algorithm.sdpo_demonstrations`; their `<think_tag>` spans removed when
     `algorithm.sdpo_remove_thinking`), for OPD the student's own prompt; each with the student
     prompt's images (a vision-language policy), so the teacher sees what the student saw."""
     kind = alg.get_method(algorithm.method).teacher_context
@@ -33,15 +34,21 @@ def teacher_contexts(algorithm: AlgorithmConfig, rollouts: Rollouts, dataset: Pr
         return [TeacherSequence(row.prompt_ids + response, len(row.prompt_ids), len(response), images=row.images)
                 for row, response in zip(rows, rollouts.responses)]
     if kind == "sibling":
-        demos = alg.select_sdpo_demonstrations(rollouts.rewards, rollouts.group_size,
-                                               success_threshold=algorithm.sdpo_success_threshold)
-
         def demonstration(d: int | None) -> str | None:
             if d is None:
                 return None
             text = dataset.decode(rollouts.responses[d])
             return remove_thinking(text, think_tag) if algorithm.sdpo_remove_thinking else text
 
+        if algorithm.sdpo_demonstrations == "shortest_correct_and_incorrect":  # the RLSD paper's SDPO run
+            pairs = alg.select_sdpo_paper_demonstrations(
+                rollouts.rewards, torch.tensor([len(r) for r in rollouts.responses]), rollouts.group_size,
+                success_threshold=algorithm.sdpo_success_threshold)
+            return [dataset.teacher_context.build_sdpo_paper(row.question, response, correct=demonstration(c),
+                                                             incorrect=demonstration(w), images=row.images)
+                    for row, response, (c, w) in zip(rows, rollouts.responses, pairs)]
+        demos = alg.select_sdpo_demonstrations(rollouts.rewards, rollouts.group_size,
+                                               success_threshold=algorithm.sdpo_success_threshold)
         return [dataset.teacher_context.build_sdpo(row.question, response, solution=demonstration(d),
                                                      images=row.images)
                 for row, response, d in zip(rows, rollouts.responses, demos)]

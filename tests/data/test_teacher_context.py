@@ -162,3 +162,64 @@ def test_sdpo_teacher_starts_from_the_students_user_text(tokenizer):
 def test_remove_thinking():
     assert remove_thinking("<think>a\nb</think>\n\nThe answer is 5") == "The answer is 5"
     assert remove_thinking("<thought>x</thought> <answer>5</answer>", tag="thought") == "<answer>5</answer>"
+
+
+# iie-ycx/RLSD@93e46f7a0312a71094498425baef8b3d28ca383f examples/visual_rl/format_prompt/sdpo_teacher.jinja,
+# verbatim; opsd_algos.construct_sdpo_teacher_prompts renders it as jinja2.Template(text.strip()).
+AUTHORS_SDPO_JINJA = """Problem:
+{{ question | trim }}
+
+Correct solution:
+{% if correct_solution %}
+{{ correct_solution | trim }}
+{% endif %}
+
+The following is feedback from your unsuccessful earlier attempt:
+{% if incorrect_solution %}
+{{ incorrect_solution | trim }}
+{% endif %}
+
+Correctly solve the original question.
+"""
+
+
+def _authors_sdpo_text(question: str, correct: str, incorrect: str) -> str:
+    import jinja2
+
+    return jinja2.Template(AUTHORS_SDPO_JINJA.strip()).render(question=question, correct_solution=correct,
+                                                             incorrect_solution=incorrect)
+
+
+def test_sdpo_paper_teacher_is_the_authors_template_token_for_token(tokenizer):
+    # The student's text has task instructions; the paper's SDPO teacher reads the raw question.
+    builder = TeacherContextBuilder.from_hf_tokenizer(tokenizer, student_template="Answer inside tags.\n\n{question}")
+    response = tokenizer.encode("<answer>4</answer>", add_special_tokens=False)
+    correct, incorrect = "<answer>5</answer>\n", "  <thought>guess</thought><answer>6</answer>"
+    render = hf_chat_renderer(tokenizer)
+    # (correct, incorrect) as the builder gets them, and as the authors' template gets them (their
+    # decoded text, stripped: an absent kind is "").
+    for given, theirs in (((correct, incorrect), (correct.strip(), incorrect.strip())),
+                          ((correct, None), (correct.strip(), "")),
+                          ((None, incorrect), ("", incorrect.strip())),
+                          (("  ", incorrect), ("", incorrect.strip()))):
+        seq = builder.build_sdpo_paper("  " + QUESTION + "\n", response, correct=given[0], incorrect=given[1])
+        assert seq.input_ids[: seq.response_start] == render(_authors_sdpo_text(QUESTION, *theirs)), given
+        assert seq.input_ids[seq.response_start:] == response and seq.has_teacher
+    # One case written out by hand, as a check on the jinja reading itself.
+    correct_only = builder.build_sdpo_paper(QUESTION, response, correct=correct, incorrect=None)
+    assert correct_only.input_ids[: correct_only.response_start] == render(
+        f"Problem:\n{QUESTION}\n\nCorrect solution:\n\n<answer>5</answer>\n\n\n"
+        "The following is feedback from your unsuccessful earlier attempt:\n\n\nCorrectly solve the original question.")
+    # Neither kind: the authors' empty template, and no teacher signal to distil.
+    alone = builder.build_sdpo_paper(QUESTION, response, correct=None, incorrect="")
+    assert alone.input_ids[: alone.response_start] == render(_authors_sdpo_text(QUESTION, "", ""))
+    assert not alone.has_teacher
+
+
+def test_sdpo_paper_demonstrations_are_cut_to_the_reference_limit(tokenizer):
+    builder = TeacherContextBuilder.from_hf_tokenizer(tokenizer, max_reference_tokens=10)
+    seq = builder.build_sdpo_paper(QUESTION, [7], correct=" ".join(["step"] * 200), incorrect="<answer>6</answer>")
+    text = tokenizer.decode(seq.input_ids[: seq.response_start])
+    block = text.split("Correct solution:\n\n")[1].split("\n\n\nThe following is feedback")[0]
+    assert block.startswith("step") and 0 < len(tokenizer.encode(block, add_special_tokens=False)) <= 10
+    assert "attempt:\n\n<answer>6</answer>\n\n\nCorrectly solve" in text

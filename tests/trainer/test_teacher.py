@@ -87,3 +87,37 @@ def test_sdpo_teacher_sees_the_siblings_answer_without_its_thinking():
 
     assert hint_of_the_wrong_response([]) == f"{rows[0].question}|<answer>46</answer>"
     assert hint_of_the_wrong_response(["algorithm.sdpo_remove_thinking=false"]) == f"{rows[0].question}|{texts[0]}"
+
+
+def test_sdpo_paper_teacher_sees_the_shortest_correct_and_incorrect_sibling():
+    # One prompt, four responses (a token per character): correct 0 (27 tokens) and 2 (11); 1 (9) and
+    # 3 (12) are incorrect at threshold 0.5 (1's 0.1 is a format-only reward).
+    rows = two_prompts_two_responses().rows[:1]
+    texts = ["<t>a</t><answer>46</answer>", "<answer>9", "46</answer>", "<answer>77</"]
+    responses = [[ord(c) for c in t] for t in texts]
+    rollouts = Rollouts(rows, responses, [[0.0] * len(r) for r in responses], ["stop"] * 4,
+                        rewards=torch.tensor([1.0, 0.1, 1.0, 0.0]))
+
+    def teacher_prompts_of(overrides):
+        config = load_config("examples/configs/cpu_demo.yaml", [
+            "algorithm.method=sdpo", "algorithm.sdpo_demonstrations=shortest_correct_and_incorrect", *overrides])
+        contexts = teacher_contexts(config.algorithm, rollouts, _CharDataset(), think_tag="t")
+        for context, response in zip(contexts, responses):
+            assert context.input_ids[context.response_start:] == response and context.has_teacher
+        return [_CharDataset.decode(c.input_ids[:c.response_start]) for c in contexts]
+
+    def paper(correct: str, incorrect: str) -> str:
+        return (f"Problem:\n{rows[0].question}\n\nCorrect solution:\n\n{correct}\n\n\n"
+                f"The following is feedback from your unsuccessful earlier attempt:\n\n{incorrect}\n\n\n"
+                "Correctly solve the original question.")
+
+    # Each rollout's siblings, itself excluded: the shortest correct, the shortest incorrect.
+    assert teacher_prompts_of(["algorithm.sdpo_remove_thinking=false"]) == [
+        paper(texts[2], texts[1]), paper(texts[2], texts[3]), paper(texts[0], texts[1]), paper(texts[2], texts[1])]
+    # sdpo_remove_thinking drops the <t> span of rollout 0 when rollout 2's teacher reads it.
+    assert teacher_prompts_of(["algorithm.sdpo_remove_thinking=true"])[2] == paper("<answer>46</answer>", texts[1])
+    # At threshold 0.05 the format-only 0.1 counts as correct (the authors' reward > 0).
+    assert teacher_prompts_of(["algorithm.sdpo_success_threshold=0.05",
+                               "algorithm.sdpo_remove_thinking=false"])[3] == (
+        f"Problem:\n{rows[0].question}\n\nCorrect solution:\n\n{texts[1]}\n\n\n"
+        "The following is feedback from your unsuccessful earlier attempt:\n\n\nCorrectly solve the original question.")
