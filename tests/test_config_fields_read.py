@@ -15,7 +15,7 @@ flow-insensitive inference:
 
 What it catches: a field that no typed receiver reads outside config.py, the `*_problems` /
 `validate_config` checks in config_checks/ (its resolvers, like `resolve_transformer_impl`,
-are readers) and plan.py (a field only the planner counts, as OPD's teacher could have been, is
+are readers) and the planner, plan.py with model_params.py (a field only the planner counts, as OPD's teacher could have been, is
 no feature either; the few fields whose job is a check or the plan are listed, with why). An
 attribute of the same name on an unrelated object (`args.lr`, `hf.vocab_size`) does not count, so
 the next `teacher_model` cannot hide behind one.
@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "rlsd_megatron"
 CONFIG = PACKAGE / "config.py"
 CHECKS = PACKAGE / "config_checks"  # a package: every module holds checks
+PLANNER = {PACKAGE / "plan.py", PACKAGE / "model_params.py"}  # the memory planner and the parameter counts it reads
 # Fields whose documented job is done before the run, by a config check or the planner; each must be
 # read there (checked below) and nowhere at run time (else the entry is stale).
 CHECKED_OR_PLANNED = {
@@ -212,15 +213,15 @@ def is_check(name: str) -> bool:
 
 
 def fields_read(*, at_run_time: bool) -> set[str]:
-    """Fields read at run time (everywhere but config.py, the config checks and plan.py), or
+    """Fields read at run time (everywhere but config.py, the config checks and the planner), or
     (`at_run_time=False`) by the config checks and the planner."""
     reads: set[str] = set()
     for path in package_files():
-        if path == CONFIG or (path == PACKAGE / "plan.py" and at_run_time):
+        if path == CONFIG or (path in PLANNER and at_run_time):
             continue
         if CHECKS in path.parents:
             skip = is_check if at_run_time else (lambda name: not is_check(name))
-        elif at_run_time or path == PACKAGE / "plan.py":
+        elif at_run_time or path in PLANNER:
             skip = lambda name: False  # noqa: E731
         else:
             continue

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from rlsd_megatron.config import Config, ConfigError, ModelConfig
-from rlsd_megatron.plan import check_fits, plan_memory, stage_params
+from rlsd_megatron.model_params import stage_params
+from rlsd_megatron.plan import check_fits, plan_memory
 
 # Llama-3-70B: 80 layers, d 8192, 64 heads / 8 KV groups, SwiGLU 28672, vocab 128256, untied.
 LLAMA_70B = ModelConfig(family="llama", vocab_size=128256, hidden_size=8192, num_layers=80, num_attention_heads=64,
@@ -220,7 +221,7 @@ def test_cli_opsd_at_8b_counts_the_frozen_teacher_and_one_chunk_of_its_logits(ca
 def test_qwen3_30b_a3b_counts_experts_per_expert_parallel_rank():
     """Qwen3-30B-A3B (48 layers of 128 experts of width 768, hidden 2048): 30.5B parameters as Qwen
     reports; at EP=8 each GPU holds 1/8 of the experts (28.99B of them) and all of the rest."""
-    from rlsd_megatron.plan import layer_params
+    from rlsd_megatron.model_params import layer_params
 
     cfg = config()
     cfg.model = ModelConfig(family="qwen3_moe", vocab_size=151936, hidden_size=2048, num_layers=48,
@@ -240,7 +241,7 @@ def test_qwen15_moe_a27b_counts_its_shared_expert_as_dense():
     experts) as Qwen reports; its shared expert (3 x 5632 x 2048 per layer, and the [1, 2048] gate)
     is split by TP like a dense MLP, not by EP."""
     from rlsd_megatron.models.hf_config import model_fields_from_hf
-    from rlsd_megatron.plan import layer_params
+    from rlsd_megatron.model_params import layer_params
     from tests.models.test_families import QWEN15_MOE_A27B
 
     cfg = config()
@@ -269,7 +270,7 @@ def qwen3_30b_a3b(**parallel) -> Config:
 def test_expert_optimizer_state_shards_over_expert_data_parallel_ranks():
     """Megatron's expert layout is tp x ep x expert-dp x pp: at tp=2, dp=8, ep=4 the experts' fp32
     main weights and Adam moments (12 B/param) shard over 8/4 = 2 ranks, the rest over 8."""
-    from rlsd_megatron.plan import gpu_expert_params, layer_params
+    from rlsd_megatron.model_params import gpu_expert_params, layer_params
 
     cfg = qwen3_30b_a3b(tp=2, dp=8, ep=4)
     plan = plan_memory(cfg)
@@ -318,7 +319,7 @@ def test_vision_language_policy_counts_its_tower_on_the_first_stage():
     on the first stage; frozen, it has no gradients or optimizer state and keeps no activations;
     trained, its activations per image of max_pixels = 1048576 (1337 image tokens of 4 patches of
     14² pixels) are 4 patches x 32 blocks x (9 x 1280 + 4 x 3420) bf16 values per image token."""
-    from rlsd_megatron.plan import total_params, vision_params
+    from rlsd_megatron.model_params import total_params, vision_params
 
     cfg = qwen2_5_vl_7b(tp=4, pp=2, dp=1, use_distributed_optimizer=False)
     tower = vision_params(cfg)
