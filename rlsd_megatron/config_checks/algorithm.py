@@ -3,8 +3,6 @@ supervised warm start, and recipe settings this run's reward or schedule would n
 
 from __future__ import annotations
 
-import dataclasses
-
 from rlsd_megatron.config import AlgorithmConfig, Config, OptimizerConfig, RewardConfig
 
 
@@ -148,15 +146,11 @@ def inert_setting_problems(cfg: Config) -> list[str]:
                     else f"data.task={cfg.data.task}" if cfg.data.task else None)
     if other_reward:
         math_only = ("accuracy_weight", "format_weight", "answer_tag")
-        moved = [name for name in math_only if getattr(cfg.reward, name) != _default(RewardConfig, name)]
+        moved = [name for name in math_only if getattr(cfg.reward, name) != getattr(RewardConfig(), name)]
         if moved:
             problems.append(f"reward.{', reward.'.join(moved)} only shape the math reward, which {other_reward} "
                             "replaces; unset them")
-    if cfg.optimizer.lr_decay_style == "constant" and cfg.optimizer.min_lr != _default(OptimizerConfig, "min_lr"):
+    if cfg.optimizer.lr_decay_style == "constant" and cfg.optimizer.min_lr != OptimizerConfig().min_lr:
         problems.append(f"optimizer.min_lr={cfg.optimizer.min_lr} is where a decay ends, but "
                         "optimizer.lr_decay_style=constant never decays: set lr_decay_style (linear, cosine) or unset it")
     return problems
-
-
-def _default(config_class, name: str):
-    return next(f.default for f in dataclasses.fields(config_class) if f.name == name)

@@ -141,7 +141,11 @@ def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor], *,
     norm_constant = None
     if a.loss_agg == "seq-mean-token-sum-norm":
         norm_constant = float(a.loss_norm_constant or cfg.rollout.max_new_tokens)
-    aggregation = dict(agg=a.loss_agg, norm_constant=norm_constant, **normalisers)
+
+    def aggregation_over(counts: dict[str, torch.Tensor]) -> dict:
+        return dict(agg=a.loss_agg, norm_constant=norm_constant, **counts)
+
+    aggregation = aggregation_over(normalisers)
 
     def loss_fn(logits: torch.Tensor, mb) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         fields = mb.fields
@@ -160,7 +164,7 @@ def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor], *,
                 logp, fields["old_logp"].to(logp), fields["advantages"].to(logp), on,
                 clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
                 is_weights=fields["tis_weight"].to(logp) if "tis_weight" in fields else None,
-                agg=a.loss_agg, norm_constant=norm_constant, **counts,
+                **aggregation_over(counts),
             )
         else:
             loss, metrics = logp.new_zeros(()), {}
@@ -168,9 +172,8 @@ def policy_loss_fn(cfg: Config, normalisers: dict[str, torch.Tensor], *,
             distill_mask = fields["distill_mask"].to(logp)
             divergence = distillation_per_token(cfg, logits, fields["teacher_logits"].to(logits.device),
                                                 mb.targets.to(logits.device))
-            loss = loss + a.distill_coef * alg.aggregate_loss(divergence, distill_mask, agg=a.loss_agg,
-                                                              norm_constant=norm_constant,
-                                                              **_distill_counts(distill_normalisers))
+            loss = loss + a.distill_coef * alg.aggregate_loss(
+                divergence, distill_mask, **aggregation_over(_distill_counts(distill_normalisers)))
             metrics["distill"] = _masked_mean(divergence, distill_mask)
         if a.kl_coef:
             kl = alg.kl_penalty(logp, fields["ref_logp"].to(logp), a.kl_kind)

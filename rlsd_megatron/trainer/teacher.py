@@ -10,6 +10,7 @@ teacher model. The teacher's logits for distillation are `trainer/distillation.p
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -34,6 +35,7 @@ def teacher_contexts(algorithm: AlgorithmConfig, rollouts: Rollouts, dataset: Pr
         return [TeacherSequence(row.prompt_ids + response, len(row.prompt_ids), len(response), images=row.images)
                 for row, response in zip(rows, rollouts.responses)]
     if kind == "sibling":
+        @functools.cache  # a sibling is the demonstration of up to G - 1 rollouts: decode it once
         def demonstration(d: int | None) -> str | None:
             if d is None:
                 return None
